@@ -1,0 +1,41 @@
+"""Frozen configs, one per service, built by keyword and passed explicitly.
+Facts learned at run time (the manifest, the hardware) live elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightStoreConfig:
+    model_dir: str
+    listen: str  # "unix:///path" or "127.0.0.1:port"
+    session: str  # shared-memory name prefix owner (see strata/shm.py)
+    reader_threads: int = 8
+    preload: bool = True  # load every shard into the host tier at start
+    verify: bool = True  # sha256 on first read of each shard
+    dummy: str = ""  # bench: "<model shape name>" makes random packed weights in memory, no files
+
+
+@dataclasses.dataclass(frozen=True)
+class KVStoreConfig:
+    listen: str
+    session: str
+    capacity_bytes: int = 8 << 30  # host memory the cache may use
+    threads: int = 0  # torch intra-op threads for CPU attention; 0 = torch's default
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeNodeConfig:
+    listen: str
+    session: str
+    weight_store: str  # address
+    kv_store: str  # address
+    device: str = "cpu"  # "cpu" | "cuda"
+    dtype: str = ""  # compute dtype; "" = float32 on cpu, float16 on cuda
+    kv_offload: bool = False  # KV cache in the KV store, attention on its CPU
+    rpc_timeout_s: float = 30.0  # every call to a peer fails after this, never hangs
+    gpu_weight_share: float = 1.0  # share of layers kept resident on the device (issue 3)
+    micro_batches: int = 1
+    exchange_bytes: int = 64 << 20  # shared-memory region for tensors sent to the KV store
+    max_batch: int = 256

@@ -1,0 +1,103 @@
+"""The one error module: a closed set of error kinds and their gRPC status codes.
+
+Services raise `StrataError(kind, message)`; `to_status_code` is the only place a kind
+becomes a gRPC code (as Triton's CodeToStatus). Clients turn a peer's `grpc.RpcError`
+back into a `StrataError` with `from_rpc_error`, naming the peer.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import Callable, TypeVar
+
+import grpc
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid argument"
+    NOT_FOUND = "not found"
+    RESOURCE_EXHAUSTED = "resource exhausted"
+    DATA_LOSS = "data loss"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline exceeded"
+    FAILED_PRECONDITION = "failed precondition"
+    INTERNAL = "internal"
+
+
+class StrataError(Exception):
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.message}"
+
+
+def to_status_code(kind: ErrorKind) -> grpc.StatusCode:
+    return {
+        ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+        ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+        ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
+        ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+        ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+        ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+        ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+    }[kind]
+
+
+_FROM_CODE = {to_status_code(k): k for k in ErrorKind}
+
+
+def from_rpc_error(err: grpc.RpcError, peer: str) -> StrataError:
+    """A peer's failure as seen by its caller. A dead or slow peer is UNAVAILABLE /
+    DEADLINE_EXCEEDED; a peer's own error keeps its kind and message."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    kind = _FROM_CODE.get(code, ErrorKind.INTERNAL)
+    if kind is ErrorKind.UNAVAILABLE:
+        return StrataError(kind, f"{peer} is unavailable ({details})")
+    if kind is ErrorKind.DEADLINE_EXCEEDED:
+        return StrataError(kind, f"{peer} did not answer within the deadline")
+    return StrataError(kind, f"{peer}: {details}")
+
+
+def invalid(message: str) -> StrataError:
+    return StrataError(ErrorKind.INVALID_ARGUMENT, message)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def grpc_method(fn: F) -> F:
+    """Wraps a unary servicer method: StrataError -> abort with its status code;
+    anything else -> INTERNAL with the exception text (never a hang, never a traceback
+    on the wire)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except StrataError as e:
+            context.abort(to_status_code(e.kind), e.message)
+        except Exception as e:  # noqa: BLE001 - the boundary of the service
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def grpc_stream_method(fn: F) -> F:
+    """As grpc_method, for server-streaming methods (generators)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            yield from fn(self, request, context)
+        except StrataError as e:
+            context.abort(to_status_code(e.kind), e.message)
+        except Exception as e:  # noqa: BLE001
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper  # type: ignore[return-value]
