@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata.wire import common_pb2 as strata_dot_wire_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estrata/wire/weight_store.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x14\n\x12GetManifestRequest\",\n\x13GetManifestResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\"%\n\x13LocateShardsRequest\x12\x0e\n\x06shards\x18\x01 \x03(\t\"Q\n\rShardLocation\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"E\n\x14LocateShardsResponse\x12-\n\tlocations\x18\x01 \x03(\x0b\x32\x1a.strata.wire.ShardLocation\"!\n\x10ReadShardRequest\x12\r\n\x05shard\x18\x01 \x01(\t\"!\n\x11ReadShardResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xc3\x02\n\x0bWeightStore\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12P\n\x0bGetManifest\x12\x1f.strata.wire.GetManifestRequest\x1a .strata.wire.GetManifestResponse\x12S\n\x0cLocateShards\x12 .strata.wire.LocateShardsRequest\x1a!.strata.wire.LocateShardsResponse\x12J\n\tReadShard\x12\x1d.strata.wire.ReadShardRequest\x1a\x1e.strata.wire.ReadShardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estrata/wire/weight_store.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x14\n\x12GetManifestRequest\"D\n\x13GetManifestResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\t\"%\n\x13LocateShardsRequest\x12\x0e\n\x06shards\x18\x01 \x03(\t\"Q\n\rShardLocation\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"E\n\x14LocateShardsResponse\x12-\n\tlocations\x18\x01 \x03(\x0b\x32\x1a.strata.wire.ShardLocation\"!\n\x10ReadShardRequest\x12\r\n\x05shard\x18\x01 \x01(\t\"!\n\x11ReadShardResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xc3\x02\n\x0bWeightStore\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12P\n\x0bGetManifest\x12\x1f.strata.wire.GetManifestRequest\x1a .strata.wire.GetManifestResponse\x12S\n\x0cLocateShards\x12 .strata.wire.LocateShardsRequest\x1a!.strata.wire.LocateShardsResponse\x12J\n\tReadShard\x12\x1d.strata.wire.ReadShardRequest\x1a\x1e.strata.wire.ReadShardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMANIFESTREQUEST']._serialized_start=73
   _globals['_GETMANIFESTREQUEST']._serialized_end=93
   _globals['_GETMANIFESTRESPONSE']._serialized_start=95
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=139
-  _globals['_LOCATESHARDSREQUEST']._serialized_start=141
-  _globals['_LOCATESHARDSREQUEST']._serialized_end=178
-  _globals['_SHARDLOCATION']._serialized_start=180
-  _globals['_SHARDLOCATION']._serialized_end=261
-  _globals['_LOCATESHARDSRESPONSE']._serialized_start=263
-  _globals['_LOCATESHARDSRESPONSE']._serialized_end=332
-  _globals['_READSHARDREQUEST']._serialized_start=334
-  _globals['_READSHARDREQUEST']._serialized_end=367
-  _globals['_READSHARDRESPONSE']._serialized_start=369
-  _globals['_READSHARDRESPONSE']._serialized_end=402
-  _globals['_WEIGHTSTORE']._serialized_start=405
-  _globals['_WEIGHTSTORE']._serialized_end=728
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=163
+  _globals['_LOCATESHARDSREQUEST']._serialized_start=165
+  _globals['_LOCATESHARDSREQUEST']._serialized_end=202
+  _globals['_SHARDLOCATION']._serialized_start=204
+  _globals['_SHARDLOCATION']._serialized_end=285
+  _globals['_LOCATESHARDSRESPONSE']._serialized_start=287
+  _globals['_LOCATESHARDSRESPONSE']._serialized_end=356
+  _globals['_READSHARDREQUEST']._serialized_start=358
+  _globals['_READSHARDREQUEST']._serialized_end=391
+  _globals['_READSHARDRESPONSE']._serialized_start=393
+  _globals['_READSHARDRESPONSE']._serialized_end=426
+  _globals['_WEIGHTSTORE']._serialized_start=429
+  _globals['_WEIGHTSTORE']._serialized_end=752
 # @@protoc_insertion_point(module_scope)

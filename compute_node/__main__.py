@@ -1,0 +1,5 @@
+import sys
+
+from compute_node.server import main
+
+sys.exit(main())

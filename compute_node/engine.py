@@ -1,0 +1,124 @@
+"""The generation loop: layer by layer over micro-batches, the schedule in plain view.
+
+    for each step (prefill, then one token at a time):
+        for layer i:
+            w = weights.get(i); weights.prefetch(i + 1)      # load i+1 while computing i
+            for micro-batch j:
+                q, k, v = pre_attention(w, h_j)
+                start attention of j (device, or KV store on the CPU)
+                finish attention of j-1; h_{j-1} = post_attention(...)  # overlaps j's
+            finish the last micro-batch
+        logits -> next tokens
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from compute_node.batch import MicroBatch, positions, split, validate
+from compute_node.kv_cache import KVCache, LocalKV, RemoteKV, _Shape
+from compute_node.layer_weights import LayerWeights
+from compute_node.model import family_for
+from compute_node.sampling import Sampling, choose
+from strata.arch import dims_for
+
+
+class Engine:
+    def __init__(self, weights: LayerWeights, kv_factory, micro_batches: int = 1, max_batch: int = 256):
+        manifest = weights.host.manifest
+        self.w = weights
+        self.dims = dims_for(manifest.config)
+        self.family = family_for(manifest.config, self.dims)
+        self.kv_factory = kv_factory  # (shape: _Shape) -> KVCache
+        self.micro_batches = micro_batches
+        self.max_batch = max_batch
+        self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
+        self.last_stats: dict = {}
+
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool = False
+    ) -> Iterator[list[int]]:
+        """Yields, per step, one token per prompt (-1 once a sequence has finished)."""
+        validate(prompts, max_new_tokens, self.dims, self.max_batch)
+        mbs = split(prompts, self.micro_batches, self.pad_id)
+        gen = torch.Generator().manual_seed(sampling.seed)
+        finished = [False] * len(prompts)
+        eos = self.dims.eos_token_id
+        t0 = time.perf_counter()
+        try:
+            for mb in mbs:
+                t = mb.ids.shape[1]
+                mb.kv = self.kv_factory(self._shape(mb, t + max_new_tokens))
+            tokens = self._step(mbs, sampling, gen, prefill=True)
+            self.last_stats = {"prefill_s": time.perf_counter() - t0}
+            t1 = time.perf_counter()
+            for step in range(max_new_tokens):
+                out = []
+                for i, tok in enumerate(tokens):
+                    out.append(-1 if finished[i] else tok)
+                    if stop_at_eos and tok == eos:
+                        finished[i] = True
+                yield out
+                if step + 1 == max_new_tokens or all(finished):
+                    break
+                tokens = self._step(mbs, sampling, gen, prefill=False, feed=tokens, offset=step)
+            self.last_stats["decode_s"] = time.perf_counter() - t1
+        finally:
+            for mb in mbs:
+                if mb.kv is not None:
+                    mb.kv.free()
+
+    def _shape(self, mb: MicroBatch, max_tokens: int) -> _Shape:
+        d = self.dims
+        return _Shape(d.num_layers, d.num_heads, d.head_dim, max_tokens, mb.pad, self.family.scale, self.family.alibi)
+
+    def _step(self, mbs, sampling, gen, prefill: bool, feed=None, offset: int = 0) -> list[int]:
+        dev = self.w.device
+        for mb in mbs:
+            if prefill:
+                ids = mb.ids.to(dev)
+                pos = positions(mb.pad, 0, ids.shape[1]).to(dev)
+            else:
+                ids = torch.tensor([feed[i] for i in mb.index], dtype=torch.long).view(-1, 1).to(dev)
+                pos = positions(mb.pad, mb.ids.shape[1] + offset, 1).to(dev)
+            mb.h = self.family.embed(self.w.embed, ids, pos)
+        self._layers(mbs, prefill)
+        tokens: list[int] = []
+        for mb in mbs:
+            logits = self.family.logits(self.w.head, self.w.embed, mb.h[:, -1])
+            tokens.extend(choose(logits, sampling, gen).tolist())
+        return tokens
+
+    def _layers(self, mbs: list[MicroBatch], prefill: bool) -> None:
+        fam = self.family
+        self.w.prefetch(0)
+        for i in range(self.dims.num_layers):
+            w = self.w.get(i)
+            self.w.prefetch(i + 1)
+            if prefill:
+                for mb in mbs:
+                    q, k, v = fam.pre_attention(w, mb.h)
+                    mb.h = fam.post_attention(w, mb.h, mb.kv.prefill(i, q, k, v))
+                continue
+            previous = None
+            for mb in mbs:
+                q, k, v = fam.pre_attention(w, mb.h)
+                handle = mb.kv.decode_start(i, q, k, v)
+                if previous is not None:
+                    self._finish(w, *previous)
+                previous = (mb, handle)
+            self._finish(w, *previous)
+
+    def _finish(self, w, mb: MicroBatch, handle) -> None:
+        mb.h = self.family.post_attention(w, mb.h, mb.kv.decode_finish(handle))
+
+
+def local_kv_factory(dtype: torch.dtype, device: torch.device):
+    return lambda shape: LocalKV(shape, dtype, device)
+
+
+def remote_kv_factory(dtype: torch.dtype, device: torch.device, client, exchange):
+    return lambda shape: RemoteKV(shape, dtype, device, client, exchange)

@@ -1,0 +1,78 @@
+"""The compute node's exchange buffers: shared-memory regions it owns and registers
+with the KV store, through which queries, keys, values and attention outputs travel.
+
+Two halves alternate by layer, so the prefill keys/values of layer i can still be in
+flight to the KV store while layer i+1 stages its own; a half is reused only after
+its transfers are done. Regions are added when a half runs out (a bigger batch)."""
+
+from __future__ import annotations
+
+import torch
+
+from compute_node.peers import KVStoreClient
+from strata.dataplane import Arena
+from strata.errors import ErrorKind, StrataError
+from strata.shm import Region, region_name
+
+
+class Exchange:
+    def __init__(self, client: KVStoreClient, session: str, region_bytes: int, pin: bool = False):
+        self.client, self.session = client, session
+        self.region_bytes = region_bytes
+        self.pin = pin
+        self.halves: list[list[Arena]] = [[], []]
+        self.pending: list[list] = [[], []]
+        self.current = 0
+        self.layer = None
+        self._regions: list[Region] = []
+
+    def on_layer(self, layer: int) -> None:
+        """Called with the layer being staged; switching layers switches halves."""
+        if layer == self.layer:
+            return
+        self.layer = layer
+        self.current ^= 1
+        self.drain(self.current)
+        for arena in self.halves[self.current]:
+            arena.reset()
+
+    def track(self, future) -> None:
+        self.pending[self.current].append(future)
+
+    def drain(self, half: int | None = None) -> None:
+        for h in ([half] if half is not None else [0, 1]):
+            pending, self.pending[h] = self.pending[h], []
+            for fut in pending:
+                self.client.result(fut)
+
+    def alloc(self, shape, dtype: torch.dtype):
+        for arena in self.halves[self.current]:
+            try:
+                return arena.alloc(shape, dtype)
+            except StrataError as e:
+                if e.kind is not ErrorKind.RESOURCE_EXHAUSTED:
+                    raise
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        arena = Arena(self._new_region(max(self.region_bytes, 2 * nbytes + 4096)))
+        self.halves[self.current].append(arena)
+        return arena.alloc(shape, dtype)
+
+    def _new_region(self, size: int) -> Region:
+        region = Region.create(region_name(self.session, "exchange"), size)
+        if self.pin:
+            torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.size, 0)
+        self._regions.append(region)
+        self.client.register_region(region.name, region.size)
+        return region
+
+    def close(self) -> None:
+        for region in self._regions:
+            try:
+                self.client.unregister_region(region.name)
+            except StrataError:
+                pass  # the KV store is gone; its mapping went with it
+            if self.pin:
+                torch.cuda.cudart().cudaHostUnregister(region.data_ptr())
+            region.close()
+        self._regions.clear()
+        self.halves = [[], []]

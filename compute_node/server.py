@@ -1,0 +1,173 @@
+"""The compute node process: connects to its peers, builds the engine, serves
+`Generate`. Requests run one at a time on the device (a lock); each streams one
+response per step."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+
+from compute_node.engine import Engine, local_kv_factory, remote_kv_factory
+from compute_node.exchange import Exchange
+from compute_node.layer_weights import LayerWeights
+from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
+from compute_node.placement import resident_layers
+from compute_node.sampling import Sampling
+from compute_node.tokenizer import TextCodec
+from compute_node.weights import HostWeights, check_manifest
+from strata.config import ComputeNodeConfig
+from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
+from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
+
+log = logging.getLogger("strata.compute_node")
+
+
+def compute_dtype(config: ComputeNodeConfig) -> torch.dtype:
+    if config.dtype:
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
+    return torch.float16 if config.device.startswith("cuda") else torch.float32
+
+
+class ComputeNode:
+    """Owns the device: the weights on it, the engine, the peers."""
+
+    def __init__(self, config: ComputeNodeConfig, transport: str = "shm"):
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
+        self.dtype = compute_dtype(config)
+        self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
+        self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if config.kv_offload else None
+        self.host = HostWeights.from_store(self.ws, transport)
+        check_manifest(self.host.manifest)
+        cuda = self.device.type == "cuda"
+        if cuda and transport == "shm":
+            self.host.pin()
+        resident = resident_layers(self.host.manifest.num_layers, config.gpu_weight_share)
+        self.layers = LayerWeights(self.host, self.device, self.dtype, resident)
+        self.exchange = None
+        if self.kv is not None:
+            self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)
+            factory = remote_kv_factory(self.dtype, self.device, self.kv, self.exchange)
+        else:
+            factory = local_kv_factory(self.dtype, self.device)
+        self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch)
+        self.codec = TextCodec(self.host.tokenizer_json)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.close()
+        self.host.close()
+
+
+class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
+    def __init__(self, node: ComputeNode):
+        self.node = node
+
+    @grpc_method
+    def Health(self, request, context):
+        return common_pb2.HealthResponse(ready=True, service="compute node", detail=str(self.node.device))
+
+    @grpc_stream_method
+    def Generate(self, request, context):
+        node = self.node
+        prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
+        s = request.sampling
+        sampling = Sampling(
+            greedy=s.greedy, temperature=s.temperature or 1.0, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed
+        )
+        generated: list[list[int]] = [[] for _ in prompts]
+        with node.lock:
+            steps = node.engine.generate(prompts, request.max_new_tokens, sampling, request.stop_at_eos)
+            for step, tokens in enumerate(steps):
+                for i, t in enumerate(tokens):
+                    if t >= 0:
+                        generated[i].append(t)
+                if not context.is_active():
+                    return
+                yield generate_pb2.GenerateResponse(step=step, tokens=tokens)
+            stats = node.engine.last_stats
+        peak = torch.cuda.max_memory_allocated(node.device) if node.device.type == "cuda" else 0
+        yield generate_pb2.GenerateResponse(
+            step=len(generated[0]), done=True,
+            texts=[node.codec.decode(g) for g in generated],
+            stats=generate_pb2.GenerateStats(
+                prefill_s=stats.get("prefill_s", 0.0), decode_s=stats.get("decode_s", 0.0),
+                generated_tokens=sum(len(g) for g in generated), peak_gpu_bytes=peak,
+            ),
+        )
+
+    def _prompt_ids(self, i: int, prompt) -> list[int]:
+        kind = prompt.WhichOneof("input")
+        if kind == "ids":
+            return list(prompt.ids.ids)
+        if kind == "text":
+            if not prompt.text:
+                raise invalid(f"prompt {i} is empty")
+            return self.node.codec.encode(prompt.text)
+        raise invalid(f"prompt {i} is empty")
+
+
+def serve(config: ComputeNodeConfig, transport: str = "shm"):
+    node = ComputeNode(config, transport)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
+    generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(node), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0 and not config.listen.startswith("unix:"):
+        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {config.listen}")
+    server.start()
+    bound = config.listen
+    if not bound.startswith("unix:") and bound.rsplit(":", 1)[-1] == "0":
+        bound = f"{bound.rsplit(':', 1)[0]}:{port}"
+    return server, node, bound
+
+
+def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
+    p = argparse.ArgumentParser(prog="python -m compute_node", description="Strata compute node")
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--session", required=True)
+    p.add_argument("--weight-store", required=True)
+    p.add_argument("--kv-store", default="")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])
+    p.add_argument("--kv-offload", action="store_true")
+    p.add_argument("--rpc-timeout", type=float, default=30.0)
+    p.add_argument("--gpu-weight-share", type=float, default=1.0)
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--transport", choices=["shm", "bytes"], default="shm")
+    a = p.parse_args(argv)
+    if a.kv_offload and not a.kv_store:
+        p.error("--kv-offload needs --kv-store")
+    cfg = ComputeNodeConfig(
+        listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
+        dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
+        micro_batches=a.micro_batches,
+    )
+    return cfg, a.transport
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s compute-node %(levelname)s %(message)s")
+    config, transport = parse_args(argv)
+    try:
+        server, node, bound = serve(config, transport)
+    except StrataError as e:
+        print(f"compute node: {e}", file=sys.stderr, flush=True)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"READY {bound}", flush=True)
+    stop.wait()
+    server.stop(grace=2).wait()
+    node.close()
+    return 0

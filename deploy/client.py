@@ -1,0 +1,55 @@
+"""A Python client of the Generate API (used by `strata generate`, the demo and bench)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from strata.errors import from_rpc_error
+from strata.wire import generate_pb2, generate_pb2_grpc
+
+OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[list[int]]
+    texts: list[str]
+    prefill_s: float
+    decode_s: float
+    peak_gpu_bytes: int
+
+
+def request_for(prompts: list[str | list[int]], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> generate_pb2.GenerateRequest:
+    msgs = []
+    for p in prompts:
+        if isinstance(p, str):
+            msgs.append(generate_pb2.Prompt(text=p))
+        else:
+            msgs.append(generate_pb2.Prompt(ids=generate_pb2.TokenIds(ids=list(p))))
+    return generate_pb2.GenerateRequest(
+        prompts=msgs, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+        sampling=generate_pb2.SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+    )
+
+
+def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: float | None = None, on_step=None) -> Result:
+    """Runs one Generate call; `on_step(step, tokens)` sees each streamed step."""
+    tokens: list[list[int]] = [[] for _ in request.prompts]
+    with grpc.insecure_channel(endpoint, options=OPTIONS) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        try:
+            for resp in stub.Generate(request, timeout=timeout):
+                if resp.done:
+                    s = resp.stats
+                    return Result(tokens, list(resp.texts), s.prefill_s, s.decode_s, s.peak_gpu_bytes)
+                for i, t in enumerate(resp.tokens):
+                    if t >= 0:
+                        tokens[i].append(t)
+                if on_step is not None:
+                    on_step(resp.step, list(resp.tokens))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, f"compute node at {endpoint}") from None
+    raise RuntimeError("stream ended without a final response")
