@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-import grpc
+if TYPE_CHECKING:  # grpc is imported where codes are made, so torch-free policy code stays grpc-free
+    import grpc
 
 
 class ErrorKind(enum.Enum):
@@ -35,7 +36,9 @@ class StrataError(Exception):
         return f"{self.kind.value}: {self.message}"
 
 
-def to_status_code(kind: ErrorKind) -> grpc.StatusCode:
+def to_status_code(kind: ErrorKind) -> "grpc.StatusCode":
+    import grpc
+
     return {
         ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
         ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -48,15 +51,12 @@ def to_status_code(kind: ErrorKind) -> grpc.StatusCode:
     }[kind]
 
 
-_FROM_CODE = {to_status_code(k): k for k in ErrorKind}
-
-
-def from_rpc_error(err: grpc.RpcError, peer: str) -> StrataError:
+def from_rpc_error(err: "grpc.RpcError", peer: str) -> StrataError:
     """A peer's failure as seen by its caller. A dead or slow peer is UNAVAILABLE /
     DEADLINE_EXCEEDED; a peer's own error keeps its kind and message."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
-    kind = _FROM_CODE.get(code, ErrorKind.INTERNAL)
+    kind = next((k for k in ErrorKind if to_status_code(k) == code), ErrorKind.INTERNAL)
     if kind is ErrorKind.UNAVAILABLE:
         return StrataError(kind, f"{peer} is unavailable ({details})")
     if kind is ErrorKind.DEADLINE_EXCEEDED:
@@ -83,7 +83,7 @@ def grpc_method(fn: F) -> F:
         except StrataError as e:
             context.abort(to_status_code(e.kind), e.message)
         except Exception as e:  # noqa: BLE001 - the boundary of the service
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(to_status_code(ErrorKind.INTERNAL), f"{type(e).__name__}: {e}")
 
     return wrapper  # type: ignore[return-value]
 
@@ -98,6 +98,6 @@ def grpc_stream_method(fn: F) -> F:
         except StrataError as e:
             context.abort(to_status_code(e.kind), e.message)
         except Exception as e:  # noqa: BLE001
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(to_status_code(ErrorKind.INTERNAL), f"{type(e).__name__}: {e}")
 
     return wrapper  # type: ignore[return-value]

@@ -61,7 +61,7 @@ class Manifest:
     architecture: str
     config: dict
     shards: dict[str, Shard]
-    quantization: dict  # how it was converted: {"default_bits":..., "group_size":..., "ds_config": ...}
+    quantization: dict  # how it was converted: {"bits":..., "group_size":..., "ds_config": ...}
 
     @property
     def num_layers(self) -> int:

@@ -1,0 +1,326 @@
+"""Offline conversion: a Hugging Face checkpoint -> Strata layer shards + manifest.
+
+Streams tensor by tensor with `safetensors.safe_open` (memory bounded by one tensor
+plus its quantized parts), one shard file at a time: "embed", "layer.{i}", "head".
+Every part is 4 KiB aligned in its file and hashed (sha256). Everything is written
+into a temporary directory next to `dst` and renamed into place at the end; on any
+failure the temporary directory is removed, so nothing that looks complete is left.
+
+Which weights are quantized follows DeepSpeed's `weight_quantization` section when a
+`ds_config` is given (see `QuantPolicy`), else every layer linear at `bits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from strata import arch, manifest, quant
+from strata.errors import ErrorKind, StrataError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "generation_config.json",
+)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPolicy:
+    """Which layer linears are quantized, and how.
+
+    `patterns`: DeepSpeed `post_init_quant` (pattern -> QuantSpec), matched as DeepSpeed
+    matches module names: a pattern applies when it is a substring of the module name
+    (the HF tensor name without ".weight"); the first matching pattern wins.
+    `default`: the spec for linears no pattern matches (`quantized_initialization`, or
+    the `bits` argument without a ds_config); None keeps them 16-bit."""
+
+    linears: tuple[str, ...]  # candidates: local names of a layer's matmul weights
+    default: manifest.QuantSpec | None
+    patterns: tuple[tuple[str, manifest.QuantSpec], ...] = ()
+
+    def spec_for(self, hf_name: str, local: str, shape: tuple[int, ...]) -> manifest.QuantSpec | None:
+        """The QuantSpec of a layer tensor, or None to keep it 16-bit."""
+        if local not in self.linears:
+            return None
+        module = hf_name.removesuffix(".weight")
+        chosen = next((spec for pattern, spec in self.patterns if pattern in module), self.default)
+        if chosen is None or not quant.quantizable(shape, chosen.group_size):
+            return None
+        return chosen
+
+
+def find_weight_quantization(ds_config: dict) -> dict | None:
+    """The `weight_quantization` section of a DeepSpeed config, wherever it is nested;
+    a dict that is itself the section (has `post_init_quant` or
+    `quantized_initialization`) is returned as is. None when there is none."""
+    if not isinstance(ds_config, dict):
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"ds_config must be a dict, got {type(ds_config).__name__}")
+    if "post_init_quant" in ds_config or "quantized_initialization" in ds_config:
+        return ds_config
+    pending = [ds_config]
+    while pending:
+        node = pending.pop(0)
+        if isinstance(node.get("weight_quantization"), dict):
+            return node["weight_quantization"]
+        pending.extend(v for v in node.values() if isinstance(v, dict))
+    return None
+
+
+def _ds_spec(params: dict, where: str) -> manifest.QuantSpec:
+    """One DeepSpeed quantization config {num_bits, group_size, group_dim, symmetric}."""
+    if not isinstance(params, dict) or "num_bits" not in params or "group_size" not in params:
+        raise StrataError(
+            ErrorKind.INVALID_ARGUMENT, f"ds_config {where} needs num_bits and group_size, got {params!r}"
+        )
+    if params.get("symmetric", False):
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"ds_config {where}: symmetric quantization is not supported")
+    if params.get("group_dim", 1) != 1:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"ds_config {where}: only group_dim 1 is supported")
+    bits, group_size = params["num_bits"], params["group_size"]
+    if bits not in quant.BITS:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"ds_config {where}: num_bits must be 4 or 8, got {bits}")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"ds_config {where}: bad group_size {group_size!r}")
+    return manifest.QuantSpec(bits=bits, group_size=group_size)
+
+
+def make_policy(
+    linears: tuple[str, ...], bits: int, group_size: int, section: dict | None, has_ds_config: bool
+) -> QuantPolicy:
+    """The QuantPolicy for the converter's arguments (see `convert`)."""
+    if not has_ds_config:
+        return QuantPolicy(linears, None if bits == 16 else manifest.QuantSpec(bits=bits, group_size=group_size))
+    if section is None:
+        return QuantPolicy(linears, None)  # a DeepSpeed config without weight quantization: 16-bit, as DeepSpeed
+    init = section.get("quantized_initialization") or None
+    default = _ds_spec(init, "quantized_initialization") if init else None
+    post = section.get("post_init_quant") or {}
+    if not isinstance(post, dict):
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"ds_config post_init_quant must be a dict, got {post!r}")
+    patterns = tuple((p, _ds_spec(c, f"post_init_quant[{p!r}]")) for p, c in post.items())
+    return QuantPolicy(linears, default, patterns)
+
+
+def _read_config(src: pathlib.Path) -> dict:
+    if not src.is_dir():
+        raise StrataError(ErrorKind.NOT_FOUND, f"checkpoint directory {str(src)!r} does not exist")
+    path = src / "config.json"
+    if not path.is_file():
+        raise StrataError(ErrorKind.NOT_FOUND, f"{str(src)!r} has no config.json: not a Hugging Face checkpoint")
+    return json.loads(path.read_text())
+
+
+def _weight_files(src: pathlib.Path) -> dict[str, str]:
+    """HF tensor name -> safetensors file name (single file or sharded index)."""
+    if (src / INDEX_FILE).is_file():
+        return dict(json.loads((src / INDEX_FILE).read_text())["weight_map"])
+    if (src / SINGLE_FILE).is_file():
+        with safe_open(str(src / SINGLE_FILE), framework="pt") as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+    raise StrataError(ErrorKind.NOT_FOUND, f"{str(src)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def plan_shards(spec: arch.ArchSpec, config: dict, names: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Shard name -> [(HF name, local name)] in shard order: embed, layer.0.., head.
+    lm_head is kept only when untied (tie_word_embeddings false and present)."""
+    embed, head, layers = [], [], {}
+    tied = config.get("tie_word_embeddings", True)
+    for name in sorted(names):
+        kind, index, local = spec.split_name(name)
+        if kind == "layer":
+            layers.setdefault(index, []).append((name, local))
+        elif kind == "embed":
+            embed.append((name, local))
+        elif kind == "head" and not (local == "lm_head.weight" and tied):
+            head.append((name, local))
+    if sorted(layers) != list(range(len(layers))) or not layers:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"checkpoint layers are not 0..n-1: found {sorted(layers)}")
+    if not tied and not any(local == "lm_head.weight" for _, local in head):
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, "config says the lm_head is untied but the checkpoint has none")
+    plan = {"embed": embed}
+    plan.update({manifest.layer_shard(i): layers[i] for i in range(len(layers))})
+    plan["head"] = head
+    return plan
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit dtype a source tensor is stored (or dequantized) as."""
+    if dtype == torch.bfloat16:
+        return torch.bfloat16
+    if dtype.is_floating_point:
+        return torch.float16
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _ShardWriter:
+    """Appends 4 KiB aligned parts to one shard file, hashing each."""
+
+    def __init__(self, path: pathlib.Path):
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self._pos = 0
+
+    def write_part(self, t: torch.Tensor) -> manifest.Part:
+        self._pad_to(manifest.align(self._pos))
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(raw))
+        part = manifest.Part(
+            offset=self._pos, length=raw.nbytes, dtype=_dtype_name(t.dtype),
+            shape=tuple(t.shape), sha256=hashlib.sha256(memoryview(raw)).hexdigest(),
+        )
+        self._pos += raw.nbytes
+        return part
+
+    def _pad_to(self, pos: int) -> None:
+        if pos > self._pos:
+            self._file.write(b"\0" * (pos - self._pos))
+            self._pos = pos
+
+    def finish(self) -> int:
+        """Pads the file to a multiple of ALIGN, closes it and returns its size."""
+        self._pad_to(manifest.align(self._pos))
+        self._file.close()
+        return self._pos
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _tensor_entry(
+    writer: _ShardWriter, t: torch.Tensor, qspec: manifest.QuantSpec | None
+) -> manifest.TensorEntry:
+    """Writes one tensor's parts and returns its manifest entry."""
+    logical = _storage_dtype(t.dtype)
+    if qspec is None:
+        parts = {"data": writer.write_part(t.to(logical))}
+    else:
+        data, scale, w_min = quant.quantize(t, qspec.bits, qspec.group_size)
+        parts = {"data": writer.write_part(data), "scale": writer.write_part(scale), "min": writer.write_part(w_min)}
+    return manifest.TensorEntry(tuple(t.shape), _dtype_name(logical), qspec, parts)
+
+
+def write_shard(
+    directory: pathlib.Path, shard: str, tensors: list[tuple[str, str]],
+    read: Callable[[str], torch.Tensor], policy: QuantPolicy,
+) -> manifest.Shard:
+    """Writes one shard file from (HF name, local name) pairs, one tensor in memory at
+    a time; only layer tensors are quantization candidates."""
+    file = manifest.shard_file(shard)
+    writer = _ShardWriter(directory / file)
+    is_layer = shard.startswith("layer.")
+    entries = {}
+    try:
+        for hf_name, local in tensors:
+            t = read(hf_name)
+            qspec = policy.spec_for(hf_name, local, tuple(t.shape)) if is_layer else None
+            entries[local] = _tensor_entry(writer, t, qspec)
+            del t
+        size = writer.finish()
+    finally:
+        writer.close()
+    return manifest.Shard(shard, file, size, entries)
+
+
+@contextlib.contextmanager
+def _reader(src: pathlib.Path, files: dict[str, str]) -> Iterator[Callable[[str], torch.Tensor]]:
+    """A function HF name -> tensor over the checkpoint's safetensors files (opened
+    lazily, each once; tensors are read one at a time)."""
+    with contextlib.ExitStack() as stack:
+        handles = {}
+
+        def read(name: str) -> torch.Tensor:
+            file = files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(src / file), framework="pt"))
+            return handles[file].get_tensor(name)
+
+        yield read
+
+
+def _check_arguments(src: pathlib.Path, dst: pathlib.Path, bits: int, group_size: int) -> dict:
+    """Validates the arguments; returns the HF config."""
+    config = _read_config(src)
+    if bits not in (4, 8, 16):
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"bits must be 4, 8 or 16, got {bits}")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"group_size must be a positive integer, got {group_size!r}")
+    if dst.exists():
+        raise StrataError(
+            ErrorKind.FAILED_PRECONDITION, f"destination {str(dst)!r} already exists; remove it or choose another"
+        )
+    return config
+
+
+def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    bits: int = 4,
+    group_size: int = 64,
+    ds_config: dict | None = None,
+    progress: Progress | None = None,
+) -> manifest.Manifest:
+    """Converts the HF checkpoint `src` into Strata shards at `dst` (which must not exist).
+
+    Without `ds_config`, every layer linear (`ArchSpec.linears`) whose in_features is a
+    multiple of `group_size` is quantized at `bits` (16: none). With `ds_config`, its
+    `weight_quantization` section decides (`post_init_quant` patterns, else
+    `quantized_initialization`, else 16-bit) and `bits`/`group_size` are unused.
+    Other tensors are stored float16 (bfloat16 if the source is bfloat16).
+    `progress(done_shards, total_shards)` is called after each shard.
+
+    Raises StrataError: NOT_FOUND (no such checkpoint / config / weights),
+    INVALID_ARGUMENT (unsupported model or quantization), FAILED_PRECONDITION (dst exists).
+    """
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    config = _check_arguments(src, dst, bits, group_size)
+    spec = arch.spec_for(config)
+    section = find_weight_quantization(ds_config) if ds_config is not None else None
+    policy = make_policy(spec.linears, bits, group_size, section, ds_config is not None)
+    files = _weight_files(src)
+    plan = plan_shards(spec, config, list(files))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run with our pid
+    tmp.mkdir()
+    try:
+        shards = {}
+        with _reader(src, files) as read:
+            for done, (name, tensors) in enumerate(plan.items(), start=1):
+                shards[name] = write_shard(tmp, name, tensors, read, policy)
+                if progress is not None:
+                    progress(done, len(plan))
+        result = manifest.Manifest(
+            architecture=spec.name, config=config, shards=shards,
+            quantization={"bits": bits, "group_size": group_size, "ds_config": section},
+        )
+        _copy_tokenizer(src, tmp)
+        result.save(tmp)
+        if dst.exists():  # created while we converted: never replace it
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, f"destination {str(dst)!r} appeared during conversion")
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
