@@ -108,6 +108,8 @@ class Region:
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         itemsize = torch.empty(0, dtype=dtype).element_size()
+        if offset % itemsize:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"offset {offset} is not aligned to {dtype} in {self.name!r}")
         n = 1
         for s in shape:
             n *= int(s)
@@ -154,16 +156,17 @@ class RegionTable:
             return region
 
     def acquire(self, name: str) -> Region:
+        """A registered region, held until release (register first, as Triton)."""
         with self._cv:
             if name not in self._regions:
-                self._regions[name] = Region.attach(name)
-                self._users[name] = 0
+                raise StrataError(ErrorKind.NOT_FOUND, f"region {name!r} is not registered")
             self._users[name] += 1
             return self._regions[name]
 
     def release(self, name: str) -> None:
         with self._cv:
-            self._users[name] -= 1
+            if name in self._users:
+                self._users[name] -= 1
             self._cv.notify_all()
 
     def unregister(self, name: str, timeout: float = 30.0) -> None:

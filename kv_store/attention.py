@@ -1,0 +1,149 @@
+"""KV cache storage in host memory and decode attention over it on the CPU.
+
+One `GroupCache` per group (a micro-batch): per layer K and V of shape
+[batch, heads, max_tokens, head_dim] in the cache dtype, a per-layer length, and the
+left padding of each sequence. Attention runs through PyTorch's CPU
+scaled_dot_product_attention (flash kernel, float32 accumulation) with one additive
+float32 mask built at allocation: -inf on padding, plus BLOOM's ALiBi when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from strata.errors import ErrorKind, StrataError
+
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """Shape and attention settings of one group, as Allocate gave them."""
+
+    num_layers: int
+    batch: int
+    num_heads: int
+    head_dim: int
+    max_tokens: int
+    dtype: torch.dtype
+    scale: float
+    alibi: bool = False
+    pad: tuple[int, ...] = ()  # left padding per sequence; () = none
+
+    def validate(self) -> None:
+        for name in ("num_layers", "batch", "num_heads", "head_dim", "max_tokens"):
+            if getattr(self, name) <= 0:
+                raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dtype not in CACHE_DTYPES:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"cache dtype {self.dtype} is not float32/16 or bfloat16")
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"scale must be a positive number, got {self.scale}")
+        if self.pad and len(self.pad) != self.batch:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"pad has {len(self.pad)} entries for batch {self.batch}")
+        if any(p < 0 or p >= self.max_tokens for p in self.pad):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"pad {list(self.pad)} outside [0, {self.max_tokens})")
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (float32), exactly as transformers' BLOOM computes them."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra], dim=0)
+    return slopes
+
+
+def build_mask(spec: GroupSpec) -> torch.Tensor | None:
+    """Additive float32 mask over all key positions, [batch, heads or 1, 1, max_tokens]:
+    -inf where j < pad[b], plus slope_h * (j - pad[b]) with ALiBi. None when it is all 0."""
+    pad = torch.tensor(spec.pad or (0,) * spec.batch, dtype=torch.float32).view(-1, 1, 1, 1)
+    if not spec.alibi and not any(spec.pad):
+        return None
+    j = torch.arange(spec.max_tokens, dtype=torch.float32).view(1, 1, 1, -1)
+    mask = torch.zeros(spec.batch, 1, 1, spec.max_tokens, dtype=torch.float32)
+    mask.masked_fill_(j < pad, float("-inf"))
+    if spec.alibi:
+        slopes = alibi_slopes(spec.num_heads).view(1, -1, 1, 1)
+        mask = mask + slopes * (j - pad)
+    return mask.contiguous()
+
+
+class GroupCache:
+    """The K/V tensors of one group and decode attention over them. Not thread-safe:
+    the caller serializes calls on one group."""
+
+    def __init__(self, spec: GroupSpec):
+        spec.validate()
+        self.spec = spec
+        shape = (spec.batch, spec.num_heads, spec.max_tokens, spec.head_dim)
+        try:
+            self.keys = [torch.empty(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
+            self.values = [torch.empty(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
+        except RuntimeError as e:
+            raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, f"host memory for the KV cache: {e}") from None
+        self.lengths = [0] * spec.num_layers
+        self.mask = build_mask(spec)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store k, v [batch, heads, tokens, head_dim] at the layer's current length;
+        returns the new length."""
+        self._check_layer(layer)
+        self._check(k, "key", None)
+        self._check(v, "value", k.shape[2])
+        start, n = self.lengths[layer], k.shape[2]
+        self._check_room(layer, n)
+        self.keys[layer][:, :, start : start + n].copy_(k)
+        self.values[layer][:, :, start : start + n].copy_(v)
+        self.lengths[layer] = start + n
+        return start + n
+
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """Append one decode token, then softmax(scale * q.K^T + bias + mask) . V over
+        every cached token of the layer. Returns [batch, heads, 1, head_dim]."""
+        self._check_layer(layer)
+        self._check(q, "query", 1)
+        self._check(k_new, "key", 1)
+        self._check(v_new, "value", 1)
+        length = self.append(layer, k_new, v_new)
+        keys = self.keys[layer][:, :, :length]
+        values = self.values[layer][:, :, :length]
+        mask = None if self.mask is None else self.mask[..., :length]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.spec.num_layers:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"layer {layer} outside [0, {self.spec.num_layers})")
+
+    def _check(self, t: torch.Tensor, what: str, tokens: int | None) -> None:
+        s = self.spec
+        want = (s.batch, s.num_heads, tokens if tokens is not None else "T", s.head_dim)
+        ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (s.batch, s.num_heads, s.head_dim)
+        ok = ok and t.shape[2] >= 1 and (tokens is None or t.shape[2] == tokens)
+        if not ok:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{what} has shape {list(t.shape)}, expected {list(want)}")
+        if t.dtype != s.dtype:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{what} has dtype {t.dtype}, the cache holds {s.dtype}")
+
+    def _check_room(self, layer: int, n: int) -> None:
+        length = self.lengths[layer]
+        if length + n > self.spec.max_tokens:
+            raise StrataError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"layer {layer} holds {length} tokens; {n} more exceed max_tokens {self.spec.max_tokens}",
+            )

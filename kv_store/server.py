@@ -1,0 +1,213 @@
+"""The KV store service: gRPC control plane over the host KV cache.
+
+Tensors arrive as TensorRefs into the client's registered shared-memory regions (or
+inline bytes, the fallback for a remote peer). One lock per group: calls on different
+groups run concurrently, calls on one group are serialized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+
+from kv_store.attention import GroupCache, GroupSpec
+from kv_store.cache import CapacityLedger, cache_bytes
+from strata.config import KVStoreConfig
+from strata.dataplane import inline_ref, resolve
+from strata.errors import ErrorKind, StrataError, grpc_method
+from strata.shm import RegionTable, torch_dtype
+from strata.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+
+MAX_MESSAGE_BYTES = 256 << 20
+LOG = logging.getLogger("strata.kv_store")
+
+
+@dataclasses.dataclass
+class _Group:
+    cache: GroupCache
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def spec_from_request(req: kv_store_pb2.AllocateRequest) -> GroupSpec:
+    """The one place an AllocateRequest becomes a GroupSpec."""
+    if req.position_bias not in (kv_store_pb2.POSITION_BIAS_NONE, kv_store_pb2.POSITION_BIAS_ALIBI):
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"unknown position bias {req.position_bias}")
+    spec = GroupSpec(
+        num_layers=req.num_layers,
+        batch=req.batch,
+        num_heads=req.num_heads,
+        head_dim=req.head_dim,
+        max_tokens=req.max_tokens,
+        dtype=torch_dtype(req.dtype),
+        scale=req.scale,
+        alibi=req.position_bias == kv_store_pb2.POSITION_BIAS_ALIBI,
+        pad=tuple(req.pad),
+    )
+    spec.validate()
+    return spec
+
+
+class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
+    def __init__(self, config: KVStoreConfig):
+        self.config = config
+        self.ledger = CapacityLedger(config.capacity_bytes)
+        self.regions = RegionTable()
+        self._groups: dict[str, _Group] = {}
+        self._groups_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Drop every group and unmap every region."""
+        with self._groups_lock:
+            self._groups.clear()
+        self.regions.close_all()
+
+    def _group(self, name: str) -> _Group:
+        with self._groups_lock:
+            group = self._groups.get(name)
+        if group is None:
+            raise StrataError(ErrorKind.NOT_FOUND, f"group {name!r} is not allocated")
+        return group
+
+    @grpc_method
+    def Health(self, request, context):
+        ledger = self.ledger
+        detail = f"{ledger.bytes_free} of {ledger.capacity_bytes} bytes free, {len(ledger.groups())} groups"
+        return common_pb2.HealthResponse(ready=True, service="kv_store", detail=detail)
+
+    @grpc_method
+    def RegisterRegion(self, request, context):
+        self.regions.register(request.name, request.byte_size)
+        return common_pb2.RegisterRegionResponse()
+
+    @grpc_method
+    def UnregisterRegion(self, request, context):
+        self.regions.unregister(request.name)
+        return common_pb2.UnregisterRegionResponse()
+
+    @grpc_method
+    def Allocate(self, request, context):
+        if not request.group:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, "group name is empty")
+        spec = spec_from_request(request)
+        nbytes = cache_bytes(spec.num_layers, spec.batch, spec.num_heads, spec.max_tokens, spec.head_dim, spec.itemsize)
+        free = self.ledger.reserve(request.group, nbytes)
+        try:
+            group = _Group(GroupCache(spec))
+        except BaseException:
+            self.ledger.free(request.group)
+            raise
+        with self._groups_lock:
+            self._groups[request.group] = group
+        return kv_store_pb2.AllocateResponse(bytes_reserved=nbytes, bytes_free=free)
+
+    @grpc_method
+    def Append(self, request, context):
+        group = self._group(request.group)
+        with group.lock, resolve(request.key, self.regions) as k, resolve(request.value, self.regions) as v:
+            length = group.cache.append(request.layer, k, v)
+        return kv_store_pb2.AppendResponse(length=length)
+
+    @grpc_method
+    def Attend(self, request, context):
+        group = self._group(request.group)
+        with group.lock:
+            with resolve(request.query, self.regions) as q, resolve(request.key, self.regions) as k, resolve(
+                request.value, self.regions
+            ) as v:
+                out = group.cache.attend(request.layer, q, k, v)
+            length = group.cache.lengths[request.layer]
+        if not request.output.region:
+            return kv_store_pb2.AttendResponse(output=inline_ref(out), length=length)
+        with resolve(request.output, self.regions) as dst:
+            if dst.shape != out.shape or dst.dtype != out.dtype:
+                raise StrataError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"output ref is {list(dst.shape)} {dst.dtype}, attention gives {list(out.shape)} {out.dtype}",
+                )
+            dst.copy_(out)
+        return kv_store_pb2.AttendResponse(output=request.output, length=length)
+
+    @grpc_method
+    def Free(self, request, context):
+        with self._groups_lock:
+            group = self._groups.get(request.group)
+        if group is None:
+            raise StrataError(ErrorKind.NOT_FOUND, f"group {request.group!r} is not allocated")
+        with group.lock:  # waits for a call in flight on this group
+            with self._groups_lock:
+                if self._groups.get(request.group) is not group:
+                    raise StrataError(ErrorKind.NOT_FOUND, f"group {request.group!r} is not allocated")
+                del self._groups[request.group]
+            free = self.ledger.free(request.group)
+        return kv_store_pb2.FreeResponse(bytes_free=free)
+
+
+def serve(config: KVStoreConfig, servicer: KVStoreServicer | None = None) -> grpc.Server:
+    """Start a server on `config.listen` ("unix:///path" or "host:port")."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv_store"),
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    kv_store_pb2_grpc.add_KVStoreServicer_to_server(servicer or KVStoreServicer(config), server)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as e:
+        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {config.listen!r}: {e}") from None
+    if port == 0:
+        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {config.listen!r}")
+    server.start()
+    return server
+
+
+def parse_args(argv: list[str] | None) -> KVStoreConfig:
+    p = argparse.ArgumentParser(prog="python -m kv_store", description="Strata KV store: host KV cache, CPU attention")
+    p.add_argument("--listen", required=True, help='"unix:///path" or "host:port"')
+    p.add_argument("--session", required=True, help="shared-memory session id")
+    p.add_argument("--capacity-bytes", type=int, default=KVStoreConfig.capacity_bytes)
+    p.add_argument("--threads", type=int, default=KVStoreConfig.threads, help="torch threads (0 = default)")
+    a = p.parse_args(argv)
+    return KVStoreConfig(listen=a.listen, session=a.session, capacity_bytes=a.capacity_bytes, threads=a.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop, unmap regions and exit 0."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kv_store %(levelname)s %(message)s")
+    config = parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    servicer = KVStoreServicer(config)
+    try:
+        server = serve(config, servicer)
+    except StrataError as e:
+        LOG.error("%s", e)
+        return 1
+    LOG.info("listening on %s (%d bytes, %d threads)", config.listen, config.capacity_bytes, torch.get_num_threads())
+    while not stop.wait(1.0):
+        pass
+    server.stop(grace=2.0).wait()
+    servicer.close()
+    if config.listen.startswith("unix://"):
+        path = config.listen.removeprefix("unix://")
+        if os.path.exists(path):
+            os.unlink(path)
+    LOG.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
