@@ -1,0 +1,66 @@
+"""The whole path a user walks: convert, `strata serve` (three OS processes), `strata
+generate`, SIGTERM; tokens equal Hugging Face's greedy generate on the same weights."""
+
+import signal
+
+import pytest
+import torch
+
+import tiny_models
+from serving import Server, shm_entries, strata
+from weight_store.convert import convert
+
+PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+NEW = 8
+
+
+@pytest.fixture(scope="module", params=["opt", "bloom"])
+def converted(request, tmp_path_factory):
+    hf = tmp_path_factory.mktemp(request.param) / "hf"
+    getattr(tiny_models, f"make_{request.param}")(hf)
+    out = hf.parent / "s16"
+    convert(hf, out, bits=16)
+    ref = tiny_models.load_reference(hf)
+    expected = []
+    for p in PROMPTS:
+        seq = ref.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        expected.append(seq)
+    return out, expected
+
+
+def generate_ids(address, prompts, n=NEW, *extra):
+    args = ["generate", "--endpoint", address, "--max-new-tokens", str(n), "--greedy", "--ids", *extra]
+    for p in prompts:
+        args += ["--prompt-ids", ",".join(map(str, p))]
+    return strata(*args)
+
+
+@pytest.mark.parametrize("kv_flags", [[], ["--kv-offload"]], ids=["kv-local", "kv-offload"])
+def test_served_greedy_tokens_equal_transformers_then_sigterm_leaves_nothing(converted, kv_flags):
+    shards, expected = converted
+    before = shm_entries()
+    server = Server(shards, *kv_flags)
+    try:
+        out = generate_ids(server.address, PROMPTS)
+        assert out.returncode == 0, out.stderr
+        got = [[int(t) for t in line.split()] for line in out.stdout.strip().splitlines()]
+        assert got == expected
+        assert len(server.children) == (3 if kv_flags else 2)
+    finally:
+        code = server.stop(signal.SIGTERM)
+    assert code == 0
+    assert server.alive_children() == []
+    assert shm_entries() - before == set()
+
+
+def test_text_prompts_and_sigint(converted):
+    shards, _ = converted
+    server = Server(shards, "--kv-offload")
+    try:
+        out = strata("generate", "--endpoint", server.address, "--prompt", "hello world", "--prompt", "the fox",
+                     "--max-new-tokens", "5", "--greedy")
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 2
+    finally:
+        assert server.stop(signal.SIGINT) == 0
+    assert server.alive_children() == []
