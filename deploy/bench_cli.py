@@ -1,5 +1,26 @@
-"""`strata bench` (filled in by the benchmark module)."""
+"""The `strata bench` flags, named as in DeepSpeed ZeRO-Inference's run_model.py."""
+
+from __future__ import annotations
 
 
 def add_bench_parser(sub) -> None:
-    return None
+    b = sub.add_parser("bench", help="throughput benchmark (one JSON line)")
+    b.add_argument("--model", required=True, help="converted model dir, or a shape name such as facebook/opt-30b")
+    b.add_argument("--dummy", action="store_true", help="random packed weights made in their tier; no disk")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--cpu-offload", action="store_true", help="all weights in the host tier (GPU share 0)")
+    b.add_argument("--disk-offload", action="store_true", help="weights on NVMe (not built yet)")
+    b.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
+    b.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16])
+    b.add_argument("--group-size", type=int, default=64)
+    b.add_argument("--pin-memory", type=int, default=1, help="accepted for compatibility; the host tier is always pinned")
+    b.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the GPU")
+    b.add_argument("--micro-batches", type=int, default=1, help="micro-batches per loaded layer")
+    b.add_argument("--device", default="cuda")
+    b.add_argument("--kv-capacity-gb", type=float, default=64.0)
+    b.add_argument("--json", action="store_true", help="no progress bar; only the JSON line")
+    b.add_argument("--no-warmup", action="store_true")
+    b.add_argument("--output", help="also append the JSON line to this file")
+    b.set_defaults(fn=lambda ns: __import__("deploy.bench", fromlist=["main"]).main(ns))

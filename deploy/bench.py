@@ -1,0 +1,208 @@
+"""`strata bench`: throughput of the three services as `strata serve` runs them.
+
+Flags follow DeepSpeed ZeRO-Inference's run_model.py. Every step is run and timed;
+the JSON line reports the measured figures beside the floor of DESIGN.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+
+import psutil
+
+from deploy.client import generate, request_for
+from deploy.launcher import ServeOptions, Services
+from strata import floor as fl
+from strata import shapes
+from strata.arch import dims_for
+from strata.errors import ErrorKind, StrataError
+from strata.manifest import Manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchArgs:
+    model: str
+    dummy: bool
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+    kv_offload: bool
+    quant_bits: int
+    group_size: int
+    gpu_weight_share: float
+    micro_batches: int
+    device: str
+    kv_capacity_gb: float
+    warmup: bool = True
+
+
+def case_of(a: BenchArgs) -> str | None:
+    if a.prompt_len != 512 or a.gen_len != 32:
+        return None
+    if a.model == "facebook/opt-30b":
+        return "T1" if a.kv_offload and a.quant_bits == 4 else "T2"
+    if a.model == "facebook/opt-175b" and a.quant_bits == 4:
+        return "T3"
+    return None
+
+
+class HostMemorySampler:
+    """Peak of the proportional set size (shared memory split fairly) of a process tree."""
+
+    def __init__(self, root_pid: int, every_s: float = 0.5):
+        self.root, self.every, self.peak = root_pid, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _pss(self) -> int:
+        total = 0
+        procs = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+        for p in procs:
+            try:
+                with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self._pss())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._pss())
+
+
+def _model_facts(a: BenchArgs) -> tuple[dict, float]:
+    """(HF config, stored weight bytes) of the benched model."""
+    if a.dummy:
+        from weight_store.dummy import dummy_manifest
+
+        m = dummy_manifest(a.model, a.quant_bits, a.group_size)
+    else:
+        m = Manifest.load(a.model)
+    return m.config, float(sum(s.size for s in m.shards.values()))
+
+
+def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(0)
+    return [[rng.randrange(4, vocab) for _ in range(a.prompt_len)] for _ in range(a.batch_size)]
+
+
+def run(a: BenchArgs, progress: bool) -> dict:
+    if a.dummy:
+        shapes.config_for(a.model)  # unknown shape: clear error before anything starts
+    config, weight_bytes = _model_facts(a)
+    dims = dims_for(config)
+    opts = ServeOptions(
+        model_dir="" if a.dummy else a.model, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
+        kv_capacity_bytes=int(a.kv_capacity_gb * 2**30), gpu_weight_share=a.gpu_weight_share,
+        micro_batches=a.micro_batches, dummy=a.model if a.dummy else "", quant_bits=a.quant_bits,
+        group_size=a.group_size,
+    )
+    services = Services(opts)
+    t_start = time.perf_counter()
+    with HostMemorySampler(os.getpid()) as mem:
+        address = services.start()
+        start_s = time.perf_counter() - t_start
+        try:
+            if a.warmup:
+                generate(address, request_for([[5] * 8], 2, stop_at_eos=False), timeout=600)
+            bar = _progress_bar(a.gen_len) if progress else None
+            on_step = (lambda step, toks: bar.update(1)) if bar else None
+            t0 = time.perf_counter()
+            result = generate(address, request_for(_prompts(a, dims.vocab), a.gen_len, stop_at_eos=False),
+                              timeout=3600, on_step=on_step)
+            wall = time.perf_counter() - t0
+            if bar:
+                bar.close()
+        finally:
+            services.stop()
+    return _report(a, dims, weight_bytes, result, wall, start_s, mem.peak)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generating", unit="step", file=sys.stderr)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (absent)"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _report(a: BenchArgs, dims, weight_bytes: float, result, wall: float, start_s: float, peak_host: int) -> dict:
+    tokens = a.batch_size * a.gen_len
+    kvpt = fl.kv_bytes_per_token(dims)
+    f = fl.floor(dims, fl.Workload(a.batch_size, a.prompt_len, a.gen_len),
+                 fl.Placement(weight_bytes, a.gpu_weight_share, a.kv_offload, kvpt))
+    total_tps = tokens / (result.prefill_s + result.decode_s)
+    return {
+        "case": case_of(a),
+        "model": a.model,
+        "dummy": a.dummy,
+        "batch_size": a.batch_size,
+        "prompt_len": a.prompt_len,
+        "gen_len": a.gen_len,
+        "placement": {
+            "weights": {"gpu_share": a.gpu_weight_share, "host_share": round(1 - a.gpu_weight_share, 4),
+                        "quant_bits": a.quant_bits, "group_size": a.group_size, "bytes": weight_bytes},
+            "kv": "host (KV store, CPU attention)" if a.kv_offload else a.device,
+            "micro_batches": a.micro_batches,
+        },
+        "prefill_s": round(result.prefill_s, 4),
+        "decode_s": round(result.decode_s, 4),
+        "total_tokens_per_s": round(total_tps, 2),
+        "decode_tokens_per_s": round(a.batch_size * (a.gen_len - 1) / max(result.decode_s, 1e-9), 2),
+        "client_wall_s": round(wall, 4),
+        "startup_s": round(start_s, 2),
+        "peak_gpu_bytes": result.peak_gpu_bytes,
+        "peak_host_bytes": peak_host,
+        "floor_tokens_per_s": round(f["tokens_per_s"], 2),
+        "floor_prefill_s": round(f["prefill_s"], 4),
+        "floor_decode_s": round(f["decode_s"], 4),
+        "measured_over_floor": round(total_tps / f["tokens_per_s"], 3),
+        "device": _device_name(a.device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "strata " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+    }
+
+
+def main(ns) -> int:
+    a = BenchArgs(
+        model=ns.model, dummy=ns.dummy, batch_size=ns.batch_size, prompt_len=ns.prompt_len, gen_len=ns.gen_len,
+        kv_offload=ns.kv_offload, quant_bits=ns.quant_bits, group_size=ns.group_size,
+        gpu_weight_share=0.0 if ns.cpu_offload else ns.gpu_weight_share, micro_batches=ns.micro_batches,
+        device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
+    )
+    if ns.disk_offload:
+        raise StrataError(ErrorKind.FAILED_PRECONDITION, "--disk-offload: the NVMe tier is not built yet (issue 6)")
+    report = run(a, progress=not ns.json)
+    line = json.dumps(report)
+    print(line, flush=True)
+    if ns.output:
+        with open(ns.output, "a") as f:
+            f.write(line + "\n")
+    return 0

@@ -1,0 +1,45 @@
+"""Built-in model shapes (Hugging Face configs, no download) for `--dummy` runs."""
+
+from __future__ import annotations
+
+from strata.errors import ErrorKind, StrataError
+
+_OPT = {  # name: (hidden, layers, heads, ffn)
+    "facebook/opt-125m": (768, 12, 12, 3072),
+    "facebook/opt-1.3b": (2048, 24, 32, 8192),
+    "facebook/opt-6.7b": (4096, 32, 32, 16384),
+    "facebook/opt-13b": (5120, 40, 40, 20480),
+    "facebook/opt-30b": (7168, 48, 56, 28672),
+    "facebook/opt-66b": (9216, 64, 72, 36864),
+    "facebook/opt-175b": (12288, 96, 96, 49152),
+}
+_BLOOM = {  # name: (hidden, layers, heads)
+    "bigscience/bloom-560m": (1024, 24, 16),
+    "bigscience/bloom-7b1": (4096, 30, 32),
+    "bigscience/bloom": (14336, 70, 112),
+}
+
+
+def names() -> list[str]:
+    return sorted([*_OPT, *_BLOOM])
+
+
+def config_for(name: str) -> dict:
+    if name in _OPT:
+        h, n, nh, ffn = _OPT[name]
+        return {
+            "model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": h, "num_hidden_layers": n,
+            "num_attention_heads": nh, "ffn_dim": ffn, "vocab_size": 50272, "max_position_embeddings": 2048,
+            "word_embed_proj_dim": h, "do_layer_norm_before": True, "activation_function": "relu",
+            "enable_bias": True, "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2,
+            "tie_word_embeddings": True, "torch_dtype": "float16",
+        }
+    if name in _BLOOM:
+        h, n, nh = _BLOOM[name]
+        return {
+            "model_type": "bloom", "architectures": ["BloomForCausalLM"], "hidden_size": h, "n_layer": n,
+            "n_head": nh, "vocab_size": 250880, "layer_norm_epsilon": 1e-5, "pad_token_id": 3, "bos_token_id": 1,
+            "eos_token_id": 2, "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16",
+        }
+    raise StrataError(ErrorKind.NOT_FOUND, f"unknown model shape {name!r}; built in: {', '.join(names())}")

@@ -1,0 +1,95 @@
+"""`--dummy` weights for benchmarks: a model shape's manifest made without a
+checkpoint, and random weights written straight into the host tier (no disk, no
+download), so an OPT-175B run starts in seconds.
+
+The manifest is the one the converter would write for that checkpoint (same shards,
+names, quantization policy and offsets); only the sha256 fields are empty, and the
+numbers are random: packed INT4/INT8 codes with plausible scales, layer norms at 1,
+biases at 0, embeddings ~N(0, 0.02)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import zlib
+
+import torch
+
+from strata import arch, manifest, quant, shapes
+from weight_store.convert import make_policy, plan_shards
+
+_BLOCK = 16 << 20  # random bytes tiled over packed codes
+
+
+def _meta_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """HF tensor names and shapes of a config, from a model built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()}
+
+
+def dummy_manifest(name: str, bits: int, group_size: int) -> manifest.Manifest:
+    config = shapes.config_for(name)
+    spec = arch.spec_for(config)
+    logical = "bfloat16" if config.get("torch_dtype") == "bfloat16" else "float16"
+    tensors = _meta_tensors(config)
+    policy = make_policy(spec.linears, bits, group_size, None, False)
+    shards = {}
+    for shard, members in plan_shards(spec, config, list(tensors)).items():
+        pos, entries = 0, {}
+        for hf_name, local in members:
+            shape = tensors[hf_name][0]
+            q = policy.spec_for(hf_name, local, shape) if shard.startswith("layer.") else None
+            layout = [("data", logical, shape)] if q is None else [
+                ("data", "uint8", quant.packed_shape(shape, q.bits)),
+                ("scale", "float16", (shape[0], shape[1] // q.group_size)),
+                ("min", "float16", (shape[0], shape[1] // q.group_size)),
+            ]
+            parts = {}
+            for pname, dtype, pshape in layout:
+                pos = manifest.align(pos)
+                nbytes = torch.Size(pshape).numel() * (1 if dtype == "uint8" else 2)
+                parts[pname] = manifest.Part(pos, nbytes, dtype, tuple(pshape), sha256="")
+                pos += nbytes
+            entries[local] = manifest.TensorEntry(tuple(shape), logical, q, parts)
+        shards[shard] = manifest.Shard(shard, manifest.shard_file(shard), manifest.align(pos), entries)
+    return manifest.Manifest(spec.name, config, shards,
+                             {"bits": bits, "group_size": group_size, "ds_config": None, "dummy": name})
+
+
+def _fill_part(view: torch.Tensor, local: str, pname: str, entry: manifest.TensorEntry, block: torch.Tensor,
+               gen: torch.Generator) -> None:
+    if pname == "data" and entry.quant is not None:
+        full = view.numel() // block.numel() * block.numel()
+        if full:
+            view[:full].view(-1, block.numel()).copy_(block.expand(full // block.numel(), -1))
+        view[full:].copy_(block[: view.numel() - full])
+        return
+    t = view.view(getattr(torch, entry.dtype if pname == "data" else "float16"))
+    if pname == "scale":
+        t.copy_((torch.rand(t.shape, generator=gen) * 0.5 + 0.75) * (0.04 / 2**entry.quant.bits))
+    elif pname == "min":
+        t.fill_(-0.02)
+    elif local.endswith("bias"):
+        t.zero_()
+    elif "norm" in local or local.startswith("ln_"):
+        t.fill_(1.0)
+    else:
+        t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
+
+
+def fill(shard_bytes: dict[str, torch.Tensor], m: manifest.Manifest, seed: int = 0, threads: int = 8) -> None:
+    """Write random weights into each shard's bytes (uint8 views of the host tier)."""
+    block = torch.randint(0, 256, (_BLOCK,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+    def one(name: str) -> None:
+        gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        raw = shard_bytes[name]
+        for local, entry in m.shards[name].tensors.items():
+            for pname, part in entry.parts.items():
+                _fill_part(raw[part.offset : part.offset + part.length], local, pname, entry, block, gen)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, m.shards))
