@@ -1,29 +1,57 @@
-"""Device copies of the layers: resident ones made once, streamed ones loaded into a
+"""Device copies of the layers: resident ones placed once, streamed ones loaded into a
 small ring while the previous layer computes (a side CUDA stream on the GPU).
 
-Which layers are resident is decided by the placement; this module only moves bytes."""
+On the GPU, weights stay packed (INT4/INT8 as stored) and are dequantized by a fused
+kernel when a layer runs; on the CPU, resident layers are kept dense. Which layers
+are resident is decided by the placement; this module only moves bytes."""
 
 from __future__ import annotations
 
 import torch
 
-from compute_node.weights import HostWeights, materialize
+from compute_node.kernels import dequantize
+from compute_node.weights import HostWeights, StoredTensor
 from strata.manifest import layer_shard
+
+Packed = dict[str, StoredTensor]
+
+
+def to_device(stored: Packed, device: torch.device, non_blocking: bool = False) -> Packed:
+    """Copies of the stored parts on `device`, still packed."""
+    return {
+        name: StoredTensor(st.entry, {p: t.to(device, non_blocking=non_blocking) for p, t in st.parts.items()})
+        for name, st in stored.items()
+    }
+
+
+def dense(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Dense weights in `dtype` on the parts' device (dequantized where quantized)."""
+    out = {}
+    for name, st in packed.items():
+        q = st.entry.quant
+        if q is None:
+            out[name] = st.parts["data"].to(dtype)
+        else:
+            out[name] = dequantize(st.parts["data"], st.parts["scale"], st.parts["min"], q.bits, q.group_size, dtype)
+    return out
 
 
 class LayerWeights:
-    def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int]):
+    def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int],
+                 packed_resident: bool | None = None):
         self.host, self.device, self.dtype = host, device, dtype
         self.resident_ids = resident
         self.cuda = device.type == "cuda"
+        self.packed_resident = self.cuda if packed_resident is None else packed_resident
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
         self._inflight: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
-        self.embed = materialize(host.shard("embed"), device, dtype)
-        self.head = materialize(host.shard("head"), device, dtype)
+        self.embed = dense(to_device(host.shard("embed"), device), dtype)
+        self.head = dense(to_device(host.shard("head"), device), dtype)
         for i in sorted(resident):
-            self._resident[i] = materialize(host.shard(layer_shard(i)), device, dtype)
+            packed = to_device(host.shard(layer_shard(i)), device)
+            self._resident[i] = packed if self.packed_resident else dense(packed, dtype)
 
     def prefetch(self, i: int) -> None:
         """Start loading layer i if it is streamed and not already on its way."""
@@ -32,19 +60,20 @@ class LayerWeights:
         self.loads.append(i)
         stored = self.host.shard(layer_shard(i))
         if not self.cuda:
-            self._inflight[i] = (materialize(stored, self.device, self.dtype), None)
+            self._inflight[i] = (dense(stored, self.dtype), None)
             return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            w = materialize(stored, self.device, self.dtype, non_blocking=True)
+            w = dense(to_device(stored, self.device, non_blocking=True), self.dtype)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self._inflight[i] = (w, event)
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's weights, ready for the current stream. Streamed layers are dropped
-        from the ring once taken (the caller holds them for the layer's compute)."""
+        """Layer i's dense weights, ready for the current stream."""
         if i in self._resident:
-            return self._resident[i]
+            r = self._resident[i]
+            return dense(r, self.dtype) if self.packed_resident else r  # type: ignore[arg-type]
         self.prefetch(i)
         w, event = self._inflight.pop(i)
         if event is not None:

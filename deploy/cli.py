@@ -68,6 +68,16 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 0, got {text!r}")
+    return n
+
+
 def _generate(a) -> int:
     from deploy.client import generate, request_for
 
@@ -108,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--endpoint", required=True)
     g.add_argument("--prompt", dest="prompts", action="append", type=str)
     g.add_argument("--prompt-ids", dest="prompts", action="append", type=_parse_ids)
-    g.add_argument("--max-new-tokens", type=int, required=True)
+    g.add_argument("--max-new-tokens", type=_count, required=True)
     g.add_argument("--greedy", action="store_true")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)

@@ -57,9 +57,10 @@ def from_rpc_error(err: "grpc.RpcError", peer: str) -> StrataError:
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     kind = next((k for k in ErrorKind if to_status_code(k) == code), ErrorKind.INTERNAL)
-    if kind is ErrorKind.UNAVAILABLE:
+    local = details in ("Deadline Exceeded",) or details.startswith(("failed to connect", "Socket closed", "connections to all backends failing"))
+    if kind is ErrorKind.UNAVAILABLE and local:
         return StrataError(kind, f"{peer} is unavailable ({details})")
-    if kind is ErrorKind.DEADLINE_EXCEEDED:
+    if kind is ErrorKind.DEADLINE_EXCEEDED and local:
         return StrataError(kind, f"{peer} did not answer within the deadline")
     return StrataError(kind, f"{peer}: {details}")
 
