@@ -15,6 +15,8 @@ class WeightStoreConfig:
     preload: bool = True  # load every shard into the host tier at start
     verify: bool = True  # sha256 on first read of each shard
     dummy: str = ""  # bench: "<model shape name>" makes random packed weights in memory, no files
+    dummy_bits: int = 4
+    dummy_group_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

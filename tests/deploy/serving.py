@@ -25,10 +25,18 @@ def shm_entries() -> set[str]:
     return {p.name for p in pathlib.Path("/dev/shm").glob("strata-*")}
 
 
+def device_flags() -> list[str]:
+    """STRATA_TEST_DEVICE=cuda runs the end-to-end tests on the GPU (float32, so
+    tokens still equal the float32 reference exactly)."""
+    device = os.environ.get("STRATA_TEST_DEVICE", "cpu")
+    return [] if device == "cpu" else ["--device", device, "--dtype", "float32"]
+
+
 class Server:
     def __init__(self, model_dir, *flags: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "serve", str(model_dir), "--listen", "127.0.0.1:0", *flags],
+            [sys.executable, "-m", "deploy.cli", "serve", str(model_dir), "--listen", "127.0.0.1:0", *device_flags(),
+             *flags],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         deadline = time.monotonic() + 180

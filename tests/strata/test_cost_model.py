@@ -1,0 +1,157 @@
+"""The cost model alone (no torch): monotonicity, binding terms, memory, the floor."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import pathlib
+
+import pytest
+
+from strata import cost_model as cm
+from strata import floor as fl
+from strata import hardware, shapes
+from strata.arch import dims_for
+
+PROFILE = pathlib.Path(__file__).parents[2] / "bench" / "profiles" / "nvidia-h100-x1.json"
+
+
+@pytest.fixture(scope="module")
+def h100() -> hardware.HardwareProfile:
+    return hardware.load(PROFILE)
+
+
+def opt(name: str = "facebook/opt-30b", bits: int = 4):
+    dims = dims_for(shapes.config_for(name))
+    return dims, cm.estimate_weight_bytes(dims, bits)
+
+
+W = cm.Workload(prompt_len=512, gen_len=32)
+
+
+def test_more_gpu_share_never_predicts_slower_decode_when_pcie_binds(h100):
+    dims, wb = opt()
+    for kv_on_host in (False, True):
+        for m in (1, 2, 4):
+            steps = [cm.predict(dims, wb, W, cm.Placement(k / 48, kv_on_host, m, 8), h100).decode_step_s
+                     for k in range(49)]
+            assert all(b <= a + 1e-12 for a, b in zip(steps, steps[1:]))
+            assert steps[-1] < steps[0]
+    first = cm.predict(dims, wb, W, cm.Placement(0.0, False, 1, 8), h100)
+    assert first.decode_binding == "PCIe weights"
+
+
+def test_more_gpu_share_never_predicts_slower_total(h100):
+    dims, wb = opt("facebook/opt-175b")
+    for kv_on_host in (False, True):
+        totals = [cm.predict(dims, wb, W, cm.Placement(k / 96, kv_on_host, 2, 4), h100).total_tokens_per_s
+                  for k in range(97)]
+        assert all(b >= a - 1e-9 for a, b in zip(totals, totals[1:]))
+
+
+def test_more_host_kv_bandwidth_never_predicts_slower(h100):
+    dims, wb = opt()
+    for m in (1, 2, 8):
+        pl = cm.Placement(1.0, True, m, 64)
+        rates = [cm.predict(dims, wb, W, pl, dataclasses.replace(h100, cpu_attention_bytes_per_s=bw)).decode_s
+                 for bw in (10e9, 40e9, 85e9, 200e9, 1e12)]
+        assert all(b <= a for a, b in zip(rates, rates[1:]))
+
+
+def test_more_pcie_bandwidth_never_predicts_slower(h100):
+    dims, wb = opt()
+    pl = cm.Placement(0.25, False, 2, 16)
+    times = [cm.predict(dims, wb, W, pl, dataclasses.replace(h100, h2d_pinned=bw)).decode_s
+             for bw in (8e9, 25e9, 54.7e9, 100e9)]
+    assert all(b <= a for a, b in zip(times, times[1:]))
+
+
+def test_binding_terms_name_the_limit(h100):
+    dims, wb = opt()
+    assert cm.predict(dims, wb, W, cm.Placement(1.0, True, 1, 128), h100).decode_binding == "CPU KV read"
+    assert cm.predict(dims, wb, W, cm.Placement(1.0, False, 1, 32), h100).decode_binding == "HBM"
+    assert cm.predict(dims, wb, W, cm.Placement(1.0, False, 1, 32), h100).prefill_binding == "GPU FLOPs"
+    tiny = cm.Workload(prompt_len=8, gen_len=4)
+    assert cm.predict(dims, wb, tiny, cm.Placement(0.0, False, 1, 1), h100).prefill_binding == "PCIe weights"
+    small, small_wb = opt("facebook/opt-1.3b")
+    rpc_bound = cm.predict(small, small_wb, tiny, cm.Placement(1.0, True, 8, 8), h100)
+    assert rpc_bound.decode_binding == "control overhead"
+
+
+def test_disk_share_streams_at_disk_bandwidth_and_leaves_host_memory(h100):
+    dims, wb = opt()
+    host = cm.predict(dims, wb, W, cm.Placement(0.5, False, 1, 8), h100)
+    disk = cm.predict(dims, wb, W, cm.Placement(0.5, False, 1, 8, disk_weight_share=0.25), h100)
+    assert disk.decode_binding == "NVMe weights"
+    assert disk.decode_step_s > host.decode_step_s * 5
+    assert host.host_bytes_needed - disk.host_bytes_needed == pytest.approx(12 * wb.layer)
+
+
+def test_memory_counts_what_the_engine_holds(h100):
+    dims, wb = opt()
+    pl = cm.Placement(0.5, False, 2, 16)
+    gpu, host = cm.memory(dims, wb, W, pl)
+    kv = 16 * (512 + 32) * cm.kv_bytes_per_token_layer(dims) * 48
+    assert gpu["KV"] == kv and host["KV"] == 0
+    assert gpu["resident weights"] == pytest.approx(24 * wb.layer + wb.other)
+    assert gpu["layer buffers"] == pytest.approx(2 * (wb.layer + 2 * wb.layer_params) + 2 * wb.layer_params)
+    assert host["weights"] == pytest.approx(wb.total)  # the weight store holds every shard
+    on_host = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_on_host=True))
+    assert on_host[0]["KV"] == 0 and on_host[1]["KV"] == kv
+    pred = cm.predict(dims, wb, W, pl, h100)
+    assert pred.gpu_bytes_needed == pytest.approx(sum(gpu.values()))
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("batch", [1, 8, 32, 64, 128])
+@pytest.mark.parametrize("m", [1, 4])
+def test_t1_prediction_is_at_most_the_floor(h100, share, batch, m):
+    """DESIGN T1: OPT-30B INT4, all KV in host memory: never faster than strata/floor.py."""
+    dims, wb = opt()
+    pred = cm.predict(dims, wb, W, cm.Placement(share, True, m, batch), h100)
+    f = fl.floor(dims, fl.Workload(batch, 512, 32),
+                 fl.Placement(wb.total, share, True, fl.kv_bytes_per_token(dims)), h100.to_hardware())
+    assert pred.total_tokens_per_s <= f["tokens_per_s"]
+    assert pred.prefill_s >= f["prefill_s"] and pred.decode_s >= f["decode_s"]
+
+
+def test_estimate_weight_bytes_matches_the_dummy_manifest():
+    pytest.importorskip("transformers")
+    from weight_store.dummy import dummy_manifest
+
+    for name, bits in (("facebook/opt-1.3b", 4), ("facebook/opt-1.3b", 16), ("bigscience/bloom-560m", 8)):
+        m = dummy_manifest(name, bits, 64)
+        dims = dims_for(m.config)
+        exact = cm.weight_bytes_from_shards({k: s.size for k, s in m.shards.items()}, dims, bits)
+        guess = cm.estimate_weight_bytes(dims, bits)
+        assert guess.total == pytest.approx(exact.total, rel=0.01)
+        assert guess.layer == pytest.approx(exact.layer, rel=0.01)
+
+
+def test_profile_json_round_trip_and_staleness(tmp_path, h100):
+    path = hardware.save(h100, tmp_path / "p.json")
+    assert hardware.load(path) == h100
+    fresh = dataclasses.replace(h100, measured_at=hardware.today())
+    assert not fresh.is_stale()
+    now = datetime.datetime.fromisoformat(fresh.measured_at) + datetime.timedelta(days=31)
+    assert fresh.is_stale(now)
+    assert h100.to_hardware().pcie_bytes_per_s == 54.7e9
+    assert "DESIGN.md" in h100.source
+
+
+def test_profile_with_unknown_fields_is_an_invalid_argument(tmp_path):
+    from strata.errors import ErrorKind, StrataError
+
+    (tmp_path / "bad.json").write_text('{"machine": "x", "measured_at": "2026-01-01", "warp_drive": 1}')
+    with pytest.raises(StrataError) as e:
+        hardware.load(tmp_path / "bad.json")
+    assert e.value.kind is ErrorKind.INVALID_ARGUMENT and "warp_drive" in e.value.message
+
+
+def test_cost_model_and_planner_import_neither_torch_nor_grpc():
+    import subprocess
+    import sys
+
+    code = ("import sys; import strata.cost_model, strata.planner, strata.hardware; "
+            "bad = [m for m in ('torch', 'grpc') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PROFILE.parents[2])
