@@ -1,0 +1,219 @@
+"""Cost model: predicted prefill time, decode step times and tokens/s of a placement
+on a profiled machine, modelled on how the engine runs (compute_node/engine.py,
+layer_weights.py), not on an idealised system. No torch, no grpc.
+
+Per forward pass, layer i takes max(GPU work of i, CPU attention of i, load of
+layer i+1) plus control overhead: the load of i+1 (PCIe, or NVMe then PCIe) runs
+on a side stream while i computes; resident layers are the first ones, and a pass
+whose layer 0 is streamed waits for its load first. GPU work of a layer: read the
+packed bytes, write the dequantized fp16 layer, read it again once per micro-batch,
+plus KV reads when KV is on the GPU; or FLOPs at a GEMM efficiency, whichever is
+larger. With KV in the KV store, CPU attention of micro-batch j overlaps the GPU
+work of j-1 (a two-stage pipeline: max + min / micro_batches)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from strata.arch import ModelDims
+from strata.hardware import HardwareProfile
+
+GIB = 1 << 30
+GPU_HEADROOM = 2 * GIB
+HOST_HEADROOM = 4 * GIB
+RPC_OVERHEAD_S = 0.3e-3  # per layer per micro-batch, KV in the KV store (a gRPC round trip)
+LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launches)
+STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
+GEMM_EFFICIENCY = 0.95  # of the measured 8192^3 rate, at large M
+GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
+DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
+
+TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A generate call. Unlike strata.floor.Workload, the batch may be left to the planner."""
+
+    prompt_len: int
+    gen_len: int
+    batch_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    gpu_weight_share: float  # share of layers resident on the GPU (the first ones)
+    kv_on_host: bool  # all KV in the KV store, decode attention on its CPU
+    micro_batches: int
+    batch_size: int
+    quant_bits: int = 4
+    disk_weight_share: float = 0.0  # share of layers read from NVMe every pass (the last ones)
+
+    def layer_counts(self, num_layers: int) -> tuple[int, int, int]:
+        """(resident, host-streamed, disk-streamed) layers, rounded as compute_node.placement does."""
+        resident = round(self.gpu_weight_share * num_layers)
+        disk = min(num_layers - resident, round(self.disk_weight_share * num_layers))
+        return resident, num_layers - resident - disk, disk
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightBytes:
+    """Stored bytes of a model at one quantization: every layer alike."""
+
+    layer: float  # one layer shard as stored (packed codes + scales + norms, aligned)
+    other: float  # embeddings and head (fp16, resident)
+    layer_params: float  # elements of one layer (its dense fp16 copy is 2x this)
+    quantized: bool
+    num_layers: int
+
+    @property
+    def total(self) -> float:
+        return self.layer * self.num_layers + self.other
+
+
+def weight_bytes_from_shards(sizes: dict[str, float], dims: ModelDims, quant_bits: int) -> WeightBytes:
+    """From a manifest's shard sizes ('layer.N', 'embed', 'head')."""
+    layers = [v for k, v in sizes.items() if k.startswith("layer.")]
+    other = sum(v for k, v in sizes.items() if not k.startswith("layer."))
+    return WeightBytes(max(layers), other, layer_params(dims), quant_bits < 16, len(layers))
+
+
+def estimate_weight_bytes(dims: ModelDims, quant_bits: int, group_size: int = 64) -> WeightBytes:
+    """Closed form of the converter's layout (within a percent of the manifest)."""
+    p = layer_params(dims)
+    per = quant_bits / 8 + 4 / group_size if quant_bits < 16 else 2.0
+    small = (9 * dims.hidden + dims.ffn) * 2  # biases and layer norms, fp16
+    other = (dims.vocab + dims.max_positions + 2) * dims.hidden * 2
+    return WeightBytes(p * per + small, other, p, quant_bits < 16, dims.num_layers)
+
+
+def layer_params(d: ModelDims) -> float:
+    return 4 * d.hidden * d.hidden + 2 * d.hidden * d.ffn
+
+
+def kv_bytes_per_token_layer(d: ModelDims) -> float:
+    return 2 * d.num_heads * d.head_dim * 2  # keys and values, fp16
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    prefill_s: float
+    decode_step_s: float  # mean over the decode steps
+    decode_steps_s: tuple[float, ...]  # sampled steps (first to last)
+    decode_s: float
+    total_tokens_per_s: float
+    gpu_bytes_needed: float
+    host_bytes_needed: float
+    prefill_binding: str
+    decode_binding: str
+    gpu_breakdown: dict
+    host_breakdown: dict
+
+    def fits(self, profile: HardwareProfile) -> bool:
+        return self.gpu_bytes_needed <= profile.gpu_bytes and self.host_bytes_needed <= profile.host_bytes
+
+
+def _gemm_flops(p: HardwareProfile, rows: float) -> float:
+    return p.gpu_flops * GEMM_EFFICIENCY * rows / (rows + GEMM_HALF_M)
+
+
+def _load_s(wb: WeightBytes, p: HardwareProfile, from_disk: bool) -> float:
+    rate = min(p.h2d_pinned, p.disk_read_bytes_per_s) if from_disk else p.h2d_pinned
+    return wb.layer / rate
+
+
+def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool) -> dict[str, float]:
+    """Per-layer seconds of each resource in one pass (decode: kv_len cached tokens)."""
+    b, m = pl.batch_size, pl.micro_batches
+    rows = b * tokens_per_seq
+    dense = 2 * wb.layer_params
+    weights_traffic = (wb.layer + dense + m * dense) if wb.quantized else m * wb.layer
+    kv_layer = b * kv_len * kv_bytes_per_token_layer(dims)
+    act = rows * (8 * dims.hidden + 2 * dims.ffn) * 2 if prefill else 0.0
+    gpu_kv = kv_layer if (not pl.kv_on_host or prefill) else 0.0
+    cpu_attention = pl.kv_on_host and not prefill
+    attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
+    flops = 2 * wb.layer_params * rows + attn_flops
+    return {
+        "HBM": (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s,
+        "GPU FLOPs": flops / _gemm_flops(p, rows / m),
+        "CPU KV read": kv_layer / p.cpu_attention_bytes_per_s if cpu_attention else 0.0,
+        "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
+        "control overhead": m * (RPC_OVERHEAD_S if pl.kv_on_host else LAUNCH_OVERHEAD_S),
+    }
+
+
+def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """Seconds of one pass over all layers, and each term's total (for the binding)."""
+    L = dims.num_layers
+    resident, host_n, disk_n = pl.layer_counts(L)
+    gpu = max(t["HBM"], t["GPU FLOPs"])
+    cpu = t["CPU KV read"]
+    work = max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
+    over = t["control overhead"]
+    host_load, disk_load = _load_s(wb, p, False), _load_s(wb, p, True)
+    # layer i waits for the load of i+1; streamed layers are resident..L-1, disk ones last
+    n_host = host_n - (1 if resident == 0 and host_n else 0)
+    n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
+    first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
+    rest = L - n_host - n_disk
+    total = first + rest * work + n_host * max(work, host_load) + n_disk * max(work, disk_load) + L * over
+    totals = {k: v * L for k, v in t.items()}
+    totals["PCIe weights"] = host_n * host_load
+    totals["NVMe weights"] = disk_n * disk_load
+    head = pl.micro_batches * (dims.vocab * dims.hidden * 2) / p.hbm_bytes_per_s
+    return total + head + STEP_OVERHEAD_S, totals
+
+
+def _binding(totals: dict[str, float]) -> str:
+    return max(TERMS, key=lambda k: totals.get(k, 0.0))
+
+
+def _decode(dims, wb, w: Workload, pl, p) -> tuple[tuple[float, ...], float, dict[str, float]]:
+    steps = w.gen_len - 1  # the prefill pass yields the first token
+    if steps <= 0:
+        return (), 0.0, {}
+    n = min(steps, DECODE_SAMPLES)
+    idx = [1 + round(k * (steps - 1) / max(n - 1, 1)) for k in range(n)]
+    times, totals = [], dict.fromkeys(TERMS, 0.0)
+    for s in idx:
+        step_s, tt = _pass_time(dims, wb, pl, p, _pass_terms(dims, wb, pl, p, 1, w.prompt_len + s, False))
+        times.append(step_s)
+        for k, v in tt.items():
+            totals[k] += v
+    return tuple(times), sum(times) / n * steps, totals
+
+
+def memory(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> tuple[dict, dict]:
+    """(GPU, host) bytes needed, by item."""
+    L = dims.num_layers
+    resident, host_n, disk_n = pl.layer_counts(L)
+    dense = 2 * wb.layer_params if wb.quantized else 0.0
+    buffers = 2 * (wb.layer + dense) + dense if host_n + disk_n else 2 * dense
+    kv = pl.batch_size * (w.prompt_len + w.gen_len) * kv_bytes_per_token_layer(dims) * L
+    mb_tokens = -(-pl.batch_size // pl.micro_batches) * w.prompt_len
+    gpu = {
+        "resident weights": resident * wb.layer + wb.other, "layer buffers": buffers,
+        "KV": 0.0 if pl.kv_on_host else kv, "activations": mb_tokens * max(dims.ffn, 3 * dims.hidden) * 2 * 3,
+        "headroom": GPU_HEADROOM,
+    }
+    host = {"weights": wb.total - disk_n * wb.layer, "KV": kv if pl.kv_on_host else 0.0, "headroom": HOST_HEADROOM}
+    return gpu, host
+
+
+def predict(dims: ModelDims, weight_bytes: WeightBytes, workload: Workload, placement: Placement,
+            profile: HardwareProfile) -> Prediction:
+    if not profile.has_gpu:
+        raise ValueError(f"profile {profile.machine!r} has no GPU; the cost model is for GPU placements")
+    pl, w, wb = placement, workload, weight_bytes
+    pre_t = _pass_terms(dims, wb, pl, profile, w.prompt_len, w.prompt_len, True)
+    prefill, pre_totals = _pass_time(dims, wb, pl, profile, pre_t)
+    steps, decode, dec_totals = _decode(dims, wb, w, pl, profile)
+    gpu, host = memory(dims, wb, w, pl)
+    return Prediction(
+        prefill_s=prefill, decode_step_s=decode / max(w.gen_len - 1, 1), decode_steps_s=steps, decode_s=decode,
+        total_tokens_per_s=pl.batch_size * w.gen_len / (prefill + decode),
+        gpu_bytes_needed=sum(gpu.values()), host_bytes_needed=sum(host.values()),
+        prefill_binding=_binding(pre_totals), decode_binding=_binding(dec_totals) if dec_totals else "",
+        gpu_breakdown=gpu, host_breakdown=host,
+    )

@@ -1,0 +1,108 @@
+"""The hardware profile: one machine's measured limits, saved as JSON.
+
+`strata profile` measures it (deploy/plan_cli.py); the cost model and the planner read
+it. Torch-free: a profile made on the GPU machine can be planned with anywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import socket
+
+from strata.errors import ErrorKind, StrataError
+from strata.floor import Hardware
+
+STALE_DAYS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareProfile:
+    """Bandwidths in bytes/s, FLOP/s for an 8192^3 fp16 matmul; GPU fields are 0
+    (and gpu_name empty) on a machine without one."""
+
+    machine: str
+    measured_at: str  # ISO date (UTC) of the measurement
+    gpu_name: str = ""
+    gpu_bytes: float = 0.0
+    gpu_flops: float = 0.0
+    hbm_bytes_per_s: float = 0.0  # device-to-device copy, read + write counted
+    h2d_pinned: float = 0.0
+    h2d_pageable: float = 0.0
+    d2h_pinned: float = 0.0
+    dram_read_bytes_per_s: float = 0.0  # all threads
+    cpu_attention_bytes_per_s: float = 0.0  # KV bytes read per second by the KV store's decode attention
+    disk_read_bytes_per_s: float = 0.0
+    host_bytes: float = 0.0
+    cpu_cores: int = 0
+    source: str = ""  # how the numbers were obtained
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_bytes > 0 and self.gpu_flops > 0
+
+    def age_days(self, now: datetime.datetime | None = None) -> float:
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        when = datetime.datetime.fromisoformat(self.measured_at)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return (now - when).total_seconds() / 86400
+
+    def is_stale(self, now: datetime.datetime | None = None) -> bool:
+        return self.age_days(now) > STALE_DAYS
+
+    def to_hardware(self) -> Hardware:
+        """The floor model's view of this machine (strata/floor.py)."""
+        return Hardware(
+            name=self.machine, gpu_flops=self.gpu_flops, hbm_bytes_per_s=self.hbm_bytes_per_s,
+            pcie_bytes_per_s=self.h2d_pinned, dram_bytes_per_s=self.dram_read_bytes_per_s,
+            disk_bytes_per_s=self.disk_read_bytes_per_s, gpu_bytes=self.gpu_bytes, host_bytes=self.host_bytes,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HardwareProfile":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"hardware profile has unknown fields {unknown}")
+        if "machine" not in d or "measured_at" not in d:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, "hardware profile needs 'machine' and 'measured_at'")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        clean = {k: (defaults[k] if v is None and k in defaults else v) for k, v in d.items()}  # null: absent
+        return cls(**clean)
+
+
+def load(path: str | os.PathLike) -> HardwareProfile:
+    p = pathlib.Path(path)
+    try:
+        return HardwareProfile.from_dict(json.loads(p.read_text()))
+    except FileNotFoundError:
+        raise StrataError(ErrorKind.NOT_FOUND, f"hardware profile {str(p)!r} does not exist") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"hardware profile {str(p)!r} is not valid: {e}") from None
+
+
+def save(profile: HardwareProfile, path: str | os.PathLike) -> pathlib.Path:
+    """Writes atomically (temporary file, then rename)."""
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(profile.to_json())
+    tmp.replace(p)
+    return p
+
+
+def default_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """~/.cache/strata/profile-<hostname>.json (XDG_CACHE_HOME respected)."""
+    base = pathlib.Path(cache_dir) if cache_dir else pathlib.Path(
+        os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "strata"
+    return base / f"profile-{socket.gethostname()}.json"
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,112 @@
+"""`strata plan` and `strata profile` through the real CLI (subprocesses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from strata import hardware
+
+ROOT = pathlib.Path(__file__).parents[2]
+PROFILE = ROOT / "bench" / "profiles" / "nvidia-h100-x1.json"
+GIB = 1 << 30
+
+
+def strata(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_plan_json_for_opt_30b_on_the_h100_profile():
+    r = strata("plan", "--model", "facebook/opt-30b", "--prompt-len", "512", "--gen-len", "32",
+               "--profile", str(PROFILE), "--json")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["model"] == "facebook/opt-30b" and (out["prompt_len"], out["gen_len"]) == (512, 32)
+    assert out["profile"]["machine"] == "nvidia-h100-x1"
+    pl = out["placement"]
+    assert 0 <= pl["gpu_weight_share"] <= 1 and pl["micro_batches"] in (1, 2, 4, 8) and pl["batch_size"] >= 1
+    assert pl["quant_bits"] == 4
+    assert out["total_tokens_per_s"] > 0 and out["prefill_s"] > 0 and out["decode_s"] > 0
+    assert out["decode_binding"] in ("PCIe weights", "CPU KV read", "HBM", "GPU FLOPs", "control overhead")
+    assert out["gpu_bytes_needed"] <= out["profile"]["gpu_bytes"]
+    assert out["host_bytes_needed"] <= out["profile"]["host_bytes"]
+    assert f"--batch-size {pl['batch_size']}" in out["bench_flags"]
+    assert all(a["total_tokens_per_s"] <= out["total_tokens_per_s"] for a in out["alternatives"])
+
+
+def test_plan_table_names_the_placement_and_the_bound():
+    r = strata("plan", "--model", "facebook/opt-30b", "--prompt-len", "512", "--gen-len", "32", "--kv", "host",
+               "--profile", str(PROFILE))
+    assert r.returncode == 0, r.stderr
+    assert "chosen" in r.stdout and "CPU KV read" in r.stdout and "host" in r.stdout
+    assert "--kv-offload" in r.stdout  # the bench command that runs this placement
+
+
+def test_plan_that_cannot_fit_is_a_clear_error():
+    r = strata("plan", "--model", "facebook/opt-175b", "--prompt-len", "512", "--gen-len", "32", "--quant-bits",
+               "16", "--profile", str(PROFILE), "--json")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "resource exhausted" in r.stderr and "host memory needs" in r.stderr and "short by" in r.stderr
+
+
+def test_plan_uses_a_fresh_cached_profile_without_measuring(tmp_path):
+    cached = dataclasses.replace(hardware.load(PROFILE), measured_at=hardware.today())
+    hardware.save(cached, tmp_path / "strata" / f"profile-{socket.gethostname()}.json")
+    r = strata("plan", "--model", "facebook/opt-1.3b", "--prompt-len", "64", "--gen-len", "8", "--batch-size", "4",
+               "--json", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["profile"]["path"].startswith(str(tmp_path)) and out["placement"]["batch_size"] == 4
+
+
+def test_a_stale_or_missing_profile_is_measured_on_first_use(tmp_path, monkeypatch):
+    from deploy import plan_cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = dataclasses.replace(hardware.load(PROFILE), measured_at=hardware.today(), machine="measured")
+    calls = []
+    monkeypatch.setattr(plan_cli, "measure", lambda **kw: calls.append(kw) or fresh)
+    prof, where = plan_cli.load_profile(None)
+    assert prof.machine == "measured" and len(calls) == 1 and hardware.load(where) == fresh
+    plan_cli.load_profile(None)
+    assert len(calls) == 1  # cached now
+    hardware.save(dataclasses.replace(fresh, measured_at="2020-01-01T00:00:00+00:00"), where)
+    plan_cli.load_profile(None)
+    assert len(calls) == 2  # stale: measured again
+
+
+def test_profile_quick_writes_a_valid_profile(tmp_path):
+    out = tmp_path / "prof.json"
+    r = strata("profile", "--quick", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    prof = hardware.load(out)
+    assert prof.machine == socket.gethostname() and not prof.is_stale()
+    assert prof.dram_read_bytes_per_s > 0 and prof.cpu_attention_bytes_per_s > 0
+    assert prof.disk_read_bytes_per_s > 0 and prof.host_bytes > GIB and prof.cpu_cores >= 1
+    import torch
+
+    if not torch.cuda.is_available():
+        assert prof.gpu_bytes == 0 and prof.gpu_flops == 0 and not prof.has_gpu
+        assert "no CUDA GPU" in prof.source
+    else:
+        assert prof.has_gpu and prof.h2d_pinned > prof.h2d_pageable > 0
+    assert not list(tmp_path.glob("strata-profile-*"))  # the disk test file is gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT")
+def test_disk_read_is_measured_in_the_given_directory(tmp_path):
+    from deploy.plan_cli import measure_disk
+
+    rate, how = measure_disk(quick=True, directory=str(tmp_path))
+    assert rate > 0 and how
+    assert not list(tmp_path.iterdir())
