@@ -7,6 +7,8 @@ its transfers are done. Regions are added when a half runs out (a bigger batch).
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import torch
 
 from compute_node.peers import KVStoreClient
@@ -25,6 +27,8 @@ class Exchange:
         self.current = 0
         self.layer = None
         self._regions: list[Region] = []
+        self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-append")
+        self.offload_stream = torch.cuda.Stream() if pin else None
 
     def on_layer(self, layer: int) -> None:
         """Called with the layer being staged; switching layers switches halves."""
@@ -36,14 +40,23 @@ class Exchange:
         for arena in self.halves[self.current]:
             arena.reset()
 
-    def track(self, future) -> None:
-        self.pending[self.current].append(future)
+    def send_after(self, event, call) -> None:
+        """Run `call` (a blocking RPC) on the sender thread once `event` (a CUDA event,
+        or None) has completed: the device->host copy it needs is done. Keeps the
+        compute stream free of waits."""
+
+        def run():
+            if event is not None:
+                event.synchronize()
+            return call()
+
+        self.pending[self.current].append(self._sender.submit(run))
 
     def drain(self, half: int | None = None) -> None:
         for h in ([half] if half is not None else [0, 1]):
             pending, self.pending[h] = self.pending[h], []
             for fut in pending:
-                self.client.result(fut)
+                fut.result()  # re-raises the RPC's StrataError
 
     def alloc(self, shape, dtype: torch.dtype):
         for arena in self.halves[self.current]:
@@ -66,6 +79,7 @@ class Exchange:
         return region
 
     def close(self) -> None:
+        self._sender.shutdown(wait=True)
         for region in self._regions:
             try:
                 self.client.unregister_region(region.name)

@@ -97,9 +97,23 @@ class RemoteKV:
         t = k.shape[2]
         out = attend(q, k, v, attention_bias(self.pad, t, t, self.s.slopes, q.dtype), self.s.scale)
         self.exchange.on_layer(layer)
-        (_, kref), (_, vref) = self._stage(k), self._stage(v)
-        self._sync()
-        self.exchange.track(self.client.append_async(kv_store_pb2.AppendRequest(group=self.group, layer=layer, key=kref, value=vref)))
+        (kh, kref), (vh, vref) = (self.exchange.alloc(x.shape, self.dtype) for x in (k, v))
+        event = None
+        if self.device.type == "cuda":  # copy out on the offload stream; the compute stream goes on
+            stream = self.exchange.offload_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                kh.copy_(k, non_blocking=True)
+                vh.copy_(v, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            k.record_stream(stream)
+            v.record_stream(stream)
+        else:
+            kh.copy_(k)
+            vh.copy_(v)
+        request = kv_store_pb2.AppendRequest(group=self.group, layer=layer, key=kref, value=vref)
+        self.exchange.send_after(event, lambda: self.client.append(request))
         return out
 
     def decode_start(self, layer, q, k, v):

@@ -1,9 +1,11 @@
 """Device copies of the layers: resident ones placed once, streamed ones loaded into a
-small ring while the previous layer computes (a side CUDA stream on the GPU).
+ring of `depth` layers ahead of use (a side CUDA stream on the GPU), in the cyclic
+order the passes use them, so the stream never waits for a resident layer's compute
+and the next pass's first streamed layers load during this pass's tail.
 
 On the GPU, weights stay packed (INT4/INT8 as stored) and are dequantized by a fused
 kernel when a layer runs; on the CPU, resident layers are kept dense. Which layers
-are resident is decided by the placement; this module only moves bytes."""
+are resident is the placement's decision; this module only moves bytes."""
 
 from __future__ import annotations
 
@@ -38,25 +40,27 @@ def dense(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 class LayerWeights:
     def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int],
-                 packed_resident: bool | None = None):
+                 packed_resident: bool | None = None, depth: int = 2, resident_source=None):
+        """`resident_source(i) -> Packed on device` makes resident layers without the
+        host tier (dummy weights generated on the GPU); default: copy from the host."""
         self.host, self.device, self.dtype = host, device, dtype
         self.resident_ids = resident
         self.cuda = device.type == "cuda"
         self.packed_resident = self.cuda if packed_resident is None else packed_resident
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.depth = max(1, depth)
+        self.streamed = [i for i in range(host.manifest.num_layers) if i not in resident]
+        self._next = 0  # position in self.streamed of the next layer to enqueue
         self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
         self._inflight: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
         self.embed = dense(to_device(host.shard("embed"), device), dtype)
         self.head = dense(to_device(host.shard("head"), device), dtype)
         for i in sorted(resident):
-            packed = to_device(host.shard(layer_shard(i)), device)
+            packed = resident_source(i) if resident_source else to_device(host.shard(layer_shard(i)), device)
             self._resident[i] = packed if self.packed_resident else dense(packed, dtype)
 
-    def prefetch(self, i: int) -> None:
-        """Start loading layer i if it is streamed and not already on its way."""
-        if i in self._resident or i in self._inflight or i >= self.host.manifest.num_layers:
-            return
+    def _enqueue(self, i: int) -> None:
         self.loads.append(i)
         stored = self.host.shard(layer_shard(i))
         if not self.cuda:
@@ -69,15 +73,33 @@ class LayerWeights:
             event.record(self.copy_stream)
         self._inflight[i] = (w, event)
 
+    def top_up(self) -> None:
+        """Keep `depth` streamed layers loading or loaded, in cyclic pass order."""
+        while self.streamed and len(self._inflight) < min(self.depth, len(self.streamed)):
+            i = self.streamed[self._next]
+            if i in self._inflight:
+                return
+            self._enqueue(i)
+            self._next = (self._next + 1) % len(self.streamed)
+
     def get(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's dense weights, ready for the current stream."""
         if i in self._resident:
             r = self._resident[i]
+            self.top_up()
             return dense(r, self.dtype) if self.packed_resident else r  # type: ignore[arg-type]
-        self.prefetch(i)
+        if i not in self._inflight:  # out of the cyclic order (a new request mid-ring): restart the ring at i
+            self._inflight.clear()
+            self._next = self.streamed.index(i)
+            self.top_up()
         w, event = self._inflight.pop(i)
+        self.top_up()
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in w.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
         return w
+
+    def prefetch(self, i: int) -> None:
+        """Compatibility with the engine's loop: the ring runs ahead on its own."""
+        self.top_up()

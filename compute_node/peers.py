@@ -85,8 +85,8 @@ class KVStoreClient(_Peer):
     def allocate(self, request: kv_store_pb2.AllocateRequest) -> kv_store_pb2.AllocateResponse:
         return self._call(self.stub.Allocate, request)
 
-    def append_async(self, request: kv_store_pb2.AppendRequest):
-        return self._future(self.stub.Append, request)
+    def append(self, request: kv_store_pb2.AppendRequest) -> kv_store_pb2.AppendResponse:
+        return self._call(self.stub.Append, request)
 
     def attend_async(self, request: kv_store_pb2.AttendRequest):
         return self._future(self.stub.Attend, request)

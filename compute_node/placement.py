@@ -5,8 +5,12 @@ from __future__ import annotations
 
 
 def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
-    """The first round(share * L) layers stay resident: layer 0 is needed first each
-    pass, so the stream of the others can start while it computes."""
+    """round(share * L) resident layers, spread evenly through the model, so that the
+    host-to-GPU stream of the others keeps going while resident layers compute
+    (resident and streamed layers interleave instead of forming two blocks)."""
     if not 0.0 <= gpu_share <= 1.0:
         raise ValueError(f"GPU weight share must be in [0, 1], got {gpu_share}")
-    return set(range(round(gpu_share * num_layers)))
+    k = round(gpu_share * num_layers)
+    if k == 0:
+        return set()
+    return {int(j * num_layers / k) for j in range(k)}

@@ -32,7 +32,9 @@ log = logging.getLogger("strata.compute_node")
 def compute_dtype(config: ComputeNodeConfig) -> torch.dtype:
     if config.dtype:
         return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
-    return torch.float16 if config.device.startswith("cuda") else torch.float32
+    # bf16 on the GPU: as fast as fp16 there, and the KV store's CPU attention reads bf16 at
+    # DRAM speed (AMX) but fp16 at half of it (bench/results/2026-11-26-run1-attn.jsonl)
+    return torch.bfloat16 if config.device.startswith("cuda") else torch.float32
 
 
 class ComputeNode:

@@ -34,7 +34,7 @@ class ComputeNodeConfig:
     weight_store: str  # address
     kv_store: str  # address
     device: str = "cpu"  # "cpu" | "cuda"
-    dtype: str = ""  # compute dtype; "" = float32 on cpu, float16 on cuda
+    dtype: str = ""  # compute dtype; "" = float32 on cpu, bfloat16 on cuda
     kv_offload: bool = False  # KV cache in the KV store, attention on its CPU
     rpc_timeout_s: float = 30.0  # every call to a peer fails after this, never hangs
     gpu_weight_share: float = 1.0  # share of layers kept resident on the device (issue 3)
