@@ -12,7 +12,7 @@ import torch
 
 from compute_node.engine import Engine, local_kv_factory
 from compute_node.layer_weights import LayerWeights
-from compute_node.placement import resident_layers
+from strata.placement import resident_layers
 from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
 from weight_store.dummy import dummy_manifest, fill

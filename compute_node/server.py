@@ -18,10 +18,11 @@ from compute_node.engine import Engine, local_kv_factory, remote_kv_factory
 from compute_node.exchange import Exchange
 from compute_node.layer_weights import LayerWeights
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
-from compute_node.placement import resident_layers
+from strata.placement import resident_layers
 from compute_node.sampling import Sampling
 from compute_node.tokenizer import TextCodec
-from compute_node.weights import HostWeights, check_manifest
+from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
+from strata.manifest import layer_shard
 from strata.config import ComputeNodeConfig
 from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
 from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
@@ -53,8 +54,12 @@ class ComputeNode:
         cuda = self.device.type == "cuda"
         if cuda and transport == "shm":
             self.host.pin()
-        resident = resident_layers(self.host.manifest.num_layers, config.gpu_weight_share)
-        self.layers = LayerWeights(self.host, self.device, self.dtype, resident)
+        manifest = self.host.manifest
+        resident = resident_layers(manifest.num_layers, config.gpu_weight_share)
+        source = None
+        if manifest.quantization.get("dummy") and not all(self.host.holds(layer_shard(i)) for i in resident):
+            source = lambda i: dummy_layer_on_device(manifest, i, self.device)  # noqa: E731
+        self.layers = LayerWeights(self.host, self.device, self.dtype, resident, resident_source=source)
         self.exchange = None
         if self.kv is not None:
             self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)

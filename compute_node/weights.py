@@ -13,7 +13,7 @@ import torch
 from compute_node.peers import WeightStoreClient
 from strata import quant
 from strata.errors import ErrorKind, StrataError
-from strata.manifest import Manifest, TensorEntry
+from strata.manifest import Manifest, Shard, TensorEntry, layer_shard
 from strata.shm import Region, torch_dtype
 
 
@@ -32,7 +32,7 @@ class HostWeights:
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self._regions = regions
         self._pinned: list[int] = []
-        self._shards = {name: self._views(name, raw[name]) for name in manifest.shards}
+        self._shards = {name: shard_views(manifest.shards[name], raw[name]) for name in raw}
 
     @classmethod
     def from_store(cls, client: WeightStoreClient, transport: str = "shm") -> "HostWeights":
@@ -64,21 +64,14 @@ class HostWeights:
         tok = d / "tokenizer.json"
         return cls(manifest, tok.read_text() if tok.exists() else "", raw, [])
 
-    def _views(self, name: str, raw: torch.Tensor) -> dict[str, StoredTensor]:
-        shard = self.manifest.shards[name]
-        out = {}
-        for local, entry in shard.tensors.items():
-            parts = {}
-            for pname, part in entry.parts.items():
-                if part.offset + part.length > raw.numel():
-                    raise StrataError(ErrorKind.DATA_LOSS, f"shard {shard.file}: {local}.{pname} lies past its end")
-                view = raw[part.offset : part.offset + part.length]
-                parts[pname] = view.view(torch_dtype(part.dtype)).view(part.shape)
-            out[local] = StoredTensor(entry, parts)
-        return out
-
     def shard(self, name: str) -> dict[str, StoredTensor]:
-        return self._shards[name]
+        try:
+            return self._shards[name]
+        except KeyError:
+            raise StrataError(ErrorKind.NOT_FOUND, f"shard {name!r} is not in the host tier") from None
+
+    def holds(self, name: str) -> bool:
+        return name in self._shards
 
     def pin(self) -> None:
         """Page-lock the mapped host tier for fast async host-to-GPU copies."""
@@ -99,6 +92,30 @@ class HostWeights:
         for region in self._regions:
             region.close()
         self._regions.clear()
+
+
+def shard_views(shard: Shard, raw: torch.Tensor) -> dict[str, StoredTensor]:
+    """Each tensor of a shard as views of its parts in `raw` (the shard's bytes)."""
+    out = {}
+    for local, entry in shard.tensors.items():
+        parts = {}
+        for pname, part in entry.parts.items():
+            if part.offset + part.length > raw.numel():
+                raise StrataError(ErrorKind.DATA_LOSS, f"shard {shard.file}: {local}.{pname} lies past its end")
+            view = raw[part.offset : part.offset + part.length]
+            parts[pname] = view.view(torch_dtype(part.dtype)).view(part.shape)
+        out[local] = StoredTensor(entry, parts)
+    return out
+
+
+def dummy_layer_on_device(manifest: Manifest, i: int, device: torch.device) -> dict[str, StoredTensor]:
+    """A dummy model's layer made directly in device memory (never in the host tier)."""
+    from strata.dummy_fill import fill
+
+    shard = manifest.shards[layer_shard(i)]
+    raw = torch.empty(shard.size, dtype=torch.uint8, device=device)
+    fill({shard.name: raw}, manifest, threads=1)
+    return shard_views(shard, raw)
 
 
 def materialize(

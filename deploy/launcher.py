@@ -78,7 +78,8 @@ class Services:
         try:
             ws = ["weight_store", "--model", o.model_dir, "--listen", self.weight_store_addr, "--session", self.session]
             if o.dummy:
-                ws += ["--dummy", o.dummy, "--quant-bits", str(o.quant_bits), "--group-size", str(o.group_size)]
+                ws += ["--dummy", o.dummy, "--quant-bits", str(o.quant_bits), "--group-size", str(o.group_size),
+                       "--dummy-gpu-share", str(o.gpu_weight_share)]
             self._spawn("weight store", ws)
             if o.kv_offload:
                 self._spawn("KV store", ["kv_store", "--listen", self.kv_store_addr, "--session", self.session,

@@ -17,6 +17,7 @@ class WeightStoreConfig:
     dummy: str = ""  # bench: "<model shape name>" makes random packed weights in memory, no files
     dummy_bits: int = 4
     dummy_group_size: int = 64
+    dummy_gpu_share: float = 0.0  # dummy layers resident on the GPU are made there, not held here
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,16 +9,11 @@ biases at 0, embeddings ~N(0, 0.02)."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import zlib
-
 import torch
 
 from strata import arch, manifest, quant, shapes
+from strata.dummy_fill import fill  # noqa: F401  (re-exported for the weight store)
 from weight_store.convert import make_policy, plan_shards
-
-_BLOCK = 16 << 20  # random bytes tiled over packed codes
-
 
 def _meta_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """HF tensor names and shapes of a config, from a model built on the meta device."""
@@ -57,39 +52,3 @@ def dummy_manifest(name: str, bits: int, group_size: int) -> manifest.Manifest:
         shards[shard] = manifest.Shard(shard, manifest.shard_file(shard), manifest.align(pos), entries)
     return manifest.Manifest(spec.name, config, shards,
                              {"bits": bits, "group_size": group_size, "ds_config": None, "dummy": name})
-
-
-def _fill_part(view: torch.Tensor, local: str, pname: str, entry: manifest.TensorEntry, block: torch.Tensor,
-               gen: torch.Generator) -> None:
-    if pname == "data" and entry.quant is not None:
-        full = view.numel() // block.numel() * block.numel()
-        if full:
-            view[:full].view(-1, block.numel()).copy_(block.expand(full // block.numel(), -1))
-        view[full:].copy_(block[: view.numel() - full])
-        return
-    t = view.view(getattr(torch, entry.dtype if pname == "data" else "float16"))
-    if pname == "scale":
-        t.copy_((torch.rand(t.shape, generator=gen) * 0.5 + 0.75) * (0.04 / 2**entry.quant.bits))
-    elif pname == "min":
-        t.fill_(-0.02)
-    elif local.endswith("bias"):
-        t.zero_()
-    elif "norm" in local or local.startswith("ln_"):
-        t.fill_(1.0)
-    else:
-        t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
-
-
-def fill(shard_bytes: dict[str, torch.Tensor], m: manifest.Manifest, seed: int = 0, threads: int = 8) -> None:
-    """Write random weights into each shard's bytes (uint8 views of the host tier)."""
-    block = torch.randint(0, 256, (_BLOCK,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-    def one(name: str) -> None:
-        gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
-        raw = shard_bytes[name]
-        for local, entry in m.shards[name].tensors.items():
-            for pname, part in entry.parts.items():
-                _fill_part(raw[part.offset : part.offset + part.length], local, pname, entry, block, gen)
-
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, m.shards))

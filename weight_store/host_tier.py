@@ -36,10 +36,13 @@ class Slot:
     byte_size: int
 
 
-def layout(manifest: Manifest) -> tuple[dict[str, Slot], int]:
-    """Each shard's aligned slot in manifest order, and the region size."""
+def layout(manifest: Manifest, only: set[str] | None = None) -> tuple[dict[str, Slot], int]:
+    """Each shard's aligned slot in manifest order (only those in `only`, if given),
+    and the region size."""
     slots, offset = {}, 0
     for name, shard in manifest.shards.items():
+        if only is not None and name not in only:
+            continue
         size = max([shard.size] + [p.offset + p.length for t in shard.tensors.values() for p in t.parts.values()])
         slots[name] = Slot(name, offset, size)
         offset += align(size)
@@ -64,12 +67,12 @@ class HostTier:
     shards come from `fill_all` (dummy weights)."""
 
     def __init__(self, model_dir: str | pathlib.Path, manifest: Manifest, session: str,
-                 reader: ShardReader | None, verify: bool = True):
+                 reader: ShardReader | None, verify: bool = True, only: set[str] | None = None):
         self._dir = pathlib.Path(model_dir)
         self._manifest = manifest
         self._reader = reader
         self._verify = verify
-        self._slots, size = layout(manifest)
+        self._slots, size = layout(manifest, only)
         _check_shm_space(size)
         self.region = shm.Region.create(shm.region_name(session, "weights"), size)
         self._loaded: set[str] = set()

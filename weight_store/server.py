@@ -22,7 +22,8 @@ import grpc
 from strata import shm
 from strata.config import WeightStoreConfig
 from strata.errors import ErrorKind, StrataError, grpc_method
-from strata.manifest import Manifest
+from strata.manifest import Manifest, layer_shard
+from strata.placement import resident_layers
 from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
 from weight_store.host_tier import HostTier
 from weight_store.reader import make_reader
@@ -105,6 +106,14 @@ def load_manifest(config: WeightStoreConfig) -> Manifest:
     return Manifest.load(config.model_dir)
 
 
+def _held_shards(config: WeightStoreConfig, manifest: Manifest) -> set[str] | None:
+    """Dummy runs leave out the layers the compute node makes on the GPU itself."""
+    if not (config.dummy and config.dummy_gpu_share > 0):
+        return None
+    on_gpu = {layer_shard(i) for i in resident_layers(manifest.num_layers, config.dummy_gpu_share)}
+    return set(manifest.shards) - on_gpu
+
+
 def _populate(config: WeightStoreConfig, manifest: Manifest, tier: HostTier, stop: threading.Event | None) -> None:
     """Dummy: random weights straight into the tier. Preload: read every shard."""
     if config.dummy:
@@ -137,7 +146,7 @@ def serve(config: WeightStoreConfig, stop: threading.Event | None = None,
     reader = None if config.dummy else make_reader(config.reader_threads)
     try:
         tier = HostTier(config.model_dir, manifest, config.session, reader,
-                        verify=config.verify and not config.dummy)
+                        verify=config.verify and not config.dummy, only=_held_shards(config, manifest))
     except BaseException:
         if reader is not None:
             reader.close()
@@ -164,6 +173,8 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
     p.add_argument("--dummy", default="", metavar="SHAPE", help="random weights of a built-in shape, no files")
     p.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16], help="with --dummy")
     p.add_argument("--group-size", type=int, default=64, help="with --dummy")
+    p.add_argument("--dummy-gpu-share", type=float, default=0.0,
+                   help="with --dummy: these layers are made on the GPU by the compute node; not held here")
     p.add_argument("--listen", required=True, help='"unix:///path/to.sock" or "host:port"')
     p.add_argument("--session", default="", help="shared-memory name prefix (default: a new one)")
     p.add_argument("--reader-threads", type=int, default=8)
@@ -175,7 +186,7 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
     return WeightStoreConfig(
         model_dir=a.model, listen=a.listen, session=a.session or shm.new_session_id(),
         reader_threads=a.reader_threads, preload=not a.no_preload, verify=not a.no_verify, dummy=a.dummy,
-        dummy_bits=a.quant_bits, dummy_group_size=a.group_size,
+        dummy_bits=a.quant_bits, dummy_group_size=a.group_size, dummy_gpu_share=a.dummy_gpu_share,
     )
 
 

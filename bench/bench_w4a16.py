@@ -1,0 +1,185 @@
+"""Fused W4A16 linear (compute_node.kernels.w4a16.int4_linear) against dequantize +
+F.linear and a plain 16-bit F.linear, at decode sizes, on one CUDA GPU.
+
+    PYTHONPATH=. python3 bench/bench_w4a16.py [--dtype bfloat16] [--no-flush] [--sweep]
+
+One JSON line per (N, K, M) case, then a compact table. Times are medians of per-call
+CUDA-event timings; by default L2 is flushed before every timed call (a decode step
+streams each weight once, and 7168x7168 at INT4 would otherwise sit in the 50 MB L2).
+`--sweep` also tries variants of the kernel config around the heuristic (greedy, one
+knob at a time) and prints the best per case: a few minutes, for tuning `pick_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from compute_node.kernels import dequantize
+from compute_node.kernels import w4a16
+from strata import quant
+
+SHAPES = [(7168, 7168), (28672, 7168), (7168, 28672), (21504, 7168)]
+MS = [8, 16, 32, 64, 128, 256]
+GROUP = 64
+
+
+class Timer:
+    def __init__(self, flush: bool, reps: int, warmup: int, device: str = "cuda"):
+        self.cuda = device == "cuda"
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush and self.cuda else None
+        self.reps, self.warmup = reps, warmup
+
+    def __call__(self, fn) -> float:
+        """Median seconds of one call."""
+        for _ in range(self.warmup):
+            fn()
+        if not self.cuda:  # smoke runs of this script on CPU (TRITON_INTERPRET=1)
+            times = []
+            for _ in range(self.reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return statistics.median(times)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        for a, b in zip(starts, ends):
+            if self.flush is not None:
+                self.flush.zero_()
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends)) / 1e3
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def sweep(timer: Timer, x, data, scale, mn, ref, base: dict) -> tuple[dict, float]:
+    """Greedy one-knob-at-a-time search around `base`; returns (best config, seconds)."""
+    def run(cfg):
+        try:
+            y = w4a16.int4_linear(x, data, scale, mn, GROUP, config=cfg)
+            if rel_err(y, ref) > 1e-2:
+                return float("inf")
+            return timer(lambda: w4a16.int4_linear(x, data, scale, mn, GROUP, config=cfg))
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped
+            print(f"# variant {cfg} failed: {repr(e)[:200]}", file=sys.stderr)
+            return float("inf")
+
+    best, best_t = dict(base), run(base)
+    knobs = {
+        "ALGEBRAIC": [False, True], "SWAP": [False, True], "BLOCK_N": [64, 128, 256],
+        "BLOCK_M": [16, 32, 64, 128], "BLOCK_K": [64, 128, 256],
+        "SPLIT_K": sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], base["SPLIT_K"] * 2, 1, 4, 8}),
+        "num_warps": [4, 8], "num_stages": [2, 3, 4, 5],
+    }
+    for key, values in knobs.items():
+        for v in values:
+            if v == best[key]:
+                continue
+            if key == "BLOCK_M" and v > max(16, triton_next_pow2(x.shape[0])):
+                continue
+            cfg = dict(best, **{key: v})
+            t = run(cfg)
+            if t < best_t:
+                best, best_t = cfg, t
+    return best, best_t
+
+
+def triton_next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--no-flush", action="store_true", help="do not flush L2 before timed calls")
+    ap.add_argument("--sweep", action="store_true", help="also search kernel configs (minutes)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--device", default="cuda", help="cpu: smoke-test this script (with TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    dev = args.device
+    dtype = getattr(torch, args.dtype)
+    ms = [int(m) for m in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    timer = Timer(not args.no_flush, args.reps, warmup=3 if dev == "cuda" else 1, device=dev)
+    t_start = time.time()
+    rows = []
+    torch.manual_seed(0)
+    for n, k in shapes:
+        data, scale, mn = quant.random_packed((n, k), 4, GROUP, device=dev)
+        w = dequantize(data, scale, mn, 4, GROUP, dtype)  # 16-bit weight for the dense / dequant baselines
+        w32 = dequantize(data, scale, mn, 4, GROUP, torch.float32)  # fp32 reference (= strata.quant.dequantize)
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            ref = F.linear(x.float(), w32)  # error of the fused kernel ~ rounding of its 16-bit output
+            row = {"what": "w4a16", "N": n, "K": k, "M": m, "dtype": args.dtype, "flush_l2": not args.no_flush}
+            num_sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
+            row["config"] = w4a16.pick_config(m, n, k, GROUP, num_sms)
+            row["dense_s"] = timer(lambda: F.linear(x, w))
+            row["dequant_linear_s"] = timer(lambda: F.linear(x, dequantize(data, scale, mn, 4, GROUP, dtype)))
+            try:
+                y = w4a16.int4_linear(x, data, scale, mn, GROUP)
+                row["rel_err"] = rel_err(y, ref)
+                row["ok"] = row["rel_err"] < 1e-2
+                row["fused_s"] = timer(lambda: w4a16.int4_linear(x, data, scale, mn, GROUP))
+                nbytes = data.numel() + 2 * (scale.numel() + mn.numel()) + 2 * m * (k + n)
+                row["fused_GBps"] = nbytes / row["fused_s"] / 1e9
+                row["speedup_vs_dequant"] = row["dequant_linear_s"] / row["fused_s"]
+                row["speedup_vs_dense"] = row["dense_s"] / row["fused_s"]
+                if args.sweep:
+                    best, best_t = sweep(timer, x, data, scale, mn, ref, row["config"])
+                    row["sweep_best"], row["sweep_best_s"] = best, best_t
+            except Exception as e:  # noqa: BLE001 - report and go on to the next case
+                row["ok"] = False
+                row["error"] = repr(e)[:500]
+                traceback.print_exc(file=sys.stderr)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del data, scale, mn, w, w32
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name(0) if dev == "cuda" else dev
+    print(f"\n# {name}, {args.dtype}, L2 flush {'off' if args.no_flush else 'on'}, "
+          f"{time.time() - t_start:.1f} s; times in ms")
+    head = f"{'N':>6} {'K':>6} {'M':>4} | {'fused':>7} {'dq+lin':>7} {'dense':>7} | {'x dq':>5} {'x dense':>7} " \
+           f"{'GB/s':>6} {'err':>8} {'cfg (BM,BN,BK,split,alg,swap)':>30}"
+    if args.sweep:
+        head += f" | {'best':>7} best cfg"
+    print(head)
+    for r in rows:
+        c = r["config"]
+        cfg = f"{c['BLOCK_M']},{c['BLOCK_N']},{c['BLOCK_K']},{c['SPLIT_K']},{int(c['ALGEBRAIC'])},{int(c['SWAP'])}"
+        if "fused_s" in r:
+            line = (f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | {r['fused_s'] * 1e3:7.3f} {r['dequant_linear_s'] * 1e3:7.3f} "
+                    f"{r['dense_s'] * 1e3:7.3f} | {r['speedup_vs_dequant']:5.2f} {r['speedup_vs_dense']:7.2f} "
+                    f"{r['fused_GBps']:6.0f} {r['rel_err']:8.1e} {cfg:>30}")
+            if args.sweep and "sweep_best" in r:
+                b = r["sweep_best"]
+                line += (f" | {r['sweep_best_s'] * 1e3:7.3f} {b['BLOCK_M']},{b['BLOCK_N']},{b['BLOCK_K']},"
+                         f"{b['SPLIT_K']},{int(b['ALGEBRAIC'])},{int(b['SWAP'])},w{b['num_warps']},s{b['num_stages']}")
+        else:
+            line = f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | FAILED {r.get('error', '')[:100]}"
+        print(line)
+    if not all(r["ok"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

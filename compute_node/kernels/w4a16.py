@@ -1,0 +1,295 @@
+"""Fused W4A16 linear: Y[M, N] = X[M, K] @ W^T (+ bias) reading the packed INT4 weight
+directly (strata.quant's format: group-wise asymmetric, `w = q * scale + min`, groups of
+`group_size` along K, `data` [N, K // 2] uint8 with the EVEN k in the HIGH nibble).
+
+Design (decode sizes, M = 1..256):
+
+* One program computes a [BLOCK_M, BLOCK_N] tile of Y over a range of K. The K loop
+  walks BLOCK_K columns per step, cut into sub-tiles of KS = min(group_size, BLOCK_K)
+  columns so each sub-tile lies in exactly one quantization group: its scale and min
+  are one value per output row n, no reshapes.
+* No nibble interleave: a sub-tile's packed bytes [BLOCK_N, KS/2] split into the high
+  nibbles (even k) and the low nibbles (odd k); X's sub-tile is loaded contiguously and
+  split in registers (reshape + tl.split) into its even and odd columns, and the
+  product is two half-dots
+  X_even @ W_even^T + X_odd @ W_odd^T, fp32 accumulation on tensor cores (tl.dot).
+* Two ways to apply scale/min (constexpr ALGEBRAIC):
+    False - dequantize in registers (q * s + m in fp32, rounded to X's dtype), then dot;
+            bit-for-bit the same weights as `strata.quant.dequantize(..., x.dtype)`.
+    True  - dot on the raw codes (0..15 are exact in fp16/bf16), then per group
+            acc += s[n] * (X_g @ Q_g^T) + m[n] * rowsum(X_g); less ALU per weight when
+            BLOCK_M is small, and more accurate (the weights are never rounded).
+* SWAP computes the transposed tile (W @ X^T, the weight as the MMA's M side), which
+  suits small M on some GPUs; the result is the same.
+* Split-K when the (M, N) tiles alone cannot fill the GPU (N = 7168 at decode): each
+  split writes fp32 partials to a workspace [SPLIT, M, N] and a small kernel sums them,
+  adds the bias and casts (deterministic, no atomics).
+* Block sizes come from a small heuristic table (`pick_config`), not autotuning, so a
+  shape always runs the same kernel; `int4_linear(..., config=...)` overrides it
+  (bench/bench_w4a16.py --sweep measures alternatives).
+
+On CPU (or without Triton) `int4_linear` falls back to `strata.quant.dequantize` +
+`torch.nn.functional.linear`; with TRITON_INTERPRET=1 the kernel itself runs on CPU
+tensors (slow; tests only).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from strata import quant
+
+try:  # Triton ships with CUDA builds of PyTorch only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU machines
+    triton = None
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_kernel(
+        x_ptr, d_ptr, s_ptr, mn_ptr, b_ptr, y_ptr,
+        M, N, K, ITERS_PER_SPLIT,
+        stride_xm, stride_xk, stride_dn, stride_dk,
+        stride_sn, stride_sg, stride_mn, stride_mg,
+        stride_ys, stride_ym, stride_yn,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        KS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, ALGEBRAIC: tl.constexpr,
+        SWAP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ):
+        # m fastest: the programs sharing one weight tile run side by side (L2 reuse).
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        offs_h = tl.arange(0, KS // 2)  # half a sub-tile: byte columns / even (odd) k
+        offs_ks = tl.arange(0, KS)
+
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+        d_rows = d_ptr + offs_n.to(tl.int64)[:, None] * stride_dn  # [BN, 1]
+        s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn  # [BN]
+        mn_rows = mn_ptr + offs_n.to(tl.int64) * stride_mn
+
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        k_iters = K // BLOCK_K
+        it0 = pid_k * ITERS_PER_SPLIT
+        it1 = tl.minimum(it0 + ITERS_PER_SPLIT, k_iters)
+        for it in tl.range(it0, it1, num_stages=NUM_STAGES):
+            for sub in tl.static_range(BLOCK_K // KS):
+                k0 = it * BLOCK_K + sub * KS
+                g = k0 // GROUP
+                packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk,
+                                 mask=mask_n[:, None], other=0)  # [BN, KS/2] uint8
+                # X's sub-tile, one contiguous load, split in registers into even / odd k
+                xt = tl.load(x_rows + (k0 + offs_ks)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
+                xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, KS // 2, 2)))  # [BM, KS/2] each
+                s = tl.load(s_rows + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+                mn = tl.load(mn_rows + g * stride_mg, mask=mask_n, other=0.0).to(tl.float32)
+                hi = packed >> 4
+                lo = packed & 15
+                if DOT_F32:  # the interpreter's tl.dot mishandles bf16: dot in fp32 there
+                    xe = xe.to(tl.float32)
+                    xo = xo.to(tl.float32)
+                if ALGEBRAIC:
+                    if DOT_F32:
+                        qh = hi.to(tl.float32)
+                        ql = lo.to(tl.float32)
+                    else:  # codes 0..15 are exact in fp16 / bf16
+                        qh = hi.to(x_ptr.dtype.element_ty)
+                        ql = lo.to(x_ptr.dtype.element_ty)
+                    rs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BM]
+                    if SWAP:
+                        part = tl.dot(qh, tl.trans(xe))
+                        part = tl.dot(ql, tl.trans(xo), part)  # [BN, BM]
+                        acc += part * s[:, None] + mn[:, None] * rs[None, :]
+                    else:
+                        part = tl.dot(xe, tl.trans(qh))
+                        part = tl.dot(xo, tl.trans(ql), part)  # [BM, BN]
+                        acc += part * s[None, :] + rs[:, None] * mn[None, :]
+                else:
+                    wh = (hi.to(tl.float32) * s[:, None] + mn[:, None]).to(x_ptr.dtype.element_ty)
+                    wl = (lo.to(tl.float32) * s[:, None] + mn[:, None]).to(x_ptr.dtype.element_ty)
+                    if DOT_F32:
+                        wh = wh.to(tl.float32)
+                        wl = wl.to(tl.float32)
+                    if SWAP:
+                        acc = tl.dot(wh, tl.trans(xe), acc)
+                        acc = tl.dot(wl, tl.trans(xo), acc)
+                    else:
+                        acc = tl.dot(xe, tl.trans(wh), acc)
+                        acc = tl.dot(xo, tl.trans(wl), acc)
+
+        if SWAP:
+            y_off = offs_n.to(tl.int64)[:, None] * stride_yn + offs_m.to(tl.int64)[None, :] * stride_ym
+            y_mask = mask_n[:, None] & mask_m[None, :]
+        else:
+            y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+            y_mask = mask_m[:, None] & mask_n[None, :]
+        if PARTIAL:  # split-K: fp32 partial sums, reduced by _splitk_reduce_kernel
+            tl.store(y_ptr + pid_k.to(tl.int64) * stride_ys + y_off, acc, mask=y_mask)
+        else:
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                if SWAP:
+                    acc += bias[:, None]
+                else:
+                    acc += bias[None, :]
+            tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(SPLIT):
+            acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
+    """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 128 if n >= 128 else 64
+    block_k = 128 if k % 128 == 0 else 64
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n) if triton is not None else 1
+    k_iters = k // block_k
+    split = 1
+    # Fill about one wave of SMs; keep at least 4 K steps per split.
+    while tiles * split < num_sms and k_iters // (split * 2) >= 4:
+        split *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+            "ALGEBRAIC": False, "SWAP": False, "num_warps": 4, "num_stages": 3}
+
+
+def kernel_supported(x: torch.Tensor, k: int, group_size: int) -> bool:
+    """Whether `int4_linear` runs the Triton kernel (else the dequantize + F.linear
+    fallback): Triton importable, x fp16/bf16 on CUDA (or any device under
+    TRITON_INTERPRET=1), K a multiple of 64, group_size a power of two >= 32."""
+    if triton is None or x.dtype not in _DTYPES:
+        return False
+    if not (x.is_cuda or _interpreting()):
+        return False
+    pow2 = group_size & (group_size - 1) == 0
+    return k % 64 == 0 and pow2 and group_size >= 32
+
+
+def _check(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+           bias: torch.Tensor | None) -> tuple[int, int]:
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"int4_linear: group_size must be a positive int, got {group_size!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"int4_linear: x must be floating point (float16/bfloat16), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("int4_linear: x must have at least 1 dimension [..., K]")
+    if data.dtype != torch.uint8 or data.dim() != 2:
+        raise ValueError(f"int4_linear: data must be 2-D uint8 [N, K//2], got {data.dtype} {tuple(data.shape)}")
+    n, k = data.shape[0], data.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"int4_linear: x's last dim {x.shape[-1]} != K {k} (data {tuple(data.shape)} packs K//2)")
+    if k % group_size != 0:
+        raise ValueError(f"int4_linear: K {k} is not a multiple of group_size {group_size}")
+    groups = (n, k // group_size)
+    for name, t in (("scale", scale), ("w_min", w_min)):
+        if tuple(t.shape) != groups:
+            raise ValueError(f"int4_linear: {name} must have shape [N, K//group_size] = {list(groups)}, "
+                             f"got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"int4_linear: {name} must be floating point (float16), got {t.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"int4_linear: bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise ValueError(f"int4_linear: bias must be floating point, got {bias.dtype}")
+    devices = {t.device for t in (x, data, scale, w_min) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"int4_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+    return n, k
+
+
+def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for the INT4 weight W [N, K] given as its packed parts
+    (data uint8 [N, K//2], scale and w_min fp16 [N, K//group_size]).
+
+    x: [..., K] float16 or bfloat16; the result is [..., N] in x's dtype. `config`
+    overrides keys of `pick_config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, ALGEBRAIC,
+    SWAP, num_warps, num_stages). Raises ValueError when the parts do not agree."""
+    n, k = _check(x, data, scale, w_min, group_size, bias)
+    if not kernel_supported(x, k, group_size):
+        w = quant.dequantize(data, scale, w_min, 4, group_size, out_dtype=x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
+    num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else 4
+    cfg = pick_config(m, n, k, group_size, num_sms)
+    if config:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise ValueError(f"int4_linear: unknown config keys {sorted(unknown)}")
+        cfg.update(config)
+    block_k = cfg["BLOCK_K"]
+    ks = min(group_size, block_k)
+    if k % block_k != 0 or block_k % ks != 0 or (ks < group_size and group_size % block_k != 0):
+        raise ValueError(f"int4_linear: BLOCK_K {block_k} does not fit K {k} / group_size {group_size}")
+    k_iters = k // block_k
+    split = max(1, min(int(cfg["SPLIT_K"]), k_iters))
+    iters_per_split = triton.cdiv(k_iters, split)
+    split = triton.cdiv(k_iters, iters_per_split)  # no empty splits
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    if split > 1:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        stride_ys = out.stride(0)
+    else:
+        out, stride_ys = y, 0
+    bias_arg = bias if bias is not None else y  # any pointer; unused without HAS_BIAS
+    _w4a16_kernel[grid](
+        x2, data, scale, w_min, bias_arg, out,
+        m, n, k, iters_per_split,
+        x2.stride(0), x2.stride(1), data.stride(0), data.stride(1),
+        scale.stride(0), scale.stride(1), w_min.stride(0), w_min.stride(1),
+        stride_ys, out.stride(-2), out.stride(-1),
+        GROUP=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, KS=ks,
+        HAS_BIAS=bias is not None, PARTIAL=split > 1, ALGEBRAIC=bool(cfg["ALGEBRAIC"]), SWAP=bool(cfg["SWAP"]),
+        DOT_F32=_interpreting(), NUM_STAGES=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, bias_arg, y, m * n, n, SPLIT=split,
+                                                            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return y.reshape(*lead, n)
