@@ -45,14 +45,16 @@ def main() -> None:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
-    print("step times (s):", [round(x, 4) for x in times])
+    step_times = [round(x, 4) for x in times]
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    prompts = [[7] * 8 for _ in range(a.batch)]  # profile decode: a short prompt, so prefill is small
     with torch.profiler.profile(activities=acts) as prof:
-        for _ in engine.generate(prompts, 3, Sampling()):
+        for _ in engine.generate(prompts, a.gen, Sampling()):
             pass
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    print("step times (s):", step_times)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class Engine:
         self.max_batch = max_batch
         self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
         self.last_stats: dict = {}
+        self.timing = {"start_s": 0.0, "finish_s": 0.0}  # host time blocked staging / awaiting attention
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool = False
@@ -48,6 +49,7 @@ class Engine:
         finished = [False] * len(prompts)
         eos = self.dims.eos_token_id
         t0 = time.perf_counter()
+        self.timing = {"start_s": 0.0, "finish_s": 0.0}
         try:
             for mb in mbs:
                 t = mb.ids.shape[1]
@@ -66,6 +68,7 @@ class Engine:
                     break
                 tokens = self._step(mbs, sampling, gen, prefill=False, feed=tokens, offset=step)
             self.last_stats["decode_s"] = time.perf_counter() - t1
+            self.last_stats.update(self.timing)
         finally:
             for mb in mbs:
                 if mb.kv is not None:
@@ -106,14 +109,19 @@ class Engine:
             previous = None
             for mb in mbs:
                 q, k, v = fam.pre_attention(w, mb.h)
+                t0 = time.perf_counter()
                 handle = mb.kv.decode_start(i, q, k, v)
+                self.timing["start_s"] += time.perf_counter() - t0
                 if previous is not None:
                     self._finish(w, *previous)
                 previous = (mb, handle)
             self._finish(w, *previous)
 
     def _finish(self, w, mb: MicroBatch, handle) -> None:
-        mb.h = self.family.post_attention(w, mb.h, mb.kv.decode_finish(handle))
+        t0 = time.perf_counter()
+        attn = mb.kv.decode_finish(handle)
+        self.timing["finish_s"] += time.perf_counter() - t0
+        mb.h = self.family.post_attention(w, mb.h, attn)
 
 
 def local_kv_factory(dtype: torch.dtype, device: torch.device):

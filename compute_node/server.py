@@ -103,6 +103,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                     return
                 yield generate_pb2.GenerateResponse(step=step, tokens=tokens)
             stats = node.engine.last_stats
+            log.info("generate: %d prompts, %s", len(prompts), {k: round(v, 3) for k, v in stats.items()})
         peak = torch.cuda.max_memory_allocated(node.device) if node.device.type == "cuda" else 0
         yield generate_pb2.GenerateResponse(
             step=len(generated[0]), done=True,

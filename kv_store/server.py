@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -35,6 +36,7 @@ LOG = logging.getLogger("strata.kv_store")
 class _Group:
     cache: GroupCache
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    timing: dict = dataclasses.field(default_factory=lambda: {"attends": 0, "attend_s": 0.0, "append_s": 0.0})
 
 
 def spec_from_request(req: kv_store_pb2.AllocateRequest) -> GroupSpec:
@@ -113,7 +115,9 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
     def Append(self, request, context):
         group = self._group(request.group)
         with group.lock, resolve(request.key, self.regions) as k, resolve(request.value, self.regions) as v:
+            t0 = time.perf_counter()
             length = group.cache.append(request.layer, k, v)
+            group.timing["append_s"] += time.perf_counter() - t0
         return kv_store_pb2.AppendResponse(length=length)
 
     @grpc_method
@@ -123,7 +127,10 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             with resolve(request.query, self.regions) as q, resolve(request.key, self.regions) as k, resolve(
                 request.value, self.regions
             ) as v:
+                t0 = time.perf_counter()
                 out = group.cache.attend(request.layer, q, k, v)
+                group.timing["attend_s"] += time.perf_counter() - t0
+                group.timing["attends"] += 1
             length = group.cache.lengths[request.layer]
         if not request.output.region:
             return kv_store_pb2.AttendResponse(output=inline_ref(out), length=length)
@@ -148,6 +155,9 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                     raise StrataError(ErrorKind.NOT_FOUND, f"group {request.group!r} is not allocated")
                 del self._groups[request.group]
             free = self.ledger.free(request.group)
+        t = group.timing
+        LOG.info("group %s freed: %d attends, %.3f s attention, %.3f s prefill append",
+                 request.group[:8], t["attends"], t["attend_s"], t["append_s"])
         return kv_store_pb2.FreeResponse(bytes_free=free)
 
 
