@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,16 @@ def build_mask(spec: GroupSpec) -> torch.Tensor | None:
     return mask.contiguous()
 
 
+def _huge_page_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor in anonymous memory advised for transparent huge pages:
+    first-touch faults of a ~100 GB cache cost 512x fewer page faults than 4 KiB pages."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+
+
 class GroupCache:
     """The K/V tensors of one group and decode attention over them. Not thread-safe:
     the caller serializes calls on one group."""
@@ -89,10 +100,12 @@ class GroupCache:
         self.spec = spec
         shape = (spec.batch, spec.num_heads, spec.max_tokens, spec.head_dim)
         try:
-            self.keys = [torch.empty(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
-            self.values = [torch.empty(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
-        except RuntimeError as e:
+            store = _huge_page_tensor(2 * spec.num_layers * torch.Size(shape).numel(), spec.dtype)
+        except (RuntimeError, OSError, ValueError) as e:
             raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, f"host memory for the KV cache: {e}") from None
+        layers = store.view(2, spec.num_layers, *shape)
+        self.keys = list(layers[0].unbind(0))
+        self.values = list(layers[1].unbind(0))
         self.lengths = [0] * spec.num_layers
         self.mask = build_mask(spec)
 
