@@ -146,7 +146,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--listen", default="127.0.0.1:50551", help="host:port or unix:///path (port 0 = any free port)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
-    s.add_argument("--kv-capacity-gb", type=float, default=8.0)
+    s.add_argument("--kv-capacity-gb", type=float, default=2.0, help="host memory for the KV cache, faulted in at start")
     s.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the device")
     s.add_argument("--micro-batches", type=int, default=1)
     s.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])

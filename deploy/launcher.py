@@ -40,7 +40,7 @@ class ServeOptions:
     listen: str = "127.0.0.1:50551"
     device: str = "cpu"
     kv_offload: bool = False
-    kv_capacity_bytes: int = 8 << 30
+    kv_capacity_bytes: int = 2 << 30
     gpu_weight_share: float = 1.0
     micro_batches: int = 1
     dtype: str = ""

@@ -81,26 +81,33 @@ def build_mask(spec: GroupSpec) -> torch.Tensor | None:
     return mask.contiguous()
 
 
-def _huge_page_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor in anonymous memory advised for transparent huge pages:
-    first-touch faults of a ~100 GB cache cost 512x fewer page faults than 4 KiB pages."""
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-    mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def huge_page_tensor(nbytes: int) -> torch.Tensor:
+    """Uninitialized uint8 bytes in anonymous memory advised for transparent huge
+    pages: first-touch faults of a ~100 GB cache are 512x fewer than with 4 KiB pages."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         mm.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes)
 
 
 class GroupCache:
     """The K/V tensors of one group and decode attention over them. Not thread-safe:
     the caller serializes calls on one group."""
 
-    def __init__(self, spec: GroupSpec):
+    def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None):
+        """`storage`: uint8 bytes to hold the cache (a slice of the KV store's
+        preallocated arena); default: fresh memory."""
         spec.validate()
         self.spec = spec
         shape = (spec.batch, spec.num_heads, spec.max_tokens, spec.head_dim)
+        numel = 2 * spec.num_layers * torch.Size(shape).numel()
         try:
-            store = _huge_page_tensor(2 * spec.num_layers * torch.Size(shape).numel(), spec.dtype)
+            if storage is None:
+                store = huge_page_tensor(numel * spec.itemsize).view(spec.dtype)
+            else:
+                store = storage[: numel * spec.itemsize].view(spec.dtype)
         except (RuntimeError, OSError, ValueError) as e:
             raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, f"host memory for the KV cache: {e}") from None
         layers = store.view(2, spec.num_layers, *shape)

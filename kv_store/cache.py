@@ -72,3 +72,43 @@ class CapacityLedger:
                 raise StrataError(ErrorKind.NOT_FOUND, f"group {group!r} is not allocated")
             del self._held[group]
             return self.capacity_bytes - sum(self._held.values())
+
+
+class ArenaAllocator:
+    """Where each group's cache lives inside one preallocated arena: first fit over a
+    sorted free list, coalescing on release. Offsets are aligned (2 MiB huge pages in
+    arenas of 1 GiB or more, 4 KiB below)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.align = (2 << 20) if size >= (1 << 30) else 4096
+        self._free: list[tuple[int, int]] = [(0, size)] if size > 0 else []
+        self._used: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def alloc(self, group: str, nbytes: int) -> int:
+        need = -(-max(nbytes, 1) // self.align) * self.align
+        with self._lock:
+            if group in self._used:
+                raise StrataError(ErrorKind.FAILED_PRECONDITION, f"group {group!r} already has arena space")
+            for i, (off, size) in enumerate(self._free):
+                if size >= need:
+                    self._free[i : i + 1] = [(off + need, size - need)] if size > need else []
+                    self._used[group] = (off, need)
+                    return off
+        raise StrataError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            f"no contiguous {need} bytes left in the {self.size}-byte KV arena (fragmented or full)",
+        )
+
+    def release(self, group: str) -> None:
+        with self._lock:
+            off, size = self._used.pop(group)
+            blocks = sorted(self._free + [(off, size)])
+            merged: list[tuple[int, int]] = []
+            for o, s in blocks:
+                if merged and merged[-1][0] + merged[-1][1] == o:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + s)
+                else:
+                    merged.append((o, s))
+            self._free = merged

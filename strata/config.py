@@ -25,7 +25,8 @@ class KVStoreConfig:
     listen: str
     session: str
     capacity_bytes: int = 8 << 30  # host memory the cache may use
-    threads: int = 0  # torch intra-op threads for CPU attention; 0 = torch's default
+    threads: int = 0  # CPU threads for attention; 0 = every core
+    preallocate: bool = True  # fault in the whole capacity at start (an arena), not per request
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,3 +78,21 @@ def test_policy_imports_neither_torch_nor_grpc():
     assert out.split() == ["False"]
     source = pathlib.Path(kv_store.cache.__file__).read_text()
     assert "import torch" not in source and "import grpc" not in source
+
+
+def test_arena_first_fit_reuses_and_coalesces_released_space():
+    from kv_store.cache import ArenaAllocator
+
+    arena = ArenaAllocator(1 << 30)
+    mib2 = arena.align
+    arena = ArenaAllocator(4 * mib2)
+    arena.align = mib2
+    assert arena.alloc("a", 1) == 0
+    assert arena.alloc("b", mib2 + 1) == mib2  # rounded up to two blocks
+    assert arena.alloc("c", mib2) == 3 * mib2
+    with pytest.raises(StrataError) as e:
+        arena.alloc("d", mib2)
+    assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+    arena.release("a")
+    arena.release("b")  # a and b coalesce into three free blocks at 0
+    assert arena.alloc("d", 3 * mib2) == 0
