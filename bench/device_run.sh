@@ -14,10 +14,10 @@ for step in "$@"; do
     micro) python3 bench/micro_gpu.py | tee "$OUT/micro.jsonl";;
     attn) for dt in float16 bfloat16 float32; do python3 -m kv_store.bench_attention --batch 16 --dtype $dt --threads 16 --steps 10; done | tee "$OUT/attn.jsonl";;
     e2e) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_serve_generate.py 2>&1 | tail -5;;
-    t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-32} --micro-batches ${T1_M:-4};;
-    t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-48} --micro-batches ${T2_M:-4};;
-    t3) bench --model facebook/opt-175b --dummy --batch-size ${T3_B:-8} --gpu-weight-share ${T3_S:-0.6} --micro-batches ${T3_M:-2};;
-    bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 2;;
-    fp16) bench --model facebook/opt-30b --dummy --quant-bits 16 --kv-offload --gpu-weight-share 0.5 --batch-size 8;;
+    t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
+    t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-56} --micro-batches ${T2_M:-1};;
+    t3) bench --model facebook/opt-175b --dummy --kv-offload --batch-size ${T3_B:-24} --gpu-weight-share ${T3_S:-0.45} --micro-batches ${T3_M:-2} --kv-capacity-gb ${T3_KV:-58};;
+    bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 1;;
+    fp16) bench --model facebook/opt-30b --dummy --quant-bits 16 --kv-offload --gpu-weight-share 0.5 --batch-size 16 --micro-batches 2 --kv-capacity-gb 14;;
   esac
 done

@@ -132,8 +132,12 @@ class RemoteKV:
         return out_host.to(self.device, copy=True)  # the exchange slot is reused next layer
 
     def _sync(self):
+        """Wait for the staged copies. A blocking-sync event sleeps instead of spinning a
+        core the KV store's attention needs."""
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            event = torch.cuda.Event(blocking=True)
+            event.record(torch.cuda.current_stream(self.device))
+            event.synchronize()
 
     def free(self):
         try:

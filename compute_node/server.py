@@ -47,6 +47,8 @@ class ComputeNode:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
         self.dtype = compute_dtype(config)
+        if self.device.type == "cuda":
+            torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
         self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if config.kv_offload else None
         self.host = HostWeights.from_store(self.ws, transport)

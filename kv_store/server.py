@@ -69,7 +69,10 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         # Every CPU-heavy op runs on one thread, each with every core: ops from several
         # gRPC threads would each keep an OpenMP team, whose idle threads spin and
         # steal the cores of the active one (measured 2.5-3x slower attention).
-        threads = config.threads or os.cpu_count() or 1
+        # Default: all cores but two. The peers' host threads (gRPC, the compute node's
+        # copies) take a core now and then, and a preempted OpenMP thread stalls the
+        # whole parallel region.
+        threads = config.threads or max(1, (os.cpu_count() or 1) - 2)
         self._cpu = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="kv-compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
