@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from compute_node.batch import MicroBatch, positions, split, validate
-from compute_node.kv_cache import KVCache, LocalKV, RemoteKV, _Shape
+from compute_node.kv_cache import LocalKV, RemoteKV, _Shape
 from compute_node.layer_weights import LayerWeights
 from compute_node.model import family_for
 from compute_node.sampling import Sampling, choose

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
 import shutil
 import signal
 import subprocess

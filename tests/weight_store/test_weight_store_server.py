@@ -2,7 +2,6 @@
 the bytes fallback, errors by status code, a clear refusal of a bad model directory
 or a corrupt shard, and a clean stop on SIGTERM that leaves no region behind."""
 
-import hashlib
 import json
 import os
 import pathlib
@@ -14,35 +13,13 @@ import time
 
 import grpc
 import pytest
-import torch
 
 from strata import shm
-from strata.manifest import Manifest, Part, Shard, TensorEntry, align, shard_file
+from strata.manifest import Manifest
 from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SHAPES = {"embed": [(64, 48)], "layer.0": [(96, 48), (48,)], "layer.1": [(96, 48), (48,)], "head": [(48,)]}
-
-
-def write_model(directory: pathlib.Path, seed: int = 0) -> Manifest:
-    """A converted model directory written directly (fp16 random tensors, aligned parts)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    shards = {}
-    for name, shapes in SHAPES.items():
-        buf, tensors = bytearray(), {}
-        for i, shape in enumerate(shapes):
-            data = torch.randn(shape, generator=gen).half().numpy().tobytes()
-            buf += bytes(align(len(buf)) - len(buf))
-            part = Part(len(buf), len(data), "float16", shape, hashlib.sha256(data).hexdigest())
-            tensors[f"{name}.t{i}"] = TensorEntry(shape, "float16", None, {"data": part})
-            buf += data
-        buf += bytes(align(len(buf)) - len(buf))
-        (directory / shard_file(name)).write_bytes(bytes(buf))
-        shards[name] = Shard(name, shard_file(name), len(buf), tensors)
-    manifest = Manifest("opt", {"hidden_size": 48}, shards, {"default_bits": 16})
-    manifest.save(directory)
-    return manifest
+from fake_shards import write_model
 
 
 class Service:
