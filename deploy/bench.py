@@ -98,6 +98,13 @@ def _model_facts(a: BenchArgs) -> tuple[dict, float]:
     return m.config, float(sum(s.size for s in m.shards.values()))
 
 
+def _kv_capacity(a: BenchArgs, dims) -> int:
+    if a.kv_capacity_gb > 0:
+        return int(a.kv_capacity_gb * 2**30)
+    need = a.batch_size * (a.prompt_len + a.gen_len) * fl.kv_bytes_per_token(dims)
+    return int(need * 1.05) + (64 << 20)
+
+
 def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
     import random
 
@@ -112,7 +119,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
     dims = dims_for(config)
     opts = ServeOptions(
         model_dir="" if a.dummy else a.model, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
-        kv_capacity_bytes=int(a.kv_capacity_gb * 2**30), gpu_weight_share=a.gpu_weight_share,
+        kv_capacity_bytes=_kv_capacity(a, dims), gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dummy=a.model if a.dummy else "", quant_bits=a.quant_bits,
         group_size=a.group_size,
     )

@@ -19,7 +19,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the GPU")
     b.add_argument("--micro-batches", type=int, default=1, help="micro-batches per loaded layer")
     b.add_argument("--device", default="cuda")
-    b.add_argument("--kv-capacity-gb", type=float, default=64.0)
+    b.add_argument("--kv-capacity-gb", type=float, default=0.0,
+                   help="KV store capacity with --kv-offload; 0 = what the batch needs, plus 5%%")
     b.add_argument("--json", action="store_true", help="no progress bar; only the JSON line")
     b.add_argument("--no-warmup", action="store_true")
     b.add_argument("--output", help="also append the JSON line to this file")

@@ -80,8 +80,16 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         if config.preallocate and config.capacity_bytes > 0:
             # The whole capacity, faulted in once at start by every core: a request's
             # prefill then writes into ready memory (first touch measured ~7 GB/s).
-            self.arena_bytes = huge_page_tensor(config.capacity_bytes)
-            self._cpu.submit(self.arena_bytes.zero_).result()
+            try:
+                self.arena_bytes = huge_page_tensor(config.capacity_bytes)
+                self._cpu.submit(self.arena_bytes.zero_).result()
+            except (OSError, RuntimeError) as e:
+                self._cpu.shutdown()
+                raise StrataError(
+                    ErrorKind.RESOURCE_EXHAUSTED,
+                    f"cannot reserve {config.capacity_bytes} bytes of host memory for the KV cache ({e}); "
+                    "lower the KV capacity",
+                ) from None
             self.arena = ArenaAllocator(config.capacity_bytes)
 
     def close(self) -> None:
@@ -229,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    servicer = KVStoreServicer(config)
     try:
+        servicer = KVStoreServicer(config)
         server = serve(config, servicer)
     except StrataError as e:
         LOG.error("%s", e)
