@@ -197,16 +197,49 @@ def _report(a: BenchArgs, dims, weight_bytes: float, result, wall: float, start_
     }
 
 
+def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
+    """The planner's placement for a bench run whose placement flags were not given:
+    (placement fields, the prediction to report beside the measurement)."""
+    from deploy.plan_cli import _model, load_profile
+    from strata import cost_model as cm
+    from strata import planner
+
+    profile, where = load_profile(profile_path or ns.profile)
+    dims, wbf, bits = _model(ns.model, ns.quant_bits, ns.group_size)
+    fixed = planner.Fixed(kv_on_host=True if ns.kv_offload else None, batch_size=ns.batch_size, quant_bits=bits)
+    workload = cm.Workload(ns.prompt_len, ns.gen_len, ns.batch_size)
+    result = planner.plan(dims, wbf, workload, profile, fixed)
+    pl, pr = result.placement, result.prediction
+    fields = {"gpu_weight_share": pl.gpu_weight_share, "kv_offload": pl.kv_on_host,
+              "micro_batches": pl.micro_batches, "batch_size": pl.batch_size}
+    prediction = {"profile": where, "total_tokens_per_s": round(pr.total_tokens_per_s, 2),
+                  "prefill_s": round(pr.prefill_s, 4), "decode_s": round(pr.decode_s, 4),
+                  "binding": [pr.prefill_binding, pr.decode_binding]}
+    return fields, prediction
+
+
+def _placement(ns) -> tuple[dict, dict | None]:
+    """Pinned by flags, planned (GPU and no placement flags), or the plain default."""
+    pinned = ns.gpu_weight_share is not None or ns.micro_batches is not None or ns.cpu_offload
+    if not pinned and ns.device.startswith("cuda"):
+        return planned(ns)
+    share = 0.0 if ns.cpu_offload else (1.0 if ns.gpu_weight_share is None else ns.gpu_weight_share)
+    return {"gpu_weight_share": share, "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
+            "batch_size": ns.batch_size or 8}, None
+
+
 def main(ns) -> int:
-    a = BenchArgs(
-        model=ns.model, dummy=ns.dummy, batch_size=ns.batch_size, prompt_len=ns.prompt_len, gen_len=ns.gen_len,
-        kv_offload=ns.kv_offload, quant_bits=ns.quant_bits, group_size=ns.group_size,
-        gpu_weight_share=0.0 if ns.cpu_offload else ns.gpu_weight_share, micro_batches=ns.micro_batches,
-        device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
-    )
     if ns.disk_offload:
         raise StrataError(ErrorKind.FAILED_PRECONDITION, "--disk-offload: the NVMe tier is not built yet (issue 6)")
+    fields, prediction = _placement(ns)
+    a = BenchArgs(
+        model=ns.model, dummy=ns.dummy, batch_size=fields["batch_size"], prompt_len=ns.prompt_len,
+        gen_len=ns.gen_len, kv_offload=fields["kv_offload"], quant_bits=ns.quant_bits, group_size=ns.group_size,
+        gpu_weight_share=fields["gpu_weight_share"], micro_batches=fields["micro_batches"],
+        device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
+    )
     report = run(a, progress=not ns.json)
+    report["planned"] = prediction  # None when the placement was given
     line = json.dumps(report)
     print(line, flush=True)
     if ns.output:

@@ -7,7 +7,7 @@ def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="throughput benchmark (one JSON line)")
     b.add_argument("--model", required=True, help="converted model dir, or a shape name such as facebook/opt-30b")
     b.add_argument("--dummy", action="store_true", help="random packed weights made in their tier; no disk")
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=int, default=None, help="default: the planner's choice on a GPU, else 8")
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--cpu-offload", action="store_true", help="all weights in the host tier (GPU share 0)")
@@ -16,8 +16,11 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16])
     b.add_argument("--group-size", type=int, default=64)
     b.add_argument("--pin-memory", type=int, default=1, help="accepted for compatibility; the host tier is always pinned")
-    b.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the GPU")
-    b.add_argument("--micro-batches", type=int, default=1, help="micro-batches per loaded layer")
+    b.add_argument("--gpu-weight-share", type=float, default=None,
+                   help="share of layers resident on the GPU (with --micro-batches: a pinned placement; "
+                        "without either, on a GPU the planner chooses)")
+    b.add_argument("--micro-batches", type=int, default=None, help="micro-batches per loaded layer")
+    b.add_argument("--profile", help="hardware profile for the planner (default: this machine's, measured if missing)")
     b.add_argument("--device", default="cuda")
     b.add_argument("--kv-capacity-gb", type=float, default=0.0,
                    help="KV store capacity with --kv-offload; 0 = what the batch needs, plus 5%%")

@@ -43,3 +43,18 @@ def test_bench_names_the_design_cases():
 def test_unknown_shape_is_a_clear_error():
     out = strata("bench", "--model", "facebook/opt-7t", "--dummy", "--device", "cpu", "--json")
     assert out.returncode == 1 and "unknown model shape" in out.stderr
+
+
+def test_without_placement_flags_the_planner_places_a_gpu_run():
+    import argparse
+    import pathlib
+
+    from deploy.bench import planned
+
+    profile = pathlib.Path(__file__).resolve().parents[2] / "bench/profiles/nvidia-h100-x1.json"
+    ns = argparse.Namespace(model="facebook/opt-30b", quant_bits=4, group_size=64, kv_offload=True, batch_size=None,
+                            prompt_len=512, gen_len=32, profile=str(profile))
+    fields, prediction = planned(ns)
+    assert fields["kv_offload"] is True and 0 < fields["gpu_weight_share"] <= 1
+    assert fields["batch_size"] >= 1 and fields["micro_batches"] >= 1
+    assert prediction["total_tokens_per_s"] > 0 and prediction["profile"] == str(profile)
