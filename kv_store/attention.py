@@ -96,7 +96,9 @@ class GroupCache:
     """The K/V tensors of one group and decode attention over them. Not thread-safe:
     the caller serializes calls on one group."""
 
-    chunk = 16  # sequences per CPU attention call (0: all at once)
+    # Sequences per CPU attention call (0: all at once). Chunks of 16 measured slower in
+    # the service at B=150 (54 against 72 tokens/s, bench/results run 9), so off.
+    chunk = 0
 
     def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None):
         """`storage`: uint8 bytes to hold the cache (a slice of the KV store's
@@ -149,8 +151,8 @@ class GroupCache:
         step = self.chunk or q.shape[0]
         if step >= q.shape[0]:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale)
-        # Sequences in chunks: the CPU kernel reads KV fastest at ~8-16 sequences a call
-        # (bench/results/2026-11-26-run6b-attn-variants.jsonl: 110 GB/s at 8, 85 at 32).
+        # Sequences in chunks (the isolated kernel reads KV fastest at ~8-16 sequences a
+        # call: bench/results/2026-11-26-run6b-attn-variants.jsonl).
         out = torch.empty_like(q)
         for b in range(0, q.shape[0], step):
             m = None if mask is None else mask[b : b + step]
