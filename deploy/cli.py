@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="random small OPT: convert to INT4, serve, generate, report tokens/s")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--kv-offload", action="store_true")
+    d.add_argument("--kv-local", action="store_true", help="KV cache on the compute device (no KV store)")
     d.set_defaults(fn=lambda a: __import__("deploy.demo", fromlist=["run"]).run(a))
 
     from deploy.bench_cli import add_bench_parser  # noqa: PLC0415

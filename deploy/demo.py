@@ -35,10 +35,12 @@ def run(args) -> int:
     if not (shards / "manifest.json").exists():
         print(f"converting to INT4 shards in {shards}")
         convert(hf, shards, bits=4, group_size=64)
+    kv_offload = not args.kv_local
     services = Services(ServeOptions(model_dir=str(shards), listen="127.0.0.1:0", device=args.device,
-                                     kv_offload=args.kv_offload))
+                                     kv_offload=kv_offload, kv_capacity_bytes=256 << 20))
     address = services.start()
-    print(f"services up (weight store, KV store{'' if args.kv_offload else ' off'}, compute node); listening on {address}")
+    names = "weight store, KV store, compute node" if kv_offload else "weight store, compute node (KV local)"
+    print(f"services up ({names}); listening on {address}")
     try:
         t0 = time.perf_counter()
         result = generate(address, request_for(PROMPTS, NEW_TOKENS, stop_at_eos=False), timeout=300)

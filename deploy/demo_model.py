@@ -45,6 +45,8 @@ def make_opt(directory: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Pat
         eos_token_id=2, do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0,
     )
     cfg.update(overrides)
+    if "word_embed_proj_dim" not in overrides:
+        cfg["word_embed_proj_dim"] = cfg["hidden_size"]
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**cfg))
     _save(model, directory)
