@@ -16,6 +16,7 @@ class MicroBatch:
     ids: torch.Tensor  # [b, T] left-padded prompt ids
     pad: torch.Tensor  # [b] left padding of each sequence
     h: torch.Tensor | None = None  # hidden states between layers
+    pos: torch.Tensor | None = None  # position ids of the current step (RoPE)
     kv: object = None  # compute_node.kv_cache.KVCache
 
 

@@ -76,7 +76,8 @@ class Engine:
 
     def _shape(self, mb: MicroBatch, max_tokens: int) -> _Shape:
         d = self.dims
-        return _Shape(d.num_layers, d.num_heads, d.head_dim, max_tokens, mb.pad, self.family.scale, self.family.alibi)
+        return _Shape(d.num_layers, d.num_heads, d.head_dim, max_tokens, mb.pad, self.family.scale, self.family.alibi,
+                      d.kv_heads)
 
     def _step(self, mbs, sampling, gen, prefill: bool, feed=None, offset: int = 0) -> list[int]:
         dev = self.w.device
@@ -88,6 +89,7 @@ class Engine:
                 ids = torch.tensor([feed[i] for i in mb.index], dtype=torch.long).view(-1, 1).to(dev)
                 pos = positions(mb.pad, mb.ids.shape[1] + offset, 1).to(dev)
             mb.h = self.family.embed(self.w.embed, ids, pos)
+            mb.pos = pos
         self._layers(mbs, prefill)
         tokens: list[int] = []
         for mb in mbs:
@@ -103,12 +105,12 @@ class Engine:
             self.w.prefetch(i + 1)
             if prefill:
                 for mb in mbs:
-                    q, k, v = fam.pre_attention(w, mb.h)
+                    q, k, v = fam.pre_attention(w, mb.h, mb.pos)
                     mb.h = fam.post_attention(w, mb.h, mb.kv.prefill(i, q, k, v))
                 continue
             previous = None
             for mb in mbs:
-                q, k, v = fam.pre_attention(w, mb.h)
+                q, k, v = fam.pre_attention(w, mb.h, mb.pos)
                 t0 = time.perf_counter()
                 handle = mb.kv.decode_start(i, q, k, v)
                 self.timing["start_s"] += time.perf_counter() - t0

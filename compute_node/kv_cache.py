@@ -28,8 +28,10 @@ class KVCache(Protocol):
 
 
 class _Shape:
-    def __init__(self, num_layers, num_heads, head_dim, max_tokens, pad: torch.Tensor, scale: float, alibi: bool):
+    def __init__(self, num_layers, num_heads, head_dim, max_tokens, pad: torch.Tensor, scale: float, alibi: bool,
+                 num_kv_heads: int = 0):
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.num_kv_heads = num_kv_heads or num_heads
         self.max_tokens, self.pad, self.scale = max_tokens, pad, scale
         self.slopes = alibi_slopes(num_heads) if alibi else None
 
@@ -40,7 +42,7 @@ class LocalKV:
     def __init__(self, shape: _Shape, dtype: torch.dtype, device: torch.device):
         self.s = shape
         b = shape.pad.numel()
-        dims = (b, shape.num_heads, shape.max_tokens, shape.head_dim)
+        dims = (b, shape.num_kv_heads, shape.max_tokens, shape.head_dim)
         self.k = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.v = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.length = [0] * shape.num_layers
@@ -83,7 +85,7 @@ class RemoteKV:
                 group=self.group, num_layers=shape.num_layers, batch=shape.pad.numel(), num_heads=shape.num_heads,
                 head_dim=shape.head_dim, max_tokens=shape.max_tokens, dtype=dtype_name(dtype), scale=shape.scale,
                 position_bias=kv_store_pb2.POSITION_BIAS_ALIBI if shape.slopes is not None else kv_store_pb2.POSITION_BIAS_NONE,
-                pad=[int(p) for p in shape.pad.tolist()],
+                pad=[int(p) for p in shape.pad.tolist()], num_kv_heads=shape.num_kv_heads,
             )
         )
         self.pad = shape.pad.to(device)

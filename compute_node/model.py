@@ -4,7 +4,7 @@ A layer is split where the attention happens, so the engine can run the attentio
 anywhere (on the device over a local cache, or in the KV store on the CPU) and
 interleave micro-batches:
 
-    q, k, v = family.pre_attention(w, h)      # [B, heads, T, head_dim] each
+    q, k, v = family.pre_attention(w, h, pos) # [B, heads (kv heads for k, v), T, head_dim]
     a       = <attention backend>(q, k, v)    # [B, heads, T, head_dim]
     h       = family.post_attention(w, h, a)
 
@@ -31,7 +31,7 @@ class Family(Protocol):
     alibi: bool
 
     def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
-    def pre_attention(self, w: Weights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
     def post_attention(self, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor: ...
     def logits(self, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor: ...
 
@@ -68,7 +68,7 @@ class OPTFamily:
     def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, w["embed_tokens.weight"]) + F.embedding(positions + 2, w["embed_positions.weight"])
 
-    def pre_attention(self, w: Weights, h: torch.Tensor):
+    def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
         x = _norm(h, w, "self_attn_layer_norm", self.eps) if self.pre_ln else h
         nh = self.dims.num_heads
         q = _heads(_linear(x, w, "self_attn.q_proj") * self.q_scale, nh)
@@ -104,7 +104,7 @@ class BloomFamily:
     def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return _norm(F.embedding(ids, w["word_embeddings.weight"]), w, "word_embeddings_layernorm", self.eps)
 
-    def pre_attention(self, w: Weights, h: torch.Tensor):
+    def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
         x = _norm(h, w, "input_layernorm", self.eps)
         b, t, _ = x.shape
         fused = _linear(x, w, "self_attention.query_key_value").view(b, t, self.dims.num_heads, 3, self.dims.head_dim)
@@ -123,8 +123,69 @@ class BloomFamily:
         return F.linear(h, w_head.get("lm_head.weight", w_embed["word_embeddings.weight"]))
 
 
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaFamily:
+    """Llama 2/3, Mistral, Qwen2: RMSNorm, RoPE (scaling from the config, through
+    transformers' own rope initializers), grouped-query attention, SwiGLU."""
+
+    alibi = False
+
+    def __init__(self, config: dict, dims: ModelDims):
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        self.dims = dims
+        self.eps = config.get("rms_norm_eps", 1e-6)
+        self.scale = dims.head_dim**-0.5
+        hf = AutoConfig.for_model(**config)
+        params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "default":
+            base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+            self.inv_freq = 1.0 / (base ** (torch.arange(0, dims.head_dim, 2, dtype=torch.float32) / dims.head_dim))
+            self.rope_gain = 1.0
+        else:
+            self.inv_freq, self.rope_gain = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+
+    def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, w["embed_tokens.weight"])
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        freqs = pos.float()[..., None] * self.inv_freq.to(pos.device)[None, None, :]  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+        cos, sin = (emb.cos() * self.rope_gain).to(x.dtype), (emb.sin() * self.rope_gain).to(x.dtype)
+        return x * cos + _rotate_half(x) * sin
+
+    def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
+        x = _rms_norm(h, w["input_layernorm.weight"], self.eps)
+        q = _heads(_linear(x, w, "self_attn.q_proj"), self.dims.num_heads)
+        k = _heads(_linear(x, w, "self_attn.k_proj"), self.dims.kv_heads)
+        v = _heads(_linear(x, w, "self_attn.v_proj"), self.dims.kv_heads)
+        return self._rope(q, pos), self._rope(k, pos), v
+
+    def post_attention(self, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = h + _linear(_merge(attn), w, "self_attn.o_proj")
+        x = _rms_norm(h, w["post_attention_layernorm.weight"], self.eps)
+        return h + _linear(F.silu(_linear(x, w, "mlp.gate_proj")) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+
+    def logits(self, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
+        h = _rms_norm(h, w_head["norm.weight"], self.eps)
+        return F.linear(h, w_head.get("lm_head.weight", w_embed["embed_tokens.weight"]))
+
+
 def family_for(config: dict, dims: ModelDims) -> Family:
-    return {"opt": OPTFamily, "bloom": BloomFamily}[config["model_type"]](config, dims)
+    families = {"opt": OPTFamily, "bloom": BloomFamily, "llama": LlamaFamily, "mistral": LlamaFamily,
+                "qwen2": LlamaFamily}
+    return families[config["model_type"]](config, dims)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -166,8 +227,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     Decode (one query) is two batched GEMVs that read K and V once, in place (the
     cache slices are strided). cuDNN's attention is avoided: it rebuilds its graph for
     every new key length, ~5 ms of host time per call (bench/results run 3)."""
-    if q.shape[2] == 1 and q.is_cuda:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias.float()
-        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    gqa = k.shape[1] != q.shape[1]
+    if q.shape[2] == 1 and q.is_cuda:  # grouped heads ride along as GEMV rows: K, V are read once
+        b, h, _, d = q.shape
+        qg = q.view(b, k.shape[1], h // k.shape[1], d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale + bias.float().view(b, -1, 1, k.shape[2])
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v).view(b, h, 1, d)
     with sdpa_kernel(_PREFILL_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)

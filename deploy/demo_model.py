@@ -67,6 +67,22 @@ def make_bloom(directory: pathlib.Path, seed: int = 0, **overrides) -> pathlib.P
     return directory
 
 
+def make_llama_family(directory: pathlib.Path, model_type: str = "llama", seed: int = 0, **overrides) -> pathlib.Path:
+    """Llama, Mistral or Qwen2 (`model_type`): grouped-query attention, RoPE, SwiGLU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(
+        vocab_size=512, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+        intermediate_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    _save(model, directory)
+    return directory
+
+
 def _save(model, directory: pathlib.Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():  # larger weights than HF's init: decisive logits, no greedy near-ties

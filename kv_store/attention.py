@@ -34,6 +34,11 @@ class GroupSpec:
     scale: float
     alibi: bool = False
     pad: tuple[int, ...] = ()  # left padding per sequence; () = none
+    num_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     def validate(self) -> None:
         for name in ("num_layers", "batch", "num_heads", "head_dim", "max_tokens"):
@@ -43,6 +48,9 @@ class GroupSpec:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"cache dtype {self.dtype} is not float32/16 or bfloat16")
         if not math.isfinite(self.scale) or self.scale <= 0:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"scale must be a positive number, got {self.scale}")
+        if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT,
+                              f"{self.num_heads} query heads are not a multiple of {self.kv_heads} key/value heads")
         if self.pad and len(self.pad) != self.batch:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"pad has {len(self.pad)} entries for batch {self.batch}")
         if any(p < 0 or p >= self.max_tokens for p in self.pad):
@@ -105,7 +113,7 @@ class GroupCache:
         preallocated arena); default: fresh memory."""
         spec.validate()
         self.spec = spec
-        shape = (spec.batch, spec.num_heads, spec.max_tokens, spec.head_dim)
+        shape = (spec.batch, spec.kv_heads, spec.max_tokens, spec.head_dim)
         numel = 2 * spec.num_layers * torch.Size(shape).numel()
         try:
             if storage is None:
@@ -128,8 +136,8 @@ class GroupCache:
         """Store k, v [batch, heads, tokens, head_dim] at the layer's current length;
         returns the new length."""
         self._check_layer(layer)
-        self._check(k, "key", None)
-        self._check(v, "value", k.shape[2])
+        self._check(k, "key", None, self.spec.kv_heads)
+        self._check(v, "value", k.shape[2], self.spec.kv_heads)
         start, n = self.lengths[layer], k.shape[2]
         self._check_room(layer, n)
         self.keys[layer][:, :, start : start + n].copy_(k)
@@ -141,23 +149,26 @@ class GroupCache:
         """Append one decode token, then softmax(scale * q.K^T + bias + mask) . V over
         every cached token of the layer. Returns [batch, heads, 1, head_dim]."""
         self._check_layer(layer)
-        self._check(q, "query", 1)
-        self._check(k_new, "key", 1)
-        self._check(v_new, "value", 1)
+        self._check(q, "query", 1, self.spec.num_heads)
+        self._check(k_new, "key", 1, self.spec.kv_heads)
+        self._check(v_new, "value", 1, self.spec.kv_heads)
         length = self.append(layer, k_new, v_new)
         keys = self.keys[layer][:, :, :length]
         values = self.values[layer][:, :, :length]
         mask = None if self.mask is None else self.mask[..., :length]
         step = self.chunk or q.shape[0]
+        gqa = self.spec.kv_heads != self.spec.num_heads
         if step >= q.shape[0]:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale,
+                                                  enable_gqa=gqa)
         # Sequences in chunks (the isolated kernel reads KV fastest at ~8-16 sequences a
         # call: bench/results/2026-11-26-run6b-attn-variants.jsonl).
         out = torch.empty_like(q)
         for b in range(0, q.shape[0], step):
             m = None if mask is None else mask[b : b + step]
             out[b : b + step] = F.scaled_dot_product_attention(
-                q[b : b + step], keys[b : b + step], values[b : b + step], attn_mask=m, scale=self.spec.scale
+                q[b : b + step], keys[b : b + step], values[b : b + step], attn_mask=m, scale=self.spec.scale,
+                enable_gqa=gqa,
             )
         return out
 
@@ -165,10 +176,10 @@ class GroupCache:
         if not 0 <= layer < self.spec.num_layers:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"layer {layer} outside [0, {self.spec.num_layers})")
 
-    def _check(self, t: torch.Tensor, what: str, tokens: int | None) -> None:
+    def _check(self, t: torch.Tensor, what: str, tokens: int | None, heads: int) -> None:
         s = self.spec
-        want = (s.batch, s.num_heads, tokens if tokens is not None else "T", s.head_dim)
-        ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (s.batch, s.num_heads, s.head_dim)
+        want = (s.batch, heads, tokens if tokens is not None else "T", s.head_dim)
+        ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (s.batch, heads, s.head_dim)
         ok = ok and t.shape[2] >= 1 and (tokens is None or t.shape[2] == tokens)
         if not ok:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{what} has shape {list(t.shape)}, expected {list(want)}")

@@ -54,6 +54,7 @@ def spec_from_request(req: kv_store_pb2.AllocateRequest) -> GroupSpec:
         scale=req.scale,
         alibi=req.position_bias == kv_store_pb2.POSITION_BIAS_ALIBI,
         pad=tuple(req.pad),
+        num_kv_heads=req.num_kv_heads,
     )
     spec.validate()
     return spec
@@ -127,7 +128,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         if not request.group:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, "group name is empty")
         spec = spec_from_request(request)
-        nbytes = cache_bytes(spec.num_layers, spec.batch, spec.num_heads, spec.max_tokens, spec.head_dim, spec.itemsize)
+        nbytes = cache_bytes(spec.num_layers, spec.batch, spec.kv_heads, spec.max_tokens, spec.head_dim, spec.itemsize)
         free = self.ledger.reserve(request.group, nbytes)
         try:
             storage = None

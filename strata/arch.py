@@ -29,6 +29,11 @@ class ModelDims:
     max_positions: int
     eos_token_id: int | None
     pad_token_id: int | None
+    num_kv_heads: int = 0  # grouped-query attention; 0 = num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +89,19 @@ BLOOM = ArchSpec(
     tied_to="word_embeddings.weight",
 )
 
-SPECS = {"opt": OPT, "bloom": BLOOM}
+LLAMA = ArchSpec(  # Llama 2/3, Mistral, Qwen2: the same layer and names
+    name="llama",
+    model_prefix="model.",
+    layer_pattern=r"model\.layers\.(\d+)\.",
+    embed=("embed_tokens.weight",),
+    head=("norm.weight",),
+    linears=("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),
+    lm_head="lm_head.weight",
+    tied_to="embed_tokens.weight",
+)
+
+SPECS = {"opt": OPT, "bloom": BLOOM, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
 
 
 def spec_for(config: dict) -> ArchSpec:
@@ -108,6 +125,15 @@ def dims_for(config: dict) -> ModelDims:
             max_positions=config["max_position_embeddings"],
             eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"),
         )
+    if spec is LLAMA:
+        h, nh = config["hidden_size"], config["num_attention_heads"]
+        return ModelDims(
+            num_layers=config["num_hidden_layers"], hidden=h, num_heads=nh,
+            head_dim=config.get("head_dim") or h // nh, ffn=config["intermediate_size"], vocab=config["vocab_size"],
+            max_positions=config.get("max_position_embeddings", 4096),
+            eos_token_id=_first(config.get("eos_token_id")), pad_token_id=config.get("pad_token_id"),
+            num_kv_heads=config.get("num_key_value_heads") or nh,
+        )
     h = config.get("hidden_size", config.get("n_embed"))
     nh = config.get("n_head", config.get("num_attention_heads"))
     return ModelDims(
@@ -116,3 +142,8 @@ def dims_for(config: dict) -> ModelDims:
         max_positions=config.get("seq_length", 2048) or 2048,  # ALiBi: no table; BLOOM trained at 2048
         eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"),
     )
+
+
+def _first(token_id):
+    """Llama 3 configs list several EOS ids; the first is the one generation ends on."""
+    return token_id[0] if isinstance(token_id, list) and token_id else token_id

@@ -15,7 +15,7 @@ from weight_store.convert import convert
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 2 + 1, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 
 
-@pytest.fixture(scope="module", params=["opt", "bloom"])
+@pytest.fixture(scope="module", params=["opt", "bloom", "llama", "mistral", "qwen2"])
 def model(request, tmp_path_factory):
     hf = tmp_path_factory.mktemp(request.param) / "hf"
     getattr(tiny_models, f"make_{request.param}")(hf)

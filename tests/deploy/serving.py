@@ -22,7 +22,11 @@ def strata(*args: str, timeout: float = 300, check: bool = False) -> subprocess.
 
 
 def shm_entries() -> set[str]:
-    return {p.name for p in pathlib.Path("/dev/shm").glob("strata-*")}
+    """strata-* regions whose creating process is gone (another run's live regions on
+    the same machine are not ours to judge)."""
+    from conftest import _creator_alive
+
+    return {p.name for p in pathlib.Path("/dev/shm").glob("strata-*") if not _creator_alive(p.name)}
 
 
 def device_flags() -> list[str]:

@@ -14,7 +14,7 @@ PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19
 NEW = 8
 
 
-@pytest.fixture(scope="module", params=["opt", "bloom"])
+@pytest.fixture(scope="module", params=["opt", "bloom", "llama", "qwen2"])
 def converted(request, tmp_path_factory):
     hf = tmp_path_factory.mktemp(request.param) / "hf"
     getattr(tiny_models, f"make_{request.param}")(hf)
