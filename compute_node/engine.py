@@ -50,6 +50,7 @@ class Engine:
         eos = self.dims.eos_token_id
         t0 = time.perf_counter()
         self.timing = {"start_s": 0.0, "finish_s": 0.0}
+        t1 = None
         try:
             for mb in mbs:
                 t = mb.ids.shape[1]
@@ -67,9 +68,10 @@ class Engine:
                 if step + 1 == max_new_tokens or all(finished):
                     break
                 tokens = self._step(mbs, sampling, gen, prefill=False, feed=tokens, offset=step)
-            self.last_stats["decode_s"] = time.perf_counter() - t1
-            self.last_stats.update(self.timing)
-        finally:
+        finally:  # also when the consumer stops early (stop sequences, a cancelled call)
+            if t1 is not None:
+                self.last_stats["decode_s"] = time.perf_counter() - t1
+                self.last_stats.update(self.timing)
             for mb in mbs:
                 if mb.kv is not None:
                     mb.kv.free()

@@ -20,6 +20,7 @@ from compute_node.layer_weights import LayerWeights
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
 from strata.placement import resident_layers
 from compute_node.sampling import Sampling
+from compute_node.stops import StopWatch
 from compute_node.tokenizer import TextCodec
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
 from strata.manifest import layer_shard
@@ -95,21 +96,29 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             greedy=s.greedy, temperature=s.temperature or 1.0, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed
         )
         generated: list[list[int]] = [[] for _ in prompts]
+        stops = StopWatch(list(request.stop), node.codec.decode, len(prompts))
         with node.lock:
             steps = node.engine.generate(prompts, request.max_new_tokens, sampling, request.stop_at_eos)
-            for step, tokens in enumerate(steps):
-                for i, t in enumerate(tokens):
-                    if t >= 0:
-                        generated[i].append(t)
-                if not context.is_active():
-                    return
-                yield generate_pb2.GenerateResponse(step=step, tokens=tokens)
+            try:
+                for step, tokens in enumerate(steps):
+                    tokens = [-1 if stops.stopped[i] else t for i, t in enumerate(tokens)]
+                    for i, t in enumerate(tokens):
+                        if t >= 0:
+                            generated[i].append(t)
+                            stops.check(i, generated[i])
+                    if not context.is_active():
+                        return
+                    yield generate_pb2.GenerateResponse(step=step, tokens=tokens)
+                    if all(stops.stopped):
+                        break
+            finally:
+                steps.close()  # frees the KV cache now, also when stopped early
             stats = node.engine.last_stats
             log.info("generate: %d prompts, %s", len(prompts), {k: round(v, 3) for k, v in stats.items()})
         peak = torch.cuda.max_memory_allocated(node.device) if node.device.type == "cuda" else 0
         yield generate_pb2.GenerateResponse(
             step=len(generated[0]), done=True,
-            texts=[node.codec.decode(g) for g in generated],
+            texts=[stops.text(g) for g in generated],
             stats=generate_pb2.GenerateStats(
                 prefill_s=stats.get("prefill_s", 0.0), decode_s=stats.get("decode_s", 0.0),
                 generated_tokens=sum(len(g) for g in generated), peak_gpu_bytes=peak,

@@ -86,7 +86,7 @@ def _generate(a) -> int:
         print("strata generate: give at least one --prompt or --prompt-ids", file=sys.stderr)
         return 2
     req = request_for(prompts, a.max_new_tokens, greedy=a.greedy or a.temperature == 0, temperature=a.temperature,
-                      top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=not a.ignore_eos)
+                      top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)
     try:
         result = generate(a.endpoint, req, timeout=a.timeout)
     except StrataError as e:
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ids", action="store_true", help="print generated token ids instead of text")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); not included in the text")
     g.add_argument("--timeout", type=float, default=None)
     g.set_defaults(fn=_generate)
 

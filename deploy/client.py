@@ -22,7 +22,8 @@ class Result:
 
 
 def request_for(prompts: list[str | list[int]], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> generate_pb2.GenerateRequest:
+                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                stop: list[str] | None = None) -> generate_pb2.GenerateRequest:
     msgs = []
     for p in prompts:
         if isinstance(p, str):
@@ -30,7 +31,7 @@ def request_for(prompts: list[str | list[int]], max_new_tokens: int, greedy: boo
         else:
             msgs.append(generate_pb2.Prompt(ids=generate_pb2.TokenIds(ids=list(p))))
     return generate_pb2.GenerateRequest(
-        prompts=msgs, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+        prompts=msgs, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, stop=stop or [],
         sampling=generate_pb2.SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
     )
 

@@ -30,10 +30,17 @@ class ModelDims:
     eos_token_id: int | None
     pad_token_id: int | None
     num_kv_heads: int = 0  # grouped-query attention; 0 = num_heads
+    mlp_matrices: int = 2  # 3 for gated (SwiGLU) MLPs
 
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def layer_params(self) -> int:
+        """Matmul parameters of one layer (q, o; k, v with their heads; the MLP)."""
+        attn = 2 * self.hidden * self.num_heads * self.head_dim + 2 * self.hidden * self.kv_heads * self.head_dim
+        return attn + self.mlp_matrices * self.hidden * self.ffn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +139,7 @@ def dims_for(config: dict) -> ModelDims:
             head_dim=config.get("head_dim") or h // nh, ffn=config["intermediate_size"], vocab=config["vocab_size"],
             max_positions=config.get("max_position_embeddings", 4096),
             eos_token_id=_first(config.get("eos_token_id")), pad_token_id=config.get("pad_token_id"),
-            num_kv_heads=config.get("num_key_value_heads") or nh,
+            num_kv_heads=config.get("num_key_value_heads") or nh, mlp_matrices=3,
         )
     h = config.get("hidden_size", config.get("n_embed"))
     nh = config.get("n_head", config.get("num_attention_heads"))

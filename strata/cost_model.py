@@ -88,11 +88,11 @@ def estimate_weight_bytes(dims: ModelDims, quant_bits: int, group_size: int = 64
 
 
 def layer_params(d: ModelDims) -> float:
-    return 4 * d.hidden * d.hidden + 2 * d.hidden * d.ffn
+    return d.layer_params
 
 
 def kv_bytes_per_token_layer(d: ModelDims) -> float:
-    return 2 * d.num_heads * d.head_dim * 2  # keys and values, fp16
+    return 2 * d.kv_heads * d.head_dim * 2  # keys and values, fp16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,12 +40,11 @@ class Placement:
 
 def params(d: ModelDims) -> float:
     """Matmul parameters (FLOPs per token = 2x this)."""
-    per_layer = 4 * d.hidden * d.hidden + 2 * d.hidden * d.ffn
-    return d.num_layers * per_layer + d.vocab * d.hidden
+    return d.num_layers * d.layer_params + d.vocab * d.hidden
 
 
 def kv_bytes_per_token(d: ModelDims, itemsize: int = 2) -> int:
-    return 2 * d.num_layers * d.hidden * itemsize
+    return 2 * d.num_layers * d.kv_heads * d.head_dim * itemsize
 
 
 def floor(d: ModelDims, w: Workload, p: Placement, hw: Hardware = Hardware()) -> dict:

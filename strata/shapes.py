@@ -20,8 +20,17 @@ _BLOOM = {  # name: (hidden, layers, heads)
 }
 
 
+_LLAMA = {  # name: (model_type, hidden, layers, heads, kv heads, intermediate, vocab, max positions, rope theta, extra)
+    "meta-llama/Llama-2-7b-hf": ("llama", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0, {}),
+    "meta-llama/Llama-2-70b-hf": ("llama", 8192, 80, 64, 8, 28672, 32000, 4096, 10000.0, {}),
+    "Qwen/Qwen2-7B": ("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, 1000000.0, {}),
+    "Qwen/Qwen2-72B": ("qwen2", 8192, 80, 64, 8, 29568, 152064, 32768, 1000000.0, {}),
+    "mistralai/Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 14336, 32000, 32768, 10000.0, {"sliding_window": 4096}),
+}
+
+
 def names() -> list[str]:
-    return sorted([*_OPT, *_BLOOM])
+    return sorted([*_OPT, *_BLOOM, *_LLAMA])
 
 
 def config_for(name: str) -> dict:
@@ -41,5 +50,13 @@ def config_for(name: str) -> dict:
             "n_head": nh, "vocab_size": 250880, "layer_norm_epsilon": 1e-5, "pad_token_id": 3, "bos_token_id": 1,
             "eos_token_id": 2, "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": True,
             "torch_dtype": "bfloat16",
+        }
+    if name in _LLAMA:
+        mt, h, n, nh, kvh, inter, vocab, maxpos, theta, extra = _LLAMA[name]
+        return {
+            "model_type": mt, "hidden_size": h, "num_hidden_layers": n, "num_attention_heads": nh,
+            "num_key_value_heads": kvh, "intermediate_size": inter, "vocab_size": vocab,
+            "max_position_embeddings": maxpos, "rope_theta": theta, "rms_norm_eps": 1e-5 if mt == "llama" else 1e-6,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", **extra,
         }
     raise StrataError(ErrorKind.NOT_FOUND, f"unknown model shape {name!r}; built in: {', '.join(names())}")

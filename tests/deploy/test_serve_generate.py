@@ -64,3 +64,22 @@ def test_text_prompts_and_sigint(converted):
     finally:
         assert server.stop(signal.SIGINT) == 0
     assert server.alive_children() == []
+
+
+def test_stop_sequences_end_the_text_before_the_stop(converted):
+    shards, _ = converted
+    server = Server(shards)
+    try:
+        base = ["generate", "--endpoint", server.address, "--prompt", "hello world", "--max-new-tokens", "10",
+                "--greedy", "--ignore-eos"]
+        full = strata(*base)
+        assert full.returncode == 0, full.stderr
+        text = full.stdout.rstrip("\n")
+        stop = text[len(text) // 2 : len(text) // 2 + 2]
+        if not stop.strip():
+            pytest.skip("generated text has no usable stop sequence")
+        cut = strata(*base, "--stop", stop)
+        assert cut.returncode == 0, cut.stderr
+        assert cut.stdout.rstrip("\n") == text[: text.find(stop)]
+    finally:
+        assert server.stop() == 0

@@ -1,0 +1,29 @@
+"""Stop sequences: a sequence ends when its generated text contains one of them; the
+text returned ends before the stop. Works on decoded text, so a stop may span tokens."""
+
+from __future__ import annotations
+
+from strata.errors import invalid
+
+
+class StopWatch:
+    def __init__(self, stops: list[str], decode, n: int):
+        if any(not s for s in stops):
+            raise invalid("a stop sequence is empty")
+        self.stops, self.decode = list(stops), decode
+        self.stopped = [False] * n
+
+    def check(self, i: int, ids: list[int]) -> bool:
+        """Whether sequence i (its generated ids so far) has now hit a stop."""
+        if self.stops and not self.stopped[i] and self._cut(self.decode(ids)) is not None:
+            self.stopped[i] = True
+        return self.stopped[i]
+
+    def _cut(self, text: str) -> int | None:
+        hits = [text.find(s) for s in self.stops if s in text]
+        return min(hits) if hits else None
+
+    def text(self, ids: list[int]) -> str:
+        text = self.decode(ids)
+        cut = self._cut(text) if self.stops else None
+        return text if cut is None else text[:cut]
