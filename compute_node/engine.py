@@ -132,5 +132,5 @@ def local_kv_factory(dtype: torch.dtype, device: torch.device):
     return lambda shape: LocalKV(shape, dtype, device)
 
 
-def remote_kv_factory(dtype: torch.dtype, device: torch.device, client, exchange):
-    return lambda shape: RemoteKV(shape, dtype, device, client, exchange)
+def remote_kv_factory(dtype: torch.dtype, device: torch.device, client, exchange, kv_bits: int = 16):
+    return lambda shape: RemoteKV(shape, dtype, device, client, exchange, kv_bits)

@@ -76,7 +76,8 @@ class LocalKV:
 class RemoteKV:
     """KV in the KV store; tensors cross through the compute node's exchange region."""
 
-    def __init__(self, shape: _Shape, dtype: torch.dtype, device: torch.device, client: KVStoreClient, exchange):
+    def __init__(self, shape: _Shape, dtype: torch.dtype, device: torch.device, client: KVStoreClient, exchange,
+                 kv_bits: int = 16):
         self.s, self.dtype, self.device = shape, dtype, device
         self.client, self.exchange = client, exchange
         self.group = uuid.uuid4().hex
@@ -85,7 +86,7 @@ class RemoteKV:
                 group=self.group, num_layers=shape.num_layers, batch=shape.pad.numel(), num_heads=shape.num_heads,
                 head_dim=shape.head_dim, max_tokens=shape.max_tokens, dtype=dtype_name(dtype), scale=shape.scale,
                 position_bias=kv_store_pb2.POSITION_BIAS_ALIBI if shape.slopes is not None else kv_store_pb2.POSITION_BIAS_NONE,
-                pad=[int(p) for p in shape.pad.tolist()], num_kv_heads=shape.num_kv_heads,
+                pad=[int(p) for p in shape.pad.tolist()], num_kv_heads=shape.num_kv_heads, kv_bits=kv_bits,
             )
         )
         self.pad = shape.pad.to(device)

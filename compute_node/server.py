@@ -66,7 +66,7 @@ class ComputeNode:
         self.exchange = None
         if self.kv is not None:
             self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)
-            factory = remote_kv_factory(self.dtype, self.device, self.kv, self.exchange)
+            factory = remote_kv_factory(self.dtype, self.device, self.kv, self.exchange, config.kv_bits)
         else:
             factory = local_kv_factory(self.dtype, self.device)
         self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch)
@@ -159,6 +159,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])
     p.add_argument("--kv-offload", action="store_true")
+    p.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16])
     p.add_argument("--rpc-timeout", type=float, default=30.0)
     p.add_argument("--gpu-weight-share", type=float, default=1.0)
     p.add_argument("--micro-batches", type=int, default=1)
@@ -169,7 +170,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     cfg = ComputeNodeConfig(
         listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
         dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
-        micro_batches=a.micro_batches,
+        micro_batches=a.micro_batches, kv_bits=a.kv_bits,
     )
     return cfg, a.transport
 

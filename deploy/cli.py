@@ -32,7 +32,7 @@ def serve_options(a):
     from deploy.launcher import ServeOptions
 
     return ServeOptions(
-        model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload,
+        model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload, kv_bits=a.kv_bits,
         kv_capacity_bytes=int(a.kv_capacity_gb * (1 << 30)), gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
     )
@@ -148,6 +148,8 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     s.add_argument("--kv-capacity-gb", type=float, default=2.0, help="host memory for the KV cache, faulted in at start")
+    s.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
+                   help="with --kv-offload: KV cache stored group-wise quantized on head_dim")
     s.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the device")
     s.add_argument("--micro-batches", type=int, default=1)
     s.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])

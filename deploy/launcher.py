@@ -39,6 +39,7 @@ class ServeOptions:
     listen: str = "127.0.0.1:50551"
     device: str = "cpu"
     kv_offload: bool = False
+    kv_bits: int = 16
     kv_capacity_bytes: int = 2 << 30
     gpu_weight_share: float = 1.0
     micro_batches: int = 1
@@ -101,7 +102,7 @@ class Services:
         if o.dtype:
             args += ["--dtype", o.dtype]
         if o.kv_offload:
-            args += ["--kv-offload", "--kv-store", self.kv_store_addr]
+            args += ["--kv-offload", "--kv-store", self.kv_store_addr, "--kv-bits", str(o.kv_bits)]
         self._spawn("compute node", args, stdout=subprocess.PIPE)
         proc = self.procs["compute node"]
         line = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]

@@ -35,6 +35,12 @@ class GroupSpec:
     alibi: bool = False
     pad: tuple[int, ...] = ()  # left padding per sequence; () = none
     num_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = num_heads
+    kv_bits: int = 16  # 8 or 4: stored quantized (kv_store/quantized.py)
+    kv_group_size: int = 0  # head_dim elements per quantization group; 0 = head_dim
+
+    @property
+    def kv_group(self) -> int:
+        return self.kv_group_size or self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -48,6 +54,8 @@ class GroupSpec:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"cache dtype {self.dtype} is not float32/16 or bfloat16")
         if not math.isfinite(self.scale) or self.scale <= 0:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"scale must be a positive number, got {self.scale}")
+        if self.kv_bits not in (4, 8, 16):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"KV cache bits must be 4, 8 or 16, got {self.kv_bits}")
         if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
             raise StrataError(ErrorKind.INVALID_ARGUMENT,
                               f"{self.num_heads} query heads are not a multiple of {self.kv_heads} key/value heads")

@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from kv_store.attention import huge_page_tensor, GroupCache, GroupSpec
+from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
 from strata.config import KVStoreConfig
 from strata.dataplane import inline_ref, resolve
@@ -55,6 +56,8 @@ def spec_from_request(req: kv_store_pb2.AllocateRequest) -> GroupSpec:
         alibi=req.position_bias == kv_store_pb2.POSITION_BIAS_ALIBI,
         pad=tuple(req.pad),
         num_kv_heads=req.num_kv_heads,
+        kv_bits=req.kv_bits or 16,
+        kv_group_size=req.kv_group_size,
     )
     spec.validate()
     return spec
@@ -128,14 +131,19 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         if not request.group:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, "group name is empty")
         spec = spec_from_request(request)
-        nbytes = cache_bytes(spec.num_layers, spec.batch, spec.kv_heads, spec.max_tokens, spec.head_dim, spec.itemsize)
+        quantized = spec.kv_bits in (4, 8)
+        if quantized:
+            nbytes = quantized_bytes(spec)
+        else:
+            nbytes = cache_bytes(spec.num_layers, spec.batch, spec.kv_heads, spec.max_tokens, spec.head_dim,
+                                 spec.itemsize)
         free = self.ledger.reserve(request.group, nbytes)
         try:
             storage = None
             if self.arena is not None:
                 offset = self.arena.alloc(request.group, nbytes)
                 storage = self.arena_bytes[offset : offset + nbytes]
-            group = _Group(GroupCache(spec, storage))
+            group = _Group((QuantizedGroupCache if quantized else GroupCache)(spec, storage))
         except BaseException:
             self.ledger.free(request.group)
             if self.arena is not None and request.group in self.arena._used:

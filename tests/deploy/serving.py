@@ -21,12 +21,13 @@ def strata(*args: str, timeout: float = 300, check: bool = False) -> subprocess.
                           timeout=timeout, check=check)
 
 
-def shm_entries() -> set[str]:
-    """strata-* regions whose creating process is gone (another run's live regions on
-    the same machine are not ours to judge)."""
+def shm_entries(orphans_only: bool = True) -> set[str]:
+    """strata-* regions; by default only those whose creating process is gone (another
+    run's live regions on the same machine are not ours to judge)."""
     from conftest import _creator_alive
 
-    return {p.name for p in pathlib.Path("/dev/shm").glob("strata-*") if not _creator_alive(p.name)}
+    names = {p.name for p in pathlib.Path("/dev/shm").glob("strata-*")}
+    return {n for n in names if not _creator_alive(n)} if orphans_only else names
 
 
 def device_flags() -> list[str]:

@@ -67,7 +67,7 @@ def session_of(server: Server) -> str:
 
 
 def session_shm(session: str) -> set[str]:
-    return {n for n in shm_entries() if n.startswith(f"strata-{session}-")}
+    return {n for n in shm_entries(orphans_only=False) if n.startswith(f"strata-{session}-")}
 
 
 def raw_generate(address: str, request: generate_pb2.GenerateRequest) -> grpc.RpcError:
