@@ -44,7 +44,6 @@ class LayerWeights:
         """`resident_source(i) -> Packed on device` makes resident layers without the
         host tier (dummy weights generated on the GPU); default: copy from the host."""
         self.host, self.device, self.dtype = host, device, dtype
-        self.resident_ids = resident
         self.cuda = device.type == "cuda"
         self.packed_resident = self.cuda if packed_resident is None else packed_resident
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None

@@ -2,7 +2,7 @@
 shared memory (or read as bytes from a remote store), and the device-resident copies.
 
 Mechanism only: which layers stay resident is the placement's decision
-(compute_node/placement.py)."""
+(strata/placement.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import dataclasses
 import torch
 
 from compute_node.peers import WeightStoreClient
-from strata import quant
 from strata.errors import ErrorKind, StrataError
 from strata.manifest import Manifest, Shard, TensorEntry, layer_shard
 from strata.shm import Region, torch_dtype
@@ -116,22 +115,6 @@ def dummy_layer_on_device(manifest: Manifest, i: int, device: torch.device) -> d
     raw = torch.empty(shard.size, dtype=torch.uint8, device=device)
     fill({shard.name: raw}, manifest, threads=1)
     return shard_views(shard, raw)
-
-
-def materialize(
-    stored: dict[str, StoredTensor], device: torch.device, dtype: torch.dtype, non_blocking: bool = False
-) -> dict[str, torch.Tensor]:
-    """Dense tensors on `device` in `dtype`; quantized tensors are copied packed and
-    dequantized there."""
-    out = {}
-    for name, st in stored.items():
-        if st.entry.quant is None:
-            out[name] = st.parts["data"].to(device, non_blocking=non_blocking).to(dtype)
-            continue
-        data, scale, mn = (st.parts[p].to(device, non_blocking=non_blocking) for p in ("data", "scale", "min"))
-        q = st.entry.quant
-        out[name] = quant.dequantize(data, scale, mn, q.bits, q.group_size, out_dtype=dtype)
-    return out
 
 
 def check_manifest(manifest: Manifest) -> None:
