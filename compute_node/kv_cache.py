@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from compute_node.model import alibi_slopes, attend, attention_bias
+from compute_node.model import attend, attention_bias
+from strata.alibi import alibi_slopes
 from compute_node.peers import KVStoreClient
 from strata.errors import ErrorKind, StrataError
 from strata.shm import dtype_name

@@ -188,17 +188,6 @@ def family_for(config: dict, dims: ModelDims) -> Family:
     return families[config["model_type"]](config, dims)
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """ALiBi head slopes (BLOOM), including the non-power-of-2 interleave."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
-    slopes = [base ** (i + 1) for i in range(closest)]
-    if closest != num_heads:
-        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra ** (2 * i + 1) for i in range(min(closest, num_heads - closest))]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
 def attention_bias(
     pad: torch.Tensor, q_len: int, k_len: int, slopes: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:

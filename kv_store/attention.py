@@ -16,6 +16,7 @@ import mmap
 import torch
 import torch.nn.functional as F
 
+from strata.alibi import alibi_slopes
 from strata.errors import ErrorKind, StrataError
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,19 +68,6 @@ class GroupSpec:
     @property
     def itemsize(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """Per-head ALiBi slopes (float32), exactly as transformers' BLOOM computes them."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
-    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
-    if closest != num_heads:
-        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
-        remaining = min(closest, num_heads - closest)
-        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))
-        slopes = torch.cat([slopes, extra], dim=0)
-    return slopes
 
 
 def build_mask(spec: GroupSpec) -> torch.Tensor | None:

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec, alibi_slopes, build_mask
+from kv_store.attention import GroupCache, GroupSpec, build_mask
+from strata.alibi import alibi_slopes
 from strata.errors import ErrorKind, StrataError
 
 
