@@ -40,6 +40,10 @@ class _Peer:
         except grpc.RpcError as e:
             raise from_rpc_error(e, f"{self.name} at {self.address}") from None
 
+    def health(self, timeout: float = 2.0) -> common_pb2.HealthResponse:
+        """Every service's Health (each subclass sets self.stub)."""
+        return self._call(self.stub.Health, common_pb2.HealthRequest(), timeout)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -50,9 +54,6 @@ class WeightStoreClient(_Peer):
     def __init__(self, address: str, timeout_s: float):
         super().__init__(address, timeout_s)
         self.stub = weight_store_pb2_grpc.WeightStoreStub(self.channel)
-
-    def health(self, timeout: float = 2.0) -> common_pb2.HealthResponse:
-        return self._call(self.stub.Health, common_pb2.HealthRequest(), timeout)
 
     def manifest(self) -> tuple[Manifest, str]:
         resp = self._call(self.stub.GetManifest, weight_store_pb2.GetManifestRequest())
@@ -72,9 +73,6 @@ class KVStoreClient(_Peer):
     def __init__(self, address: str, timeout_s: float):
         super().__init__(address, timeout_s)
         self.stub = kv_store_pb2_grpc.KVStoreStub(self.channel)
-
-    def health(self, timeout: float = 2.0) -> common_pb2.HealthResponse:
-        return self._call(self.stub.Health, common_pb2.HealthRequest(), timeout)
 
     def register_region(self, name: str, byte_size: int) -> None:
         self._call(self.stub.RegisterRegion, common_pb2.RegisterRegionRequest(name=name, byte_size=byte_size))

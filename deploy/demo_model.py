@@ -41,12 +41,11 @@ def make_opt(directory: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Pat
 
     cfg = dict(
         vocab_size=512, hidden_size=128, num_attention_heads=4, num_hidden_layers=3, ffn_dim=256,
-        max_position_embeddings=128, word_embed_proj_dim=128, pad_token_id=0, bos_token_id=1,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0,
     )
     cfg.update(overrides)
-    if "word_embed_proj_dim" not in overrides:
-        cfg["word_embed_proj_dim"] = cfg["hidden_size"]
+    cfg.setdefault("word_embed_proj_dim", cfg["hidden_size"])
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**cfg))
     _save(model, directory)

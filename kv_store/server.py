@@ -138,15 +138,17 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             nbytes = cache_bytes(spec.num_layers, spec.batch, spec.kv_heads, spec.max_tokens, spec.head_dim,
                                  spec.itemsize)
         free = self.ledger.reserve(request.group, nbytes)
+        in_arena = False
         try:
             storage = None
             if self.arena is not None:
                 offset = self.arena.alloc(request.group, nbytes)
+                in_arena = True
                 storage = self.arena_bytes[offset : offset + nbytes]
             group = _Group((QuantizedGroupCache if quantized else GroupCache)(spec, storage))
         except BaseException:
             self.ledger.free(request.group)
-            if self.arena is not None and request.group in self.arena._used:
+            if in_arena:
                 self.arena.release(request.group)
             raise
         with self._groups_lock:

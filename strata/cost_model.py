@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from strata.arch import ModelDims
+from strata.floor import kv_bytes_per_token
 from strata.hardware import HardwareProfile
 
 GIB = 1 << 30
@@ -92,7 +93,7 @@ def layer_params(d: ModelDims) -> float:
 
 
 def kv_bytes_per_token_layer(d: ModelDims) -> float:
-    return 2 * d.kv_heads * d.head_dim * 2  # keys and values, fp16
+    return kv_bytes_per_token(d) / d.num_layers  # keys and values, fp16
 
 
 @dataclasses.dataclass(frozen=True)
