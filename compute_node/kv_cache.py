@@ -37,6 +37,12 @@ class _Shape:
         self.slopes = alibi_slopes(num_heads) if alibi else None
 
 
+def _prompt_attention(s: _Shape, pad: torch.Tensor, q, k, v) -> torch.Tensor:
+    """Causal attention over the whole prompt, on the compute device (both KV modes)."""
+    t = k.shape[2]
+    return attend(q, k, v, attention_bias(pad, t, t, s.slopes, q.dtype), s.scale)
+
+
 class LocalKV:
     """KV on the compute device, [B, heads, max_tokens, head_dim] per layer."""
 
@@ -54,7 +60,7 @@ class LocalKV:
         self.k[layer][:, :, :t] = k
         self.v[layer][:, :, :t] = v
         self.length[layer] = t
-        return attend(q, k, v, attention_bias(self.pad, t, t, self.s.slopes, q.dtype), self.s.scale)
+        return _prompt_attention(self.s, self.pad, q, k, v)
 
     def decode_start(self, layer, q, k, v):
         n = self.length[layer]
@@ -98,8 +104,7 @@ class RemoteKV:
         return host, ref
 
     def prefill(self, layer, q, k, v):
-        t = k.shape[2]
-        out = attend(q, k, v, attention_bias(self.pad, t, t, self.s.slopes, q.dtype), self.s.scale)
+        out = _prompt_attention(self.s, self.pad, q, k, v)
         self.exchange.on_layer(layer)
         (kh, kref), (vh, vref) = (self.exchange.alloc(x.shape, self.dtype) for x in (k, v))
         event = None
