@@ -70,12 +70,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         self.regions = RegionTable()
         self._groups: dict[str, _Group] = {}
         self._groups_lock = threading.Lock()
-        # Every CPU-heavy op runs on one thread, each with every core: ops from several
-        # gRPC threads would each keep an OpenMP team, whose idle threads spin and
-        # steal the cores of the active one (measured 2.5-3x slower attention).
-        # Default: all cores but two. The peers' host threads (gRPC, the compute node's
-        # copies) take a core now and then, and a preempted OpenMP thread stalls the
-        # whole parallel region.
+        # Every CPU-heavy op runs on one thread, so only one OpenMP team is ever
+        # active (ops from several gRPC threads each keep a team that competes for the
+        # cores). Default: all cores but two, left to the peers' host threads; a
+        # preempted OpenMP thread stalls the whole parallel region. Together with the
+        # compute node's blocking syncs this took T1 decode from 71 s to 51 s
+        # (BENCHMARKS.md, runs 4 and 5); the share of each change was not separated.
         threads = config.threads or max(1, (os.cpu_count() or 1) - 2)
         self._cpu = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="kv-compute", initializer=torch.set_num_threads, initargs=(threads,)
@@ -202,7 +202,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             if self.arena is not None:
                 self.arena.release(request.group)
         t = group.timing
-        LOG.info("group %s freed: %d attends, %.3f s attention, %.3f s prefill append",
+        LOG.info("group %s freed: %d attends, %.3f s attention, %.3f s prefill append (both incl. queueing)",
                  request.group[:8], t["attends"], t["attend_s"], t["append_s"])
         return kv_store_pb2.FreeResponse(bytes_free=free)
 
