@@ -19,7 +19,6 @@ import psutil
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
-from strata import shapes
 from strata.arch import dims_for
 from strata.errors import ErrorKind, StrataError
 from strata.manifest import Manifest
@@ -62,7 +61,8 @@ class HostMemorySampler:
 
     def _pss(self) -> int:
         total = 0
-        procs = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+        root = psutil.Process(self.root)
+        procs = [root, *root.children(recursive=True)]
         for p in procs:
             try:
                 with open(f"/proc/{p.pid}/smaps_rollup") as f:
@@ -113,9 +113,7 @@ def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
 
 
 def run(a: BenchArgs, progress: bool) -> dict:
-    if a.dummy:
-        shapes.config_for(a.model)  # unknown shape: clear error before anything starts
-    config, weight_bytes = _model_facts(a)
+    config, weight_bytes = _model_facts(a)  # an unknown shape is a clear error before anything starts
     dims = dims_for(config)
     opts = ServeOptions(
         model_dir="" if a.dummy else a.model, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
