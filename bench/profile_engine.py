@@ -15,7 +15,8 @@ from compute_node.layer_weights import LayerWeights
 from strata.placement import resident_layers
 from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
-from weight_store.dummy import dummy_manifest, fill
+from strata.dummy_fill import fill
+from weight_store.dummy import dummy_manifest
 
 
 def main() -> None:

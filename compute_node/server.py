@@ -45,16 +45,16 @@ class ComputeNode:
     def __init__(self, config: ComputeNodeConfig, transport: str = "shm"):
         self.config = config
         self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        cuda = self.device.type == "cuda"
+        if cuda and not torch.cuda.is_available():
             raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
         self.dtype = compute_dtype(config)
-        if self.device.type == "cuda":
+        if cuda:
             torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
         self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if config.kv_offload else None
         self.host = HostWeights.from_store(self.ws, transport)
         check_manifest(self.host.manifest)
-        cuda = self.device.type == "cuda"
         if cuda and transport == "shm":
             self.host.pin()
         manifest = self.host.manifest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from strata import arch, manifest, quant, shapes
-from strata.dummy_fill import fill  # noqa: F401  (re-exported for the weight store)
 from weight_store.convert import make_policy, plan_shards
 
 def _meta_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -117,9 +117,9 @@ def _held_shards(config: WeightStoreConfig, manifest: Manifest) -> set[str] | No
 def _populate(config: WeightStoreConfig, manifest: Manifest, tier: HostTier, stop: threading.Event | None) -> None:
     """Dummy: random weights straight into the tier. Preload: read every shard."""
     if config.dummy:
-        from weight_store import dummy
+        from strata.dummy_fill import fill
 
-        tier.fill_all(lambda views: dummy.fill(views, manifest, threads=config.reader_threads))
+        tier.fill_all(lambda views: fill(views, manifest, threads=config.reader_threads))
     elif config.preload:
         tier.load_all(stop)
     log.info("host tier: %d/%d shards loaded", tier.loaded_count(), len(manifest.shards))
