@@ -1,11 +1,10 @@
 """`--dummy` weights for benchmarks: a model shape's manifest made without a
-checkpoint, and random weights written straight into the host tier (no disk, no
-download), so an OPT-175B run starts in seconds.
+checkpoint, so an OPT-175B run starts in seconds (no disk, no download).
 
 The manifest is the one the converter would write for that checkpoint (same shards,
-names, quantization policy and offsets); only the sha256 fields are empty, and the
-numbers are random: packed INT4/INT8 codes with plausible scales, layer norms at 1,
-biases at 0, embeddings ~N(0, 0.02)."""
+names, quantization policy and offsets); only the sha256 fields are empty. The
+random numbers themselves are written by strata/dummy_fill.py, into the host tier
+or, for GPU-resident layers, straight into device memory."""
 
 from __future__ import annotations
 
