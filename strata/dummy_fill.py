@@ -5,6 +5,7 @@ norms at 1, biases at 0, embeddings ~N(0, 0.02). The layout comes from the manif
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import zlib
 
 import torch
@@ -12,6 +13,14 @@ import torch
 from strata import manifest
 
 _BLOCK = 16 << 20  # random bytes tiled over packed codes
+
+
+@functools.lru_cache(maxsize=4)
+def _random_block(device: torch.device, seed: int) -> torch.Tensor:
+    """The random bytes tiled over packed codes, made once per device (the compute
+    node fills its GPU-resident dummy layers one call per layer)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (_BLOCK,), dtype=torch.uint8, generator=g).to(device)
 
 
 def _fill_part(view: torch.Tensor, local: str, pname: str, entry: manifest.TensorEntry, block: torch.Tensor,
@@ -38,16 +47,10 @@ def _fill_part(view: torch.Tensor, local: str, pname: str, entry: manifest.Tenso
 def fill(shard_bytes: dict[str, torch.Tensor], m: manifest.Manifest, seed: int = 0, threads: int = 8) -> None:
     """Write random weights into each shard's bytes (uint8 views of the host tier, or
     device buffers: dummy layers made directly on the GPU)."""
-    blocks: dict[torch.device, torch.Tensor] = {}
-    for raw in shard_bytes.values():
-        if raw.device not in blocks:
-            g = torch.Generator().manual_seed(seed)
-            blocks[raw.device] = torch.randint(0, 256, (_BLOCK,), dtype=torch.uint8, generator=g).to(raw.device)
-
     def one(name: str) -> None:
         raw = shard_bytes[name]
         gen = torch.Generator(device=raw.device).manual_seed(seed + zlib.crc32(name.encode()))
-        block = blocks[raw.device]
+        block = _random_block(raw.device, seed)
         for local, entry in m.shards[name].tensors.items():
             for pname, part in entry.parts.items():
                 _fill_part(raw[part.offset : part.offset + part.length], local, pname, entry, block, gen)
