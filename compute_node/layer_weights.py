@@ -18,10 +18,12 @@ from strata.manifest import layer_shard
 Packed = dict[str, StoredTensor]
 
 
-def to_device(stored: Packed, device: torch.device, non_blocking: bool = False) -> Packed:
-    """Copies of the stored parts on `device`, still packed."""
+def to_device(stored: Packed, device: torch.device, non_blocking: bool = False, copy: bool = False) -> Packed:
+    """The stored parts on `device`, still packed (`copy`: always a copy, never the
+    host memory itself, e.g. a staging slot about to be reused)."""
     return {
-        name: StoredTensor(st.entry, {p: t.to(device, non_blocking=non_blocking) for p, t in st.parts.items()})
+        name: StoredTensor(st.entry, {p: t.to(device, non_blocking=non_blocking, copy=copy)
+                                      for p, t in st.parts.items()})
         for name, st in stored.items()
     }
 
@@ -53,23 +55,35 @@ class LayerWeights:
         self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
         self._inflight: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
-        self.embed = dense(to_device(host.shard("embed"), device), dtype)
-        self.head = dense(to_device(host.shard("head"), device), dtype)
+        self.embed = dense(self._copied("embed"), dtype)
+        self.head = dense(self._copied("head"), dtype)
         for i in sorted(resident):
-            packed = resident_source(i) if resident_source else to_device(host.shard(layer_shard(i)), device)
+            packed = resident_source(i) if resident_source else self._copied(layer_shard(i))
             self._resident[i] = packed if self.packed_resident else dense(packed, dtype)
+        if host.stager is not None:  # from now on, the disk reads run ahead of the passes
+            host.stager.start([layer_shard(i) for i in self.streamed if layer_shard(i) in host.disk])
+
+    def _copied(self, name: str) -> Packed:
+        """A shard copied to the device once (from the host tier, or read from disk)."""
+        with self.host.borrow(name) as stored:
+            return to_device(stored, self.device, copy=name in self.host.disk)
 
     def _enqueue(self, i: int) -> None:
         self.loads.append(i)
-        stored = self.host.shard(layer_shard(i))
+        name = layer_shard(i)
+        slot, stored = self.host.staged(name) if name in self.host.disk else (None, self.host.shard(name))
         if not self.cuda:
-            self._inflight[i] = (dense(stored, self.dtype), None)
+            self._inflight[i] = (dense(to_device(stored, self.device, copy=slot is not None), self.dtype), None)
+            if slot is not None:
+                self.host.stager.release(slot)  # type: ignore[union-attr]
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             w = dense(to_device(stored, self.device, non_blocking=True), self.dtype)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
+        if slot is not None:  # the slot is read again once the copy out of it is done
+            self.host.stager.release(slot, event)  # type: ignore[union-attr]
         self._inflight[i] = (w, event)
 
     def top_up(self) -> None:

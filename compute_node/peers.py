@@ -59,9 +59,14 @@ class WeightStoreClient(_Peer):
         resp = self._call(self.stub.GetManifest, weight_store_pb2.GetManifestRequest())
         return Manifest.from_json(resp.manifest_json, where=f"manifest from {self.address}"), resp.tokenizer_json
 
-    def locate(self, shards: list[str] | None = None) -> dict[str, weight_store_pb2.ShardLocation]:
-        resp = self._call(self.stub.LocateShards, weight_store_pb2.LocateShardsRequest(shards=shards or []))
-        return {loc.shard: loc for loc in resp.locations}
+    def locate(self, shards: list[str] | None = None) -> weight_store_pb2.LocateShardsResponse:
+        """Where each shard is: in the host tier, or on disk (then `staging` says where
+        StageShard reads it to)."""
+        return self._call(self.stub.LocateShards, weight_store_pb2.LocateShardsRequest(shards=shards or []))
+
+    def stage_async(self, request: weight_store_pb2.StageShardRequest):
+        """Read a disk-tier shard into a staging slot (an RPC future; see `result`)."""
+        return self._future(self.stub.StageShard, request)
 
     def read_shard(self, shard: str) -> bytes:
         return self._call(self.stub.ReadShard, weight_store_pb2.ReadShardRequest(shard=shard)).data

@@ -1,15 +1,19 @@
 """The compute node's view of the weights: the weight store's host tier, mapped from
-shared memory (or read as bytes from a remote store), and the device-resident copies.
+shared memory (or read as bytes from a remote store), and its disk tier, read into
+staging slots on request (compute_node/disk_stage.py).
 
 Mechanism only: which layers stay resident is the placement's decision
 (strata/placement.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import torch
 
+from compute_node.disk_stage import DiskStager
 from compute_node.peers import WeightStoreClient
 from strata.errors import ErrorKind, StrataError
 from strata.manifest import Manifest, Shard, TensorEntry, layer_shard
@@ -25,32 +29,43 @@ class StoredTensor:
 
 
 class HostWeights:
-    """Every shard of the model as views into host memory (zero-copy when shared)."""
+    """Every shard of the model as views into host memory (zero-copy when shared), or,
+    for the disk tier, a `stager` that reads a shard into a staging slot on request."""
 
-    def __init__(self, manifest: Manifest, tokenizer_json: str, raw: dict[str, torch.Tensor], regions: list[Region]):
+    def __init__(self, manifest: Manifest, tokenizer_json: str, raw: dict[str, torch.Tensor], regions: list[Region],
+                 stager: DiskStager | None = None, disk: frozenset[str] = frozenset()):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self._regions = regions
         self._pinned: list[int] = []
         self._shards = {name: shard_views(manifest.shards[name], raw[name]) for name in raw}
+        self.stager, self.disk = stager, disk
 
     @classmethod
     def from_store(cls, client: WeightStoreClient, transport: str = "shm") -> "HostWeights":
         """Map the weight store's host tier ("shm"), or fetch every shard as bytes
         ("bytes": the fallback for a store on another host)."""
         manifest, tokenizer_json = client.manifest()
+        if transport not in ("shm", "bytes"):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"unknown weight transport {transport!r}")
+        located = client.locate()
+        disk = frozenset(loc.shard for loc in located.locations if loc.on_disk)
+        if disk and transport != "shm":
+            raise StrataError(ErrorKind.FAILED_PRECONDITION,
+                              f"{len(disk)} shards are on the weight store's disk; the bytes transport needs them "
+                              "in its host tier (start it without --disk-offload / --host-budget-gb)")
         raw: dict[str, torch.Tensor] = {}
         regions: dict[str, Region] = {}
-        if transport == "shm":
-            for name, loc in client.locate().items():
-                region = regions.get(loc.region) or Region.attach(loc.region)
-                regions[loc.region] = region
-                raw[name] = region.bytes_view(loc.offset, loc.byte_size)
-        elif transport == "bytes":
-            for name in manifest.shards:
-                raw[name] = torch.frombuffer(bytearray(client.read_shard(name)), dtype=torch.uint8)
-        else:
-            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"unknown weight transport {transport!r}")
-        return cls(manifest, tokenizer_json, raw, list(regions.values()))
+        for loc in located.locations:
+            if loc.on_disk:
+                continue
+            if transport == "bytes":
+                raw[loc.shard] = torch.frombuffer(bytearray(client.read_shard(loc.shard)), dtype=torch.uint8)
+                continue
+            region = regions.get(loc.region) or Region.attach(loc.region)
+            regions[loc.region] = region
+            raw[loc.shard] = region.bytes_view(loc.offset, loc.byte_size)
+        stager = DiskStager(client, located.staging, manifest) if disk else None
+        return cls(manifest, tokenizer_json, raw, list(regions.values()), stager, disk)
 
     @classmethod
     def from_directory(cls, directory) -> "HostWeights":
@@ -70,12 +85,31 @@ class HostWeights:
             raise StrataError(ErrorKind.NOT_FOUND, f"shard {name!r} is not in the host tier") from None
 
     def holds(self, name: str) -> bool:
-        return name in self._shards
+        return name in self._shards or name in self.disk
+
+    @contextlib.contextmanager
+    def borrow(self, name: str) -> Iterator[dict[str, StoredTensor]]:
+        """A shard's views for a synchronous copy, wherever it lives: the host tier, or
+        a staging slot held for the duration (disk tier)."""
+        if name not in self.disk:
+            yield self.shard(name)
+            return
+        slot, raw = self.stager.take(name)  # type: ignore[union-attr]
+        try:
+            yield shard_views(self.manifest.shards[name], raw)
+        finally:
+            self.stager.release(slot)  # type: ignore[union-attr]
+
+    def staged(self, name: str) -> tuple[int, dict[str, StoredTensor]]:
+        """A disk-tier shard read into a staging slot: (slot, views); give the slot
+        back with `stager.release(slot, event)` once copied out."""
+        slot, raw = self.stager.take(name)  # type: ignore[union-attr]
+        return slot, shard_views(self.manifest.shards[name], raw)
 
     def pin(self) -> None:
-        """Page-lock the mapped host tier for fast async host-to-GPU copies."""
+        """Page-lock the mapped host tier (and staging slots) for async host-to-GPU copies."""
         cudart = torch.cuda.cudart()
-        for region in self._regions:
+        for region in self._regions + ([self.stager.region] if self.stager else []):
             err = cudart.cudaHostRegister(region.data_ptr(), region.size, 0)
             if int(err) != 0:
                 raise StrataError(ErrorKind.INTERNAL, f"cudaHostRegister of {region.name} failed ({err})")
@@ -87,6 +121,8 @@ class HostWeights:
             for ptr in self._pinned:
                 cudart.cudaHostUnregister(ptr)
             self._pinned.clear()
+        if self.stager is not None:
+            self.stager.close()
         self._shards.clear()
         for region in self._regions:
             region.close()

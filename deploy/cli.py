@@ -35,6 +35,7 @@ def serve_options(a):
         model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload, kv_bits=a.kv_bits,
         kv_capacity_bytes=int(a.kv_capacity_gb * (1 << 30)), gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
+        disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * (1 << 30)),
     )
 
 
@@ -151,6 +152,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
                    help="with --kv-offload: KV cache stored group-wise quantized on head_dim")
     s.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the device")
+    s.add_argument("--disk-offload", action="store_true",
+                   help="streamed layers stay on disk, read through staging slots every pass")
+    s.add_argument("--host-budget-gb", type=float, default=0.0,
+                   help="host memory for the weights' host tier (0 = no limit); layers beyond it stay on disk")
     s.add_argument("--micro-batches", type=int, default=1)
     s.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])
     s.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of every call between services")

@@ -50,6 +50,8 @@ class ServeOptions:
     dummy: str = ""  # weight store makes random weights of this shape (bench)
     quant_bits: int = 4
     group_size: int = 64
+    disk_offload: bool = False  # streamed layers read from disk every pass
+    host_budget_bytes: int = 0  # weights' host tier + staging slots; 0 = no limit
 
 
 class Services:
@@ -76,10 +78,12 @@ class Services:
     def start(self) -> str:
         o = self.opts
         try:
-            ws = ["weight_store", "--model", o.model_dir, "--listen", self.weight_store_addr, "--session", self.session]
+            ws = ["weight_store", "--model", o.model_dir, "--listen", self.weight_store_addr, "--session", self.session,
+                  "--gpu-share", str(o.gpu_weight_share), "--host-budget-gb", str(o.host_budget_bytes / 2**30)]
+            if o.disk_offload:
+                ws.append("--disk-offload")
             if o.dummy:
-                ws += ["--dummy", o.dummy, "--quant-bits", str(o.quant_bits), "--group-size", str(o.group_size),
-                       "--dummy-gpu-share", str(o.gpu_weight_share)]
+                ws += ["--dummy", o.dummy, "--quant-bits", str(o.quant_bits), "--group-size", str(o.group_size)]
             self._spawn("weight store", ws)
             if o.kv_offload:
                 self._spawn("KV store", ["kv_store", "--listen", self.kv_store_addr, "--session", self.session,

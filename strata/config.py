@@ -17,7 +17,11 @@ class WeightStoreConfig:
     dummy: str = ""  # bench: "<model shape name>" makes random packed weights in memory, no files
     dummy_bits: int = 4
     dummy_group_size: int = 64
-    dummy_gpu_share: float = 0.0  # dummy layers resident on the GPU are made there, not held here
+    # Share of layers the compute node keeps resident on the GPU (strata/placement.py):
+    # dummy ones are made there; with a disk tier they are read once from disk, not held.
+    gpu_share: float = 0.0
+    host_budget_bytes: int = 0  # 0 = no limit; else host tier + staging slots fit in it, other layers on disk
+    disk_offload: bool = False  # streamed layers on disk (cached in the host tier within the budget)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,12 @@
-"""Placement policy (no torch): which layers stay resident on the compute device.
-The rest stream from the host tier each forward pass."""
+"""Placement policy (no torch): which layers stay resident on the compute device
+(the rest stream every forward pass), and which shards the weight store holds in the
+host tier rather than reading them from disk."""
 
 from __future__ import annotations
+
+import dataclasses
+
+from strata.errors import ErrorKind, StrataError
 
 
 def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
@@ -14,3 +19,60 @@ def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
     if k == 0:
         return set()
     return {int(j * num_layers / k) for j in range(k)}
+
+
+STAGING_SLOTS = 3  # disk reads in flight while the compute node copies the third slot to the GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class TierPlan:
+    """Where the weight store keeps each shard: `host` shards in the host tier, `disk`
+    shards read from their files into `staging_slots` slots of `slot_bytes` on request."""
+
+    host: frozenset[str]
+    disk: frozenset[str]
+    staging_slots: int
+    slot_bytes: int
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_slots * self.slot_bytes
+
+    def summary(self) -> str:
+        return (f"{len(self.host)} shards in the host tier, {len(self.disk)} on disk "
+                f"({self.staging_slots} staging slots of {self.slot_bytes} bytes)")
+
+
+def tier_plan(sizes: dict[str, int], num_layers: int, gpu_share: float, host_budget: int | None,
+              disk_offload: bool, slots: int = STAGING_SLOTS) -> TierPlan:
+    """Which shards the host tier holds within `host_budget` bytes (None: no limit).
+
+    `sizes`: each shard's aligned size ("embed", "head", "layer.{i}"). Embeddings and
+    head always sit in the host tier. With a budget or `disk_offload`, layers resident
+    on the GPU are read once from disk (never held), and streamed layers fill the
+    host tier in pass order until the budget, less the staging slots, is spent; the
+    rest (the last ones) are read from disk every pass. `disk_offload` with no budget
+    keeps every layer on disk. Without either, the host tier holds everything."""
+    layers = [f"layer.{i}" for i in range(num_layers)]
+    fixed = [n for n in sizes if n not in set(layers)]
+    if host_budget is None and not disk_offload:
+        return TierPlan(frozenset(sizes), frozenset(), 0, 0)
+    resident = {f"layer.{i}" for i in resident_layers(num_layers, gpu_share)}
+    streamed = [n for n in layers if n not in resident]
+    slot_bytes = max(sizes[n] for n in layers)
+    need = sum(sizes[n] for n in fixed) + slots * slot_bytes
+    if host_budget is not None and host_budget < need:
+        raise StrataError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            f"host budget of {host_budget} bytes is {need - host_budget} bytes short of what embeddings, head "
+            f"and {slots} staging slots need ({need} bytes)")
+    room = (host_budget - need) if host_budget is not None else 0
+    cached = []
+    for n in streamed:
+        if sizes[n] > room:
+            break
+        cached.append(n)
+        room -= sizes[n]
+    host = frozenset(fixed + cached)
+    disk = frozenset(n for n in layers if n not in host)
+    return TierPlan(host, disk, slots if disk else 0, slot_bytes if disk else 0)

@@ -43,22 +43,34 @@ def layout(manifest: Manifest, only: set[str] | None = None) -> tuple[dict[str, 
     for name, shard in manifest.shards.items():
         if only is not None and name not in only:
             continue
-        size = max([shard.size] + [p.offset + p.length for t in shard.tensors.values() for p in t.parts.values()])
+        size = shard_bytes(shard)
         slots[name] = Slot(name, offset, size)
         offset += align(size)
     return slots, offset
 
 
-def verify_shard(shard: Shard, path: str, data: torch.Tensor) -> None:
-    """sha256 of every part of `shard` (its bytes in `data`) against the manifest."""
-    for tensor_name, entry in shard.tensors.items():
-        for part_name, part in entry.parts.items():
-            piece = data[part.offset : part.offset + part.length].numpy()
-            if hashlib.sha256(memoryview(piece)).hexdigest() != part.sha256:
-                raise StrataError(
-                    ErrorKind.DATA_LOSS,
-                    f"shard file {path}, tensor {tensor_name} part {part_name}: sha256 mismatch",
-                )
+def shard_bytes(shard: Shard) -> int:
+    """Bytes of a shard's file the manifest accounts for."""
+    return max([shard.size] + [p.offset + p.length for t in shard.tensors.values() for p in t.parts.values()])
+
+
+def verify_shard(shard: Shard, path: str, data: torch.Tensor,
+                 pool: concurrent.futures.Executor | None = None) -> None:
+    """sha256 of every part of `shard` (its bytes in `data`) against the manifest; with
+    a `pool`, the parts are hashed in parallel (hashlib releases the GIL)."""
+    parts = [(t, p, part) for t, entry in shard.tensors.items() for p, part in entry.parts.items()]
+
+    def digest(part) -> str:
+        return hashlib.sha256(memoryview(data[part.offset : part.offset + part.length].numpy())).hexdigest()
+
+    digests = pool.map(digest, [x[2] for x in parts]) if pool else map(digest, [x[2] for x in parts])
+    for (tensor_name, part_name, part), got in zip(parts, digests):
+        if got != part.sha256:
+            raise StrataError(
+                ErrorKind.DATA_LOSS,
+                f"shard {shard.name!r} (file {path}), tensor {tensor_name} part {part_name} at offset "
+                f"{part.offset} ({part.length} bytes): sha256 mismatch",
+            )
 
 
 class HostTier:
@@ -73,7 +85,7 @@ class HostTier:
         self._reader = reader
         self._verify = verify
         self._slots, size = layout(manifest, only)
-        _check_shm_space(size)
+        check_shm_space(size)
         self.region = shm.Region.create(shm.region_name(session, "weights"), size)
         self._loaded: set[str] = set()
         self._locks = {name: threading.Lock() for name in self._slots}
@@ -160,7 +172,7 @@ class HostTier:
         self.region.close()
 
 
-def _check_shm_space(size: int) -> None:
+def check_shm_space(size: int) -> None:
     """Fail clearly up front instead of SIGBUS on a full /dev/shm."""
     st = os.statvfs(shm.SHM_DIR)
     free = st.f_bavail * st.f_frsize

@@ -2,9 +2,13 @@
 fallback for a peer on another host.
 
 Run as `python -m weight_store --model DIR --listen ADDR --session S`. With preload
-(the default) every shard is read and verified at start and a corrupt shard stops the
-process with its DATA_LOSS message; without preload, shards load on first
+(the default) every host-tier shard is read and verified at start and a corrupt shard
+stops the process with its DATA_LOSS message; without preload, shards load on first
 LocateShards / ReadShard and a corrupt one is answered with DATA_LOSS.
+
+With `--host-budget-gb` or `--disk-offload`, the shards the host tier cannot hold
+(strata/placement.py `tier_plan`) stay on disk and are read into staging slots with
+StageShard each time the compute node needs them (weight_store/staging.py).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from strata import shm
 from strata.config import WeightStoreConfig
 from strata.errors import ErrorKind, StrataError, grpc_method
 from strata.manifest import Manifest, layer_shard
-from strata.placement import resident_layers
+from strata.placement import TierPlan, resident_layers, tier_plan
 from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
-from weight_store.host_tier import HostTier
+from weight_store.host_tier import HostTier, shard_bytes
 from weight_store.reader import make_reader
+from weight_store.staging import StagingArea
 
 log = logging.getLogger("weight_store")
 
@@ -38,10 +43,12 @@ TOKENIZER = "tokenizer.json"
 class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
     """Answers from one manifest and its host tier."""
 
-    def __init__(self, config: WeightStoreConfig, manifest: Manifest, tier: HostTier):
+    def __init__(self, config: WeightStoreConfig, manifest: Manifest, tier: HostTier,
+                 staging: StagingArea | None = None):
         self.config = config
         self.manifest = manifest
         self.tier = tier
+        self.staging = staging
         self._manifest_json = manifest.to_json()
         tokenizer = pathlib.Path(config.model_dir) / TOKENIZER if config.model_dir else None
         self._tokenizer_json = tokenizer.read_text() if tokenizer and tokenizer.is_file() else ""
@@ -51,8 +58,10 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
     def Health(self, request, context):
         loaded, total = self.tier.loaded_count(), len(self.tier.shard_names)
         ready = loaded == total or not self.config.preload
+        on_disk = f", {len(self.staging.shards)} on disk" if self.staging else ""
         return common_pb2.HealthResponse(
-            ready=ready, service=SERVICE, detail=f"{loaded}/{total} shards loaded in {self.tier.region_name}"
+            ready=ready, service=SERVICE,
+            detail=f"{loaded}/{total} shards loaded in {self.tier.region_name}{on_disk}",
         )
 
     @grpc_method
@@ -61,23 +70,48 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
             manifest_json=self._manifest_json, tokenizer_json=self._tokenizer_json
         )
 
+    def _on_disk(self, name: str) -> bool:
+        return self.staging is not None and name in self.staging.shards
+
     @grpc_method
     def LocateShards(self, request, context):
-        names = list(request.shards) or self.tier.shard_names
+        disk = sorted(self.staging.shards) if self.staging else []
+        names = list(request.shards) or self.tier.shard_names + disk
         for name in names:
-            self.tier.slot(name)  # NOT_FOUND before loading anything
+            if not self._on_disk(name):
+                self.tier.slot(name)  # NOT_FOUND before loading anything
         locations = []
         for name in names:
+            if self._on_disk(name):
+                size = shard_bytes(self.manifest.shards[name])
+                locations.append(weight_store_pb2.ShardLocation(shard=name, byte_size=size, on_disk=True))
+                continue
             slot = self.tier.ensure_loaded(name)
             locations.append(
                 weight_store_pb2.ShardLocation(
                     shard=name, region=self.tier.region_name, offset=slot.offset, byte_size=slot.byte_size
                 )
             )
-        return weight_store_pb2.LocateShardsResponse(locations=locations)
+        response = weight_store_pb2.LocateShardsResponse(locations=locations)
+        if self.staging:
+            response.staging.CopyFrom(weight_store_pb2.Staging(
+                region=self.staging.region.name, slots=self.staging.slots, slot_bytes=self.staging.slot_bytes))
+        return response
+
+    @grpc_method
+    def StageShard(self, request, context):
+        if self.staging is None:
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, "every shard is in the host tier; nothing to stage")
+        place, took = self.staging.stage(request.shard, request.slot)
+        location = weight_store_pb2.ShardLocation(
+            shard=place.shard, region=self.staging.region.name, offset=place.offset, byte_size=place.byte_size)
+        return weight_store_pb2.StageShardResponse(location=location, read_s=took)
 
     @grpc_method
     def ReadShard(self, request, context):
+        if self._on_disk(request.shard):
+            raise StrataError(ErrorKind.FAILED_PRECONDITION,
+                              f"shard {request.shard!r} is on disk; the bytes transport needs it in the host tier")
         slot = self.tier.slot(request.shard)
         if slot.byte_size > MAX_MESSAGE_BYTES - (1 << 20):
             raise StrataError(
@@ -106,12 +140,19 @@ def load_manifest(config: WeightStoreConfig) -> Manifest:
     return Manifest.load(config.model_dir)
 
 
-def _held_shards(config: WeightStoreConfig, manifest: Manifest) -> set[str] | None:
-    """Dummy runs leave out the layers the compute node makes on the GPU itself."""
-    if not (config.dummy and config.dummy_gpu_share > 0):
-        return None
-    on_gpu = {layer_shard(i) for i in resident_layers(manifest.num_layers, config.dummy_gpu_share)}
-    return set(manifest.shards) - on_gpu
+def plan_tiers(config: WeightStoreConfig, manifest: Manifest) -> TierPlan:
+    """Which shards the host tier holds. Dummy runs have no files: they hold every
+    shard except the layers the compute node makes on the GPU itself."""
+    if config.dummy:
+        if config.disk_offload or config.host_budget_bytes:
+            raise StrataError(ErrorKind.FAILED_PRECONDITION,
+                              "dummy weights have no files to read from disk; write them to a directory first "
+                              "(strata bench --dummy --disk-offload does)")
+        on_gpu = {layer_shard(i) for i in resident_layers(manifest.num_layers, config.gpu_share)}
+        return TierPlan(frozenset(set(manifest.shards) - on_gpu), frozenset(), 0, 0)
+    sizes = {name: shard_bytes(s) for name, s in manifest.shards.items()}
+    return tier_plan(sizes, manifest.num_layers, config.gpu_share, config.host_budget_bytes or None,
+                     config.disk_offload)
 
 
 def _populate(config: WeightStoreConfig, manifest: Manifest, tier: HostTier, stop: threading.Event | None) -> None:
@@ -143,27 +184,31 @@ def serve(config: WeightStoreConfig, stop: threading.Event | None = None,
     before returning (Health says not ready meanwhile; a set `stop` cuts the preload
     short). On failure nothing is left running and no region is left behind."""
     manifest = manifest or load_manifest(config)
+    plan = plan_tiers(config, manifest)
     reader = None if config.dummy else make_reader(config.reader_threads)
+    tier = staging = server = None
     try:
         tier = HostTier(config.model_dir, manifest, config.session, reader,
-                        verify=config.verify and not config.dummy, only=_held_shards(config, manifest))
-    except BaseException:
-        if reader is not None:
-            reader.close()
-        raise
-    server = None
-    try:
-        servicer = WeightStoreServicer(config, manifest, tier)
+                        verify=config.verify and not config.dummy, only=set(plan.host))
+        if plan.disk:
+            staging = StagingArea(config.model_dir, manifest, config.session, reader, plan.disk,
+                                  plan.staging_slots, plan.slot_bytes, verify=config.verify)
+        servicer = WeightStoreServicer(config, manifest, tier, staging)
         server = _grpc_server(servicer, config.listen)
         server.start()
-        log.info("serving %s (%d shards, region %s) on %s", config.dummy or config.model_dir,
-                 len(manifest.shards), tier.region_name, config.listen)
+        log.info("serving %s (%s, region %s) on %s", config.dummy or config.model_dir, plan.summary(),
+                 tier.region_name, config.listen)
         _populate(config, manifest, tier, stop)
         return server, servicer
     except BaseException:
         if server is not None:
             server.stop(grace=None)
-        tier.close()
+        if staging is not None:
+            staging.close()
+        if tier is not None:
+            tier.close()  # closes the reader too
+        elif reader is not None:
+            reader.close()
         raise
 
 
@@ -173,8 +218,13 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
     p.add_argument("--dummy", default="", metavar="SHAPE", help="random weights of a built-in shape, no files")
     p.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16], help="with --dummy")
     p.add_argument("--group-size", type=int, default=64, help="with --dummy")
-    p.add_argument("--dummy-gpu-share", type=float, default=0.0,
-                   help="with --dummy: these layers are made on the GPU by the compute node; not held here")
+    p.add_argument("--gpu-share", type=float, default=0.0,
+                   help="share of layers the compute node keeps on the GPU: with --dummy made there, "
+                        "with a disk tier read once from disk; never held in the host tier")
+    p.add_argument("--host-budget-gb", type=float, default=0.0,
+                   help="host memory for the host tier and staging slots; layers beyond it stay on disk")
+    p.add_argument("--disk-offload", action="store_true",
+                   help="streamed layers stay on disk (the host tier caches some within --host-budget-gb)")
     p.add_argument("--listen", required=True, help='"unix:///path/to.sock" or "host:port"')
     p.add_argument("--session", default="", help="shared-memory name prefix (default: a new one)")
     p.add_argument("--reader-threads", type=int, default=8)
@@ -186,7 +236,8 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
     return WeightStoreConfig(
         model_dir=a.model, listen=a.listen, session=a.session or shm.new_session_id(),
         reader_threads=a.reader_threads, preload=not a.no_preload, verify=not a.no_verify, dummy=a.dummy,
-        dummy_bits=a.quant_bits, dummy_group_size=a.group_size, dummy_gpu_share=a.dummy_gpu_share,
+        dummy_bits=a.quant_bits, dummy_group_size=a.group_size, gpu_share=a.gpu_share,
+        host_budget_bytes=int(a.host_budget_gb * 2**30), disk_offload=a.disk_offload,
     )
 
 
@@ -214,5 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stopping")
     finally:
         server.stop(grace=2.0).wait()
+        if servicer.staging is not None:
+            servicer.staging.close()
         servicer.tier.close()
     return 0

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata.wire import common_pb2 as strata_dot_wire_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estrata/wire/weight_store.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x14\n\x12GetManifestRequest\"D\n\x13GetManifestResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\t\"%\n\x13LocateShardsRequest\x12\x0e\n\x06shards\x18\x01 \x03(\t\"Q\n\rShardLocation\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"E\n\x14LocateShardsResponse\x12-\n\tlocations\x18\x01 \x03(\x0b\x32\x1a.strata.wire.ShardLocation\"!\n\x10ReadShardRequest\x12\r\n\x05shard\x18\x01 \x01(\t\"!\n\x11ReadShardResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xc3\x02\n\x0bWeightStore\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12P\n\x0bGetManifest\x12\x1f.strata.wire.GetManifestRequest\x1a .strata.wire.GetManifestResponse\x12S\n\x0cLocateShards\x12 .strata.wire.LocateShardsRequest\x1a!.strata.wire.LocateShardsResponse\x12J\n\tReadShard\x12\x1d.strata.wire.ReadShardRequest\x1a\x1e.strata.wire.ReadShardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estrata/wire/weight_store.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x14\n\x12GetManifestRequest\"D\n\x13GetManifestResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\t\"%\n\x13LocateShardsRequest\x12\x0e\n\x06shards\x18\x01 \x03(\t\"b\n\rShardLocation\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\x0f\n\x07on_disk\x18\x05 \x01(\x08\"l\n\x14LocateShardsResponse\x12-\n\tlocations\x18\x01 \x03(\x0b\x32\x1a.strata.wire.ShardLocation\x12%\n\x07staging\x18\x02 \x01(\x0b\x32\x14.strata.wire.Staging\"<\n\x07Staging\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x12\n\nslot_bytes\x18\x03 \x01(\x04\"0\n\x11StageShardRequest\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\"R\n\x12StageShardResponse\x12,\n\x08location\x18\x01 \x01(\x0b\x32\x1a.strata.wire.ShardLocation\x12\x0e\n\x06read_s\x18\x02 \x01(\x01\"!\n\x10ReadShardRequest\x12\r\n\x05shard\x18\x01 \x01(\t\"!\n\x11ReadShardResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\x92\x03\n\x0bWeightStore\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12P\n\x0bGetManifest\x12\x1f.strata.wire.GetManifestRequest\x1a .strata.wire.GetManifestResponse\x12S\n\x0cLocateShards\x12 .strata.wire.LocateShardsRequest\x1a!.strata.wire.LocateShardsResponse\x12J\n\tReadShard\x12\x1d.strata.wire.ReadShardRequest\x1a\x1e.strata.wire.ReadShardResponse\x12M\n\nStageShard\x12\x1e.strata.wire.StageShardRequest\x1a\x1f.strata.wire.StageShardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCATESHARDSREQUEST']._serialized_start=165
   _globals['_LOCATESHARDSREQUEST']._serialized_end=202
   _globals['_SHARDLOCATION']._serialized_start=204
-  _globals['_SHARDLOCATION']._serialized_end=285
-  _globals['_LOCATESHARDSRESPONSE']._serialized_start=287
-  _globals['_LOCATESHARDSRESPONSE']._serialized_end=356
-  _globals['_READSHARDREQUEST']._serialized_start=358
-  _globals['_READSHARDREQUEST']._serialized_end=391
-  _globals['_READSHARDRESPONSE']._serialized_start=393
-  _globals['_READSHARDRESPONSE']._serialized_end=426
-  _globals['_WEIGHTSTORE']._serialized_start=429
-  _globals['_WEIGHTSTORE']._serialized_end=752
+  _globals['_SHARDLOCATION']._serialized_end=302
+  _globals['_LOCATESHARDSRESPONSE']._serialized_start=304
+  _globals['_LOCATESHARDSRESPONSE']._serialized_end=412
+  _globals['_STAGING']._serialized_start=414
+  _globals['_STAGING']._serialized_end=474
+  _globals['_STAGESHARDREQUEST']._serialized_start=476
+  _globals['_STAGESHARDREQUEST']._serialized_end=524
+  _globals['_STAGESHARDRESPONSE']._serialized_start=526
+  _globals['_STAGESHARDRESPONSE']._serialized_end=608
+  _globals['_READSHARDREQUEST']._serialized_start=610
+  _globals['_READSHARDREQUEST']._serialized_end=643
+  _globals['_READSHARDRESPONSE']._serialized_start=645
+  _globals['_READSHARDRESPONSE']._serialized_end=678
+  _globals['_WEIGHTSTORE']._serialized_start=681
+  _globals['_WEIGHTSTORE']._serialized_end=1083
 # @@protoc_insertion_point(module_scope)

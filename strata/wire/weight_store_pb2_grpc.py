@@ -56,6 +56,11 @@ class WeightStoreStub:
                 request_serializer=strata_dot_wire_dot_weight__store__pb2.ReadShardRequest.SerializeToString,
                 response_deserializer=strata_dot_wire_dot_weight__store__pb2.ReadShardResponse.FromString,
                 _registered_method=True)
+        self.StageShard = channel.unary_unary(
+                '/strata.wire.WeightStore/StageShard',
+                request_serializer=strata_dot_wire_dot_weight__store__pb2.StageShardRequest.SerializeToString,
+                response_deserializer=strata_dot_wire_dot_weight__store__pb2.StageShardResponse.FromString,
+                _registered_method=True)
 
 
 class WeightStoreServicer:
@@ -89,6 +94,14 @@ class WeightStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageShard(self, request, context):
+        """Read a disk-tier shard from its file into a staging slot (the caller owns the
+        slots: it asks for a slot only once it has finished with its last contents).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_WeightStoreServicer_to_server(servicer, server):
                     servicer.ReadShard,
                     request_deserializer=strata_dot_wire_dot_weight__store__pb2.ReadShardRequest.FromString,
                     response_serializer=strata_dot_wire_dot_weight__store__pb2.ReadShardResponse.SerializeToString,
+            ),
+            'StageShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageShard,
+                    request_deserializer=strata_dot_wire_dot_weight__store__pb2.StageShardRequest.FromString,
+                    response_serializer=strata_dot_wire_dot_weight__store__pb2.StageShardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class WeightStore:
             '/strata.wire.WeightStore/ReadShard',
             strata_dot_wire_dot_weight__store__pb2.ReadShardRequest.SerializeToString,
             strata_dot_wire_dot_weight__store__pb2.ReadShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.wire.WeightStore/StageShard',
+            strata_dot_wire_dot_weight__store__pb2.StageShardRequest.SerializeToString,
+            strata_dot_wire_dot_weight__store__pb2.StageShardResponse.FromString,
             options,
             channel_credentials,
             insecure,
