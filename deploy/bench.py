@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pathlib
 import shlex
 import sys
 import threading
@@ -20,7 +21,6 @@ from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
 from strata.arch import dims_for
-from strata.errors import ErrorKind, StrataError
 from strata.manifest import Manifest
 
 
@@ -39,6 +39,10 @@ class BenchArgs:
     device: str
     kv_capacity_gb: float
     warmup: bool = True
+    disk_offload: bool = False
+    host_budget_gb: float = 0.0
+    offload_dir: str = ""
+    disk_read_gbps: float = 0.0  # for the floor; 0 = DESIGN.md's measured figure
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -87,15 +91,36 @@ class HostMemorySampler:
         self.peak = max(self.peak, self._pss())
 
 
-def _model_facts(a: BenchArgs) -> tuple[dict, float]:
-    """(HF config, stored weight bytes) of the benched model."""
+def _manifest(a: BenchArgs) -> Manifest:
     if a.dummy:
         from weight_store.dummy import dummy_manifest
 
-        m = dummy_manifest(a.model, a.quant_bits, a.group_size)
-    else:
-        m = Manifest.load(a.model)
-    return m.config, float(sum(s.size for s in m.shards.values()))
+        return dummy_manifest(a.model, a.quant_bits, a.group_size)
+    return Manifest.load(a.model)
+
+
+def _disk_bytes_per_pass(a: BenchArgs, m: Manifest) -> tuple[int, float]:
+    """(layers read from disk every pass, their bytes) under the weight store's tier plan."""
+    if not (a.disk_offload or a.host_budget_gb):
+        return 0, 0.0
+    from strata.placement import resident_layers, tier_plan
+    from weight_store.host_tier import shard_bytes
+
+    plan = tier_plan({n: shard_bytes(s) for n, s in m.shards.items()}, m.num_layers, a.gpu_weight_share,
+                     int(a.host_budget_gb * 2**30) or None, a.disk_offload)
+    resident = {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
+    every_pass = plan.disk - resident
+    return len(every_pass), float(sum(m.shards[n].size for n in every_pass))
+
+
+def _offload_dir(a: BenchArgs) -> str:
+    """Dummy weights for the disk tier: written once per shape into a cache directory."""
+    from weight_store.dummy_files import write_dummy_model
+
+    base = pathlib.Path(a.offload_dir or os.environ.get("STRATA_CACHE", pathlib.Path.home() / ".cache" / "strata"))
+    out = base / "offload" / f"{a.model.replace('/', '--')}-q{a.quant_bits}g{a.group_size}"
+    write_dummy_model(a.model, a.quant_bits, a.group_size, out)
+    return str(out)
 
 
 def _kv_capacity(a: BenchArgs, dims) -> int:
@@ -113,13 +138,18 @@ def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
 
 
 def run(a: BenchArgs, progress: bool) -> dict:
-    config, weight_bytes = _model_facts(a)  # an unknown shape is a clear error before anything starts
-    dims = dims_for(config)
+    m = _manifest(a)  # an unknown shape is a clear error before anything starts
+    dims = dims_for(m.config)
+    weight_bytes = float(sum(s.size for s in m.shards.values()))
+    disk = _disk_bytes_per_pass(a, m)
+    model_dir, dummy = ("", a.model) if a.dummy else (a.model, "")
+    if a.dummy and (a.disk_offload or a.host_budget_gb):
+        model_dir, dummy = _offload_dir(a), ""
     opts = ServeOptions(
-        model_dir="" if a.dummy else a.model, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
+        model_dir=model_dir, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
         kv_capacity_bytes=_kv_capacity(a, dims), gpu_weight_share=a.gpu_weight_share,
-        micro_batches=a.micro_batches, dummy=a.model if a.dummy else "", quant_bits=a.quant_bits,
-        group_size=a.group_size,
+        micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
+        disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30),
     )
     services = Services(opts)
     t_start = time.perf_counter()
@@ -139,7 +169,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
                 bar.close()
         finally:
             services.stop()
-    return _report(a, dims, weight_bytes, result, wall, start_s, mem.peak)
+    return _report(a, dims, weight_bytes, disk, result, wall, start_s, mem.peak)
 
 
 def _progress_bar(total: int):
@@ -158,11 +188,15 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _report(a: BenchArgs, dims, weight_bytes: float, result, wall: float, start_s: float, peak_host: int) -> dict:
+def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], result, wall: float, start_s: float,
+            peak_host: int) -> dict:
     tokens = a.batch_size * a.gen_len
     kvpt = fl.kv_bytes_per_token(dims)
+    hw = fl.Hardware()
+    if a.disk_read_gbps:
+        hw = dataclasses.replace(hw, disk_bytes_per_s=a.disk_read_gbps * 1e9)
     f = fl.floor(dims, fl.Workload(a.batch_size, a.prompt_len, a.gen_len),
-                 fl.Placement(weight_bytes, a.gpu_weight_share, a.kv_offload, kvpt))
+                 fl.Placement(weight_bytes, a.gpu_weight_share, a.kv_offload, kvpt, disk[1]), hw)
     total_tps = tokens / (result.prefill_s + result.decode_s)
     return {
         "case": case_of(a),
@@ -173,7 +207,9 @@ def _report(a: BenchArgs, dims, weight_bytes: float, result, wall: float, start_
         "gen_len": a.gen_len,
         "placement": {
             "weights": {"gpu_share": a.gpu_weight_share, "host_share": round(1 - a.gpu_weight_share, 4),
-                        "quant_bits": a.quant_bits, "group_size": a.group_size, "bytes": weight_bytes},
+                        "quant_bits": a.quant_bits, "group_size": a.group_size, "bytes": weight_bytes,
+                        "disk_layers_per_pass": disk[0], "disk_bytes_per_pass": disk[1],
+                        "host_budget_bytes": int(a.host_budget_gb * 2**30)},
             "kv": "host (KV store, CPU attention)" if a.kv_offload else a.device,
             "micro_batches": a.micro_batches,
         },
@@ -189,6 +225,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, result, wall: float, start_
         "floor_prefill_s": round(f["prefill_s"], 4),
         "floor_decode_s": round(f["decode_s"], 4),
         "measured_over_floor": round(total_tps / f["tokens_per_s"], 3),
+        "floor_disk_read_bytes_per_s": hw.disk_bytes_per_s if disk[0] else None,
         "device": _device_name(a.device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "strata " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
@@ -218,23 +255,26 @@ def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
 
 def _placement(ns) -> tuple[dict, dict | None]:
     """Pinned by flags, planned (GPU and no placement flags), or the plain default."""
-    pinned = ns.gpu_weight_share is not None or ns.micro_batches is not None or ns.cpu_offload
+    pinned = (ns.gpu_weight_share is not None or ns.micro_batches is not None or ns.cpu_offload
+              or ns.disk_offload or ns.host_budget_gb)
     if not pinned and ns.device.startswith("cuda"):
         return planned(ns)
-    share = 0.0 if ns.cpu_offload else (1.0 if ns.gpu_weight_share is None else ns.gpu_weight_share)
+    offloaded = ns.cpu_offload or ns.disk_offload or ns.host_budget_gb
+    share = 0.0 if ns.cpu_offload else ((0.0 if offloaded else 1.0) if ns.gpu_weight_share is None
+                                         else ns.gpu_weight_share)
     return {"gpu_weight_share": share, "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
             "batch_size": ns.batch_size or 8}, None
 
 
 def main(ns) -> int:
-    if ns.disk_offload:
-        raise StrataError(ErrorKind.FAILED_PRECONDITION, "--disk-offload: the NVMe tier is not built yet (issue 6)")
     fields, prediction = _placement(ns)
     a = BenchArgs(
         model=ns.model, dummy=ns.dummy, batch_size=fields["batch_size"], prompt_len=ns.prompt_len,
         gen_len=ns.gen_len, kv_offload=fields["kv_offload"], quant_bits=ns.quant_bits, group_size=ns.group_size,
         gpu_weight_share=fields["gpu_weight_share"], micro_batches=fields["micro_batches"],
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
+        disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
+        disk_read_gbps=ns.disk_read_gbps,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

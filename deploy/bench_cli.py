@@ -11,7 +11,15 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--cpu-offload", action="store_true", help="all weights in the host tier (GPU share 0)")
-    b.add_argument("--disk-offload", action="store_true", help="weights on NVMe (not built yet)")
+    b.add_argument("--disk-offload", action="store_true",
+                   help="streamed layers read from disk every pass (with --dummy: written to --offload-dir first)")
+    b.add_argument("--host-budget-gb", type=float, default=0.0,
+                   help="host memory for the weights (host tier + staging slots); layers beyond it stay on disk")
+    b.add_argument("--offload-dir", default="",
+                   help="where --dummy weights for the disk tier are written (default: $STRATA_CACHE or "
+                        "~/.cache/strata, under offload/)")
+    b.add_argument("--disk-read-gbps", type=float, default=0.0,
+                   help="disk read speed for the floor (e.g. measured with dd); default DESIGN.md's 1.2 GB/s")
     b.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     b.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16])
     b.add_argument("--group-size", type=int, default=64)

@@ -224,36 +224,28 @@ def measure_host(quick: bool) -> dict:
 
 
 def measure_disk(quick: bool, directory: str | None = None) -> tuple[float, str]:
-    """Sequential read of a fresh temporary file, O_DIRECT where the file system has it."""
+    """Sequential read of a fresh file (evicted from the page cache) with the weight
+    store's own shard reader: (bytes/s, the reader backend in use)."""
+    from weight_store.reader import make_reader
+
     nbytes, chunk = ((64 << 20) if quick else GIB), 16 << 20
-    buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT needs
-    buf.write(os.urandom(1 << 20) * (chunk >> 20))
+    buf = mmap.mmap(-1, nbytes)  # page aligned, as O_DIRECT needs
+    block = os.urandom(1 << 20) * (chunk >> 20)
     with tempfile.NamedTemporaryFile(dir=directory, prefix="strata-profile-") as f:
         for _ in range(nbytes // chunk):
-            f.write(buf)
+            f.write(block)
         f.flush()
         os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        reader = make_reader()
         try:
-            fd, how = os.open(f.name, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), "O_DIRECT"
-        except OSError:
-            fd, how = os.open(f.name, os.O_RDONLY), "buffered after fadvise(DONTNEED)"
-        try:
-            if how != "O_DIRECT" and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            t0, pos = time.perf_counter(), 0
-            while pos < nbytes:
-                try:
-                    got = os.preadv(fd, [buf], pos)
-                except OSError:  # O_DIRECT refused at read time (e.g. tmpfs): plain reads
-                    os.close(fd)
-                    fd, how = os.open(f.name, os.O_RDONLY), "buffered (O_DIRECT refused)"
-                    got = os.preadv(fd, [buf], pos)
-                if got <= 0:
-                    break
-                pos += got
-            return pos / (time.perf_counter() - t0), how
+            t0 = time.perf_counter()
+            reader.read_into(f.name, buf, 0, nbytes)
+            return nbytes / (time.perf_counter() - t0), reader.name
         finally:
-            os.close(fd)
+            reader.close()
+            buf.close()
 
 
 def measure(quick: bool, progress: bool = True, scratch: str | None = None) -> hardware.HardwareProfile:
@@ -272,7 +264,7 @@ def measure(quick: bool, progress: bool = True, scratch: str | None = None) -> h
             bar.advance(task)
     how = fields.pop("disk_how")
     source = (f"strata profile{' --quick' if quick else ''} on {socket.gethostname()} "
-              f"({platform.processor() or platform.machine()}); disk read {how}")
+              f"({platform.processor() or platform.machine()}); disk read by the weight store's reader: {how}")
     if not fields.get("gpu_name"):
         source += "; no CUDA GPU: GPU fields are 0"
     return hardware.HardwareProfile(machine=socket.gethostname(), measured_at=hardware.today(), source=source,

@@ -36,6 +36,7 @@ class Placement:
     gpu_weight_share: float  # the rest streams from the host tier every pass
     kv_on_host: bool
     kv_bytes_per_token: float  # all layers, keys and values
+    disk_bytes_per_pass: float = 0.0  # of the streamed weights, those read from disk every pass
 
 
 def params(d: ModelDims) -> float:
@@ -49,15 +50,16 @@ def kv_bytes_per_token(d: ModelDims, itemsize: int = 2) -> int:
 
 def floor(d: ModelDims, w: Workload, p: Placement, hw: Hardware = Hardware()) -> dict:
     """Prefill and decode floors (seconds) and the floor throughput (tokens/s)."""
-    host_weights = p.weight_bytes * (1 - p.gpu_weight_share)
+    host_weights = p.weight_bytes * (1 - p.gpu_weight_share)  # crosses PCIe every pass (disk ones too)
     gpu_weights = p.weight_bytes * p.gpu_weight_share
     flops_token = 2 * params(d)
-    prefill = max(flops_token * w.batch * w.prompt_len / hw.gpu_flops, host_weights / hw.pcie_bytes_per_s)
+    stream = max(host_weights / hw.pcie_bytes_per_s, p.disk_bytes_per_pass / hw.disk_bytes_per_s)
+    prefill = max(flops_token * w.batch * w.prompt_len / hw.gpu_flops, stream)
     decode = 0.0
     for s in range(1, w.gen_len):  # the prefill step yields the first token
         kv = w.batch * (w.prompt_len + s) * p.kv_bytes_per_token
         decode += max(
-            host_weights / hw.pcie_bytes_per_s,
+            stream,
             kv / hw.dram_bytes_per_s if p.kv_on_host else 0.0,
             (gpu_weights + (0.0 if p.kv_on_host else kv)) / hw.hbm_bytes_per_s,
             flops_token * w.batch / hw.gpu_flops,

@@ -58,3 +58,28 @@ def test_without_placement_flags_the_planner_places_a_gpu_run():
     assert fields["kv_offload"] is True and 0 < fields["gpu_weight_share"] <= 1
     assert fields["batch_size"] >= 1 and fields["micro_batches"] >= 1
     assert prediction["total_tokens_per_s"] > 0 and prediction["profile"] == str(profile)
+
+
+def test_bench_disk_offload_writes_dummy_shards_once_and_reports_the_disk_floor(tmp_path):
+    """--dummy --disk-offload: random shards written to --offload-dir (reused by the
+    second run), streamed layers read from disk every pass under a host budget
+    smaller than the shards."""
+    flags = ["--model", "facebook/opt-125m", "--dummy", "--batch-size", "2", "--prompt-len", "8", "--gen-len", "3",
+             "--device", "cpu", "--json", "--no-warmup", "--disk-offload", "--offload-dir", str(tmp_path),
+             "--host-budget-gb", "0.1", "--disk-read-gbps", "2"]
+    shards = tmp_path / "offload" / "facebook--opt-125m-q4g64"
+    reports, written = [], []
+    for _ in range(2):
+        out = strata("bench", *flags, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        written.append({p.name: p.stat().st_mtime_ns for p in shards.iterdir()})
+    assert written[0] == written[1]  # the second run reused the shards
+    files = sorted(p.name for p in shards.iterdir())
+    assert "manifest.json" in files and len(files) == 12 + 2 + 1
+    assert not [p for p in tmp_path.joinpath("offload").iterdir() if p.name.startswith(".")]  # no partial dirs
+    w = reports[1]["placement"]["weights"]
+    assert w["gpu_share"] == 0.0 and w["host_budget_bytes"] == int(0.1 * 2**30)
+    assert 0 < w["disk_layers_per_pass"] < 12  # the budget caches some layers, the rest stay on disk
+    assert w["disk_bytes_per_pass"] > 0 and reports[1]["floor_disk_read_bytes_per_s"] == 2e9
+    assert reports[1]["total_tokens_per_s"] > 0

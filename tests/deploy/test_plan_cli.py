@@ -108,5 +108,5 @@ def test_disk_read_is_measured_in_the_given_directory(tmp_path):
     from deploy.plan_cli import measure_disk
 
     rate, how = measure_disk(quick=True, directory=str(tmp_path))
-    assert rate > 0 and how
+    assert rate > 0 and how.startswith(("pread", "kvikio"))  # the weight store's reader backend
     assert not list(tmp_path.iterdir())
