@@ -23,6 +23,7 @@ class ErrorKind(enum.Enum):
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline exceeded"
     FAILED_PRECONDITION = "failed precondition"
+    PERMISSION_DENIED = "permission denied"
     INTERNAL = "internal"
 
 
@@ -47,6 +48,7 @@ def to_status_code(kind: ErrorKind) -> "grpc.StatusCode":
         ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
         ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
         ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+        ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
         ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
     }[kind]
 

@@ -5,6 +5,9 @@ plus its quantized parts), one shard file at a time: "embed", "layer.{i}", "head
 Every part is 4 KiB aligned in its file and hashed (sha256). Everything is written
 into a temporary directory next to `dst` and renamed into place at the end; on any
 failure the temporary directory is removed, so nothing that looks complete is left.
+Before writing, the output's size is estimated from the checkpoint's headers and
+checked against the destination filesystem's free space; a disk that fills anyway
+(ENOSPC, EFBIG, EDQUOT) is RESOURCE_EXHAUSTED naming the file being written.
 
 Which weights are quantized follows DeepSpeed's `weight_quantization` section when a
 `ds_config` is given (see `QuantPolicy`), else every layer linear at `bits`.
@@ -16,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -26,6 +30,7 @@ from safetensors import safe_open
 
 from strata import arch, manifest, quant
 from strata.errors import ErrorKind, StrataError
+from weight_store.diskspace import FreeBytes, check_free_space, writing
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -35,6 +40,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 Progress = Callable[[int, int], None]
+MANIFEST_BYTES, PER_TENSOR_BYTES = 1 << 20, 1 << 10  # room kept for manifest.json: fixed + a tensor
+# bytes per element of safetensors dtypes that are stored as they are (floats become 16-bit)
+_ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,13 +181,16 @@ class _ShardWriter:
     """Appends 4 KiB aligned parts to one shard file, hashing each."""
 
     def __init__(self, path: pathlib.Path):
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.path = path
+        with writing(path):
+            self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()
         self._pos = 0
 
     def write_part(self, t: torch.Tensor) -> manifest.Part:
-        self._pad_to(manifest.align(self._pos))
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(raw))
+        with writing(self.path):
+            self._pad_to(manifest.align(self._pos))
+            self._file.write(memoryview(raw))
         part = manifest.Part(
             offset=self._pos, length=raw.nbytes, dtype=_dtype_name(t.dtype),
             shape=tuple(t.shape), sha256=hashlib.sha256(memoryview(raw)).hexdigest(),
@@ -194,12 +205,16 @@ class _ShardWriter:
 
     def finish(self) -> int:
         """Pads the file to a multiple of ALIGN, closes it and returns its size."""
-        self._pad_to(manifest.align(self._pos))
-        self._file.close()
+        with writing(self.path):
+            self._pad_to(manifest.align(self._pos))
+            self._file.close()
         return self._pos
 
     def close(self) -> None:
-        self._file.close()
+        """Closes the file, if finish() did not; the file is being abandoned, so a
+        failing flush of its buffer (the disk that failed the write) is not reported."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def _tensor_entry(
@@ -238,19 +253,48 @@ def write_shard(
 
 
 @contextlib.contextmanager
-def _reader(src: pathlib.Path, files: dict[str, str]) -> Iterator[Callable[[str], torch.Tensor]]:
-    """A function HF name -> tensor over the checkpoint's safetensors files (opened
-    lazily, each once; tensors are read one at a time)."""
+def _handles(src: pathlib.Path, files: dict[str, str]) -> Iterator[Callable[[str], object]]:
+    """A function HF name -> the open safetensors file holding it (each file opened
+    lazily, once; tensors are read one at a time by the caller)."""
     with contextlib.ExitStack() as stack:
         handles = {}
 
-        def read(name: str) -> torch.Tensor:
+        def handle(name: str):
             file = files[name]
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(str(src / file), framework="pt"))
-            return handles[file].get_tensor(name)
+            return handles[file]
 
-        yield read
+        yield handle
+
+
+def _stored_part_bytes(shape: tuple[int, ...], st_dtype: str, qspec: manifest.QuantSpec | None) -> list[int]:
+    """The byte length of each part a tensor is written as (see `_tensor_entry`)."""
+    numel = math.prod(shape)
+    if qspec is None:
+        return [numel * _ITEMSIZE.get(st_dtype, 2)]  # floats are stored 16-bit
+    groups = numel // qspec.group_size
+    return [numel * qspec.bits // 8, 2 * groups, 2 * groups]  # data, fp16 scale, fp16 min
+
+
+def estimate_output_bytes(
+    plan: dict[str, list[tuple[str, str]]], handle: Callable[[str], object], policy: QuantPolicy
+) -> int:
+    """The bytes `convert` will write for `plan`, from the safetensors headers only
+    (shapes and dtypes; no tensor is read): every shard laid out as `_ShardWriter` lays
+    it out, plus room for the manifest."""
+    total, tensors = MANIFEST_BYTES, 0
+    for shard, entries in plan.items():
+        pos = 0
+        for hf_name, local in entries:
+            piece = handle(hf_name).get_slice(hf_name)
+            shape = tuple(piece.get_shape())
+            qspec = policy.spec_for(hf_name, local, shape) if shard.startswith("layer.") else None
+            for n in _stored_part_bytes(shape, piece.get_dtype(), qspec):
+                pos = manifest.align(pos) + n
+            tensors += 1
+        total += manifest.align(pos)
+    return total + tensors * PER_TENSOR_BYTES
 
 
 def _check_arguments(src: pathlib.Path, dst: pathlib.Path, bits: int, group_size: int) -> dict:
@@ -267,10 +311,28 @@ def _check_arguments(src: pathlib.Path, dst: pathlib.Path, bits: int, group_size
     return config
 
 
+def _tokenizer_files(src: pathlib.Path) -> list[str]:
+    return [name for name in TOKENIZER_FILES if (src / name).is_file()]
+
+
 def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
+    for name in _tokenizer_files(src):
+        with writing(dst / name):
             shutil.copyfile(src / name, dst / name)
+
+
+def _write_shards(
+    tmp: pathlib.Path, plan: dict[str, list[tuple[str, str]]], handle: Callable[[str], object],
+    policy: QuantPolicy, progress: Progress | None,
+) -> dict[str, manifest.Shard]:
+    """Every shard of `plan` into `tmp`, in order, reporting progress after each."""
+    shards = {}
+    read = lambda name: handle(name).get_tensor(name)  # noqa: E731
+    for done, (name, tensors) in enumerate(plan.items(), start=1):
+        shards[name] = write_shard(tmp, name, tensors, read, policy)
+        if progress is not None:
+            progress(done, len(plan))
+    return shards
 
 
 def convert(
@@ -280,6 +342,7 @@ def convert(
     group_size: int = 64,
     ds_config: dict | None = None,
     progress: Progress | None = None,
+    free_bytes: FreeBytes | None = None,
 ) -> manifest.Manifest:
     """Converts the HF checkpoint `src` into Strata shards at `dst` (which must not exist).
 
@@ -288,10 +351,12 @@ def convert(
     `weight_quantization` section decides (`post_init_quant` patterns, else
     `quantized_initialization`, else 16-bit) and `bits`/`group_size` are unused.
     Other tensors are stored float16 (bfloat16 if the source is bfloat16).
-    `progress(done_shards, total_shards)` is called after each shard.
+    `progress(done_shards, total_shards)` is called after each shard; `free_bytes(dir)`
+    is the free space of dir's filesystem (default `disk_free_bytes`).
 
     Raises StrataError: NOT_FOUND (no such checkpoint / config / weights),
-    INVALID_ARGUMENT (unsupported model or quantization), FAILED_PRECONDITION (dst exists).
+    INVALID_ARGUMENT (unsupported model or quantization), FAILED_PRECONDITION (dst exists),
+    RESOURCE_EXHAUSTED (too little free space up front, or the disk filled while writing).
     """
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     config = _check_arguments(src, dst, bits, group_size)
@@ -300,27 +365,28 @@ def convert(
     policy = make_policy(spec.linears, bits, group_size, section, ds_config is not None)
     files = _weight_files(src)
     plan = plan_shards(spec, config, list(files))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run with our pid
-    tmp.mkdir()
-    try:
-        shards = {}
-        with _reader(src, files) as read:
-            for done, (name, tensors) in enumerate(plan.items(), start=1):
-                shards[name] = write_shard(tmp, name, tensors, read, policy)
-                if progress is not None:
-                    progress(done, len(plan))
-        result = manifest.Manifest(
-            architecture=spec.name, config=config, shards=shards,
-            quantization={"bits": bits, "group_size": group_size, "ds_config": section},
-        )
-        _copy_tokenizer(src, tmp)
-        result.save(tmp)
-        if dst.exists():  # created while we converted: never replace it
-            raise StrataError(ErrorKind.FAILED_PRECONDITION, f"destination {str(dst)!r} appeared during conversion")
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _handles(src, files) as handle:
+        needed = estimate_output_bytes(plan, handle, policy)
+        needed += sum((src / name).stat().st_size for name in _tokenizer_files(src))
+        check_free_space(dst.parent, needed, free_bytes)
+        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+        with writing(tmp):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run with our pid
+            tmp.mkdir()
+        try:
+            shards = _write_shards(tmp, plan, handle, policy, progress)
+            result = manifest.Manifest(
+                architecture=spec.name, config=config, shards=shards,
+                quantization={"bits": bits, "group_size": group_size, "ds_config": section},
+            )
+            _copy_tokenizer(src, tmp)
+            with writing(tmp / "manifest.json"):
+                result.save(tmp)
+            if dst.exists():  # created while we converted: never replace it
+                raise StrataError(ErrorKind.FAILED_PRECONDITION, f"destination {str(dst)!r} appeared during conversion")
+            os.rename(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return result

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import errno
 import hashlib
 import os
 import pathlib
@@ -18,8 +17,9 @@ from typing import Callable
 import torch
 
 from strata.dummy_fill import fill
-from strata.errors import ErrorKind, StrataError
+from strata.errors import StrataError
 from strata.manifest import Manifest
+from weight_store.diskspace import check_free_space, writing
 from weight_store.dummy import dummy_manifest
 
 
@@ -36,20 +36,18 @@ def _complete(directory: pathlib.Path, want: Manifest) -> bool:
 
 def _write_shard(path: pathlib.Path, data: torch.Tensor) -> None:
     """Write, fsync, and drop the file's pages from the page cache."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data.numpy())
-        pos = 0
-        while pos < len(view):
-            pos += os.write(fd, view[pos:])
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError as e:
-        raise StrataError(ErrorKind.RESOURCE_EXHAUSTED if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ErrorKind.INTERNAL,
-                          f"cannot write dummy shard {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data.numpy())
+            pos = 0
+            while pos < len(view):
+                pos += os.write(fd, view[pos:])
+            os.fsync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def write_dummy_model(name: str, bits: int, group_size: int, directory: str | pathlib.Path,
@@ -59,12 +57,8 @@ def write_dummy_model(name: str, bits: int, group_size: int, directory: str | pa
     m = dummy_manifest(name, bits, group_size)
     if _complete(out, m):
         return Manifest.load(out)
-    need = sum(s.size for s in m.shards.values())
+    check_free_space(out.parent, sum(s.size for s in m.shards.values()) + (1 << 20), what=f"dummy {name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    st = os.statvfs(out.parent)
-    if st.f_bavail * st.f_frsize < need:
-        raise StrataError(ErrorKind.RESOURCE_EXHAUSTED,
-                          f"{out.parent} has {st.f_bavail * st.f_frsize} bytes free; the {name} shards need {need}")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 from typing import Protocol, Union
 
 import numpy as np
@@ -30,7 +31,8 @@ Buffer = Union[memoryview, bytearray, torch.Tensor, np.ndarray]
 
 class ShardReader(Protocol):
     """Reads `length` bytes at `offset_in_file` of `path` into `dest` (writable, at
-    least `length` bytes). A file that ends early raises StrataError(DATA_LOSS)."""
+    least `length` bytes). A file that ends early, is missing or fails to read raises a
+    StrataError naming the file and the offset (see `truncated`, `io_error`)."""
 
     name: str
 
@@ -54,27 +56,60 @@ def as_bytes_array(dest: Buffer, length: int) -> np.ndarray:
     return arr[:length]
 
 
-def truncated(path: str, ended_at: int, wanted_end: int) -> StrataError:
+def truncated(path: str, ended_at: int, offset: int, length: int) -> StrataError:
+    """A shard file that ends at `ended_at`, before the range asked for."""
     return StrataError(
         ErrorKind.DATA_LOSS,
-        f"shard file {path} ends at byte {ended_at}, the manifest needs {wanted_end} bytes (truncated file?)",
+        f"shard file {path} ends at byte {ended_at}: reading {length} bytes at offset {offset} needs "
+        f"{offset + length} bytes (truncated file?)",
     )
 
 
-def open_shard(path: str) -> int:
-    """A read descriptor; a missing or unreadable shard file is a StrataError."""
+# How an OS error on a shard file becomes a kind. The caller asked for bytes the
+# manifest promises; a file that cannot give them (EIO, EISDIR, ENXIO, a missing file,
+# ...) has lost them for this store until an operator repairs the model directory:
+# DATA_LOSS, gRPC's "unrecoverable data loss or corruption", which clients do not
+# retry. Not INTERNAL: a failing disk is not a broken invariant of our code. Access
+# rights are the operator's to grant: PERMISSION_DENIED. Out of descriptors or kernel
+# memory passes: RESOURCE_EXHAUSTED.
+_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def io_error(path: str, offset: int, length: int, e: Exception, doing: str = "read") -> StrataError:
+    """`e` (an OSError, or a library's I/O exception) on shard file `path` while doing
+    `doing` for `length` bytes at `offset`, as a StrataError naming file, offset and errno."""
+    code = getattr(e, "errno", None)
+    where = f"shard file {path} at offset {offset} ({length} bytes)"
+    if code == errno.ENOENT:
+        return StrataError(
+            ErrorKind.DATA_LOSS, f"shard file {path} is missing (needed {length} bytes at offset {offset})"
+        )
+    kind = (ErrorKind.PERMISSION_DENIED if code in _PERMISSION
+            else ErrorKind.RESOURCE_EXHAUSTED if code in _EXHAUSTED else ErrorKind.DATA_LOSS)
+    reason = f"{errno.errorcode.get(code, code)}: {e.strerror}" if isinstance(e, OSError) and code else str(e)
+    return StrataError(kind, f"cannot {doing} {where}: {reason}")
+
+
+def open_shard(path: str, offset: int = 0, length: int = 0) -> int:
+    """A read descriptor; a missing or unreadable shard file is a StrataError naming
+    the range (`offset`, `length`) it was opened for."""
     try:
         return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise StrataError(ErrorKind.DATA_LOSS, f"shard file {path} is missing") from None
     except OSError as e:
-        raise StrataError(ErrorKind.FAILED_PRECONDITION, f"cannot read shard file {path}: {e.strerror}") from None
+        raise io_error(path, offset, length, e, "open") from e
 
 
 def _check_size(path: str, fd: int, offset: int, length: int) -> None:
-    size = os.fstat(fd).st_size
-    if size < offset + length:
-        raise truncated(path, size, offset + length)
+    """A regular file shorter than offset + length is truncated. Other kinds of file (a
+    directory, a device) have no meaningful size: their reads fail or end early, and
+    that is reported where it happens."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise io_error(path, offset, length, e, "stat") from e
+    if stat.S_ISREG(st.st_mode) and st.st_size < offset + length:
+        raise truncated(path, st.st_size, offset, length)
 
 
 class PreadReader:
@@ -90,7 +125,7 @@ class PreadReader:
 
     def read_into(self, path: str, dest: Buffer, offset_in_file: int, length: int) -> None:
         arr = as_bytes_array(dest, length)
-        fd = open_shard(path)
+        fd = open_shard(path, offset_in_file, length)
         direct_fd = -1
         try:
             _check_size(path, fd, offset_in_file, length)
@@ -112,17 +147,12 @@ class PreadReader:
         end = min(start + self._chunk, length)
         pos = start
         while pos < end:
-            n = -1
-            if direct_fd >= 0 and (pos % ALIGN == 0) and ((end - pos) % ALIGN == 0):
-                try:
-                    n = os.preadv(direct_fd, [arr[pos:end]], base + pos)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-            if n < 0:
-                n = os.preadv(fd, [arr[pos:end]], base + pos)
+            try:
+                n = _pread(fd, direct_fd, arr[pos:end], base + pos)
+            except OSError as e:
+                raise io_error(path, base + pos, end - pos, e) from e
             if n == 0:
-                raise truncated(path, base + pos, base + length)
+                raise truncated(path, base + pos, base, length)
             pos += n
 
     def close(self) -> None:
@@ -131,6 +161,18 @@ class PreadReader:
 
 def _aligned(*values: int) -> bool:
     return all(v % ALIGN == 0 for v in values)
+
+
+def _pread(fd: int, direct_fd: int, view: np.ndarray, offset: int) -> int:
+    """One preadv into `view`: through `direct_fd` where the range is aligned and the
+    filesystem takes it (EINVAL: it does not), else through the buffered `fd`."""
+    if direct_fd >= 0 and _aligned(offset, view.nbytes, view.ctypes.data):
+        try:
+            return os.preadv(direct_fd, [view], offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.preadv(fd, [view], offset)
 
 
 def _open_direct(path: str) -> int:
@@ -163,15 +205,18 @@ class KvikioReader:
 
     def read_into(self, path: str, dest: Buffer, offset_in_file: int, length: int) -> None:
         arr = as_bytes_array(dest, length)
-        fd = open_shard(path)
+        fd = open_shard(path, offset_in_file, length)
         try:
             _check_size(path, fd, offset_in_file, length)
         finally:
             os.close(fd)
-        with self._kvikio.CuFile(path, "r") as f:
-            n = f.pread(arr, length, file_offset=offset_in_file).get()
+        try:
+            with self._kvikio.CuFile(path, "r") as f:
+                n = f.pread(arr, length, file_offset=offset_in_file).get()
+        except (OSError, RuntimeError) as e:  # kvikio reports a failed read as RuntimeError
+            raise io_error(path, offset_in_file, length, e) from e
         if n != length:
-            raise truncated(path, offset_in_file + n, offset_in_file + length)
+            raise truncated(path, offset_in_file + n, offset_in_file, length)
 
     def close(self) -> None:
         pass

@@ -284,6 +284,22 @@ def test_failure_in_quantizer_leaves_nothing(tiny_opt, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_free_space_estimate_is_the_bytes_written_plus_manifest_room(opt_int4, tiny_opt, tmp_path):
+    """The up-front check asks for the shards' exact bytes, the tokenizer's and a fixed
+    room for the manifest: one byte less free fails before writing, that much passes."""
+    m = opt_int4[1]
+    tokenizer = sum((tiny_opt / n).stat().st_size for n in cv.TOKENIZER_FILES if (tiny_opt / n).is_file())
+    tensors = sum(len(s.tensors) for s in m.shards.values())
+    needed = sum(s.size for s in m.shards.values()) + tokenizer + cv.MANIFEST_BYTES + tensors * cv.PER_TENSOR_BYTES
+    written = sum(p.stat().st_size for p in opt_int4[0].iterdir())
+    assert written <= needed
+    with pytest.raises(StrataError) as e:
+        cv.convert(tiny_opt, tmp_path / "short", bits=4, free_bytes=lambda _: needed - 1)
+    assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED and f"needs about {needed} bytes" in e.value.message
+    assert list(tmp_path.iterdir()) == []
+    assert cv.convert(tiny_opt, tmp_path / "enough", bits=4, free_bytes=lambda _: needed) == m
+
+
 def test_missing_checkpoint_dir_is_not_found(tmp_path):
     with pytest.raises(StrataError) as e:
         cv.convert(tmp_path / "nope", tmp_path / "out")
