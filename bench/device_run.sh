@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
-# usage: bench/device_run.sh STEP...   (steps: env micro attn e2e t1 t2 t3 bloom fp16)
+# usage: bench/device_run.sh STEP...
+#   steps: env micro attn attnq e2e t1 t2 t3 bloom fp16 disk llama70 qwen2 kvq
+# Disk tier (issue 6): `disk` writes dummy OPT-6.7B and OPT-30B INT4 shards under
+# $STRATA_CACHE/offload, compares the weight store's reads with dd, then benches
+# OPT-6.7B with every layer on disk and OPT-30B under a 4 GiB host budget, with the
+# floor taken from the dd figure of the same run.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,11 +18,25 @@ for step in "$@"; do
     env) nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python3 -c "import torch,grpc,google.protobuf as p,transformers as t;print(torch.__version__,grpc.__version__,p.__version__,t.__version__)";;
     micro) python3 bench/micro_gpu.py | tee "$OUT/micro.jsonl";;
     attn) for dt in float16 bfloat16 float32; do python3 -m kv_store.bench_attention --batch 16 --dtype $dt --threads 16 --steps 10; done | tee "$OUT/attn.jsonl";;
-    e2e) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_serve_generate.py 2>&1 | tail -5;;
+    e2e) STRATA_TEST_DEVICE=cuda timeout 500 python3 -m pytest -q -x tests/deploy/test_serve_generate.py tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
     t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-56} --micro-batches ${T2_M:-1};;
     t3) bench --model facebook/opt-175b --dummy --kv-offload --batch-size ${T3_B:-24} --gpu-weight-share ${T3_S:-0.45} --micro-batches ${T3_M:-2} --kv-capacity-gb ${T3_KV:-58};;
     bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 1;;
+    attnq) python3 -m kv_store.bench_attention --batch 16 --dtype bfloat16 --threads 16 --steps 10 --kv-bits 16,8,4 | tee "$OUT/attnq.jsonl";;
+    disk)
+      OFF=${STRATA_CACHE:-$HOME/.cache/strata}/offload
+      for m in facebook/opt-6.7b facebook/opt-30b; do
+        python3 -c "import time; t=time.time(); from weight_store.dummy_files import write_dummy_model as w; w('$m', 4, 64, '$OFF/${m//\//--}-q4g64'); print('$m shards ready in', round(time.time()-t, 1), 's')"
+      done
+      python3 bench/disk_read.py "$OFF/facebook--opt-30b-q4g64" | tee "$OUT/disk_read.jsonl"
+      DD=$(python3 -c "import json;r=json.load(open('$OUT/disk_read.jsonl'));print(sum(r['dd_direct_bytes_per_s'])/2e9)")
+      echo "dd GB/s: $DD"
+      bench --model facebook/opt-6.7b --dummy --disk-offload --gpu-weight-share 0 --batch-size 16 --gen-len 16 --disk-read-gbps "$DD"
+      bench --model facebook/opt-30b --dummy --disk-offload --host-budget-gb 4 --gpu-weight-share 0 --batch-size 16 --gen-len 4 --disk-read-gbps "$DD";;
+    llama70) bench --model meta-llama/Llama-2-70b-hf --dummy --batch-size ${L70_B:-64} --gpu-weight-share 1 --micro-batches 1;;
+    qwen2) bench --model Qwen/Qwen2-7B --dummy --batch-size ${Q_B:-64} --gpu-weight-share 1 --micro-batches 1;;
+    kvq) for b in 16 8 4; do bench --model facebook/opt-6.7b --dummy --batch-size 64 --gpu-weight-share 1 --micro-batches 1 --kv-bits $b; done;;
     fp16) bench --model facebook/opt-30b --dummy --quant-bits 16 --kv-offload --gpu-weight-share 0.5 --batch-size 16 --micro-batches 2 --kv-capacity-gb 14;;
   esac
 done

@@ -43,6 +43,7 @@ class BenchArgs:
     host_budget_gb: float = 0.0
     offload_dir: str = ""
     disk_read_gbps: float = 0.0  # for the floor; 0 = DESIGN.md's measured figure
+    kv_bits: int = 16  # KV cache precision (GPU or KV store)
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -123,10 +124,17 @@ def _offload_dir(a: BenchArgs) -> str:
     return str(out)
 
 
+def _kv_bytes_per_token(a: BenchArgs, dims) -> float:
+    """KV bytes per token at the run's precision (INT8/INT4 codes plus fp16 scale and
+    min per group of 64 on head_dim)."""
+    per_element = {16: 2.0, 8: 1 + 4 / 64, 4: 0.5 + 4 / 64}[a.kv_bits]
+    return fl.kv_bytes_per_token(dims) / 2 * per_element
+
+
 def _kv_capacity(a: BenchArgs, dims) -> int:
     if a.kv_capacity_gb > 0:
         return int(a.kv_capacity_gb * 2**30)
-    need = a.batch_size * (a.prompt_len + a.gen_len) * fl.kv_bytes_per_token(dims)
+    need = a.batch_size * (a.prompt_len + a.gen_len) * _kv_bytes_per_token(a, dims)
     return int(need * 1.05) + (64 << 20)
 
 
@@ -149,7 +157,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
         model_dir=model_dir, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
         kv_capacity_bytes=_kv_capacity(a, dims), gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
-        disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30),
+        disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30), kv_bits=a.kv_bits,
     )
     services = Services(opts)
     t_start = time.perf_counter()
@@ -191,7 +199,7 @@ def _device_name(device: str) -> str:
 def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], result, wall: float, start_s: float,
             peak_host: int) -> dict:
     tokens = a.batch_size * a.gen_len
-    kvpt = fl.kv_bytes_per_token(dims)
+    kvpt = _kv_bytes_per_token(a, dims)
     hw = fl.Hardware()
     if a.disk_read_gbps:
         hw = dataclasses.replace(hw, disk_bytes_per_s=a.disk_read_gbps * 1e9)
@@ -211,6 +219,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
                         "disk_layers_per_pass": disk[0], "disk_bytes_per_pass": disk[1],
                         "host_budget_bytes": int(a.host_budget_gb * 2**30)},
             "kv": "host (KV store, CPU attention)" if a.kv_offload else a.device,
+            "kv_bits": a.kv_bits,
             "micro_batches": a.micro_batches,
         },
         "prefill_s": round(result.prefill_s, 4),
@@ -274,7 +283,7 @@ def main(ns) -> int:
         gpu_weight_share=fields["gpu_weight_share"], micro_batches=fields["micro_batches"],
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
-        disk_read_gbps=ns.disk_read_gbps,
+        disk_read_gbps=ns.disk_read_gbps, kv_bits=ns.kv_bits,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

@@ -22,6 +22,8 @@ def add_bench_parser(sub) -> None:
                    help="disk read speed for the floor (e.g. measured with dd); default DESIGN.md's 1.2 GB/s")
     b.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     b.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16])
+    b.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
+                   help="KV cache precision: 16 (compute dtype), or INT8/INT4 group-wise (GPU or KV store)")
     b.add_argument("--group-size", type=int, default=64)
     b.add_argument("--pin-memory", type=int, default=1, help="accepted for compatibility; the host tier is always pinned")
     b.add_argument("--gpu-weight-share", type=float, default=None,

@@ -105,8 +105,9 @@ class Services:
                 "--micro-batches", str(o.micro_batches), "--transport", o.transport]
         if o.dtype:
             args += ["--dtype", o.dtype]
+        args += ["--kv-bits", str(o.kv_bits)]
         if o.kv_offload:
-            args += ["--kv-offload", "--kv-store", self.kv_store_addr, "--kv-bits", str(o.kv_bits)]
+            args += ["--kv-offload", "--kv-store", self.kv_store_addr]
         self._spawn("compute node", args, stdout=subprocess.PIPE)
         proc = self.procs["compute node"]
         line = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
