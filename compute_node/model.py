@@ -1,4 +1,5 @@
-"""The transformer math of each family, as plain functions over weight dicts.
+"""The transformer math, as plain functions over weight dicts, driven by a family's
+spec (strata/arch.py, strata/families/): one decoder layer for every family.
 
 A layer is split where the attention happens, so the engine can run the attention
 anywhere (on the device over a local cache, or in the KV store on the CPU) and
@@ -9,7 +10,7 @@ interleave micro-batches:
     h       = family.post_attention(w, h, a)
 
 Weights are dicts of local names (strata/arch.py) to dense tensors on the compute
-device. OPT and BLOOM are the two implementations of `Family`.
+device. `Decoder` interprets a spec's `Math`; nothing here branches on model_type.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from strata import arch
 from strata.arch import ModelDims
 
 Weights = dict[str, torch.Tensor]
@@ -40,8 +42,16 @@ def _linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
     return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
-def _norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
+def _layer_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps)
+
+
+def _rms_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return w[f"{name}.weight"] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+_NORMS = {"layernorm": _layer_norm, "rmsnorm": _rms_norm}
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -54,78 +64,20 @@ def _merge(a: torch.Tensor) -> torch.Tensor:
     return a.transpose(1, 2).reshape(b, t, nh * hd)
 
 
-class OPTFamily:
-    alibi = False
-    scale = 1.0  # q is pre-scaled by head_dim**-0.5, as in OPT
-
-    def __init__(self, config: dict, dims: ModelDims):
-        self.dims = dims
-        self.pre_ln = config.get("do_layer_norm_before", True)
-        self.final_ln = self.pre_ln and not config.get("_remove_final_layer_norm", False)
-        self.eps = 1e-5
-        self.q_scale = dims.head_dim**-0.5
-
-    def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, w["embed_tokens.weight"]) + F.embedding(positions + 2, w["embed_positions.weight"])
-
-    def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
-        x = _norm(h, w, "self_attn_layer_norm", self.eps) if self.pre_ln else h
-        nh = self.dims.num_heads
-        q = _heads(_linear(x, w, "self_attn.q_proj") * self.q_scale, nh)
-        return q, _heads(_linear(x, w, "self_attn.k_proj"), nh), _heads(_linear(x, w, "self_attn.v_proj"), nh)
-
-    def post_attention(self, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        h = h + _linear(_merge(attn), w, "self_attn.out_proj")
-        if not self.pre_ln:
-            h = _norm(h, w, "self_attn_layer_norm", self.eps)
-        x = _norm(h, w, "final_layer_norm", self.eps) if self.pre_ln else h
-        h = h + _linear(F.relu(_linear(x, w, "fc1")), w, "fc2")
-        return h if self.pre_ln else _norm(h, w, "final_layer_norm", self.eps)
-
-    def logits(self, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
-        if self.final_ln:
-            h = _norm(h, w_head, "final_layer_norm", self.eps)
-        return F.linear(h, w_head.get("lm_head.weight", w_embed["embed_tokens.weight"]))
-
-
 def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-class BloomFamily:
-    alibi = True
-
-    def __init__(self, config: dict, dims: ModelDims):
-        self.dims = dims
-        self.eps = config.get("layer_norm_epsilon", 1e-5)
-        self.residual_post_ln = config.get("apply_residual_connection_post_layernorm", False)
-        self.scale = 1.0 / math.sqrt(dims.head_dim)
-
-    def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return _norm(F.embedding(ids, w["word_embeddings.weight"]), w, "word_embeddings_layernorm", self.eps)
-
-    def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
-        x = _norm(h, w, "input_layernorm", self.eps)
-        b, t, _ = x.shape
-        fused = _linear(x, w, "self_attention.query_key_value").view(b, t, self.dims.num_heads, 3, self.dims.head_dim)
-        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
-        return q, k, v
-
-    def post_attention(self, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        residual = _norm(h, w, "input_layernorm", self.eps) if self.residual_post_ln else h
-        h = residual + _linear(_merge(attn), w, "self_attention.dense")
-        x = _norm(h, w, "post_attention_layernorm", self.eps)
-        residual = x if self.residual_post_ln else h
-        return residual + _linear(_bloom_gelu(_linear(x, w, "mlp.dense_h_to_4h")), w, "mlp.dense_4h_to_h")
-
-    def logits(self, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
-        h = _norm(h, w_head, "ln_f", self.eps)
-        return F.linear(h, w_head.get("lm_head.weight", w_embed["word_embeddings.weight"]))
+_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu,  # as transformers' ACT2FN
+                "bloom_gelu": _bloom_gelu}  # BLOOM's own tanh constants (not gelu_new's)
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+def _activation(name: str):
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -133,59 +85,107 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaFamily:
-    """Llama 2/3, Mistral, Qwen2: RMSNorm, RoPE (scaling from the config, through
-    transformers' own rope initializers), grouped-query attention, SwiGLU."""
+class Rope:
+    """Rotary positions over the first `dim` features of each head (all of them unless
+    the config asks for partial rotary), with the config's scaling applied through
+    transformers' own rope initializers."""
 
-    alibi = False
-
-    def __init__(self, config: dict, dims: ModelDims):
+    def __init__(self, config: dict, head_dim: int):
         from transformers import AutoConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        self.dims = dims
-        self.eps = config.get("rms_norm_eps", 1e-6)
-        self.scale = dims.head_dim**-0.5
         hf = AutoConfig.for_model(**config)
         params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type == "default":
-            base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-            self.inv_freq = 1.0 / (base ** (torch.arange(0, dims.head_dim, 2, dtype=torch.float32) / dims.head_dim))
-            self.rope_gain = 1.0
+            base = params.get("rope_theta", getattr(hf, "rope_theta", getattr(hf, "rotary_emb_base", 10000.0)))
+            share = params.get("partial_rotary_factor",
+                               getattr(hf, "partial_rotary_factor", getattr(hf, "rotary_pct", 1.0)))
+            dim = int(head_dim * share)
+            self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            self.gain = 1.0
         else:
-            self.inv_freq, self.rope_gain = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+            self.inv_freq, self.gain = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+        self.dim = 2 * self.inv_freq.numel()
+        self.partial = self.dim < head_dim
 
-    def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, w["embed_tokens.weight"])
-
-    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         freqs = pos.float()[..., None] * self.inv_freq.to(pos.device)[None, None, :]  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
-        cos, sin = (emb.cos() * self.rope_gain).to(x.dtype), (emb.sin() * self.rope_gain).to(x.dtype)
+        cos, sin = (emb.cos() * self.gain).to(x.dtype), (emb.sin() * self.gain).to(x.dtype)
+        if self.partial:
+            rot, rest = x[..., : self.dim], x[..., self.dim :]
+            return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
         return x * cos + _rotate_half(x) * sin
 
+
+class Decoder:
+    """Embedding, decoder layer and head of any family, as its spec's `Math` says."""
+
+    def __init__(self, spec: arch.ArchSpec, config: dict, dims: ModelDims):
+        m = self.m = spec.math_for(config)
+        self.n, self.dims, self.tied = spec.names, dims, spec.tied_to
+        self.alibi = m.positions == "alibi"
+        self.rope = Rope(config, dims.head_dim) if m.positions == "rope" else None
+        self.act = _activation(m.activation)
+        self._norm_fn = _NORMS[m.norm]
+        self.q_scale = dims.head_dim**-0.5 if m.query_scale == "projection" else None
+        self.scale = {"attention": dims.head_dim**-0.5, "attention_inv_sqrt": 1.0 / math.sqrt(dims.head_dim),
+                      "projection": 1.0}[m.query_scale]
+
+    def _norm(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        return self._norm_fn(x, w, name, self.m.eps)
+
+    def embed(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(ids, w[f"{self.n.tokens}.weight"])
+        if self.m.positions == "learned":
+            h = h + F.embedding(positions + self.m.position_offset, w[f"{self.n.positions}.weight"])
+        return self._norm(h, w, self.n.embed_norm) if self.n.embed_norm else h
+
     def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
-        x = _rms_norm(h, w["input_layernorm.weight"], self.eps)
-        q = _heads(_linear(x, w, "self_attn.q_proj"), self.dims.num_heads)
-        k = _heads(_linear(x, w, "self_attn.k_proj"), self.dims.kv_heads)
-        v = _heads(_linear(x, w, "self_attn.v_proj"), self.dims.kv_heads)
-        return self._rope(q, pos), self._rope(k, pos), v
+        x = self._norm(h, w, self.n.attn_norm) if self.m.pre_norm else h
+        nh, kvh, hd = self.dims.num_heads, self.dims.kv_heads, self.dims.head_dim
+        if self.m.qkv == "fused":  # [B, T, heads, (q, k, v), head_dim]
+            b, t, _ = x.shape
+            fused = _linear(x, w, self.n.qkv[0]).view(b, t, nh, 3, hd)
+            q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
+        else:
+            qn, kn, vn = self.n.qkv
+            q, k, v = _heads(_linear(x, w, qn), nh), _heads(_linear(x, w, kn), kvh), _heads(_linear(x, w, vn), kvh)
+        if self.q_scale is not None:
+            q = q * self.q_scale
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        return q, k, v
+
+    def _mlp(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        if self.m.mlp == "gated":
+            gate, up, down = self.n.mlp
+            return _linear(self.act(_linear(x, w, gate)) * _linear(x, w, up), w, down)
+        up, down = self.n.mlp
+        return _linear(self.act(_linear(x, w, up)), w, down)
 
     def post_attention(self, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        h = h + _linear(_merge(attn), w, "self_attn.o_proj")
-        x = _rms_norm(h, w["post_attention_layernorm.weight"], self.eps)
-        return h + _linear(F.silu(_linear(x, w, "mlp.gate_proj")) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+        m, n = self.m, self.n
+        a = _linear(_merge(attn), w, n.out)
+        if m.parallel:  # both branches read the layer input
+            return h + a + self._mlp(w, self._norm(h, w, n.attn_norm if m.shared_norm else n.mlp_norm))
+        if not m.pre_norm:  # post-norm: normalize each residual sum
+            h = self._norm(h + a, w, n.attn_norm)
+            return self._norm(h + self._mlp(w, h), w, n.mlp_norm)
+        residual = self._norm(h, w, n.attn_norm) if m.residual_from_norm else h
+        h = residual + a
+        x = self._norm(h, w, n.mlp_norm)
+        return (x if m.residual_from_norm else h) + self._mlp(w, x)
 
     def logits(self, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
-        h = _rms_norm(h, w_head["norm.weight"], self.eps)
-        return F.linear(h, w_head.get("lm_head.weight", w_embed["embed_tokens.weight"]))
+        if self.m.pre_norm and self.m.final_norm:
+            h = self._norm(h, w_head, self.n.final_norm)
+        return F.linear(h, w_head.get("lm_head.weight", w_embed[self.tied]))
 
 
 def family_for(config: dict, dims: ModelDims) -> Family:
-    families = {"opt": OPTFamily, "bloom": BloomFamily, "llama": LlamaFamily, "mistral": LlamaFamily,
-                "qwen2": LlamaFamily}
-    return families[config["model_type"]](config, dims)
+    return Decoder(arch.spec_for(config), config, dims)
 
 
 def attention_bias(

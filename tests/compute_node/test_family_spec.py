@@ -1,0 +1,113 @@
+"""A family is one spec: GPT-NeoX (a module of strata/families/) and StableLM (declared
+here, nowhere else) run on the generic decoder and give transformers' greedy tokens."""
+
+import json
+
+import pytest
+import torch
+
+import tiny_models
+from compute_node import model as cm
+from compute_node.engine import Engine, local_kv_factory
+from compute_node.layer_weights import LayerWeights
+from compute_node.sampling import Sampling
+from compute_node.weights import HostWeights
+from strata import arch
+from strata.arch import ArchSpec, Cfg, ConfigKeys, Math, Names
+from strata.errors import StrataError
+from weight_store.convert import convert
+
+PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+
+STABLELM = ArchSpec(  # Llama's names, LayerNorm, partial RoPE, optionally parallel with one norm
+    name="stablelm",
+    model_types=("stablelm",),
+    model_prefix="model.",
+    layer_pattern=r"model\.layers\.(\d+)\.",
+    names=Names(
+        tokens="embed_tokens", attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+        final_norm="norm", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        out="self_attn.o_proj", mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    ),
+    math=Math(norm="layernorm", positions="rope", mlp="gated", activation="silu",
+              parallel=Cfg("use_parallel_residual", False), shared_norm=True),
+    keys=ConfigKeys(kv_heads=("num_key_value_heads",)),
+    must_be=(("qk_layernorm", False),),
+)
+
+
+@pytest.fixture
+def stablelm_registered():
+    arch.register(STABLELM)
+    yield
+    arch.unregister(STABLELM)
+
+
+def _engine(shards, micro_batches=1):
+    host = HostWeights.from_directory(shards)
+    lw = LayerWeights(host, torch.device("cpu"), torch.float32, set(range(host.manifest.num_layers)))
+    return Engine(lw, local_kv_factory(torch.float32, torch.device("cpu")), micro_batches=micro_batches)
+
+
+def _greedy_pair(hf, n=8, bits=16, micro_batches=1):
+    """(engine tokens, transformers tokens) for PROMPTS, left-padded together in the engine."""
+    out = hf.parent / f"s{bits}"
+    convert(hf, out, bits=bits)
+    steps = list(_engine(out, micro_batches).generate(PROMPTS, n, Sampling(greedy=True)))
+    got = [[s[i] for s in steps] for i in range(len(PROMPTS))]
+    ref = tiny_models.load_reference(hf)
+    want = [ref.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    return got, want
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_parallel_residual": False}, {"rotary_pct": 1.0}],
+                         ids=["parallel", "sequential", "full-rope"])
+def test_gpt_neox_greedy_matches_transformers(tmp_path, overrides):
+    hf = tiny_models.make_gpt_neox(tmp_path / "hf", **overrides)
+    got, want = _greedy_pair(hf, micro_batches=2)
+    assert got == want
+
+
+def test_gpt_neox_with_a_pythia_style_config(tmp_path):
+    """Pythia's config.json names the rotary share and base the old way."""
+    hf = tiny_models.make_gpt_neox(tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rotary_pct=0.5, rotary_emb_base=500)
+    (hf / "config.json").write_text(json.dumps(config))
+    got, want = _greedy_pair(hf)
+    assert got == want
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_parallel_residual": True, "use_qkv_bias": True}],
+                         ids=["sequential", "parallel-qkv-bias"])
+def test_a_spec_declared_in_one_place_matches_transformers(tmp_path, stablelm_registered, overrides):
+    hf = tiny_models.make_stablelm(tmp_path / "hf", **overrides)
+    got, want = _greedy_pair(hf)
+    assert got == want
+
+
+def test_the_declared_spec_is_what_the_converter_and_engine_read(tmp_path, stablelm_registered):
+    hf = tiny_models.make_stablelm(tmp_path / "hf")
+    out = tmp_path / "s4"
+    m = convert(hf, out, bits=4, group_size=32)
+    assert m.architecture == "stablelm"
+    quantized = {name for name, t in m.shards["layer.0"].tensors.items() if t.quant is not None}
+    assert quantized == set(STABLELM.linears)
+    assert set(m.shards["head"].tensors) == {"norm.weight", "norm.bias", "lm_head.weight"}
+    engine = _engine(out)
+    assert isinstance(engine.family, cm.Decoder) and engine.dims.kv_heads == 2
+    assert engine.family.scale == 32**-0.5 and not engine.family.alibi
+    assert engine.family.rope.dim == 8  # partial_rotary_factor 0.25 of head_dim 32
+
+
+def test_a_config_outside_the_spec_is_refused(tmp_path, stablelm_registered):
+    config = {**tiny_models._SMALL, "model_type": "stablelm", "qk_layernorm": True}
+    with pytest.raises(StrataError, match="qk_layernorm"):
+        arch.dims_for(config)
+
+
+def test_without_its_spec_a_model_type_is_not_supported(tmp_path):
+    with pytest.raises(StrataError, match="stablelm"):
+        arch.spec_for({"model_type": "stablelm"})
