@@ -24,6 +24,7 @@ from compute_node.layer_weights import LayerWeights
 from compute_node.model import family_for
 from compute_node.sampling import Sampling, choose
 from strata.arch import dims_for
+from strata.kv_quant import check_bits
 
 
 class Engine:
@@ -128,8 +129,10 @@ class Engine:
         mb.h = self.family.post_attention(w, mb.h, attn)
 
 
-def local_kv_factory(dtype: torch.dtype, device: torch.device):
-    return lambda shape: LocalKV(shape, dtype, device)
+def local_kv_factory(dtype: torch.dtype, device: torch.device, kv_bits: int = 16):
+    """LocalKV per micro-batch, stored at `kv_bits` (16, 8 or 4; checked here, at once)."""
+    check_bits(kv_bits)
+    return lambda shape: LocalKV(shape, dtype, device, kv_bits)
 
 
 def remote_kv_factory(dtype: torch.dtype, device: torch.device, client, exchange, kv_bits: int = 16):

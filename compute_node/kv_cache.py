@@ -4,7 +4,9 @@ on its CPU (`RemoteKV`). Decode attention is split into start/finish so the engi
 can overlap one micro-batch's remote attention with another's device work.
 
 Prefill attention always runs on the compute device (it has every key of the prompt
-at hand); RemoteKV ships the prompt's keys/values to the store asynchronously."""
+at hand); RemoteKV ships the prompt's keys/values to the store asynchronously. Both
+can hold the cache at 8 or 4 bits (`kv_bits`, strata/kv_quant.py's format): LocalKV
+quantizes on the device, RemoteKV asks the KV store to."""
 
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ from typing import Any, Protocol
 
 import torch
 
+from compute_node.kernels import dequant
 from compute_node.model import attend, attention_bias
 from strata.alibi import alibi_slopes
 from compute_node.peers import KVStoreClient
 from strata.errors import ErrorKind, StrataError
+from strata.kv_quant import KVFormat, check_bits, default_group
 from strata.shm import dtype_name
 from strata.wire import kv_store_pb2
+
+DEQUANT_CHUNK = 256  # tokens rebuilt at a time off CUDA (float32 arithmetic on that many only)
 
 
 class KVCache(Protocol):
@@ -43,22 +49,99 @@ def _prompt_attention(s: _Shape, pad: torch.Tensor, q, k, v) -> torch.Tensor:
     return attend(q, k, v, attention_bias(pad, t, t, s.slopes, q.dtype), s.scale)
 
 
-class LocalKV:
-    """KV on the compute device, [B, heads, max_tokens, head_dim] per layer."""
+class _PlainLayers:
+    """K and V of every layer in the compute dtype, [B, kv_heads, max_tokens, head_dim]."""
 
-    def __init__(self, shape: _Shape, dtype: torch.dtype, device: torch.device):
+    def __init__(self, s: _Shape, dtype: torch.dtype, device: torch.device):
+        dims = (s.pad.numel(), s.num_kv_heads, s.max_tokens, s.head_dim)
+        self.k = [torch.empty(dims, dtype=dtype, device=device) for _ in range(s.num_layers)]
+        self.v = [torch.empty(dims, dtype=dtype, device=device) for _ in range(s.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][:, :, start : start + k.shape[2]] = k
+        self.v[layer][:, :, start : start + v.shape[2]] = v
+
+    def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+
+class _QuantLayers:
+    """K and V of every layer group-wise quantized (strata/kv_quant.py), token-major:
+    codes [max_tokens, B, kv_heads, code_width], scale and min [max_tokens, B, kv_heads,
+    groups] per layer, so the first n tokens are one contiguous block. `read` rebuilds
+    one layer's first n tokens in the compute dtype: in one fused kernel on CUDA (no
+    float32 copy), elsewhere in chunks of DEQUANT_CHUNK tokens."""
+
+    def __init__(self, s: _Shape, dtype: torch.dtype, device: torch.device, fmt: KVFormat):
+        self.fmt, self.dtype = fmt, dtype
+        lead = (s.max_tokens, s.pad.numel(), s.num_kv_heads)
+
+        def planes():
+            return (torch.empty(*lead, fmt.code_width, dtype=torch.uint8, device=device),
+                    torch.empty(*lead, fmt.groups, dtype=torch.float16, device=device),
+                    torch.empty(*lead, fmt.groups, dtype=torch.float16, device=device))
+
+        self.k = [planes() for _ in range(s.num_layers)]
+        self.v = [planes() for _ in range(s.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for parts in self.k + self.v for t in parts)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for parts, x in ((self.k[layer], k), (self.v[layer], v)):
+            end = start + x.shape[2]
+            for plane, q in zip(parts, self.fmt.quantize(x.permute(2, 0, 1, 3))):
+                plane[start:end] = q
+
+    def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._dequantize(self.k[layer], n), self._dequantize(self.v[layer], n)
+
+    def _dequantize(self, parts, n: int) -> torch.Tensor:
+        codes, scale, w_min = (p[:n] for p in parts)
+        out = torch.empty(*codes.shape[:-1], self.fmt.head_dim, dtype=self.dtype, device=codes.device)
+        rows = out.view(-1, self.fmt.head_dim)
+        per_token = rows.shape[0] // n
+        step = n if codes.is_cuda else DEQUANT_CHUNK
+        for a in range(0, n, step):
+            z = min(a + step, n)
+            flat = [p[a:z].reshape(-1, p.shape[-1]) for p in (codes, scale, w_min)]
+            dequant.dequantize(*flat, self.fmt.bits, self.fmt.group, self.dtype, out=rows[a * per_token : z * per_token])
+        return out.permute(1, 2, 0, 3)  # [B, kv_heads, n, head_dim], strided
+
+
+class LocalKV:
+    """KV on the compute device, per layer: [B, heads, max_tokens, head_dim] in the
+    compute dtype (kv_bits 16), or quantized to 8 or 4 bits (`_QuantLayers`); decode
+    attention then reads one layer's keys and values rebuilt in the compute dtype."""
+
+    def __init__(self, shape: _Shape, dtype: torch.dtype, device: torch.device, kv_bits: int = 16,
+                 group_size: int = 0):
+        """`group_size`: head_dim elements per quantization group; 0 = 64, or the whole
+        head_dim where 64 does not divide it. Raises StrataError(INVALID_ARGUMENT) for
+        kv_bits other than 16, 8, 4 or a group that does not divide head_dim."""
+        check_bits(kv_bits)
         self.s = shape
-        b = shape.pad.numel()
-        dims = (b, shape.num_kv_heads, shape.max_tokens, shape.head_dim)
-        self.k = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.v = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        if kv_bits == 16:
+            self.layers = _PlainLayers(shape, dtype, device)
+        else:
+            fmt = KVFormat(kv_bits, shape.head_dim, group_size or default_group(shape.head_dim))
+            self.layers = _QuantLayers(shape, dtype, device, fmt)
         self.length = [0] * shape.num_layers
         self.pad = shape.pad.to(device)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds on the device (codes, scales and mins when quantized)."""
+        return self.layers.nbytes
+
     def prefill(self, layer, q, k, v):
         t = k.shape[2]
-        self.k[layer][:, :, :t] = k
-        self.v[layer][:, :, :t] = v
+        self.layers.write(layer, 0, k, v)
         self.length[layer] = t
         return _prompt_attention(self.s, self.pad, q, k, v)
 
@@ -66,18 +149,17 @@ class LocalKV:
         n = self.length[layer]
         if n + 1 > self.s.max_tokens:
             raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, f"KV cache holds {self.s.max_tokens} tokens per sequence")
-        self.k[layer][:, :, n : n + 1] = k
-        self.v[layer][:, :, n : n + 1] = v
+        self.layers.write(layer, n, k, v)
         self.length[layer] = n + 1
+        keys, values = self.layers.read(layer, n + 1)
         bias = attention_bias(self.pad, 1, n + 1, self.s.slopes, q.dtype)
-        return attend(q, self.k[layer][:, :, : n + 1], self.v[layer][:, :, : n + 1], bias, self.s.scale)
+        return attend(q, keys, values, bias, self.s.scale)
 
     def decode_finish(self, handle):
         return handle
 
     def free(self):
-        self.k.clear()
-        self.v.clear()
+        self.layers = None
 
 
 class RemoteKV:

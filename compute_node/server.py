@@ -68,7 +68,7 @@ class ComputeNode:
             self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)
             factory = remote_kv_factory(self.dtype, self.device, self.kv, self.exchange, config.kv_bits)
         else:
-            factory = local_kv_factory(self.dtype, self.device)
+            factory = local_kv_factory(self.dtype, self.device, config.kv_bits)
         self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch)
         self.codec = TextCodec(self.host.tokenizer_json)
         self.lock = threading.Lock()
@@ -159,7 +159,8 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])
     p.add_argument("--kv-offload", action="store_true")
-    p.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16])
+    p.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
+                   help="KV cache precision, on the device or in the KV store")
     p.add_argument("--rpc-timeout", type=float, default=30.0)
     p.add_argument("--gpu-weight-share", type=float, default=1.0)
     p.add_argument("--micro-batches", type=int, default=1)

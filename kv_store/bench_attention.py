@@ -1,7 +1,16 @@
 """Kernel benchmark of CPU decode attention against host DRAM read bandwidth.
 
 `python -m kv_store.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544
---dtype float16 --threads 16` prints one JSON line.
+--dtype float16 --threads 16 --kv-bits 16,8,4` prints one JSON line per KV precision,
+all against the DRAM read bandwidth measured once in the same run. Attention runs
+through the KV store's own cache classes (`GroupCache`, and `QuantizedGroupCache` for
+8 and 4 bits), as the service calls them.
+
+Per precision: `step_s` (seconds per decode step), `bytes_per_step` (K and V bytes the
+step reads as stored: codes plus scales and mins when quantized), `kv_read_gbps` (those
+bytes over the step time), `bf16_bytes_per_step` and `bf16_equiv_gbps` (the bytes a
+bfloat16 cache of the same tokens would hold, over the same time: the bandwidth a
+16-bit kernel would need to keep up).
 """
 
 from __future__ import annotations
@@ -13,7 +22,10 @@ import time
 import torch
 
 from kv_store.attention import GroupCache, GroupSpec
+from kv_store.quantized import QuantizedGroupCache, kv_format
 from strata.shm import torch_dtype
+
+WARMUP = 3
 
 
 def dram_read_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -28,31 +40,45 @@ def dram_read_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, threads: int, steps: int = 20) -> dict:
-    """Time `attend` on a cache holding `tokens` tokens; GB/s of K+V read per step."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    warmup = 3
-    spec = GroupSpec(
-        num_layers=1, batch=batch, num_heads=heads, head_dim=head_dim,
-        max_tokens=tokens + warmup + steps, dtype=torch_dtype(dtype), scale=head_dim**-0.5,
-    )  # fmt: skip
-    cache = GroupCache(spec)
-    shape = (batch, heads, tokens, head_dim)
-    cache.append(0, torch.randn(shape).to(spec.dtype), torch.randn(shape).to(spec.dtype))
-    one = torch.randn(batch, heads, 1, head_dim).to(spec.dtype)
-    for _ in range(warmup):
-        cache.attend(0, one, one, one)
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _timed_steps(cache: GroupCache, tokens: int, steps: int) -> tuple[float, float]:
+    """Fill `tokens` tokens, then time `steps` decode attends; returns (seconds per
+    step, mean tokens attended over per step)."""
+    s = cache.spec
+    shape = (s.batch, s.kv_heads, tokens, s.head_dim)
+    cache.append(0, torch.randn(shape).to(s.dtype), torch.randn(shape).to(s.dtype))
+    q = torch.randn(s.batch, s.num_heads, 1, s.head_dim).to(s.dtype)
+    kv = torch.randn(s.batch, s.kv_heads, 1, s.head_dim).to(s.dtype)
+    for _ in range(WARMUP):
+        cache.attend(0, q, kv, kv)
     first = cache.lengths[0]
     t0 = time.perf_counter()
     for _ in range(steps):
-        cache.attend(0, one, one, one)
-    elapsed = time.perf_counter() - t0
-    mean_tokens = first + (steps + 1) / 2
-    kv_bytes = 2 * batch * heads * mean_tokens * head_dim * spec.itemsize
-    step_s = elapsed / steps
-    kv_gbps = kv_bytes / step_s / 1e9
-    dram = dram_read_gbps()
+        cache.attend(0, q, kv, kv)
+    return (time.perf_counter() - t0) / steps, first + (steps + 1) / 2
+
+
+def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, threads: int, steps: int = 20,
+          kv_bits: int = 16, kv_group: int = 0, dram: float | None = None) -> dict:
+    """Time `attend` on a cache holding `tokens` tokens stored at `kv_bits`; GB/s of
+    K+V read per step. `dram`: GB/s measured already in this run (default: measure)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    spec = GroupSpec(
+        num_layers=1, batch=batch, num_heads=heads, head_dim=head_dim, max_tokens=tokens + WARMUP + steps,
+        dtype=torch_dtype(dtype), scale=head_dim**-0.5, kv_bits=kv_bits, kv_group_size=kv_group,
+    )  # fmt: skip
+    quantized = kv_bits in (4, 8)
+    cache = QuantizedGroupCache(spec) if quantized else GroupCache(spec)
+    step_s, mean_tokens = _timed_steps(cache, tokens, steps)
+    vectors = 2 * batch * heads * mean_tokens  # K and V, one per token and head
+    read = vectors * (kv_format(spec).vector_bytes if quantized else head_dim * spec.itemsize)
+    bf16 = vectors * head_dim * 2
+    kv_gbps = read / step_s / 1e9
+    dram = dram_read_gbps() if dram is None else dram
     return {
         "bench": "kv_attention",
         "batch": batch,
@@ -60,11 +86,17 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
         "head_dim": head_dim,
         "tokens": tokens,
         "dtype": dtype,
+        "kv_bits": kv_bits,
+        "kv_group": spec.kv_group if quantized else 0,
         "threads": torch.get_num_threads(),
-        "step_ms": round(step_s * 1e3, 3),
-        "kv_read_gbps": round(kv_gbps, 2),
-        "dram_read_gbps": round(dram, 2),
-        "fraction_of_dram": round(kv_gbps / dram, 3),
+        "step_ms": _sig(step_s * 1e3),
+        "step_s": _sig(step_s, 6),
+        "bytes_per_step": round(read),
+        "bf16_bytes_per_step": round(bf16),
+        "kv_read_gbps": _sig(kv_gbps),
+        "bf16_equiv_gbps": _sig(bf16 / step_s / 1e9),
+        "dram_read_gbps": _sig(dram),
+        "fraction_of_dram": _sig(kv_gbps / dram, 3),
     }
 
 
@@ -77,8 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--kv-bits", default="16,8,4", help="comma-separated KV precisions, each 16, 8 or 4")
+    p.add_argument("--kv-group", type=int, default=0, help="quantization group on head_dim; 0 = head_dim (the service's)")
+    p.add_argument("--dram-bytes", type=int, default=1 << 30, help="bytes summed to measure DRAM read bandwidth")
     a = p.parse_args(argv)
-    print(json.dumps(bench(a.batch, a.heads, a.head_dim, a.tokens, a.dtype, a.threads, a.steps)))
+    bits = [int(b) for b in a.kv_bits.split(",")]
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    dram = dram_read_gbps(a.dram_bytes)
+    for b in bits:
+        row = bench(a.batch, a.heads, a.head_dim, a.tokens, a.dtype, a.threads, a.steps, b, a.kv_group, dram)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

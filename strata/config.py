@@ -42,7 +42,7 @@ class ComputeNodeConfig:
     device: str = "cpu"  # "cpu" | "cuda"
     dtype: str = ""  # compute dtype; "" = float32 on cpu, bfloat16 on cuda
     kv_offload: bool = False  # KV cache in the KV store, attention on its CPU
-    kv_bits: int = 16  # KV store cache precision: 16 (compute dtype), 8 or 4 (group-wise on head_dim)
+    kv_bits: int = 16  # KV cache precision (device or KV store): 16 (compute dtype), 8 or 4 (group-wise on head_dim)
     rpc_timeout_s: float = 30.0  # every call to a peer fails after this, never hangs
     gpu_weight_share: float = 1.0  # share of layers kept resident on the device (issue 3)
     micro_batches: int = 1

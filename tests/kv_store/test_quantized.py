@@ -37,3 +37,30 @@ def test_bad_kv_bits_are_refused():
     with pytest.raises(StrataError) as e:
         GroupCache(spec(5))
     assert e.value.kind is ErrorKind.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunks_dequantize_exactly_into_one_reused_float32_buffer(bits):
+    """Never the whole cache in float32: every chunk lands in the same CHUNK-token
+    buffer, with the same numbers as strata.quant's dequantization."""
+    torch.manual_seed(1)
+    cache = QuantizedGroupCache(spec(bits, kv_group_size=16))
+    x = torch.randn(3, 2, CHUNK + 30, 32)
+    cache.append(0, x, -x)
+    first = cache._load(1, 0, 0, CHUNK)
+    sl = (1, 0, slice(None), slice(None), slice(0, CHUNK))
+    want = cache.fmt.dequantize(cache.codes[sl], cache.scale[sl], cache.min[sl], torch.float32)
+    assert torch.equal(first, want)
+    assert (first + x[:, :, :CHUNK]).abs().max() < (0.05 if bits == 8 else 0.5)  # values were -x
+    second = cache._load(0, 0, CHUNK, CHUNK + 30)
+    assert second.shape == (3, 2, 30, 32) and second.data_ptr() == first.data_ptr()
+    assert cache._chunk_buffers[0].shape == (3, 2, CHUNK, 32)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 24), (4, 64), (16, 32)])
+def test_groups_that_do_not_divide_head_dim_or_16_bits_are_refused(bits, group):
+    from strata.errors import ErrorKind, StrataError
+
+    with pytest.raises(StrataError) as e:
+        QuantizedGroupCache(spec(bits, kv_group_size=group))
+    assert e.value.kind is ErrorKind.INVALID_ARGUMENT
