@@ -44,6 +44,7 @@ class BenchArgs:
     offload_dir: str = ""
     disk_read_gbps: float = 0.0  # for the floor; 0 = DESIGN.md's measured figure
     kv_bits: int = 16  # KV cache precision (GPU or KV store)
+    disk_layers: int = 0  # the planner's: streamed layers read from disk every pass (the last ones)
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -114,6 +115,25 @@ def _disk_bytes_per_pass(a: BenchArgs, m: Manifest) -> tuple[int, float]:
     return len(every_pass), float(sum(m.shards[n].size for n in every_pass))
 
 
+def _budget_for_disk_layers(a: BenchArgs, m: Manifest) -> BenchArgs:
+    """The planner's disk layers as the weight store's host budget: embeddings, head,
+    staging slots and the streamed layers that stay in the host tier."""
+    if not a.disk_layers or a.disk_offload or a.host_budget_gb:
+        return a
+    from strata.manifest import align
+    from strata.placement import STAGING_SLOTS, resident_layers
+    from weight_store.host_tier import shard_bytes
+
+    sizes = {n: align(shard_bytes(s)) for n, s in m.shards.items()}
+    layers = [f"layer.{i}" for i in range(m.num_layers)]
+    resident = {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
+    streamed = [n for n in layers if n not in resident]
+    held = streamed[: len(streamed) - a.disk_layers]
+    budget = (sum(v for n, v in sizes.items() if n not in layers) + STAGING_SLOTS * max(sizes[n] for n in layers)
+              + sum(sizes[n] for n in held) + (1 << 20))  # slack below one layer: GiB floats round
+    return dataclasses.replace(a, host_budget_gb=budget / 2**30)
+
+
 def _offload_dir(a: BenchArgs) -> str:
     """Dummy weights for the disk tier: written once per shape into a cache directory."""
     from weight_store.dummy_files import write_dummy_model
@@ -147,6 +167,7 @@ def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
 
 def run(a: BenchArgs, progress: bool) -> dict:
     m = _manifest(a)  # an unknown shape is a clear error before anything starts
+    a = _budget_for_disk_layers(a, m)
     dims = dims_for(m.config)
     weight_bytes = float(sum(s.size for s in m.shards.values()))
     disk = _disk_bytes_per_pass(a, m)
@@ -250,12 +271,14 @@ def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
 
     profile, where = load_profile(profile_path or ns.profile)
     dims, wbf, bits = _model(ns.model, ns.quant_bits, ns.group_size)
-    fixed = planner.Fixed(kv_on_host=True if ns.kv_offload else None, batch_size=ns.batch_size, quant_bits=bits)
+    fixed = planner.Fixed(kv_on_host=True if ns.kv_offload else None, batch_size=ns.batch_size, quant_bits=bits,
+                          disk_weight_share=None)
     workload = cm.Workload(ns.prompt_len, ns.gen_len, ns.batch_size)
     result = planner.plan(dims, wbf, workload, profile, fixed)
     pl, pr = result.placement, result.prediction
     fields = {"gpu_weight_share": pl.gpu_weight_share, "kv_offload": pl.kv_on_host,
-              "micro_batches": pl.micro_batches, "batch_size": pl.batch_size}
+              "micro_batches": pl.micro_batches, "batch_size": pl.batch_size,
+              "disk_layers": pl.layer_counts(dims.num_layers)[2]}
     prediction = {"profile": where, "total_tokens_per_s": round(pr.total_tokens_per_s, 2),
                   "prefill_s": round(pr.prefill_s, 4), "decode_s": round(pr.decode_s, 4),
                   "binding": [pr.prefill_binding, pr.decode_binding]}
@@ -272,7 +295,7 @@ def _placement(ns) -> tuple[dict, dict | None]:
     share = 0.0 if ns.cpu_offload else ((0.0 if offloaded else 1.0) if ns.gpu_weight_share is None
                                          else ns.gpu_weight_share)
     return {"gpu_weight_share": share, "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
-            "batch_size": ns.batch_size or 8}, None
+            "batch_size": ns.batch_size or 8, "disk_layers": 0}, None
 
 
 def main(ns) -> int:
@@ -283,7 +306,7 @@ def main(ns) -> int:
         gpu_weight_share=fields["gpu_weight_share"], micro_batches=fields["micro_batches"],
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
-        disk_read_gbps=ns.disk_read_gbps, kv_bits=ns.kv_bits,
+        disk_read_gbps=ns.disk_read_gbps, kv_bits=ns.kv_bits, disk_layers=fields["disk_layers"],
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

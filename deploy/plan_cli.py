@@ -205,8 +205,23 @@ def measure_gpu(quick: bool) -> dict:
         "d2h_pinned": nbytes / _timed(lambda: pinned.copy_(dev, non_blocking=True), sync),
     }
     del a, dev, dev2, pinned, pageable
+    out["dequant_bytes_per_s"] = _dequant_rate(quick, sync)
     torch.cuda.empty_cache()
     return out
+
+
+def _dequant_rate(quick: bool, sync) -> float:
+    """Dense bf16 bytes per second the compute node's fused INT4 dequant writes, on an
+    OPT-30B fc1-sized weight (what every decode step pays per quantized layer)."""
+    import torch
+
+    from compute_node.kernels import dequantize
+
+    n, k, g = 28672, (2048 if quick else 7168), 64
+    data = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scale = torch.rand(n, k // g, device="cuda", dtype=torch.float16)
+    mn = torch.rand(n, k // g, device="cuda", dtype=torch.float16)
+    return 2 * n * k / _timed(lambda: dequantize(data, scale, mn, 4, g, torch.bfloat16), sync, 5)
 
 
 def measure_host(quick: bool) -> dict:
@@ -217,7 +232,7 @@ def measure_host(quick: bool) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     dram = dram_read_gbps((256 << 20) if quick else GIB, repeats=3 if quick else 5) * 1e9
-    att = bench(batch=8, heads=56, head_dim=128, tokens=128 if quick else 544, dtype="float16",
+    att = bench(batch=16, heads=56, head_dim=128, tokens=128 if quick else 544, dtype="bfloat16",
                 threads=os.cpu_count() or 1, steps=5 if quick else 20)
     return {"dram_read_bytes_per_s": dram, "cpu_attention_bytes_per_s": att["kv_read_gbps"] * 1e9,
             "host_bytes": float(psutil.virtual_memory().total), "cpu_cores": os.cpu_count() or 0}

@@ -4,7 +4,8 @@ layer_weights.py), not on an idealised system. No torch, no grpc.
 
 Per forward pass, layer i takes max(GPU work of i, CPU attention of i, load of
 layer i+1) plus control overhead: the load of i+1 (PCIe, or NVMe then PCIe) runs
-on a side stream while i computes; resident layers are the first ones, and a pass
+on a side stream while i computes (but not while the KV store's CPU attention reads
+host DRAM: the two were measured not to overlap); resident layers are the first ones, and a pass
 whose layer 0 is streamed waits for its load first. GPU work of a layer: read the
 packed bytes, write the dequantized fp16 layer, read it again once per micro-batch,
 plus KV reads when KV is on the GPU; or FLOPs at a GEMM efficiency, whichever is
@@ -18,6 +19,7 @@ import dataclasses
 from strata.arch import ModelDims
 from strata.floor import kv_bytes_per_token
 from strata.hardware import HardwareProfile
+from strata.placement import STAGING_SLOTS
 
 GIB = 1 << 30
 GPU_HEADROOM = 2 * GIB
@@ -27,6 +29,11 @@ LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launc
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
 GEMM_EFFICIENCY = 0.95  # of the measured 8192^3 rate, at large M
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
+# The KV store's attention inside the service reads KV at about 0.65 of the isolated
+# kernel's rate the profile measures (~60 against 88-98 GB/s on nvidia-h100-x1: runs
+# 6b and 8 of BENCHMARKS.md; its layout spreads every layer over one arena and calls
+# come from a worker thread).
+SERVICE_ATTENTION_EFFICIENCY = 0.65
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
@@ -49,6 +56,7 @@ class Placement:
     batch_size: int
     quant_bits: int = 4
     disk_weight_share: float = 0.0  # share of layers read from NVMe every pass (the last ones)
+    kv_bits: int = 16  # KV cache precision (8/4: group-wise codes plus fp16 scale/min per 64)
 
     def layer_counts(self, num_layers: int) -> tuple[int, int, int]:
         """(resident, host-streamed, disk-streamed) layers, rounded as compute_node.placement does."""
@@ -92,8 +100,11 @@ def layer_params(d: ModelDims) -> float:
     return d.layer_params
 
 
-def kv_bytes_per_token_layer(d: ModelDims) -> float:
-    return kv_bytes_per_token(d) / d.num_layers  # keys and values, fp16
+def kv_bytes_per_token_layer(d: ModelDims, kv_bits: int = 16) -> float:
+    """Keys and values of one token in one layer, as cached (16-bit, or INT8/INT4 codes
+    plus an fp16 scale and min per group of 64)."""
+    per_element = {16: 2.0, 8: 1 + 4 / 64, 4: 0.5 + 4 / 64}[kv_bits]
+    return kv_bytes_per_token(d) / d.num_layers / 2 * per_element
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,17 +139,21 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     b, m = pl.batch_size, pl.micro_batches
     rows = b * tokens_per_seq
     dense = 2 * wb.layer_params
-    weights_traffic = (wb.layer + dense + m * dense) if wb.quantized else m * wb.layer
-    kv_layer = b * kv_len * kv_bytes_per_token_layer(dims)
+    # quantized: read the packed layer, write its dense copy (at the dequant kernel's
+    # rate), read that once per micro-batch
+    weights_traffic = (wb.layer + m * dense) if wb.quantized else m * wb.layer
+    dequant_s = dense / (p.dequant_bytes_per_s or p.hbm_bytes_per_s / 2) if wb.quantized else 0.0
+    kv_layer = b * kv_len * kv_bytes_per_token_layer(dims, pl.kv_bits)
     act = rows * (8 * dims.hidden + 2 * dims.ffn) * 2 if prefill else 0.0
     gpu_kv = kv_layer if (not pl.kv_on_host or prefill) else 0.0
     cpu_attention = pl.kv_on_host and not prefill
     attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
     flops = 2 * wb.layer_params * rows + attn_flops
     return {
-        "HBM": (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s,
+        "HBM": (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s + dequant_s,
         "GPU FLOPs": flops / _gemm_flops(p, rows / m),
-        "CPU KV read": kv_layer / p.cpu_attention_bytes_per_s if cpu_attention else 0.0,
+        "CPU KV read": (kv_layer / (p.cpu_attention_bytes_per_s * SERVICE_ATTENTION_EFFICIENCY)
+                        if cpu_attention else 0.0),
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
         "control overhead": m * (RPC_OVERHEAD_S if pl.kv_on_host else LAUNCH_OVERHEAD_S),
     }
@@ -158,7 +173,12 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
     first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
     rest = L - n_host - n_disk
-    total = first + rest * work + n_host * max(work, host_load) + n_disk * max(work, disk_load) + L * over
+    # The KV store's attention and the DMA of a host-streamed layer both read host DRAM:
+    # measured (T3, run 5) they do not overlap, so a streamed layer with CPU attention
+    # takes the load plus the attention.
+    shared = cpu if cpu else 0.0
+    total = (first + rest * work + n_host * max(work, host_load + shared) + n_disk * max(work, disk_load + shared)
+             + L * over)
     totals = {k: v * L for k, v in t.items()}
     totals["PCIe weights"] = host_n * host_load
     totals["NVMe weights"] = disk_n * disk_load
@@ -191,14 +211,15 @@ def memory(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> tupl
     resident, host_n, disk_n = pl.layer_counts(L)
     dense = 2 * wb.layer_params if wb.quantized else 0.0
     buffers = 2 * (wb.layer + dense) + dense if host_n + disk_n else 2 * dense
-    kv = pl.batch_size * (w.prompt_len + w.gen_len) * kv_bytes_per_token_layer(dims) * L
+    kv = pl.batch_size * (w.prompt_len + w.gen_len) * kv_bytes_per_token_layer(dims, pl.kv_bits) * L
     mb_tokens = -(-pl.batch_size // pl.micro_batches) * w.prompt_len
     gpu = {
         "resident weights": resident * wb.layer + wb.other, "layer buffers": buffers,
         "KV": 0.0 if pl.kv_on_host else kv, "activations": mb_tokens * max(dims.ffn, 3 * dims.hidden) * 2 * 3,
         "headroom": GPU_HEADROOM,
     }
-    host = {"weights": wb.total - disk_n * wb.layer, "KV": kv if pl.kv_on_host else 0.0, "headroom": HOST_HEADROOM}
+    host = {"weights": wb.total - disk_n * wb.layer, "staging": STAGING_SLOTS * wb.layer if disk_n else 0.0,
+            "KV": kv if pl.kv_on_host else 0.0, "headroom": HOST_HEADROOM}
     return gpu, host
 
 

@@ -35,6 +35,7 @@ class HardwareProfile:
     dram_read_bytes_per_s: float = 0.0  # all threads
     cpu_attention_bytes_per_s: float = 0.0  # KV bytes read per second by the KV store's decode attention
     disk_read_bytes_per_s: float = 0.0
+    dequant_bytes_per_s: float = 0.0  # dense bf16 bytes written by the fused INT4 dequant; 0: unknown
     host_bytes: float = 0.0
     cpu_cores: int = 0
     source: str = ""  # how the numbers were obtained

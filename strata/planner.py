@@ -33,7 +33,7 @@ class Fixed:
     micro_batches: int | None = None
     batch_size: int | None = None
     quant_bits: int | None = None
-    disk_weight_share: float = 0.0
+    disk_weight_share: float | None = 0.0  # None: the least share of layers on disk that fits host memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +112,30 @@ def _most_batch(dims, wb, w, pl: cm.Placement, profile, shares: list[float], lim
     return max((b for b in fits if b), default=None)
 
 
+def _least_disk(dims, wb, w, pl: cm.Placement, profile) -> float | None:
+    """The smallest share of layers kept on disk (whole layers) with which host memory
+    fits; None if not even every layer on disk does."""
+    L = dims.num_layers
+    for k in range(L + 1):
+        _, host = cm.memory(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L))
+        if sum(host.values()) <= profile.host_bytes:
+            return k / L
+    return None
+
+
 def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
           max_batch: int) -> Iterator[tuple[cm.WeightBytes, cm.Placement]]:
-    """Placements that fit, each with the largest share that fits for the rest."""
+    """Placements that fit, each with the largest share that fits for the rest (and,
+    when the disk share is the planner's, the least disk share that fits)."""
     batch = fixed.batch_size or w.batch_size
     shares = _shares(dims, fixed)
+    auto_disk = fixed.disk_weight_share is None
     for bits in [fixed.quant_bits] if fixed.quant_bits else QUANT_BITS:
         wb = wbf(bits)
         for kv in [fixed.kv_on_host] if fixed.kv_on_host is not None else (False, True):
             for m in [fixed.micro_batches] if fixed.micro_batches else MICRO_BATCHES:
-                base = cm.Placement(shares[0], kv, m, max(batch or 1, m), bits, fixed.disk_weight_share)
+                base = cm.Placement(shares[0], kv, m, max(batch or 1, m), bits,
+                                    1.0 if auto_disk else fixed.disk_weight_share)
                 most = batch or _most_batch(dims, wb, w, base, profile, shares, max_batch)
                 if most is None:
                     continue
@@ -130,6 +144,11 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
                     if b < m:
                         continue
                     pl = dataclasses.replace(base, batch_size=b)
+                    if auto_disk:
+                        disk = _least_disk(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=0.0), profile)
+                        if disk is None:
+                            continue
+                        pl = dataclasses.replace(pl, disk_weight_share=disk)
                     share = _largest_share(dims, wb, w, pl, profile, shares)
                     if share is not None:
                         yield wb, dataclasses.replace(pl, gpu_weight_share=share)
@@ -158,7 +177,8 @@ def _does_not_fit(dims, wbf: WeightBytesFn, w: cm.Workload, profile: HardwarePro
     best = None
     for kv in [fixed.kv_on_host] if fixed.kv_on_host is not None else (False, True):
         m = fixed.micro_batches or 1
-        pl = cm.Placement(share, kv, m, max(batch, m), bits, fixed.disk_weight_share)
+        pl = cm.Placement(share, kv, m, max(batch, m), bits,
+                          1.0 if fixed.disk_weight_share is None else fixed.disk_weight_share)
         gpu, host = cm.memory(dims, wb, w, pl)
         short = max(sum(gpu.values()) - profile.gpu_bytes, 0) + max(sum(host.values()) - profile.host_bytes, 0)
         if best is None or short < best[0]:

@@ -83,3 +83,17 @@ def test_bench_disk_offload_writes_dummy_shards_once_and_reports_the_disk_floor(
     assert 0 < w["disk_layers_per_pass"] < 12  # the budget caches some layers, the rest stay on disk
     assert w["disk_bytes_per_pass"] > 0 and reports[1]["floor_disk_read_bytes_per_s"] == 2e9
     assert reports[1]["total_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_the_planners_disk_layers_become_a_host_budget_that_leaves_exactly_them_on_disk(share):
+    from deploy.bench import BenchArgs, _budget_for_disk_layers, _disk_bytes_per_pass, _manifest
+
+    a = BenchArgs(model="facebook/opt-125m", dummy=True, batch_size=2, prompt_len=8, gen_len=2, kv_offload=False,
+                  quant_bits=4, group_size=64, gpu_weight_share=share, micro_batches=1, device="cpu",
+                  kv_capacity_gb=0, disk_layers=4)
+    m = _manifest(a)
+    planned = _budget_for_disk_layers(a, m)
+    assert planned.host_budget_gb > 0
+    layers, nbytes = _disk_bytes_per_pass(planned, m)
+    assert layers == 4 and nbytes == 4 * m.shards["layer.11"].size  # the last 4 streamed layers, all alike

@@ -84,7 +84,28 @@ def test_disk_share_streams_at_disk_bandwidth_and_leaves_host_memory(h100):
     disk = cm.predict(dims, wb, W, cm.Placement(0.5, False, 1, 8, disk_weight_share=0.25), h100)
     assert disk.decode_binding == "NVMe weights"
     assert disk.decode_step_s > host.decode_step_s * 5
-    assert host.host_bytes_needed - disk.host_bytes_needed == pytest.approx(12 * wb.layer)
+    # 12 layers leave the host tier; 3 staging slots take their place for the reads
+    assert host.host_bytes_needed - disk.host_bytes_needed == pytest.approx((12 - 3) * wb.layer)
+
+
+def test_planner_puts_the_fewest_layers_on_disk_that_make_host_memory_fit(h100):
+    import dataclasses
+
+    from strata import planner
+
+    dims, wb = opt()
+    need = wb.total + cm.HOST_HEADROOM
+    small = dataclasses.replace(h100, host_bytes=need - 20 * wb.layer)  # 20 layers too many for the host
+    fixed = planner.Fixed(kv_on_host=False, batch_size=8, micro_batches=1, gpu_weight_share=0.0,
+                          disk_weight_share=None)
+    result = planner.plan(dims, lambda b: wb, W, small, fixed)
+    _, _, disk_n = result.placement.layer_counts(dims.num_layers)
+    assert disk_n == 23  # 20 plus room for the 3 staging slots
+    assert result.prediction.host_bytes_needed <= small.host_bytes
+    assert result.prediction.decode_binding == "NVMe weights"
+    with pytest.raises(Exception) as e:
+        planner.plan(dims, lambda b: wb, W, small, dataclasses.replace(fixed, disk_weight_share=0.0))
+    assert "host memory" in str(e.value)
 
 
 def test_memory_counts_what_the_engine_holds(h100):
