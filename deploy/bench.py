@@ -116,21 +116,15 @@ def _disk_bytes_per_pass(a: BenchArgs, m: Manifest) -> tuple[int, float]:
 
 
 def _budget_for_disk_layers(a: BenchArgs, m: Manifest) -> BenchArgs:
-    """The planner's disk layers as the weight store's host budget: embeddings, head,
-    staging slots and the streamed layers that stay in the host tier."""
+    """The planner's disk layers as the weight store's host budget."""
     if not a.disk_layers or a.disk_offload or a.host_budget_gb:
         return a
     from strata.manifest import align
-    from strata.placement import STAGING_SLOTS, resident_layers
+    from strata.placement import host_budget_for
     from weight_store.host_tier import shard_bytes
 
     sizes = {n: align(shard_bytes(s)) for n, s in m.shards.items()}
-    layers = [f"layer.{i}" for i in range(m.num_layers)]
-    resident = {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
-    streamed = [n for n in layers if n not in resident]
-    held = streamed[: len(streamed) - a.disk_layers]
-    budget = (sum(v for n, v in sizes.items() if n not in layers) + STAGING_SLOTS * max(sizes[n] for n in layers)
-              + sum(sizes[n] for n in held) + (1 << 20))  # slack below one layer: GiB floats round
+    budget = host_budget_for(sizes, m.num_layers, a.gpu_weight_share, a.disk_layers)
     return dataclasses.replace(a, host_budget_gb=budget / 2**30)
 
 

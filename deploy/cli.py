@@ -29,14 +29,19 @@ def _convert(a) -> int:
 
 
 def serve_options(a):
+    """The services' options from the flags; on a GPU with no placement flag, the
+    planner's placement (deploy/serve_plan.py)."""
+    from deploy import serve_plan
     from deploy.launcher import ServeOptions
 
-    return ServeOptions(
+    opts = ServeOptions(
         model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload, kv_bits=a.kv_bits,
-        kv_capacity_bytes=int(a.kv_capacity_gb * (1 << 30)), gpu_weight_share=a.gpu_weight_share,
-        micro_batches=a.micro_batches, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
+        kv_capacity_bytes=int(a.kv_capacity_gb * (1 << 30)),
+        gpu_weight_share=1.0 if a.gpu_weight_share is None else a.gpu_weight_share,
+        micro_batches=a.micro_batches or 1, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * (1 << 30)),
     )
+    return opts if serve_plan.pinned(a) else serve_plan.planned_options(a, opts)
 
 
 def _serve(a) -> int:
@@ -151,12 +156,18 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-capacity-gb", type=float, default=2.0, help="host memory for the KV cache, faulted in at start")
     s.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
                    help="with --kv-offload: KV cache stored group-wise quantized on head_dim")
-    s.add_argument("--gpu-weight-share", type=float, default=1.0, help="share of layers resident on the device")
+    s.add_argument("--gpu-weight-share", type=float, default=None,
+                   help="share of layers resident on the device (default 1; on a GPU with no placement flag "
+                        "the planner chooses the placement for --plan-prompt-len/--plan-gen-len/--plan-batch)")
     s.add_argument("--disk-offload", action="store_true",
                    help="streamed layers stay on disk, read through staging slots every pass")
     s.add_argument("--host-budget-gb", type=float, default=0.0,
                    help="host memory for the weights' host tier (0 = no limit); layers beyond it stay on disk")
-    s.add_argument("--micro-batches", type=int, default=1)
+    s.add_argument("--micro-batches", type=int, default=None, help="micro-batches per loaded layer (default 1)")
+    s.add_argument("--plan-prompt-len", type=int, default=512, help="workload the planner plans for")
+    s.add_argument("--plan-gen-len", type=int, default=32)
+    s.add_argument("--plan-batch", type=int, default=None, help="default: the batch the planner finds best")
+    s.add_argument("--profile", help="hardware profile for the planner (default: this machine's)")
     s.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])
     s.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of every call between services")
     s.add_argument("--transport", choices=["shm", "bytes"], default="shm",

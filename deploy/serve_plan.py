@@ -1,0 +1,51 @@
+"""`strata serve` on a GPU without placement flags: the planner's placement for the
+workload the server expects (`--plan-prompt-len`, `--plan-gen-len`, `--plan-batch`),
+on this machine's profile (measured on first use) or `--profile`."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from strata.errors import ErrorKind, StrataError
+
+
+def pinned(a) -> bool:
+    """Whether the user chose the placement (any placement flag given)."""
+    return (a.gpu_weight_share is not None or a.micro_batches is not None or a.disk_offload
+            or a.host_budget_gb > 0 or a.device == "cpu")
+
+
+def planned_options(a, opts):
+    """`opts` (ServeOptions) with the planner's GPU share, KV place and capacity,
+    micro-batches and disk layers (as a host budget); prints the plan on stderr."""
+    from deploy.plan_cli import _model, load_profile
+    from strata import cost_model as cm
+    from strata import planner
+    from strata.manifest import Manifest, align
+    from strata.placement import host_budget_for
+
+    m = Manifest.load(a.model)
+    dims, wbf, bits = _model(a.model, None, 64)
+    profile, where = load_profile(a.profile)
+    fixed = planner.Fixed(kv_on_host=True if a.kv_offload else None, batch_size=a.plan_batch, quant_bits=bits,
+                          disk_weight_share=None)
+    workload = cm.Workload(a.plan_prompt_len, a.plan_gen_len, a.plan_batch)
+    result = planner.plan(dims, wbf, workload, profile, fixed)
+    pl, pr = result.placement, result.prediction
+    disk_n = pl.layer_counts(dims.num_layers)[2]
+    budget = 0
+    if disk_n:
+        sizes = {n: align(s.size) for n, s in m.shards.items()}
+        budget = host_budget_for(sizes, dims.num_layers, pl.gpu_weight_share, disk_n)
+    kv_bytes = int(pr.host_breakdown.get("KV", 0.0)) + (256 << 20)
+    print(f"strata serve: planned for {pl.batch_size} prompts of {a.plan_prompt_len} tokens + {a.plan_gen_len} "
+          f"(profile {where}): GPU weight share {pl.gpu_weight_share:.3f}, KV {'host' if pl.kv_on_host else 'GPU'}, "
+          f"{pl.micro_batches} micro-batches, {disk_n} layers on disk; predicted "
+          f"{pr.total_tokens_per_s:.1f} tokens/s (bound by {pr.prefill_binding} / {pr.decode_binding})",
+          file=sys.stderr, flush=True)
+    if disk_n and a.transport != "shm":
+        raise StrataError(ErrorKind.FAILED_PRECONDITION, "the plan keeps layers on disk; that needs --transport shm")
+    return dataclasses.replace(
+        opts, gpu_weight_share=pl.gpu_weight_share, kv_offload=pl.kv_on_host, micro_batches=pl.micro_batches,
+        kv_capacity_bytes=max(kv_bytes, opts.kv_capacity_bytes), host_budget_bytes=budget)

@@ -1,0 +1,55 @@
+"""`strata serve` on a GPU with no placement flag asks the planner (what it would
+start; no GPU needed to plan), and any placement flag keeps the user's placement."""
+
+import dataclasses
+import json
+import pathlib
+
+import pytest
+
+from deploy.cli import build_parser, serve_options
+from strata import hardware
+from weight_store.dummy_files import write_dummy_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PROFILE = ROOT / "bench/profiles/nvidia-h100-x1.json"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "opt-125m"
+    write_dummy_model("facebook/opt-125m", 4, 64, out)
+    return out
+
+
+def options(*argv):
+    return serve_options(build_parser().parse_args(["serve", *map(str, argv)]))
+
+
+def test_a_model_that_fits_the_gpu_is_planned_all_resident(model, capsys):
+    o = options(model, "--device", "cuda", "--profile", PROFILE)
+    assert o.gpu_weight_share == 1.0 and o.micro_batches >= 1 and o.host_budget_bytes == 0
+    assert "planned for" in capsys.readouterr().err
+
+
+def test_a_small_gpu_streams_layers_and_a_small_host_reads_some_from_disk(model, tmp_path):
+    from deploy.plan_cli import _model
+    from strata import cost_model as cm
+
+    dims, wbf, _ = _model(str(model), None, 64)
+    wb = wbf(4)
+    gpu, _ = cm.memory(dims, wb, cm.Workload(512, 32, 4), cm.Placement(0.0, False, 1, 4))
+    prof = hardware.load(PROFILE)  # a GPU with room for 3 more layers, a host for 6 of 12 and the slots
+    small = dataclasses.replace(prof, gpu_bytes=sum(gpu.values()) + 3.5 * wb.layer,
+                                host_bytes=cm.HOST_HEADROOM + wb.other + (3 + 6) * wb.layer)
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(dataclasses.asdict(small)))
+    o = options(model, "--device", "cuda", "--profile", path, "--plan-batch", "4")
+    assert 0 <= o.gpu_weight_share < 1.0
+    assert o.host_budget_bytes > 0  # some layers stay on disk
+
+
+def test_any_placement_flag_or_the_cpu_keeps_the_flags(model):
+    assert options(model, "--device", "cuda", "--gpu-weight-share", "0.25").gpu_weight_share == 0.25
+    o = options(model, "--device", "cpu")
+    assert o.gpu_weight_share == 1.0 and o.micro_batches == 1
