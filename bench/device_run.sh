@@ -2,7 +2,10 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq e2e t1 t2 t3 bloom fp16 disk llama70 qwen2 kvq
+#   steps: env micro attn attnq e2e t1 t2 t3 bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175
+# Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
+# benches the planner's choice and its best-predicted competitors (bench/grid.py)
+# with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
 # Disk tier (issue 6): `disk` writes dummy OPT-6.7B and OPT-30B INT4 shards under
 # $STRATA_CACHE/offload, compares the weight store's reads with dd, then benches
 # OPT-6.7B with every layer on disk and OPT-30B under a 4 GiB host budget, with the
@@ -37,6 +40,12 @@ for step in "$@"; do
     llama70) bench --model meta-llama/Llama-2-70b-hf --dummy --batch-size ${L70_B:-64} --gpu-weight-share 1 --micro-batches 1;;
     qwen2) bench --model Qwen/Qwen2-7B --dummy --batch-size ${Q_B:-64} --gpu-weight-share 1 --micro-batches 1;;
     kvq) for b in 16 8 4; do bench --model facebook/opt-6.7b --dummy --batch-size 64 --gpu-weight-share 1 --micro-batches 1 --kv-bits $b; done;;
+    profile) python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -20;;
+    grid30|grid175)
+      m=facebook/opt-30b; extra=""; [ $step = grid175 ] && { m=facebook/opt-175b; extra="--batches 8,16,24,32,48"; }
+      P=${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json}
+      python3 bench/grid.py $m --profile "$P" $extra | tee -a "$OUT/grid.txt" | sed -n "${GRID_FROM:-1},${GRID_TO:-8}p" |
+        while read -r line; do bench --model $m --dummy --no-warmup --profile "$P" ${line%%#*}; done;;
     fp16) bench --model facebook/opt-30b --dummy --quant-bits 16 --kv-offload --gpu-weight-share 0.5 --batch-size 16 --micro-batches 2 --kv-capacity-gb 14;;
   esac
 done
