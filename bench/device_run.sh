@@ -45,7 +45,7 @@ for step in "$@"; do
       m=facebook/opt-30b; extra=""; [ $step = grid175 ] && { m=facebook/opt-175b; extra="--batches 8,16,24,32,48"; }
       P=${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json}
       python3 bench/grid.py $m --profile "$P" $extra | tee -a "$OUT/grid.txt" | sed -n "${GRID_FROM:-1},${GRID_TO:-8}p" |
-        while read -r line; do bench --model $m --dummy --no-warmup --profile "$P" ${line%%#*}; done;;
+        while read -r line; do bench --model $m --dummy --profile "$P" ${line%%#*} </dev/null; done;;
     fp16) bench --model facebook/opt-30b --dummy --quant-bits 16 --kv-offload --gpu-weight-share 0.5 --batch-size 16 --micro-batches 2 --kv-capacity-gb 14;;
   esac
 done
