@@ -239,13 +239,18 @@ def measure_host(quick: bool) -> dict:
 
 
 def measure_disk(quick: bool, directory: str | None = None) -> tuple[float, str]:
-    """Sequential read of a fresh file (evicted from the page cache) with the weight
-    store's own shard reader: (bytes/s, the reader backend in use)."""
+    """Reads of a fresh file (evicted from the page cache) with the weight store's own
+    shard reader, as its disk tier reads: one shard-sized piece per staging slot in
+    flight. (bytes/s, the reader backend in use)."""
+    import concurrent.futures
+
+    from strata.placement import STAGING_SLOTS
     from weight_store.reader import make_reader
 
-    nbytes, chunk = ((64 << 20) if quick else GIB), 16 << 20
+    nbytes, chunk = ((192 << 20) if quick else 3 * GIB), 16 << 20
     buf = mmap.mmap(-1, nbytes)  # page aligned, as O_DIRECT needs
     block = os.urandom(1 << 20) * (chunk >> 20)
+    piece = nbytes // STAGING_SLOTS
     with tempfile.NamedTemporaryFile(dir=directory, prefix="strata-profile-") as f:
         for _ in range(nbytes // chunk):
             f.write(block)
@@ -254,12 +259,16 @@ def measure_disk(quick: bool, directory: str | None = None) -> tuple[float, str]
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         reader = make_reader()
+        view = memoryview(buf)
         try:
-            t0 = time.perf_counter()
-            reader.read_into(f.name, buf, 0, nbytes)
-            return nbytes / (time.perf_counter() - t0), reader.name
+            with concurrent.futures.ThreadPoolExecutor(STAGING_SLOTS) as pool:
+                t0 = time.perf_counter()
+                list(pool.map(lambda i: reader.read_into(f.name, view[i * piece:(i + 1) * piece], i * piece, piece),
+                              range(STAGING_SLOTS)))
+                return nbytes / (time.perf_counter() - t0), reader.name
         finally:
             reader.close()
+            view.release()
             buf.close()
 
 
