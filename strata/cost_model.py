@@ -4,8 +4,8 @@ layer_weights.py), not on an idealised system. No torch, no grpc.
 
 Per forward pass, layer i takes max(GPU work of i, CPU attention of i, load of
 layer i+1) plus control overhead: the load of i+1 (PCIe, or NVMe then PCIe) runs
-on a side stream while i computes (but not while the KV store's CPU attention reads
-host DRAM: the two were measured not to overlap); resident layers are the first ones, and a pass
+on a side stream while i computes, at the rate streamed layers were measured to
+reach (STREAM_EFFICIENCY); resident layers are the first ones, and a pass
 whose layer 0 is streamed waits for its load first. GPU work of a layer: read the
 packed bytes, write the dequantized fp16 layer, read it again once per micro-batch,
 plus KV reads when KV is on the GPU; or FLOPs at a GEMM efficiency, whichever is
@@ -22,8 +22,8 @@ from strata.hardware import HardwareProfile
 from strata.placement import STAGING_SLOTS
 
 GIB = 1 << 30
-GPU_HEADROOM = 2 * GIB
-HOST_HEADROOM = 4 * GIB
+GPU_HEADROOM = 4 * GIB  # CUDA context and allocator slack: 2 GiB was not enough (run 13: an OOM at a predicted fit)
+HOST_HEADROOM = 8 * GIB  # the three processes themselves: ~5.6 GiB beyond tier and KV in run 5 (T3)
 RPC_OVERHEAD_S = 0.3e-3  # per layer per micro-batch, KV in the KV store (a gRPC round trip)
 LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launches)
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
@@ -34,6 +34,12 @@ GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # 6b and 8 of BENCHMARKS.md; its layout spreads every layer over one arena and calls
 # come from a worker thread).
 SERVICE_ATTENTION_EFFICIENCY = 0.65
+# Streamed layers reach about 0.58 of the profile's pinned host-to-GPU copy rate: an
+# OPT-175B pass with every layer streamed took 2.8-3.1 s for 99 GB (32-35 GB/s, run 14;
+# 27.6 GB/s in its prefill), OPT-30B fp16 streamed 29.5 GB per step in 1.0 s (run 6),
+# against 55 GB/s for plain copies from the same kind of region (bench/h2d_big.py).
+# (Each layer is ~20 part copies, then its dequant on the same stream.)
+STREAM_EFFICIENCY = 0.58
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
@@ -130,7 +136,8 @@ def _gemm_flops(p: HardwareProfile, rows: float) -> float:
 
 
 def _load_s(wb: WeightBytes, p: HardwareProfile, from_disk: bool) -> float:
-    rate = min(p.h2d_pinned, p.disk_read_bytes_per_s) if from_disk else p.h2d_pinned
+    h2d = p.h2d_pinned * STREAM_EFFICIENCY
+    rate = min(h2d, p.disk_read_bytes_per_s) if from_disk else h2d
     return wb.layer / rate
 
 
@@ -173,12 +180,7 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
     first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
     rest = L - n_host - n_disk
-    # The KV store's attention and the DMA of a host-streamed layer both read host DRAM:
-    # measured (T3, run 5) they do not overlap, so a streamed layer with CPU attention
-    # takes the load plus the attention.
-    shared = cpu if cpu else 0.0
-    total = (first + rest * work + n_host * max(work, host_load + shared) + n_disk * max(work, disk_load + shared)
-             + L * over)
+    total = first + rest * work + n_host * max(work, host_load) + n_disk * max(work, disk_load) + L * over
     totals = {k: v * L for k, v in t.items()}
     totals["PCIe weights"] = host_n * host_load
     totals["NVMe weights"] = disk_n * disk_load
@@ -218,7 +220,10 @@ def memory(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> tupl
         "KV": 0.0 if pl.kv_on_host else kv, "activations": mb_tokens * max(dims.ffn, 3 * dims.hidden) * 2 * 3,
         "headroom": GPU_HEADROOM,
     }
-    host = {"weights": wb.total - disk_n * wb.layer, "staging": STAGING_SLOTS * wb.layer if disk_n else 0.0,
+    # the weight store holds neither GPU-resident layers (read once through the staging
+    # slots) nor disk layers (strata/placement.py tier_plan)
+    host = {"weights": wb.total - (resident + disk_n) * wb.layer,
+            "staging": STAGING_SLOTS * wb.layer if resident + disk_n else 0.0,
             "KV": kv if pl.kv_on_host else 0.0, "headroom": HOST_HEADROOM}
     return gpu, host
 

@@ -48,14 +48,15 @@ def tier_plan(sizes: dict[str, int], num_layers: int, gpu_share: float, host_bud
     """Which shards the host tier holds within `host_budget` bytes (None: no limit).
 
     `sizes`: each shard's aligned size ("embed", "head", "layer.{i}"). Embeddings and
-    head always sit in the host tier. With a budget or `disk_offload`, layers resident
-    on the GPU are read once from disk (never held), and streamed layers fill the
-    host tier in pass order until the budget, less the staging slots, is spent; the
-    rest (the last ones) are read from disk every pass. `disk_offload` with no budget
-    keeps every layer on disk. Without either, the host tier holds everything."""
+    head always sit in the host tier; layers resident on the GPU never do (they are
+    read once from disk through the staging slots). Streamed layers fill the host tier
+    in pass order until the budget, less the staging slots, is spent; the rest (the
+    last ones) are read from disk every pass. `disk_offload` with no budget keeps
+    every layer on disk. With no budget, no offload and nothing resident, the host
+    tier holds everything and there is no staging."""
     layers = [f"layer.{i}" for i in range(num_layers)]
     fixed = [n for n in sizes if n not in set(layers)]
-    if host_budget is None and not disk_offload:
+    if host_budget is None and not disk_offload and not resident_layers(num_layers, gpu_share):
         return TierPlan(frozenset(sizes), frozenset(), 0, 0)
     resident = {f"layer.{i}" for i in resident_layers(num_layers, gpu_share)}
     streamed = [n for n in layers if n not in resident]
@@ -66,7 +67,7 @@ def tier_plan(sizes: dict[str, int], num_layers: int, gpu_share: float, host_bud
             ErrorKind.RESOURCE_EXHAUSTED,
             f"host budget of {host_budget} bytes is {need - host_budget} bytes short of what embeddings, head "
             f"and {slots} staging slots need ({need} bytes)")
-    room = (host_budget - need) if host_budget is not None else 0
+    room = (host_budget - need) if host_budget is not None else (0 if disk_offload else float("inf"))
     cached = []
     for n in streamed:
         if sizes[n] > room:

@@ -76,22 +76,14 @@ def _shares(dims: ModelDims, fixed: Fixed) -> list[float]:
 
 
 def _largest_share(dims, wb, w, pl: cm.Placement, profile, shares: list[float]) -> float | None:
-    """The largest share that fits. GPU memory grows with the share while some layer
-    streams (bisection); with none streaming the ring of buffers goes, so all-resident
-    is tried on its own."""
+    """The largest share that fits. GPU memory grows with the share and host memory
+    shrinks (resident layers are not held by the weight store), so the shares that fit
+    form a range that need not start at 0: scanned from the top."""
     usable = [s for s in shares if s + pl.disk_weight_share <= 1.0 + 1e-9]
-    if not usable:
-        return None
-    if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=usable[-1]), profile):
-        return usable[-1]
-    lo, hi, best = 0, len(usable) - 2, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=usable[mid]), profile):
-            best, lo = usable[mid], mid + 1
-        else:
-            hi = mid - 1
-    return best
+    for share in reversed(usable):
+        if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile):
+            return share
+    return None
 
 
 def _largest_batch(dims, wb, w, pl: cm.Placement, profile, limit: int) -> int | None:
@@ -106,9 +98,12 @@ def _largest_batch(dims, wb, w, pl: cm.Placement, profile, limit: int) -> int | 
 
 
 def _most_batch(dims, wb, w, pl: cm.Placement, profile, shares: list[float], limit: int) -> int | None:
-    """The largest batch that fits at any share: at the smallest, or all resident (no ring)."""
+    """The largest batch that fits at some share. Resident layers take GPU memory and
+    free host memory (the weight store does not hold them), so the largest batch may
+    need a share in between: every eighth share is tried, and all resident."""
+    sample = set(shares[:: max(1, len(shares) // 8)]) | {shares[-1]}
     fits = [_largest_batch(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=s), profile, limit)
-            for s in {shares[0], shares[-1]}]
+            for s in sample]
     return max((b for b in fits if b), default=None)
 
 

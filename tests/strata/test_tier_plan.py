@@ -9,9 +9,16 @@ MB = 1 << 20
 SIZES = {"embed": 50 * MB, **{f"layer.{i}": 10 * MB for i in range(8)}, "head": 1 * MB}
 
 
-def test_no_budget_and_no_offload_holds_everything_in_the_host_tier():
-    plan = tier_plan(SIZES, 8, gpu_share=0.5, host_budget=None, disk_offload=False)
+def test_no_budget_no_offload_and_nothing_resident_holds_everything_in_the_host_tier():
+    plan = tier_plan(SIZES, 8, gpu_share=0.0, host_budget=None, disk_offload=False)
     assert plan.host == frozenset(SIZES) and not plan.disk and plan.staging_bytes == 0
+
+
+def test_gpu_resident_layers_are_read_once_from_disk_never_held():
+    plan = tier_plan(SIZES, 8, gpu_share=0.5, host_budget=None, disk_offload=False)
+    resident = {f"layer.{i}" for i in resident_layers(8, 0.5)}
+    assert plan.disk == resident and plan.host == frozenset(SIZES) - resident
+    assert plan.staging_slots == 3
 
 
 def test_disk_offload_without_budget_keeps_every_layer_on_disk():
