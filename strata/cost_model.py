@@ -22,6 +22,9 @@ from strata.hardware import HardwareProfile
 from strata.placement import STAGING_SLOTS
 
 GIB = 1 << 30
+# Prefill activations of one micro-batch, in FFN-wide bf16 tensors alive at once: 6
+# matches run 5's measured peak (T3: 57.2 GiB allocated against 55.7 predicted with 3).
+ACTIVATION_COPIES = 6
 GPU_HEADROOM = 4 * GIB  # CUDA context and allocator slack: 2 GiB was not enough (run 13: an OOM at a predicted fit)
 HOST_HEADROOM = 8 * GIB  # the three processes themselves: ~5.6 GiB beyond tier and KV in run 5 (T3)
 RPC_OVERHEAD_S = 0.3e-3  # per layer per micro-batch, KV in the KV store (a gRPC round trip)
@@ -217,7 +220,8 @@ def memory(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> tupl
     mb_tokens = -(-pl.batch_size // pl.micro_batches) * w.prompt_len
     gpu = {
         "resident weights": resident * wb.layer + wb.other, "layer buffers": buffers,
-        "KV": 0.0 if pl.kv_on_host else kv, "activations": mb_tokens * max(dims.ffn, 3 * dims.hidden) * 2 * 3,
+        "KV": 0.0 if pl.kv_on_host else kv,
+        "activations": mb_tokens * max(dims.ffn, 3 * dims.hidden) * 2 * ACTIVATION_COPIES,
         "headroom": GPU_HEADROOM,
     }
     # the weight store holds neither GPU-resident layers (read once through the staging
