@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq e2e t1 t2 t3 bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175
+#   steps: env micro attn attnq e2e t1 t2 t3 bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
 # Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
 # benches the planner's choice and its best-predicted competitors (bench/grid.py)
 # with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
@@ -40,6 +40,7 @@ for step in "$@"; do
     llama70) bench --model meta-llama/Llama-2-70b-hf --dummy --batch-size ${L70_B:-64} --gpu-weight-share 1 --micro-batches 1;;
     qwen2) bench --model Qwen/Qwen2-7B --dummy --batch-size ${Q_B:-64} --gpu-weight-share 1 --micro-batches 1;;
     kvq) for b in 16 8 4; do bench --model facebook/opt-6.7b --dummy --batch-size 64 --gpu-weight-share 1 --micro-batches 1 --kv-bits $b; done;;
+    rpc) python3 bench/rpc_overhead.py --calls 1000 --step-s ${RPC_STEP_S:-1.855} --calls-per-step ${RPC_CALLS:-48} | tee "$OUT/rpc.jsonl";;
     profile) python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -20;;
     grid30|grid175)
       m=facebook/opt-30b; extra=""; [ $step = grid175 ] && { m=facebook/opt-175b; extra="--batches 8,16,24,32,48"; }
