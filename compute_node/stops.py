@@ -1,5 +1,11 @@
 """Stop sequences: a sequence ends when its generated text contains one of them; the
-text returned ends before the stop. Works on decoded text, so a stop may span tokens."""
+text returned ends before the stop. Works on decoded text, so a stop may span tokens.
+
+Checked every step, a new stop can only end in the newest token, so each check
+decodes only the last few tokens: every token is at least one byte and a character
+at most four, so a stop of n characters lies within the last 4n tokens (plus one for
+a character cut at the window's start). A step costs the same however long the
+generation has run."""
 
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ class StopWatch:
             raise invalid("a stop sequence is empty")
         self.stops, self.decode = list(stops), decode
         self.stopped = [False] * n
+        self.window = 4 * max((len(x) for x in self.stops), default=0) + 1
 
     def check(self, i: int, ids: list[int]) -> bool:
-        """Whether sequence i (its generated ids so far) has now hit a stop."""
-        if self.stops and not self.stopped[i] and self._cut(self.decode(ids)) is not None:
+        """Whether sequence i (its generated ids so far, one more each call) has now hit a stop."""
+        if self.stops and not self.stopped[i] and self._cut(self.decode(ids[-self.window:])) is not None:
             self.stopped[i] = True
         return self.stopped[i]
 

@@ -20,3 +20,21 @@ def test_no_stops_never_stops_and_empty_stop_is_refused():
     assert not StopWatch([], decode, 1).check(0, [1, 2, 3])
     with pytest.raises(StrataError):
         StopWatch([""], decode, 1)
+
+
+def test_each_check_decodes_a_bounded_tail_however_long_the_sequence():
+    seen = []
+
+    def counting(ids):
+        seen.append(len(ids))
+        return decode(ids)
+
+    w = StopWatch(["xyz"], counting, 1)
+    ids = []
+    for step in range(2000):
+        ids.append(step % 20)  # letters a..t: never "xyz"
+        assert not w.check(0, ids)
+    assert max(seen) <= 4 * 3 + 1
+    ids += [23, 24, 25]  # "xyz", spanning three tokens
+    assert w.check(0, ids)
+    assert w.text(ids).endswith(decode(ids[-23:-3]))
