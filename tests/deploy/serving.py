@@ -32,9 +32,10 @@ def shm_entries(orphans_only: bool = True) -> set[str]:
 
 def device_flags() -> list[str]:
     """STRATA_TEST_DEVICE=cuda runs the end-to-end tests on the GPU (float32, so
-    tokens still equal the float32 reference exactly)."""
+    tokens still equal the float32 reference exactly), with the placement pinned
+    (all layers resident unless a test says otherwise) rather than planned."""
     device = os.environ.get("STRATA_TEST_DEVICE", "cpu")
-    return [] if device == "cpu" else ["--device", device, "--dtype", "float32"]
+    return [] if device == "cpu" else ["--device", device, "--dtype", "float32", "--gpu-weight-share", "1"]
 
 
 class Server:
