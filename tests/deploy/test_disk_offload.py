@@ -55,9 +55,10 @@ def budget_for_layers(shards, n: int) -> str:
 
 
 @pytest.mark.parametrize("flags", [
+    ["--disk-offload", "--gpu-weight-share", "0"],
     ["--disk-offload"],
     ["--disk-offload", "--gpu-weight-share", "0.5", "--micro-batches", "2"],
-], ids=["all-on-disk", "resident-half-read-once"])
+], ids=["every-layer-from-disk-every-pass", "all-resident-read-once", "half-resident-half-from-disk"])
 def test_layers_on_disk_give_the_tokens_of_transformers(checkpoint, flags):
     s16, _, expected = checkpoint
     assert served_tokens(s16, *flags) == expected
