@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 
 import torch
 
 from compute_node.peers import WeightStoreClient
 from strata.errors import ErrorKind, StrataError
-from strata.manifest import Manifest
 from strata.shm import Region
 from strata.wire import weight_store_pb2
 
 
 class DiskStager:
-    def __init__(self, client: WeightStoreClient, staging: weight_store_pb2.Staging, manifest: Manifest):
+    def __init__(self, client: WeightStoreClient, staging: weight_store_pb2.Staging):
         self._client = client
         self.region = Region.attach(staging.region)
         self.slots, self.slot_bytes = staging.slots, staging.slot_bytes
-        self._manifest = manifest
         self.order: list[str] = []  # disk layers in pass order, prefetched cyclically once started
         self._next = 0
         self._free = list(range(self.slots))
@@ -37,8 +34,6 @@ class DiskStager:
         self._lock = threading.Condition()
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-release")
         self.prefetch = False
-        self.wait_s = 0.0  # time `take` blocked on the disk
-        self.reads = 0
 
     def start(self, order: list[str]) -> None:
         """Prefetch `order` (the streamed disk layers in pass order) cyclically from now
@@ -52,7 +47,6 @@ class DiskStager:
         slot = self._free.pop()
         request = weight_store_pb2.StageShardRequest(shard=name, slot=slot)
         self._pending[name] = (slot, self._client.stage_async(request))
-        self.reads += 1
 
     def _fill(self) -> None:
         """Under the lock: start reads into free slots, in cyclic order."""
@@ -87,14 +81,12 @@ class DiskStager:
             if name not in self._pending:
                 self._restart(name)
             slot, future = self._pending.pop(name)
-        t0 = time.perf_counter()
         try:
             loc = self._client.result(future).location
         except StrataError:
             with self._lock:
                 self._free.append(slot)
             raise
-        self.wait_s += time.perf_counter() - t0
         if loc.offset + loc.byte_size > self.region.size:
             raise StrataError(ErrorKind.INTERNAL, f"staged shard {name!r} lies past the staging region")
         return slot, self.region.bytes_view(loc.offset, loc.byte_size)

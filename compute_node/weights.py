@@ -64,7 +64,7 @@ class HostWeights:
             region = regions.get(loc.region) or Region.attach(loc.region)
             regions[loc.region] = region
             raw[loc.shard] = region.bytes_view(loc.offset, loc.byte_size)
-        stager = DiskStager(client, located.staging, manifest) if disk else None
+        stager = DiskStager(client, located.staging) if disk else None
         return cls(manifest, tokenizer_json, raw, list(regions.values()), stager, disk)
 
     @classmethod
@@ -94,9 +94,9 @@ class HostWeights:
         if name not in self.disk:
             yield self.shard(name)
             return
-        slot, raw = self.stager.take(name)  # type: ignore[union-attr]
+        slot, views = self.staged(name)
         try:
-            yield shard_views(self.manifest.shards[name], raw)
+            yield views
         finally:
             self.stager.release(slot)  # type: ignore[union-attr]
 
