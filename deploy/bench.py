@@ -106,9 +106,9 @@ def _disk_bytes_per_pass(a: BenchArgs, m: Manifest) -> tuple[int, float]:
     if not (a.disk_offload or a.host_budget_gb):
         return 0, 0.0
     from strata.placement import resident_layers, tier_plan
-    from weight_store.host_tier import shard_bytes
+    from weight_store.host_tier import shard_sizes
 
-    plan = tier_plan({n: shard_bytes(s) for n, s in m.shards.items()}, m.num_layers, a.gpu_weight_share,
+    plan = tier_plan(shard_sizes(m), m.num_layers, a.gpu_weight_share,
                      int(a.host_budget_gb * 2**30) or None, a.disk_offload)
     resident = {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
     every_pass = plan.disk - resident
@@ -119,12 +119,10 @@ def _budget_for_disk_layers(a: BenchArgs, m: Manifest) -> BenchArgs:
     """The planner's disk layers as the weight store's host budget."""
     if not a.disk_layers or a.disk_offload or a.host_budget_gb:
         return a
-    from strata.manifest import align
     from strata.placement import host_budget_for
-    from weight_store.host_tier import shard_bytes
+    from weight_store.host_tier import shard_sizes
 
-    sizes = {n: align(shard_bytes(s)) for n, s in m.shards.items()}
-    budget = host_budget_for(sizes, m.num_layers, a.gpu_weight_share, a.disk_layers)
+    budget = host_budget_for(shard_sizes(m), m.num_layers, a.gpu_weight_share, a.disk_layers)
     return dataclasses.replace(a, host_budget_gb=budget / 2**30)
 
 

@@ -22,8 +22,9 @@ def planned_options(a, opts):
     from deploy.plan_cli import _model, load_profile
     from strata import cost_model as cm
     from strata import planner
-    from strata.manifest import Manifest, align
+    from strata.manifest import Manifest
     from strata.placement import host_budget_for
+    from weight_store.host_tier import shard_sizes
 
     m = Manifest.load(a.model)
     dims, wbf, bits = _model(a.model, None, 64)
@@ -36,8 +37,7 @@ def planned_options(a, opts):
     disk_n = pl.layer_counts(dims.num_layers)[2]
     budget = 0
     if disk_n:
-        sizes = {n: align(s.size) for n, s in m.shards.items()}
-        budget = host_budget_for(sizes, dims.num_layers, pl.gpu_weight_share, disk_n)
+        budget = host_budget_for(shard_sizes(m), dims.num_layers, pl.gpu_weight_share, disk_n)
     kv_bytes = int(pr.host_breakdown.get("KV", 0.0)) + (256 << 20)
     print(f"strata serve: planned for {pl.batch_size} prompts of {a.plan_prompt_len} tokens + {a.plan_gen_len} "
           f"(profile {where}): GPU weight share {pl.gpu_weight_share:.3f}, KV {'host' if pl.kv_on_host else 'GPU'}, "

@@ -80,12 +80,13 @@ def tier_plan(sizes: dict[str, int], num_layers: int, gpu_share: float, host_bud
 
 
 def host_budget_for(sizes: dict[str, int], num_layers: int, gpu_share: float, disk_layers: int) -> int:
-    """The host budget with which `tier_plan` keeps exactly the last `disk_layers`
-    streamed layers on disk: embeddings, head, staging slots and the other streamed
-    layers (`sizes` aligned), plus slack below one layer."""
+    """The host budget with which `tier_plan` (given the same `sizes`) keeps exactly the
+    last `disk_layers` streamed layers on disk: embeddings, head, staging slots and
+    the other streamed layers. (Passed on as GiB floats: bytes / 2**30 and back are
+    exact below 2**53 bytes.)"""
     layers = [f"layer.{i}" for i in range(num_layers)]
     resident = {f"layer.{i}" for i in resident_layers(num_layers, gpu_share)}
     streamed = [n for n in layers if n not in resident]
     held = streamed[: max(len(streamed) - disk_layers, 0)]
     fixed = sum(v for n, v in sizes.items() if n not in set(layers))
-    return fixed + STAGING_SLOTS * max(sizes[n] for n in layers) + sum(sizes[n] for n in held) + (1 << 20)
+    return fixed + STAGING_SLOTS * max(sizes[n] for n in layers) + sum(sizes[n] for n in held)

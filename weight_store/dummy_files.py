@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import pathlib
 import shutil
@@ -21,6 +20,7 @@ from strata.errors import StrataError
 from strata.manifest import Manifest
 from weight_store.diskspace import check_free_space, writing
 from weight_store.dummy import dummy_manifest
+from weight_store.host_tier import part_digests
 
 
 def _complete(directory: pathlib.Path, want: Manifest) -> bool:
@@ -83,10 +83,7 @@ def write_dummy_model(name: str, bits: int, group_size: int, directory: str | pa
 
 def _hashed(shard, data: torch.Tensor, pool: concurrent.futures.Executor):
     """The shard's entry with each part's sha256 filled in (parts hashed in parallel)."""
-    parts = [(t, p, part) for t, e in shard.tensors.items() for p, part in e.parts.items()]
-    digests = pool.map(lambda x: hashlib.sha256(memoryview(data[x.offset : x.offset + x.length].numpy())).hexdigest(),
-                       [x[2] for x in parts])
     tensors = {t: dataclasses.replace(e, parts=dict(e.parts)) for t, e in shard.tensors.items()}
-    for (t, p, part), digest in zip(parts, digests):
+    for t, p, part, digest in part_digests(shard, data, pool):
         tensors[t].parts[p] = dataclasses.replace(part, sha256=digest)
     return dataclasses.replace(shard, tensors=tensors)

@@ -54,23 +54,43 @@ def shard_bytes(shard: Shard) -> int:
     return max([shard.size] + [p.offset + p.length for t in shard.tensors.values() for p in t.parts.values()])
 
 
-def verify_shard(shard: Shard, path: str, data: torch.Tensor,
-                 pool: concurrent.futures.Executor | None = None) -> None:
-    """sha256 of every part of `shard` (its bytes in `data`) against the manifest; with
-    a `pool`, the parts are hashed in parallel (hashlib releases the GIL)."""
+def shard_sizes(manifest: Manifest) -> dict[str, int]:
+    """Each shard's bytes, as the tier policy (strata/placement.py) weighs them."""
+    return {name: shard_bytes(s) for name, s in manifest.shards.items()}
+
+
+def part_digests(shard: Shard, data: torch.Tensor, pool: concurrent.futures.Executor | None = None):
+    """(tensor name, part name, part, sha256 hex) of every part of `shard` (its bytes in
+    `data`); with a `pool`, the parts are hashed in parallel (hashlib releases the GIL)."""
     parts = [(t, p, part) for t, entry in shard.tensors.items() for p, part in entry.parts.items()]
 
     def digest(part) -> str:
         return hashlib.sha256(memoryview(data[part.offset : part.offset + part.length].numpy())).hexdigest()
 
-    digests = pool.map(digest, [x[2] for x in parts]) if pool else map(digest, [x[2] for x in parts])
-    for (tensor_name, part_name, part), got in zip(parts, digests):
+    digests = (pool.map if pool else map)(digest, [x[2] for x in parts])
+    return [(t, p, part, got) for (t, p, part), got in zip(parts, digests)]
+
+
+def verify_shard(shard: Shard, path: str, data: torch.Tensor,
+                 pool: concurrent.futures.Executor | None = None) -> None:
+    """sha256 of every part of `shard` (its bytes in `data`) against the manifest."""
+    for tensor_name, part_name, part, got in part_digests(shard, data, pool):
         if got != part.sha256:
             raise StrataError(
                 ErrorKind.DATA_LOSS,
                 f"shard {shard.name!r} (file {path}), tensor {tensor_name} part {part_name} at offset "
                 f"{part.offset} ({part.length} bytes): sha256 mismatch",
             )
+
+
+def read_shard(reader: ShardReader, model_dir: pathlib.Path, shard: Shard, data: torch.Tensor, verify: bool,
+               pool: concurrent.futures.Executor | None = None) -> None:
+    """Fill `data` (the shard's bytes) from its file, checking each part's sha256 if
+    `verify` (in parallel on `pool`, if given)."""
+    path = str(model_dir / shard.file)
+    reader.read_into(path, data, 0, data.numel())
+    if verify:
+        verify_shard(shard, path, data, pool)
 
 
 class HostTier:
@@ -124,12 +144,8 @@ class HostTier:
                 return slot
             if self._reader is None:
                 raise StrataError(ErrorKind.FAILED_PRECONDITION, f"shard {shard!r} has no file and was not filled")
-            info = self._manifest.shards[shard]
-            path = str(self._dir / info.file)
-            data = self.region.bytes_view(slot.offset, slot.byte_size)
-            self._reader.read_into(path, data, 0, slot.byte_size)
-            if self._verify:
-                verify_shard(info, path, data)
+            read_shard(self._reader, self._dir, self._manifest.shards[shard],
+                       self.region.bytes_view(slot.offset, slot.byte_size), self._verify)
             with self._state:
                 self._loaded.add(shard)
         log.debug("loaded shard %s (%d bytes)", shard, slot.byte_size)

@@ -29,7 +29,7 @@ from strata.errors import ErrorKind, StrataError, grpc_method
 from strata.manifest import Manifest, layer_shard
 from strata.placement import TierPlan, resident_layers, tier_plan
 from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
-from weight_store.host_tier import HostTier, shard_bytes
+from weight_store.host_tier import HostTier, shard_bytes, shard_sizes
 from weight_store.reader import make_reader
 from weight_store.staging import StagingArea
 
@@ -150,8 +150,7 @@ def plan_tiers(config: WeightStoreConfig, manifest: Manifest) -> TierPlan:
                               "(strata bench --dummy --disk-offload does)")
         on_gpu = {layer_shard(i) for i in resident_layers(manifest.num_layers, config.gpu_share)}
         return TierPlan(frozenset(set(manifest.shards) - on_gpu), frozenset(), 0, 0)
-    sizes = {name: shard_bytes(s) for name, s in manifest.shards.items()}
-    return tier_plan(sizes, manifest.num_layers, config.gpu_share, config.host_budget_bytes or None,
+    return tier_plan(shard_sizes(manifest), manifest.num_layers, config.gpu_share, config.host_budget_bytes or None,
                      config.disk_offload)
 
 

@@ -19,7 +19,7 @@ import time
 from strata import shm
 from strata.errors import ErrorKind, StrataError
 from strata.manifest import Manifest
-from weight_store.host_tier import Slot, check_shm_space, shard_bytes, verify_shard
+from weight_store.host_tier import Slot, check_shm_space, read_shard, shard_bytes
 from weight_store.reader import ShardReader
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ class StagingArea:
         self.region = shm.Region.create(shm.region_name(session, "staging"), slots * slot_bytes)
         self._locks = [threading.Lock() for _ in range(slots)]
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(max(2, slots * 2), thread_name_prefix="verify")
-        self.bytes_read = 0
-        self.read_s = 0.0
 
     def stage(self, shard: str, slot: int) -> tuple[Slot, float]:
         """Read `shard` into `slot`; (its place in the region, seconds spent)."""
@@ -58,16 +56,11 @@ class StagingArea:
             raise StrataError(ErrorKind.FAILED_PRECONDITION, f"staging slot {slot} is being filled by another request")
         try:
             t0 = time.perf_counter()
-            path = str(self._dir / info.file)
-            data = self.region.bytes_view(place.offset, place.byte_size)
-            self._reader.read_into(path, data, 0, place.byte_size)
-            if self._verify:
-                verify_shard(info, path, data, self._hash_pool)
+            read_shard(self._reader, self._dir, info, self.region.bytes_view(place.offset, place.byte_size),
+                       self._verify, self._hash_pool)
             took = time.perf_counter() - t0
         finally:
             self._locks[slot].release()
-        self.bytes_read += place.byte_size
-        self.read_s += took
         return place, took
 
     def close(self) -> None:

@@ -51,3 +51,16 @@ def test_a_budget_below_embeddings_and_staging_says_by_how_much():
     with pytest.raises(StrataError) as e:
         tier_plan(SIZES, 8, gpu_share=0.0, host_budget=need - 7, disk_offload=True)
     assert e.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "7 bytes short" in str(e.value)
+
+
+@pytest.mark.parametrize("share,disk_layers", [(0.0, 0), (0.0, 3), (0.5, 2), (0.25, 6)])
+def test_host_budget_for_leaves_exactly_the_last_streamed_layers_on_disk(share, disk_layers):
+    from strata.placement import host_budget_for
+
+    small = {"embed": 9000, **{f"layer.{i}": 4096 for i in range(8)}, "head": 300}  # layers far below 1 MiB
+    budget = host_budget_for(small, 8, share, disk_layers)
+    budget = int(float(str(budget / 2**30)) * 2**30)  # as the launcher passes it on
+    plan = tier_plan(small, 8, gpu_share=share, host_budget=budget, disk_offload=False)
+    resident = {f"layer.{i}" for i in resident_layers(8, share)}
+    streamed = [f"layer.{i}" for i in range(8) if f"layer.{i}" not in resident]
+    assert plan.disk - resident == set(streamed[len(streamed) - disk_layers:])
