@@ -3,6 +3,15 @@
 from deploy.demo_model import load_reference, make_bloom, make_llama_family, make_opt, train_tokenizer  # noqa: F401
 
 
+def greedy_reference(hf_dir, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Hugging Face's greedy continuation (`new` tokens) of each prompt, one at a time."""
+    import torch
+
+    ref = load_reference(hf_dir)
+    return [ref.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            for p in prompts]
+
+
 def make_llama(directory, **kw):
     return make_llama_family(directory, "llama", **kw)
 

@@ -6,7 +6,6 @@ INT4 shards."""
 import signal
 
 import pytest
-import torch
 
 import tiny_models
 from serving import Server, shm_entries
@@ -24,10 +23,7 @@ def checkpoint(request, tmp_path_factory):
     s16, s4 = hf.parent / "s16", hf.parent / "s4"
     convert(hf, s16, bits=16)
     convert(hf, s4, bits=4, group_size=32)
-    ref = tiny_models.load_reference(hf)
-    expected = [ref.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
-                for p in PROMPTS]
-    return s16, s4, expected
+    return s16, s4, tiny_models.greedy_reference(hf, PROMPTS, NEW)
 
 
 def served_tokens(shards, *flags):

@@ -5,7 +5,6 @@ transformers'."""
 import signal
 
 import pytest
-import torch
 
 import tiny_models
 from serving import Server
@@ -21,10 +20,7 @@ def converted(request, tmp_path_factory):
     getattr(tiny_models, f"make_{request.param}")(hf)
     out = hf.parent / "s16"
     convert(hf, out, bits=16)
-    ref = tiny_models.load_reference(hf)
-    expected = [ref.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
-                for p in PROMPTS]
-    return out, expected
+    return out, tiny_models.greedy_reference(hf, PROMPTS, NEW)
 
 
 @pytest.mark.parametrize("kv_flags", [[], ["--kv-offload"]], ids=["kv-local", "kv-offload"])

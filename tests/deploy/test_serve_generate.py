@@ -4,7 +4,6 @@ generate`, SIGTERM; tokens equal Hugging Face's greedy generate on the same weig
 import signal
 
 import pytest
-import torch
 
 import tiny_models
 from serving import Server, shm_entries, strata
@@ -20,12 +19,7 @@ def converted(request, tmp_path_factory):
     getattr(tiny_models, f"make_{request.param}")(hf)
     out = hf.parent / "s16"
     convert(hf, out, bits=16)
-    ref = tiny_models.load_reference(hf)
-    expected = []
-    for p in PROMPTS:
-        seq = ref.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
-        expected.append(seq)
-    return out, expected
+    return out, tiny_models.greedy_reference(hf, PROMPTS, NEW)
 
 
 def generate_ids(address, prompts, n=NEW, *extra):
