@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq e2e t1 t2 t3 bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
+#   steps: env micro attn attnq e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
 # Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
 # benches the planner's choice and its best-predicted competitors (bench/grid.py)
 # with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
@@ -23,6 +23,8 @@ for step in "$@"; do
     attn) for dt in float16 bfloat16 float32; do python3 -m kv_store.bench_attention --batch 16 --dtype $dt --threads 16 --steps 10; done | tee "$OUT/attn.jsonl";;
     e2e) STRATA_TEST_DEVICE=cuda timeout 500 python3 -m pytest -q -x tests/deploy/test_serve_generate.py tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
+    e2e-disk) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
+    t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} ${T3Q_FLAGS:-};;
     t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-56} --micro-batches ${T2_M:-1};;
     t3) bench --model facebook/opt-175b --dummy --kv-offload --batch-size ${T3_B:-24} --gpu-weight-share ${T3_S:-0.45} --micro-batches ${T3_M:-2} --kv-capacity-gb ${T3_KV:-58};;
     bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 1;;

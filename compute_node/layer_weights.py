@@ -1,19 +1,24 @@
-"""Device copies of the layers: resident ones placed once, streamed ones loaded into a
-ring of `depth` layers ahead of use (a side CUDA stream on the GPU), in the cyclic
-order the passes use them, so the stream never waits for a resident layer's compute
-and the next pass's first streamed layers load during this pass's tail.
+"""Device copies of the layers: resident ones placed once, streamed ones loaded ahead
+of use, in the cyclic order the passes use them, so the copies never wait for a
+resident layer's compute and the next pass's first streamed layers load during this
+pass's tail.
 
-On the GPU, weights stay packed (INT4/INT8 as stored) and are dequantized by a fused
-kernel when a layer runs; on the CPU, resident layers are kept dense. Which layers
-are resident is the placement's decision; this module only moves bytes."""
+On the GPU, streamed layers go through a ring of `depth` packed slots (`DeviceRing`):
+one copy per layer, straight from the host tier (or a disk staging slot) on a side
+stream, and the layer's dequantization on the compute stream when it runs, so the
+copy engine never idles behind a dequant kernel. Resident layers stay packed
+(INT4/INT8 as stored) and are dequantized by a fused kernel when a layer runs; on the
+CPU, resident layers are kept dense. Which layers are resident is the placement's
+decision; this module only moves bytes."""
 
 from __future__ import annotations
 
 import torch
 
 from compute_node.kernels import dequantize
-from compute_node.weights import HostWeights, StoredTensor
-from strata.manifest import layer_shard
+from compute_node.weights import HostWeights, StoredTensor, shard_views
+from strata.manifest import Shard, layer_shard
+from strata.placement import RING_DEPTH
 
 Packed = dict[str, StoredTensor]
 
@@ -40,20 +45,53 @@ def dense(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
+class DeviceRing:
+    """`depth` GPU slots of packed layer bytes. `fill` copies a shard's bytes into the
+    next slot on the ring's stream; `use` dequantizes it on the current stream. A slot
+    is refilled only after the dequant that read it has run (its `consumed` event), so
+    the copy stream waits for nothing else."""
+
+    def __init__(self, device: torch.device, depth: int, slot_bytes: int):
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(depth)]
+        self.consumed: list[torch.cuda.Event | None] = [None] * depth
+        self.stream = torch.cuda.Stream(device)
+        self._next = 0
+
+    def fill(self, raw: torch.Tensor) -> tuple[int, torch.cuda.Event]:
+        k = self._next
+        self._next = (k + 1) % len(self.slots)
+        if self.consumed[k] is not None:
+            self.stream.wait_event(self.consumed[k])
+        with torch.cuda.stream(self.stream):
+            self.slots[k][: raw.numel()].copy_(raw, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return k, copied
+
+    def use(self, k: int, copied: torch.cuda.Event, shard: Shard, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        stream = torch.cuda.current_stream(self.slots[k].device)
+        stream.wait_event(copied)
+        w = dense(shard_views(shard, self.slots[k][: shard.size]), dtype)
+        self.consumed[k] = torch.cuda.Event()
+        self.consumed[k].record(stream)
+        return w
+
+
 class LayerWeights:
     def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int],
-                 packed_resident: bool | None = None, depth: int = 2, resident_source=None):
+                 packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None):
         """`resident_source(i) -> Packed on device` makes resident layers without the
         host tier (dummy weights generated on the GPU); default: copy from the host."""
         self.host, self.device, self.dtype = host, device, dtype
         self.cuda = device.type == "cuda"
         self.packed_resident = self.cuda if packed_resident is None else packed_resident
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.depth = max(1, depth)
         self.streamed = [i for i in range(host.manifest.num_layers) if i not in resident]
+        slot_bytes = max((host.manifest.shards[layer_shard(i)].size for i in self.streamed), default=0)
+        self.ring = DeviceRing(device, self.depth, slot_bytes) if self.cuda and self.streamed else None
         self._next = 0  # position in self.streamed of the next layer to enqueue
         self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
-        self._inflight: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+        self._inflight: dict[int, tuple] = {}  # layer -> (dense weights,) off CUDA, (slot, copied event) on it
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
         self.embed = dense(self._copied("embed"), dtype)
         self.head = dense(self._copied("head"), dtype)
@@ -71,20 +109,18 @@ class LayerWeights:
     def _enqueue(self, i: int) -> None:
         self.loads.append(i)
         name = layer_shard(i)
-        slot, stored = self.host.staged(name) if name in self.host.disk else (None, self.host.shard(name))
+        on_disk = name in self.host.disk
         if not self.cuda:
-            self._inflight[i] = (dense(to_device(stored, self.device, copy=slot is not None), self.dtype), None)
+            slot, stored = self.host.staged(name) if on_disk else (None, self.host.shard(name))
+            self._inflight[i] = (dense(to_device(stored, self.device, copy=on_disk), self.dtype),)
             if slot is not None:
                 self.host.stager.release(slot)  # type: ignore[union-attr]
             return
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
-            w = dense(to_device(stored, self.device, non_blocking=True), self.dtype)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        if slot is not None:  # the slot is read again once the copy out of it is done
-            self.host.stager.release(slot, event)  # type: ignore[union-attr]
-        self._inflight[i] = (w, event)
+        slot, raw = self.host.staged_raw(name) if on_disk else (None, self.host.raw(name))
+        k, copied = self.ring.fill(raw)  # type: ignore[union-attr]
+        if slot is not None:  # the staging slot is read again once the copy out of it is done
+            self.host.stager.release(slot, copied)  # type: ignore[union-attr]
+        self._inflight[i] = (k, copied)
 
     def top_up(self) -> None:
         """Keep `depth` streamed layers loading or loaded, in cyclic pass order."""
@@ -105,13 +141,11 @@ class LayerWeights:
             self._inflight.clear()
             self._next = self.streamed.index(i)
             self.top_up()
-        w, event = self._inflight.pop(i)
+        loaded = self._inflight.pop(i)
+        if self.cuda:  # dequantize before topping up: the slot's refill waits for this
+            loaded = (self.ring.use(*loaded, self.host.manifest.shards[layer_shard(i)], self.dtype),)  # type: ignore[union-attr]
         self.top_up()
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            for t in w.values():
-                t.record_stream(torch.cuda.current_stream(self.device))
-        return w
+        return loaded[0]
 
     def prefetch(self, i: int) -> None:
         """Compatibility with the engine's loop: the ring runs ahead on its own."""

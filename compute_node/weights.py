@@ -37,6 +37,7 @@ class HostWeights:
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self._regions = regions
         self._pinned: list[int] = []
+        self._raw = raw
         self._shards = {name: shard_views(manifest.shards[name], raw[name]) for name in raw}
         self.stager, self.disk = stager, disk
 
@@ -84,6 +85,11 @@ class HostWeights:
         except KeyError:
             raise StrataError(ErrorKind.NOT_FOUND, f"shard {name!r} is not in the host tier") from None
 
+    def raw(self, name: str) -> torch.Tensor:
+        """A host-tier shard's bytes, one contiguous uint8 tensor (for a single copy)."""
+        self.shard(name)  # the clear error for a shard the tier does not hold
+        return self._raw[name]
+
     def holds(self, name: str) -> bool:
         return name in self._shards or name in self.disk
 
@@ -103,8 +109,12 @@ class HostWeights:
     def staged(self, name: str) -> tuple[int, dict[str, StoredTensor]]:
         """A disk-tier shard read into a staging slot: (slot, views); give the slot
         back with `stager.release(slot, event)` once copied out."""
-        slot, raw = self.stager.take(name)  # type: ignore[union-attr]
+        slot, raw = self.staged_raw(name)
         return slot, shard_views(self.manifest.shards[name], raw)
+
+    def staged_raw(self, name: str) -> tuple[int, torch.Tensor]:
+        """As `staged`, the slot's bytes as one contiguous uint8 tensor."""
+        return self.stager.take(name)  # type: ignore[union-attr]
 
     def pin(self) -> None:
         """Page-lock the mapped host tier (and staging slots) for async host-to-GPU copies."""
@@ -124,6 +134,7 @@ class HostWeights:
         if self.stager is not None:
             self.stager.close()
         self._shards.clear()
+        self._raw.clear()
         for region in self._regions:
             region.close()
         self._regions.clear()

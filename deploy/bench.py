@@ -264,12 +264,12 @@ def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
     profile, where = load_profile(profile_path or ns.profile)
     dims, wbf, bits = _model(ns.model, ns.quant_bits, ns.group_size)
     fixed = planner.Fixed(kv_on_host=True if ns.kv_offload else None, batch_size=ns.batch_size, quant_bits=bits,
-                          disk_weight_share=None)
+                          disk_weight_share=None, kv_bits=ns.kv_bits)
     workload = cm.Workload(ns.prompt_len, ns.gen_len, ns.batch_size)
     result = planner.plan(dims, wbf, workload, profile, fixed)
     pl, pr = result.placement, result.prediction
     fields = {"gpu_weight_share": pl.gpu_weight_share, "kv_offload": pl.kv_on_host,
-              "micro_batches": pl.micro_batches, "batch_size": pl.batch_size,
+              "micro_batches": pl.micro_batches, "batch_size": pl.batch_size, "kv_bits": pl.kv_bits,
               "disk_layers": pl.layer_counts(dims.num_layers)[2]}
     prediction = {"profile": where, "total_tokens_per_s": round(pr.total_tokens_per_s, 2),
                   "prefill_s": round(pr.prefill_s, 4), "decode_s": round(pr.decode_s, 4),
@@ -287,7 +287,7 @@ def _placement(ns) -> tuple[dict, dict | None]:
     share = 0.0 if ns.cpu_offload else ((0.0 if offloaded else 1.0) if ns.gpu_weight_share is None
                                          else ns.gpu_weight_share)
     return {"gpu_weight_share": share, "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
-            "batch_size": ns.batch_size or 8, "disk_layers": 0}, None
+            "batch_size": ns.batch_size or 8, "kv_bits": ns.kv_bits or 16, "disk_layers": 0}, None
 
 
 def main(ns) -> int:
@@ -298,7 +298,7 @@ def main(ns) -> int:
         gpu_weight_share=fields["gpu_weight_share"], micro_batches=fields["micro_batches"],
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
-        disk_read_gbps=ns.disk_read_gbps, kv_bits=ns.kv_bits, disk_layers=fields["disk_layers"],
+        disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from deploy.plan_cli import KV_BITS_HELP, kv_bits_arg
+
 
 def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="throughput benchmark (one JSON line)")
@@ -22,8 +24,8 @@ def add_bench_parser(sub) -> None:
                    help="disk read speed for the floor (e.g. measured with dd); default DESIGN.md's 1.2 GB/s")
     b.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     b.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16])
-    b.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
-                   help="KV cache precision: 16 (compute dtype), or INT8/INT4 group-wise (GPU or KV store)")
+    b.add_argument("--kv-bits", type=kv_bits_arg, default=16,
+                   help=KV_BITS_HELP + "; auto is 16 where the placement is pinned")
     b.add_argument("--group-size", type=int, default=64)
     b.add_argument("--pin-memory", type=int, default=1, help="accepted for compatibility; the host tier is always pinned")
     b.add_argument("--gpu-weight-share", type=float, default=None,

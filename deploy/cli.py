@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from deploy.plan_cli import KV_BITS_HELP, kv_bits_arg
 from strata.errors import StrataError
 
 
@@ -35,7 +36,7 @@ def serve_options(a):
     from deploy.launcher import ServeOptions
 
     opts = ServeOptions(
-        model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload, kv_bits=a.kv_bits,
+        model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload, kv_bits=a.kv_bits or 16,
         kv_capacity_bytes=int(a.kv_capacity_gb * (1 << 30)),
         gpu_weight_share=1.0 if a.gpu_weight_share is None else a.gpu_weight_share,
         micro_batches=a.micro_batches or 1, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
@@ -154,8 +155,8 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     s.add_argument("--kv-capacity-gb", type=float, default=2.0, help="host memory for the KV cache, faulted in at start")
-    s.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
-                   help="with --kv-offload: KV cache stored group-wise quantized on head_dim")
+    s.add_argument("--kv-bits", type=kv_bits_arg, default=16,
+                   help=KV_BITS_HELP + " (GPU or KV store); auto is 16 where the placement is pinned")
     s.add_argument("--gpu-weight-share", type=float, default=None,
                    help="share of layers resident on the device (default 1; on a GPU with no placement flag "
                         "the planner chooses the placement for --plan-prompt-len/--plan-gen-len/--plan-batch)")

@@ -32,6 +32,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--quant-bits", type=int, default=4, choices=[0, 4, 8, 16], help="0: the planner's choice")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--kv", choices=["auto", "gpu", "host"], default="auto", help="pin the KV cache's place")
+    p.add_argument("--kv-bits", type=kv_bits_arg, default=16, help=KV_BITS_HELP)
     p.add_argument("--gpu-weight-share", type=float, default=None, help="pin the share of resident layers")
     p.add_argument("--micro-batches", type=int, default=None, help="pin the micro-batch count")
     p.add_argument("--max-batch", type=int, default=planner.MAX_BATCH)
@@ -83,6 +84,21 @@ def load_profile(path: str | None, console=None) -> tuple[hardware.HardwareProfi
     return prof, str(default)
 
 
+KV_BITS_HELP = ("KV cache precision: 16 (compute dtype), 8 or 4 (group-wise, lossy), or auto (the planner "
+                "may choose 8/4 where that is faster)")
+
+
+def kv_bits_arg(text: str) -> int | None:
+    """--kv-bits: 16, 8, 4, or 'auto' (None: the planner chooses)."""
+    import argparse
+
+    if text == "auto":
+        return None
+    if text in ("16", "8", "4"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"--kv-bits must be 16, 8, 4 or auto, not {text!r}")
+
+
 def plan_main(a) -> int:
     from rich.console import Console
 
@@ -91,7 +107,7 @@ def plan_main(a) -> int:
     dims, wbf, bits = _model(a.model, a.quant_bits or None, a.group_size)
     fixed = planner.Fixed(
         gpu_weight_share=a.gpu_weight_share, kv_on_host={"auto": None, "gpu": False, "host": True}[a.kv],
-        micro_batches=a.micro_batches, batch_size=a.batch_size, quant_bits=bits,
+        micro_batches=a.micro_batches, batch_size=a.batch_size, quant_bits=bits, kv_bits=a.kv_bits,
     )
     workload = cm.Workload(a.prompt_len, a.gen_len, a.batch_size)
     result = planner.plan(dims, wbf, workload, profile, fixed, max_batch=a.max_batch)
@@ -106,7 +122,7 @@ def plan_main(a) -> int:
 
 def _choice_dict(pl: cm.Placement, pr: cm.Prediction) -> dict:
     flags = [f"--batch-size {pl.batch_size}", f"--gpu-weight-share {pl.gpu_weight_share:.4g}",
-             f"--micro-batches {pl.micro_batches}", f"--quant-bits {pl.quant_bits}"]
+             f"--micro-batches {pl.micro_batches}", f"--quant-bits {pl.quant_bits}", f"--kv-bits {pl.kv_bits}"]
     if pl.kv_on_host:  # the KV store's capacity must hold the batch's cache
         flags += ["--kv-offload", f"--kv-capacity-gb {-(-pr.host_breakdown['KV'] // GIB) + 1:.0f}"]
     return {
@@ -146,7 +162,7 @@ def print_plan(report: dict, console) -> None:
     prof = report["profile"]
     t = Table(title=f"strata plan: {report['model']}, prompt {report['prompt_len']}, gen {report['gen_len']} "
                     f"on {prof['machine']} (profile {prof['measured_at'][:10]})")
-    for col in ("", "GPU/host weights", "bits", "KV", "µb", "batch", "prefill s", "step ms", "tok/s",
+    for col in ("", "GPU/host weights", "bits", "KV", "KV bits", "µb", "batch", "prefill s", "step ms", "tok/s",
                 "bound: prefill / decode", "GPU GiB", "host GiB"):
         t.add_column(col, justify="left" if col in ("", "KV", "bound: prefill / decode") else "right",
                      no_wrap=True)
@@ -154,7 +170,7 @@ def print_plan(report: dict, console) -> None:
         pl = c["placement"]
         t.add_row(
             "chosen" if i == 0 else f"alt {i}", f"{pl['gpu_weight_share']:.2f} / {1 - pl['gpu_weight_share']:.2f}",
-            str(pl["quant_bits"]), "host" if pl["kv_on_host"] else "GPU", str(pl["micro_batches"]),
+            str(pl["quant_bits"]), "host" if pl["kv_on_host"] else "GPU", str(pl["kv_bits"]), str(pl["micro_batches"]),
             str(pl["batch_size"]), f"{c['prefill_s']:.2f}", f"{c['decode_step_s'] * 1e3:.1f}",
             f"{c['total_tokens_per_s']:.1f}", f"{c['prefill_binding']} / {c['decode_binding']}",
             f"{c['gpu_bytes_needed'] / GIB:.1f} / {prof['gpu_bytes'] / GIB:.0f}",

@@ -30,7 +30,7 @@ def planned_options(a, opts):
     dims, wbf, bits = _model(a.model, None, 64)
     profile, where = load_profile(a.profile)
     fixed = planner.Fixed(kv_on_host=True if a.kv_offload else None, batch_size=a.plan_batch, quant_bits=bits,
-                          disk_weight_share=None)
+                          disk_weight_share=None, kv_bits=a.kv_bits)
     workload = cm.Workload(a.plan_prompt_len, a.plan_gen_len, a.plan_batch)
     result = planner.plan(dims, wbf, workload, profile, fixed)
     pl, pr = result.placement, result.prediction
@@ -41,11 +41,12 @@ def planned_options(a, opts):
     kv_bytes = int(pr.host_breakdown.get("KV", 0.0)) + (256 << 20)
     print(f"strata serve: planned for {pl.batch_size} prompts of {a.plan_prompt_len} tokens + {a.plan_gen_len} "
           f"(profile {where}): GPU weight share {pl.gpu_weight_share:.3f}, KV {'host' if pl.kv_on_host else 'GPU'}, "
-          f"{pl.micro_batches} micro-batches, {disk_n} layers on disk; predicted "
+          f"KV at {pl.kv_bits} bits, {pl.micro_batches} micro-batches, {disk_n} layers on disk; predicted "
           f"{pr.total_tokens_per_s:.1f} tokens/s (bound by {pr.prefill_binding} / {pr.decode_binding})",
           file=sys.stderr, flush=True)
     if disk_n and a.transport != "shm":
         raise StrataError(ErrorKind.FAILED_PRECONDITION, "the plan keeps layers on disk; that needs --transport shm")
     return dataclasses.replace(
-        opts, gpu_weight_share=pl.gpu_weight_share, kv_offload=pl.kv_on_host, micro_batches=pl.micro_batches,
+        opts, gpu_weight_share=pl.gpu_weight_share, kv_offload=pl.kv_on_host, kv_bits=pl.kv_bits,
+        micro_batches=pl.micro_batches,
         kv_capacity_bytes=max(kv_bytes, opts.kv_capacity_bytes), host_budget_bytes=budget)

@@ -19,7 +19,7 @@ import dataclasses
 from strata.arch import ModelDims
 from strata.floor import kv_bytes_per_token
 from strata.hardware import HardwareProfile
-from strata.placement import STAGING_SLOTS
+from strata.placement import RING_DEPTH, STAGING_SLOTS
 
 GIB = 1 << 30
 # Prefill activations of one micro-batch, in FFN-wide bf16 tensors alive at once: 6
@@ -37,6 +37,10 @@ GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # 6b and 8 of BENCHMARKS.md; its layout spreads every layer over one arena and calls
 # come from a worker thread).
 SERVICE_ATTENTION_EFFICIENCY = 0.65
+# Over a quantized cache the KV store's attention is compute-bound (dequantize, then
+# attend): it runs at this share of the bf16 rate in bf16-equivalent bytes (run 11:
+# 17.3 and 11.8 against 88.6 GB/s for INT8 and INT4).
+CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.195, 4: 0.133}
 # Streamed layers reach about 0.58 of the profile's pinned host-to-GPU copy rate: an
 # OPT-175B pass with every layer streamed took 2.8-3.1 s for 99 GB (32-35 GB/s, run 14;
 # 27.6 GB/s in its prefill), OPT-30B fp16 streamed 29.5 GB per step in 1.0 s (run 6),
@@ -156,14 +160,17 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     kv_layer = b * kv_len * kv_bytes_per_token_layer(dims, pl.kv_bits)
     act = rows * (8 * dims.hidden + 2 * dims.ffn) * 2 if prefill else 0.0
     gpu_kv = kv_layer if (not pl.kv_on_host or prefill) else 0.0
+    if not pl.kv_on_host and not prefill and pl.kv_bits < 16:
+        gpu_kv += 2 * b * kv_len * kv_bytes_per_token_layer(dims, 16)  # the layer rebuilt in bf16, then read
     cpu_attention = pl.kv_on_host and not prefill
     attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
     flops = 2 * wb.layer_params * rows + attn_flops
     return {
         "HBM": (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s + dequant_s,
         "GPU FLOPs": flops / _gemm_flops(p, rows / m),
-        "CPU KV read": (kv_layer / (p.cpu_attention_bytes_per_s * SERVICE_ATTENTION_EFFICIENCY)
-                        if cpu_attention else 0.0),
+        "CPU KV read": (b * kv_len * kv_bytes_per_token_layer(dims, 16)
+                        / (p.cpu_attention_bytes_per_s * SERVICE_ATTENTION_EFFICIENCY
+                           * CPU_QUANT_ATTENTION_RATE[pl.kv_bits]) if cpu_attention else 0.0),
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
         "control overhead": m * (RPC_OVERHEAD_S if pl.kv_on_host else LAUNCH_OVERHEAD_S),
     }
@@ -214,13 +221,19 @@ def memory(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> tupl
     """(GPU, host) bytes needed, by item."""
     L = dims.num_layers
     resident, host_n, disk_n = pl.layer_counts(L)
-    dense = 2 * wb.layer_params if wb.quantized else 0.0
-    buffers = 2 * (wb.layer + dense) + dense if host_n + disk_n else 2 * dense
+    # a ring of packed slots for streamed layers; the dense copy of the layer running
+    # and of the next one (dequantized, or converted from fp16, as each layer runs)
+    dense = 2 * wb.layer_params
+    buffers = RING_DEPTH * wb.layer + 2 * dense if host_n + disk_n else (2 * dense if wb.quantized else 0.0)
     kv = pl.batch_size * (w.prompt_len + w.gen_len) * kv_bytes_per_token_layer(dims, pl.kv_bits) * L
-    mb_tokens = -(-pl.batch_size // pl.micro_batches) * w.prompt_len
+    mb = -(-pl.batch_size // pl.micro_batches)
+    mb_tokens = mb * w.prompt_len
+    # a quantized GPU cache rebuilds one layer of a micro-batch in bf16 to attend (two alive)
+    rebuild = (2 * mb * (w.prompt_len + w.gen_len) * kv_bytes_per_token_layer(dims, 16)
+               if not pl.kv_on_host and pl.kv_bits < 16 else 0.0)
     gpu = {
         "resident weights": resident * wb.layer + wb.other, "layer buffers": buffers,
-        "KV": 0.0 if pl.kv_on_host else kv,
+        "KV": 0.0 if pl.kv_on_host else kv + rebuild,
         "activations": mb_tokens * max(dims.ffn, 3 * dims.hidden) * 2 * ACTIVATION_COPIES,
         "headroom": GPU_HEADROOM,
     }

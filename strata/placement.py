@@ -22,6 +22,7 @@ def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
 
 
 STAGING_SLOTS = 3  # disk reads in flight while the compute node copies the third slot to the GPU
+RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (packed slots)
 
 
 @dataclasses.dataclass(frozen=True)

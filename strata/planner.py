@@ -3,7 +3,8 @@ machine's GPU and host memory (with headroom), from the cost model over a grid.
 No torch, no grpc.
 
 Grid: quantization bits (fixed, or 4/8/16), GPU weight share in steps of one layer,
-KV on the GPU or in the KV store, 1/2/4/8 micro-batches, batch sizes (powers of two,
+KV on the GPU or in the KV store, KV precision (16 unless the user allows 8/4: a
+lossy cache is the user's call), 1/2/4/8 micro-batches, batch sizes (powers of two,
 1.5x powers of two, and the largest that fits). For a given rest of the placement,
 more resident layers never predict a slower run (the cost model's monotonicity,
 tested), so only the largest share that fits is predicted for each combination."""
@@ -20,6 +21,7 @@ from strata.hardware import HardwareProfile
 
 MICRO_BATCHES = (1, 2, 4, 8)
 QUANT_BITS = (4, 8, 16)
+KV_BITS = (16, 8, 4)
 MAX_BATCH = 256  # the compute node's default batch limit (strata/config.py)
 ALTERNATIVES = 5
 
@@ -34,6 +36,7 @@ class Fixed:
     batch_size: int | None = None
     quant_bits: int | None = None
     disk_weight_share: float | None = 0.0  # None: the least share of layers on disk that fits host memory
+    kv_bits: int | None = 16  # None: the planner's choice among KV_BITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +121,13 @@ def _least_disk(dims, wb, w, pl: cm.Placement, profile) -> float | None:
     return None
 
 
+def _kv_choices(fixed: Fixed) -> list[tuple[bool, int]]:
+    """(KV in the KV store, KV bits) pairs to try."""
+    places = [fixed.kv_on_host] if fixed.kv_on_host is not None else [False, True]
+    bits = [fixed.kv_bits] if fixed.kv_bits else list(KV_BITS)
+    return [(p, b) for p in places for b in bits]
+
+
 def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
           max_batch: int) -> Iterator[tuple[cm.WeightBytes, cm.Placement]]:
     """Placements that fit, each with the largest share that fits for the rest (and,
@@ -127,10 +137,10 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
     auto_disk = fixed.disk_weight_share is None
     for bits in [fixed.quant_bits] if fixed.quant_bits else QUANT_BITS:
         wb = wbf(bits)
-        for kv in [fixed.kv_on_host] if fixed.kv_on_host is not None else (False, True):
+        for kv, kv_bits in _kv_choices(fixed):
             for m in [fixed.micro_batches] if fixed.micro_batches else MICRO_BATCHES:
                 base = cm.Placement(shares[0], kv, m, max(batch or 1, m), bits,
-                                    1.0 if auto_disk else fixed.disk_weight_share)
+                                    1.0 if auto_disk else fixed.disk_weight_share, kv_bits)
                 most = batch or _most_batch(dims, wb, w, base, profile, shares, max_batch)
                 if most is None:
                     continue
@@ -170,10 +180,10 @@ def _does_not_fit(dims, wbf: WeightBytesFn, w: cm.Workload, profile: HardwarePro
     batch = fixed.batch_size or w.batch_size or 1
     share = fixed.gpu_weight_share or 0.0
     best = None
-    for kv in [fixed.kv_on_host] if fixed.kv_on_host is not None else (False, True):
+    for kv, kv_bits in _kv_choices(fixed):
         m = fixed.micro_batches or 1
         pl = cm.Placement(share, kv, m, max(batch, m), bits,
-                          1.0 if fixed.disk_weight_share is None else fixed.disk_weight_share)
+                          1.0 if fixed.disk_weight_share is None else fixed.disk_weight_share, kv_bits)
         gpu, host = cm.memory(dims, wb, w, pl)
         short = max(sum(gpu.values()) - profile.gpu_bytes, 0) + max(sum(host.values()) - profile.host_bytes, 0)
         if best is None or short < best[0]:

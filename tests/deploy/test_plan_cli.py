@@ -52,6 +52,18 @@ def test_plan_table_names_the_placement_and_the_bound():
     assert "--kv-offload" in r.stdout  # the bench command that runs this placement
 
 
+def test_kv_bits_auto_lets_the_plan_quantize_the_cache_and_a_bad_value_is_refused():
+    r = strata("plan", "--model", "facebook/opt-175b", "--prompt-len", "512", "--gen-len", "32",
+               "--kv-bits", "auto", "--profile", str(PROFILE), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["placement"]["kv_bits"] in (8, 4)
+    assert f"--kv-bits {out['placement']['kv_bits']}" in out["bench_flags"]
+    bad = strata("plan", "--model", "facebook/opt-30b", "--prompt-len", "512", "--gen-len", "32",
+                 "--kv-bits", "5", "--profile", str(PROFILE))
+    assert bad.returncode == 2 and "--kv-bits must be 16, 8, 4 or auto" in bad.stderr
+
+
 def test_plan_that_cannot_fit_is_a_clear_error():
     r = strata("plan", "--model", "facebook/opt-175b", "--prompt-len", "512", "--gen-len", "32", "--quant-bits",
                "16", "--profile", str(PROFILE), "--json")

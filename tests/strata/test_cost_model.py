@@ -116,13 +116,18 @@ def test_memory_counts_what_the_engine_holds(h100):
     kv = 16 * (512 + 32) * cm.kv_bytes_per_token_layer(dims) * 48
     assert gpu["KV"] == kv and host["KV"] == 0
     assert gpu["resident weights"] == pytest.approx(24 * wb.layer + wb.other)
-    assert gpu["layer buffers"] == pytest.approx(2 * (wb.layer + 2 * wb.layer_params) + 2 * wb.layer_params)
+    # three packed slots, and the dense copies of the layer running and the next one
+    assert gpu["layer buffers"] == pytest.approx(3 * wb.layer + 2 * (2 * wb.layer_params))
     # the weight store holds the streamed layers, not the 24 resident ones (read once
     # through the staging slots)
     assert host["weights"] == pytest.approx(wb.total - 24 * wb.layer)
     assert host["staging"] == pytest.approx(3 * wb.layer)
     on_host = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_on_host=True))
     assert on_host[0]["KV"] == 0 and on_host[1]["KV"] == kv
+    # a quantized GPU cache: codes plus scales, and one micro-batch's layer rebuilt in bf16 (two alive)
+    q4 = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_bits=4))[0]["KV"]
+    rebuild = 2 * 8 * (512 + 32) * cm.kv_bytes_per_token_layer(dims)
+    assert q4 == pytest.approx(kv * (0.5 + 4 / 64) / 2 + rebuild)
     pred = cm.predict(dims, wb, W, pl, h100)
     assert pred.gpu_bytes_needed == pytest.approx(sum(gpu.values()))
 

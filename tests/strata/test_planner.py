@@ -136,3 +136,30 @@ def test_t1_plan_is_at_most_the_floor(h100):
 
 def test_batch_candidates_are_powers_of_two_and_halfway():
     assert planner.batch_candidates(64) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+
+
+def test_kv_precision_is_16_unless_the_user_allows_less(h100):
+    """A lossy KV cache is the user's call: by default the plan keeps 16 bits; with
+    kv_bits=None (--kv-bits auto) the planner may choose 8 or 4, and for OPT-175B,
+    whose bf16 cache of a large batch cannot fit the GPU, a quantized GPU cache lets
+    the batch grow and predicts more tokens/s."""
+    dims, wbf = model("facebook/opt-175b")
+    w = cm.Workload(prompt_len=512, gen_len=32)
+    exact = planner.plan(dims, wbf, w, h100, planner.Fixed(quant_bits=4))
+    assert exact.placement.kv_bits == 16
+    assert all(c.placement.kv_bits == 16 for c in exact.alternatives)
+    auto = planner.plan(dims, wbf, w, h100, planner.Fixed(quant_bits=4, kv_bits=None))
+    assert auto.placement.kv_bits in (8, 4) and not auto.placement.kv_on_host
+    assert auto.placement.batch_size > exact.placement.batch_size
+    assert auto.prediction.total_tokens_per_s > exact.prediction.total_tokens_per_s
+    assert auto.prediction.fits(h100)
+
+
+def test_quantized_cpu_attention_is_predicted_slower_per_step(h100):
+    """The KV store's attention over an INT8/INT4 cache is compute-bound (run 11): the
+    model must not take its fewer bytes for a faster step."""
+    dims, wbf = model("facebook/opt-30b")
+    w = cm.Workload(prompt_len=512, gen_len=32, batch_size=32)
+    steps = {bits: cm.predict(dims, wbf(4), w, cm.Placement(1.0, True, 1, 32, 4, kv_bits=bits), h100).decode_step_s
+             for bits in (16, 8, 4)}
+    assert steps[16] < steps[8] < steps[4]
