@@ -30,7 +30,7 @@ HOST_HEADROOM = 8 * GIB  # the three processes themselves: ~5.6 GiB beyond tier 
 RPC_OVERHEAD_S = 0.3e-3  # per layer per micro-batch, KV in the KV store (a gRPC round trip)
 LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launches)
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
-GEMM_EFFICIENCY = 0.95  # of the measured 8192^3 rate, at large M
+GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # The KV store's attention inside the service reads KV at about 0.65 of the isolated
 # kernel's rate the profile measures (~60 against 88-98 GB/s on nvidia-h100-x1: runs
@@ -46,7 +46,7 @@ CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.195, 4: 0.133}
 # 27.6 GB/s in its prefill), OPT-30B fp16 streamed 29.5 GB per step in 1.0 s (run 6),
 # against 55 GB/s for plain copies from the same kind of region (bench/h2d_big.py).
 # (Each layer is ~20 part copies, then its dequant on the same stream.)
-STREAM_EFFICIENCY = 0.58
+STREAM_EFFICIENCY = 0.95
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
