@@ -254,19 +254,19 @@ def measure_host(quick: bool) -> dict:
             "host_bytes": float(psutil.virtual_memory().total), "cpu_cores": os.cpu_count() or 0}
 
 
-def measure_disk(quick: bool, directory: str | None = None) -> tuple[float, str]:
+def measure_disk(quick: bool, directory: str | None = None, piece: int = 256 << 20) -> tuple[float, str]:
     """Reads of a fresh file (evicted from the page cache) with the weight store's own
-    shard reader, as its disk tier reads: one shard-sized piece per staging slot in
-    flight. (bytes/s, the reader backend in use)."""
+    shard reader, as its disk tier reads: shard-sized pieces in file order, one per
+    staging slot in flight. (bytes/s, the reader backend in use)."""
     import concurrent.futures
 
     from strata.placement import STAGING_SLOTS
     from weight_store.reader import make_reader
 
     nbytes, chunk = ((192 << 20) if quick else 3 * GIB), 16 << 20
-    buf = mmap.mmap(-1, nbytes)  # page aligned, as O_DIRECT needs
+    piece = min(piece, nbytes // STAGING_SLOTS)
+    buf = mmap.mmap(-1, STAGING_SLOTS * piece)  # page aligned, as O_DIRECT needs
     block = os.urandom(1 << 20) * (chunk >> 20)
-    piece = nbytes // STAGING_SLOTS
     with tempfile.NamedTemporaryFile(dir=directory, prefix="strata-profile-") as f:
         for _ in range(nbytes // chunk):
             f.write(block)
@@ -276,12 +276,13 @@ def measure_disk(quick: bool, directory: str | None = None) -> tuple[float, str]
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         reader = make_reader()
         view = memoryview(buf)
+        pieces = nbytes // piece
         try:
             with concurrent.futures.ThreadPoolExecutor(STAGING_SLOTS) as pool:
                 t0 = time.perf_counter()
-                list(pool.map(lambda i: reader.read_into(f.name, view[i * piece:(i + 1) * piece], i * piece, piece),
-                              range(STAGING_SLOTS)))
-                return nbytes / (time.perf_counter() - t0), reader.name
+                list(pool.map(lambda i: reader.read_into(f.name, view[(i % STAGING_SLOTS) * piece:][:piece],
+                                                         i * piece, piece), range(pieces)))
+                return pieces * piece / (time.perf_counter() - t0), reader.name
         finally:
             reader.close()
             view.release()

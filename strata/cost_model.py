@@ -30,7 +30,7 @@ HOST_HEADROOM = 8 * GIB  # the three processes themselves: ~5.6 GiB beyond tier 
 RPC_OVERHEAD_S = 0.3e-3  # per layer per micro-batch, KV in the KV store (a gRPC round trip)
 LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launches)
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
-GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M
+GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: prefill reached ~0.8 (T2 run 8: 3.18 s; T3 run 16: 27.0 s)
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # The KV store's attention inside the service reads KV at about 0.65 of the isolated
 # kernel's rate the profile measures (~60 against 88-98 GB/s on nvidia-h100-x1: runs
@@ -47,6 +47,11 @@ CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.195, 4: 0.133}
 # against 55 GB/s for plain copies from the same kind of region (bench/h2d_big.py).
 # (Each layer is ~20 part copies, then its dequant on the same stream.)
 STREAM_EFFICIENCY = 0.95
+# While a layer streams from the host tier, the KV store's attention over host KV runs
+# at about 0.45 of its rate: both read host DRAM, and the pair measured 24-32 GB/s of
+# attention against ~48 alone (OPT-175B, runs 16 and 18: B=24 at GPU share 0.45 and
+# B=32 at 0.625 both fit 0.45-0.47 for the streamed layers; in-sample).
+STREAMING_ATTENTION_SHARE = 0.45
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
@@ -181,8 +186,12 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     L = dims.num_layers
     resident, host_n, disk_n = pl.layer_counts(L)
     gpu = max(t["HBM"], t["GPU FLOPs"])
-    cpu = t["CPU KV read"]
-    work = max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
+
+    def layer_work(cpu: float) -> float:
+        return max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
+
+    work = layer_work(t["CPU KV read"])
+    streamed_work = layer_work(t["CPU KV read"] / STREAMING_ATTENTION_SHARE)
     over = t["control overhead"]
     host_load, disk_load = _load_s(wb, p, False), _load_s(wb, p, True)
     # layer i waits for the load of i+1; streamed layers are resident..L-1, disk ones last
@@ -190,7 +199,8 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
     first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
     rest = L - n_host - n_disk
-    total = first + rest * work + n_host * max(work, host_load) + n_disk * max(work, disk_load) + L * over
+    total = (first + rest * work + n_host * max(streamed_work, host_load) + n_disk * max(streamed_work, disk_load)
+             + L * over)
     totals = {k: v * L for k, v in t.items()}
     totals["PCIe weights"] = host_n * host_load
     totals["NVMe weights"] = disk_n * disk_load
