@@ -47,11 +47,12 @@ CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.195, 4: 0.133}
 # against 55 GB/s for plain copies from the same kind of region (bench/h2d_big.py).
 # (Each layer is ~20 part copies, then its dequant on the same stream.)
 STREAM_EFFICIENCY = 0.95
-# While a layer streams from the host tier, the KV store's attention over host KV runs
-# at about 0.45 of its rate: both read host DRAM, and the pair measured 24-32 GB/s of
-# attention against ~48 alone (OPT-175B, runs 16 and 18: B=24 at GPU share 0.45 and
-# B=32 at 0.625 both fit 0.45-0.47 for the streamed layers; in-sample).
-STREAMING_ATTENTION_SHARE = 0.45
+# A layer that streams from the host tier while the KV store attends over host KV:
+# the copy and the attention both read host DRAM, and together they moved only ~0.45
+# of the profile's DRAM read rate (layer bytes + KV bytes over the layer's time: 43,
+# 43 and 36 GB/s in runs 16, 18 and 19, against 97; in-sample, and 64 GB/s in run 19's
+# OPT-30B B=128 placement, which this under-predicts by 1.26x).
+HOST_SHARED_SHARE = 0.45
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
@@ -178,6 +179,7 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
                            * CPU_QUANT_ATTENTION_RATE[pl.kv_bits]) if cpu_attention else 0.0),
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
         "control overhead": m * (RPC_OVERHEAD_S if pl.kv_on_host else LAUNCH_OVERHEAD_S),
+        "host KV bytes": kv_layer if cpu_attention else 0.0,  # read from host DRAM by the attention
     }
 
 
@@ -187,11 +189,10 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     resident, host_n, disk_n = pl.layer_counts(L)
     gpu = max(t["HBM"], t["GPU FLOPs"])
 
-    def layer_work(cpu: float) -> float:
-        return max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
-
-    work = layer_work(t["CPU KV read"])
-    streamed_work = layer_work(t["CPU KV read"] / STREAMING_ATTENTION_SHARE)
+    cpu = t["CPU KV read"]
+    work = max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
+    # a host-streamed layer's copy shares host DRAM with the CPU attention
+    shared = (t["host KV bytes"] + wb.layer) / (p.dram_read_bytes_per_s * HOST_SHARED_SHARE) if cpu else 0.0
     over = t["control overhead"]
     host_load, disk_load = _load_s(wb, p, False), _load_s(wb, p, True)
     # layer i waits for the load of i+1; streamed layers are resident..L-1, disk ones last
@@ -199,9 +200,8 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
     first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
     rest = L - n_host - n_disk
-    total = (first + rest * work + n_host * max(streamed_work, host_load) + n_disk * max(streamed_work, disk_load)
-             + L * over)
-    totals = {k: v * L for k, v in t.items()}
+    total = first + rest * work + n_host * max(work, host_load, shared) + n_disk * max(work, disk_load) + L * over
+    totals = {k: v * L for k, v in t.items() if k in TERMS}
     totals["PCIe weights"] = host_n * host_load
     totals["NVMe weights"] = disk_n * disk_load
     head = pl.micro_batches * (dims.vocab * dims.hidden * 2) / p.hbm_bytes_per_s
