@@ -48,12 +48,13 @@ def start_store(model: pathlib.Path, verify: bool) -> tuple[subprocess.Popen, st
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     with grpc.insecure_channel(sock) as ch:
         stub = weight_store_pb2_grpc.WeightStoreStub(ch)
-        for _ in range(600):
+        for _ in range(600):  # up to a minute, whether the store is not up yet or still loading
             try:
                 if stub.Health(common_pb2.HealthRequest(), timeout=1).ready:
                     return proc, sock, session
             except grpc.RpcError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
     proc.kill()
     raise RuntimeError(proc.stderr.read())
 
