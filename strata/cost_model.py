@@ -26,8 +26,8 @@ GIB = 1 << 30
 # matches run 5's measured peak (T3: 57.2 GiB allocated against 55.7 predicted with 3).
 ACTIVATION_COPIES = 6
 GPU_HEADROOM = 4 * GIB  # CUDA context and allocator slack: 2 GiB was not enough (run 13: an OOM at a predicted fit)
-HOST_HEADROOM = 8 * GIB  # the three processes themselves: ~5.6 GiB beyond tier and KV in run 5 (T3)
-RPC_OVERHEAD_S = 0.3e-3  # per layer per micro-batch, KV in the KV store (a gRPC round trip)
+HOST_HEADROOM = 13 * GIB  # beyond tier and KV: 12.2 GiB in run 8 (T1, B=150: 117.1 GiB peak, 104.9 GiB of KV; the KV store keeps 5% spare)
+RPC_OVERHEAD_S = 1.5e-3  # per layer per micro-batch, KV in the KV store: an Attend round trip (run 21, 1.4-1.6 ms)
 LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launches)
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
 GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: prefill reached ~0.8 (T2 run 8: 3.18 s; T3 run 16: 27.0 s)

@@ -145,11 +145,20 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
                 if most is None:
                     continue
                 sizes = [batch] if batch else sorted({b for b in batch_candidates(most) if b >= m} | {most})
+                if auto_disk and not batch:  # also the largest batch with every layer off the disk
+                    no_disk = _most_batch(dims, wb, w, dataclasses.replace(base, disk_weight_share=0.0), profile,
+                                          shares, max_batch)
+                    sizes = sorted(set(sizes) | ({no_disk} if no_disk and no_disk >= m else set()))
                 for b in sizes:
                     if b < m:
                         continue
                     pl = dataclasses.replace(base, batch_size=b)
-                    if auto_disk:
+                    if auto_disk:  # no disk where some share fits without; else the least at share 0
+                        pl = dataclasses.replace(pl, disk_weight_share=0.0)
+                        share = _largest_share(dims, wb, w, pl, profile, shares)
+                        if share is not None:
+                            yield wb, dataclasses.replace(pl, gpu_weight_share=share)
+                            continue
                         disk = _least_disk(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=0.0), profile)
                         if disk is None:
                             continue

@@ -163,3 +163,15 @@ def test_quantized_cpu_attention_is_predicted_slower_per_step(h100):
     steps = {bits: cm.predict(dims, wbf(4), w, cm.Placement(1.0, True, 1, 32, 4, kv_bits=bits), h100).decode_step_s
              for bits in (16, 8, 4)}
     assert steps[16] < steps[8] < steps[4]
+
+
+def test_disk_share_left_to_the_planner_keeps_layers_off_disk_where_they_fit(h100):
+    """bench and serve let the planner choose the disk share: where host memory holds
+    the model, that must plan exactly as with no disk at all (it once took the disk
+    share needed at GPU share 0, and so a smaller batch, for OPT-30B's T1)."""
+    dims, wbf = model("facebook/opt-30b")
+    w = cm.Workload(prompt_len=512, gen_len=32)
+    for kv in (True, False):
+        no_disk = planner.plan(dims, wbf, w, h100, planner.Fixed(kv_on_host=kv, quant_bits=4))
+        auto = planner.plan(dims, wbf, w, h100, planner.Fixed(kv_on_host=kv, quant_bits=4, disk_weight_share=None))
+        assert auto.placement == no_disk.placement

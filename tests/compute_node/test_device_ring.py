@@ -1,0 +1,44 @@
+"""The GPU ring of packed layer slots (compute_node/layer_weights.py DeviceRing): every
+streamed layer comes back equal to a direct dequantization of its shard, through
+several passes (slots reused), an out-of-order request (the ring restarts) and a depth
+smaller than the streamed layers. CUDA only: off CUDA, streamed layers are plain
+copies (tests/compute_node/test_engine.py covers that schedule)."""
+
+import pytest
+import torch
+
+import tiny_models
+from compute_node.layer_weights import LayerWeights, dense, to_device
+from compute_node.weights import HostWeights
+from strata.manifest import layer_shard
+from weight_store.convert import convert
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the ring is the CUDA path")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    hf = tmp_path_factory.mktemp("opt") / "hf"
+    tiny_models.make_opt(hf)
+    out = hf.parent / "q4"
+    convert(hf, out, bits=4, group_size=32)
+    return HostWeights.from_directory(out)
+
+
+def expected(host, i, device):
+    return dense(to_device(host.shard(layer_shard(i)), device), torch.float32)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_streamed_layers_equal_their_shards_through_passes_and_a_restart(host, depth):
+    device = torch.device("cuda")
+    n = host.manifest.num_layers
+    lw = LayerWeights(host, device, torch.float32, {0}, depth=depth)
+    order = list(range(n)) * 3 + [n - 1, 1, 2] + list(range(n))  # three passes, a restart at n-1, then at 1
+    for i in order:
+        got = lw.get(i)
+        want = expected(host, i, device)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert lw.ring is not None and len(lw.ring.slots) == depth
