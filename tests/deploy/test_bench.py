@@ -53,7 +53,7 @@ def test_without_placement_flags_the_planner_places_a_gpu_run():
 
     profile = pathlib.Path(__file__).resolve().parents[2] / "bench/profiles/nvidia-h100-x1.json"
     ns = argparse.Namespace(model="facebook/opt-30b", quant_bits=4, group_size=64, kv_offload=True, batch_size=None,
-                            prompt_len=512, gen_len=32, profile=str(profile))
+                            prompt_len=512, gen_len=32, profile=str(profile), kv_bits=16)
     fields, prediction = planned(ns)
     assert fields["kv_offload"] is True and 0 < fields["gpu_weight_share"] <= 1
     assert fields["batch_size"] >= 1 and fields["micro_batches"] >= 1
