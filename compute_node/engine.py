@@ -2,7 +2,8 @@
 
     for each step (prefill, then one token at a time):
         for layer i:
-            w = weights.get(i); weights.prefetch(i + 1)      # load i+1 while computing i
+            w = weights.get(i, rows); weights.prefetch(i + 1)  # load i+1 while computing i; at few
+                                                 # rows (decode) INT4 stays packed: fused matmul
             for micro-batch j:
                 q, k, v = pre_attention(w, h_j)
                 start attention of j (device, or KV store on the CPU)
@@ -102,9 +103,10 @@ class Engine:
 
     def _layers(self, mbs: list[MicroBatch], prefill: bool) -> None:
         fam = self.family
+        rows = max(mb.h.shape[0] * mb.h.shape[1] for mb in mbs)  # tokens of the largest micro-batch
         self.w.prefetch(0)
         for i in range(self.dims.num_layers):
-            w = self.w.get(i)
+            w = self.w.get(i, rows)
             self.w.prefetch(i + 1)
             if prefill:
                 for mb in mbs:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from compute_node.kernels import dequantize
+from compute_node.kernels import PackedInt4, dequantize
 from compute_node.weights import HostWeights, StoredTensor, shard_views
 from strata.manifest import Shard, layer_shard
-from strata.placement import RING_DEPTH
+from strata.placement import FUSED_INT4_MAX_ROWS, RING_DEPTH
 
 Packed = dict[str, StoredTensor]
 
@@ -33,15 +33,28 @@ def to_device(stored: Packed, device: torch.device, non_blocking: bool = False, 
     }
 
 
+def _dense(st: StoredTensor, dtype: torch.dtype) -> torch.Tensor:
+    q = st.entry.quant
+    if q is None:
+        return st.parts["data"].to(dtype)
+    return dequantize(st.parts["data"], st.parts["scale"], st.parts["min"], q.bits, q.group_size, dtype)
+
+
 def dense(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Dense weights in `dtype` on the parts' device (dequantized where quantized)."""
-    out = {}
+    return {name: _dense(st, dtype) for name, st in packed.items()}
+
+
+def fused(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor | PackedInt4]:
+    """INT4 matrices left packed for the fused kernel (the model's linear dispatches on
+    the type); everything else dense in `dtype`."""
+    out: dict[str, torch.Tensor | PackedInt4] = {}
     for name, st in packed.items():
         q = st.entry.quant
-        if q is None:
-            out[name] = st.parts["data"].to(dtype)
+        if q is not None and q.bits == 4 and st.parts["data"].dim() == 2:
+            out[name] = PackedInt4(st.parts["data"], st.parts["scale"], st.parts["min"], q.group_size)
         else:
-            out[name] = dequantize(st.parts["data"], st.parts["scale"], st.parts["min"], q.bits, q.group_size, dtype)
+            out[name] = _dense(st, dtype)
     return out
 
 
@@ -79,12 +92,19 @@ class DeviceRing:
 
 class LayerWeights:
     def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int],
-                 packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None):
+                 packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None,
+                 fused_max_rows: int | None = None):
         """`resident_source(i) -> Packed on device` makes resident layers without the
-        host tier (dummy weights generated on the GPU); default: copy from the host."""
+        host tier (dummy weights generated on the GPU); default: copy from the host.
+        `fused_max_rows`: packed resident INT4 layers asked for with at most this many
+        rows run the fused kernel (default FUSED_INT4_MAX_ROWS on CUDA in fp16/bf16,
+        else 0: always dequantize)."""
         self.host, self.device, self.dtype = host, device, dtype
         self.cuda = device.type == "cuda"
         self.packed_resident = self.cuda if packed_resident is None else packed_resident
+        if fused_max_rows is None:
+            fused_max_rows = FUSED_INT4_MAX_ROWS if self.cuda and dtype in (torch.float16, torch.bfloat16) else 0
+        self.fused_max_rows = fused_max_rows if self.packed_resident else 0
         self.depth = max(1, depth)
         self.streamed = [i for i in range(host.manifest.num_layers) if i not in resident]
         slot_bytes = max((host.manifest.shards[layer_shard(i)].size for i in self.streamed), default=0)
@@ -131,12 +151,17 @@ class LayerWeights:
             self._enqueue(i)
             self._next = (self._next + 1) % len(self.streamed)
 
-    def get(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's dense weights, ready for the current stream."""
+    def get(self, i: int, rows: int | None = None) -> dict:
+        """Layer i's weights, ready for the current stream: dense, or for a packed
+        resident layer run on at most `fused_max_rows` rows (micro-batch tokens), its
+        INT4 matrices still packed (`fused`)."""
         if i in self._resident:
             r = self._resident[i]
             self.top_up()
-            return dense(r, self.dtype) if self.packed_resident else r  # type: ignore[arg-type]
+            if not self.packed_resident:
+                return r  # type: ignore[return-value]
+            small = rows is not None and rows <= self.fused_max_rows
+            return fused(r, self.dtype) if small else dense(r, self.dtype)  # type: ignore[arg-type]
         if i not in self._inflight:  # out of the cyclic order (a new request mid-ring): restart the ring at i
             self._inflight.clear()
             self._next = self.streamed.index(i)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from compute_node.kernels import PackedInt4
 from strata import arch
 from strata.arch import ModelDims
 
@@ -39,7 +40,10 @@ class Family(Protocol):
 
 
 def _linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+    if isinstance(weight, PackedInt4):  # a resident INT4 layer at decode (compute_node/layer_weights.py)
+        return weight.linear(x, bias)
+    return F.linear(x, weight, bias)
 
 
 def _layer_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ import dataclasses
 from strata.arch import ModelDims
 from strata.floor import kv_bytes_per_token
 from strata.hardware import HardwareProfile
-from strata.placement import RING_DEPTH, STAGING_SLOTS
+from strata.placement import FUSED_INT4_MAX_ROWS, RING_DEPTH, STAGING_SLOTS
 
 GIB = 1 << 30
 # Prefill activations of one micro-batch, in FFN-wide bf16 tensors alive at once: 6
@@ -53,6 +53,11 @@ STREAM_EFFICIENCY = 0.95
 # 43 and 36 GB/s in runs 16, 18 and 19, against 97; in-sample, and 64 GB/s in run 19's
 # OPT-30B B=128 placement, which this under-predicts by 1.26x).
 HOST_SHARED_SHARE = 0.45
+# The fused W4A16 kernel (GPU-resident INT4 layers at up to FUSED_INT4_MAX_ROWS rows)
+# reads a layer's packed bytes at this share of the profile's HBM rate, by rows: an
+# OPT-30B layer's q/k/v/o/fc1/fc2 took 0.43, 0.69 and 0.86 ms at 16, 32 and 64 rows
+# (run 3's kernel table), 0.81, 0.51 and 0.41 TB/s against 2.96.
+FUSED_HBM_SHARE = ((16, 0.27), (32, 0.17), (64, 0.14))
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "KV to host", "HBM", "GPU FLOPs", "control overhead")
@@ -171,8 +176,15 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     cpu_attention = pl.kv_on_host and not prefill
     attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
     flops = 2 * wb.layer_params * rows + attn_flops
+    hbm = (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s + dequant_s
+    mb_rows = rows / m
+    fused = wb.quantized and pl.quant_bits == 4 and mb_rows <= FUSED_INT4_MAX_ROWS
+    if fused:  # a resident layer keeps its INT4 packed: each micro-batch's fused matmul reads it
+        share = next(s for r, s in FUSED_HBM_SHARE if mb_rows <= r)
+        resident_hbm = m * wb.layer / (p.hbm_bytes_per_s * share) + (gpu_kv + act) / p.hbm_bytes_per_s
     return {
-        "HBM": (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s + dequant_s,
+        "HBM": hbm,
+        "HBM resident": resident_hbm if fused else hbm,
         "GPU FLOPs": flops / _gemm_flops(p, rows / m),
         "CPU KV read": (b * kv_len * kv_bytes_per_token_layer(dims, 16)
                         / (p.cpu_attention_bytes_per_s * SERVICE_ATTENTION_EFFICIENCY
@@ -187,10 +199,13 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     """Seconds of one pass over all layers, and each term's total (for the binding)."""
     L = dims.num_layers
     resident, host_n, disk_n = pl.layer_counts(L)
-    gpu = max(t["HBM"], t["GPU FLOPs"])
-
     cpu = t["CPU KV read"]
-    work = max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
+
+    def layer_work(hbm: float) -> float:
+        gpu = max(hbm, t["GPU FLOPs"])
+        return max(gpu, cpu) + min(gpu, cpu) / pl.micro_batches if cpu else max(gpu, t["KV to host"])
+
+    work, resident_work = layer_work(t["HBM"]), layer_work(t["HBM resident"])
     # a host-streamed layer's copy shares host DRAM with the CPU attention
     shared = (t["host KV bytes"] + wb.layer) / (p.dram_read_bytes_per_s * HOST_SHARED_SHARE) if cpu else 0.0
     over = t["control overhead"]
@@ -200,7 +215,8 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
     first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
     rest = L - n_host - n_disk
-    total = first + rest * work + n_host * max(work, host_load, shared) + n_disk * max(work, disk_load) + L * over
+    total = (first + rest * resident_work + n_host * max(work, host_load, shared) + n_disk * max(work, disk_load)
+             + L * over)
     totals = {k: v * L for k, v in t.items() if k in TERMS}
     totals["PCIe weights"] = host_n * host_load
     totals["NVMe weights"] = disk_n * disk_load

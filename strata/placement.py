@@ -23,6 +23,10 @@ def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
 
 STAGING_SLOTS = 3  # disk reads in flight while the compute node copies the third slot to the GPU
 RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (packed slots)
+# Decode rows (sequences of a micro-batch) up to which a GPU-resident INT4 layer runs
+# the fused W4A16 kernel on its packed weights instead of dequantize + cuBLAS (the
+# kernel was faster on every OPT-30B shape up to 64 rows: run 3's table, BENCHMARKS.md).
+FUSED_INT4_MAX_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)

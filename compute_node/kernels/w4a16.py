@@ -293,3 +293,14 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, bias_arg, y, m * n, n, SPLIT=split,
                                                             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return y.reshape(*lead, n)
+
+
+class PackedInt4:
+    """An INT4 weight [N, K] kept packed on the device; `linear` runs the fused kernel.
+    The model calls it where it would call F.linear on a dense weight."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int):
+        self.data, self.scale, self.w_min, self.group_size = data, scale, w_min, group_size
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x, self.data, self.scale, self.w_min, self.group_size, bias)

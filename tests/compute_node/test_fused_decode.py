@@ -1,0 +1,63 @@
+"""Resident INT4 layers at decode stay packed and run the fused W4A16 linear
+(compute_node/kernels/w4a16.py; off CUDA its reference path): the dispatch must give
+exactly the tokens and logits of dequantize-then-linear, in prefill (many rows: dense)
+and decode (few rows: packed), and switch on the row count."""
+
+import pytest
+import torch
+
+import tiny_models
+from compute_node.engine import Engine, local_kv_factory
+from compute_node.kernels import PackedInt4
+from compute_node.layer_weights import LayerWeights
+from compute_node.sampling import Sampling
+from compute_node.weights import HostWeights
+from weight_store.convert import convert
+
+PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19]]
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def shards(request, tmp_path_factory):
+    hf = tmp_path_factory.mktemp(request.param) / "hf"
+    getattr(tiny_models, f"make_{request.param}")(hf)
+    out = hf.parent / "q4"
+    convert(hf, out, bits=4, group_size=32)
+    return out
+
+
+def engine(shards, fused_max_rows: int, micro_batches: int = 1) -> Engine:
+    host = HostWeights.from_directory(shards)
+    n = host.manifest.num_layers
+    lw = LayerWeights(host, torch.device("cpu"), torch.float32, set(range(n)), packed_resident=True,
+                      fused_max_rows=fused_max_rows)
+    return Engine(lw, local_kv_factory(torch.float32, torch.device("cpu")), micro_batches=micro_batches)
+
+
+def test_packed_only_for_few_rows(shards):
+    lw = engine(shards, fused_max_rows=4).w
+    packed = [k for k, v in lw.get(0, rows=4).items() if isinstance(v, PackedInt4)]
+    assert packed and all(k.endswith(".weight") for k in packed)
+    assert not any(isinstance(v, PackedInt4) for v in lw.get(0, rows=5).values())
+    assert not any(isinstance(v, PackedInt4) for v in lw.get(0).values())
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_fused_decode_gives_the_tokens_of_dequantize_then_linear(shards, micro_batches):
+    plain = list(engine(shards, 0, micro_batches).generate(PROMPTS, 6, Sampling(greedy=True)))
+    e = engine(shards, 4, micro_batches)  # prefill (16-24 rows) dense, decode (1-3 rows) packed
+    calls = []
+    original = PackedInt4.linear
+
+    def counted(self, x, bias):
+        calls.append(x.shape[:-1].numel())
+        return original(self, x, bias)
+
+    PackedInt4.linear = counted
+    try:
+        got = list(e.generate(PROMPTS, 6, Sampling(greedy=True)))
+    finally:
+        PackedInt4.linear = original
+    assert got == plain
+    # only decode steps (one token per sequence of a micro-batch) took the packed path
+    assert calls and max(calls) <= -(-len(PROMPTS) // micro_batches)
