@@ -24,9 +24,12 @@ def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
 STAGING_SLOTS = 3  # disk reads in flight while the compute node copies the third slot to the GPU
 RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (packed slots)
 # Decode rows (sequences of a micro-batch) up to which a GPU-resident INT4 layer runs
-# the fused W4A16 kernel on its packed weights instead of dequantize + cuBLAS (the
-# kernel was faster on every OPT-30B shape up to 64 rows: run 3's table, BENCHMARKS.md).
-FUSED_INT4_MAX_ROWS = 64
+# the fused W4A16 kernel on its packed weights instead of dequantize + cuBLAS. The
+# kernel alone was faster on every OPT-30B shape up to 64 rows (run 3's table,
+# BENCHMARKS.md), which suggests 64; but the engine path was built after the session's
+# device time ran out and is tested on the CPU only, so it stays off (0) until a
+# device run measures it (LayerWeights(fused_max_rows=...) turns it on).
+FUSED_INT4_MAX_ROWS = 0
 
 
 @dataclasses.dataclass(frozen=True)
