@@ -215,8 +215,9 @@ def _pass_time(dims, wb, pl, p, t: dict[str, float]) -> tuple[float, dict[str, f
     n_disk = disk_n - (1 if resident == 0 and not host_n and disk_n else 0)
     first = (host_load if host_n else disk_load) if resident == 0 and (host_n or disk_n) else 0.0
     rest = L - n_host - n_disk
-    total = (first + rest * resident_work + n_host * max(work, host_load, shared) + n_disk * max(work, disk_load)
-             + L * over)
+    # `rest`: the resident layers, and a first streamed layer whose load `first` waited for
+    total = (first + resident * resident_work + (rest - resident) * work + n_host * max(work, host_load, shared)
+             + n_disk * max(work, disk_load) + L * over)
     totals = {k: v * L for k, v in t.items() if k in TERMS}
     totals["PCIe weights"] = host_n * host_load
     totals["NVMe weights"] = disk_n * disk_load
