@@ -33,16 +33,17 @@ def to_device(stored: Packed, device: torch.device, non_blocking: bool = False, 
     }
 
 
-def _dense(st: StoredTensor, dtype: torch.dtype) -> torch.Tensor:
+def _dense(st: StoredTensor, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
     q = st.entry.quant
     if q is None:
-        return st.parts["data"].to(dtype)
+        return st.parts["data"].to(dtype, copy=copy)
     return dequantize(st.parts["data"], st.parts["scale"], st.parts["min"], q.bits, q.group_size, dtype)
 
 
-def dense(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Dense weights in `dtype` on the parts' device (dequantized where quantized)."""
-    return {name: _dense(st, dtype) for name, st in packed.items()}
+def dense(packed: Packed, dtype: torch.dtype, copy: bool = False) -> dict[str, torch.Tensor]:
+    """Dense weights in `dtype` on the parts' device (dequantized where quantized;
+    `copy`: never a view of the parts, even where they already are in `dtype`)."""
+    return {name: _dense(st, dtype, copy) for name, st in packed.items()}
 
 
 def fused(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor | PackedInt4]:
@@ -84,7 +85,8 @@ class DeviceRing:
     def use(self, k: int, copied: torch.cuda.Event, shard: Shard, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream(self.slots[k].device)
         stream.wait_event(copied)
-        w = dense(shard_views(shard, self.slots[k][: shard.size]), dtype)
+        # copies, never views: the slot is refilled as soon as these kernels have run
+        w = dense(shard_views(shard, self.slots[k][: shard.size]), dtype, copy=True)
         self.consumed[k] = torch.cuda.Event()
         self.consumed[k].record(stream)
         return w

@@ -25,19 +25,26 @@ def host(tmp_path_factory):
     return HostWeights.from_directory(out)
 
 
-def expected(host, i, device):
-    return dense(to_device(host.shard(layer_shard(i)), device), torch.float32)
+def expected(host, i, device, dtype):
+    return dense(to_device(host.shard(layer_shard(i)), device), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_streamed_layers_equal_their_shards_through_passes_and_a_restart(host, depth):
+def test_streamed_layers_equal_their_shards_through_passes_and_a_restart(host, depth, dtype):
+    """In float16 the layer norms and biases are stored in the compute dtype: they must
+    come back as copies, not views of a slot the next fill overwrites. Each layer is
+    checked after the next ones were requested (their fills queued)."""
     device = torch.device("cuda")
     n = host.manifest.num_layers
-    lw = LayerWeights(host, device, torch.float32, {0}, depth=depth)
+    lw = LayerWeights(host, device, dtype, {0}, depth=depth)
     order = list(range(n)) * 3 + [n - 1, 1, 2] + list(range(n))  # three passes, a restart at n-1, then at 1
+    held = []
     for i in order:
-        got = lw.get(i)
-        want = expected(host, i, device)
+        held.append((i, lw.get(i)))
+    torch.cuda.synchronize()
+    for i, got in held[-(2 * n):]:
+        want = expected(host, i, device, dtype)
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
