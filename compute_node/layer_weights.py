@@ -113,7 +113,7 @@ class LayerWeights:
         self.ring = DeviceRing(device, self.depth, slot_bytes) if self.cuda and self.streamed else None
         self._next = 0  # position in self.streamed of the next layer to enqueue
         self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
-        self._inflight: dict[int, tuple] = {}  # layer -> (dense weights,) off CUDA, (slot, copied event) on it
+        self._inflight: dict[int, object] = {}  # layer -> its dense weights off CUDA, (slot, copied event) on it
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
         self.embed = dense(self._copied("embed"), dtype)
         self.head = dense(self._copied("head"), dtype)
@@ -134,7 +134,7 @@ class LayerWeights:
         on_disk = name in self.host.disk
         if not self.cuda:
             slot, stored = self.host.staged(name) if on_disk else (None, self.host.shard(name))
-            self._inflight[i] = (dense(to_device(stored, self.device, copy=on_disk), self.dtype),)
+            self._inflight[i] = dense(to_device(stored, self.device, copy=on_disk), self.dtype)
             if slot is not None:
                 self.host.stager.release(slot)  # type: ignore[union-attr]
             return
@@ -170,9 +170,9 @@ class LayerWeights:
             self.top_up()
         loaded = self._inflight.pop(i)
         if self.cuda:  # dequantize before topping up: the slot's refill waits for this
-            loaded = (self.ring.use(*loaded, self.host.manifest.shards[layer_shard(i)], self.dtype),)  # type: ignore[union-attr]
+            loaded = self.ring.use(*loaded, self.host.manifest.shards[layer_shard(i)], self.dtype)  # type: ignore
         self.top_up()
-        return loaded[0]
+        return loaded  # type: ignore[return-value]
 
     def prefetch(self, i: int) -> None:
         """Compatibility with the engine's loop: the ring runs ahead on its own."""

@@ -41,11 +41,10 @@ SERVICE_ATTENTION_EFFICIENCY = 0.65
 # attend): it runs at this share of the bf16 rate in bf16-equivalent bytes (run 11:
 # 17.3 and 11.8 against 88.6 GB/s for INT8 and INT4).
 CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.195, 4: 0.133}
-# Streamed layers reach about 0.58 of the profile's pinned host-to-GPU copy rate: an
-# OPT-175B pass with every layer streamed took 2.8-3.1 s for 99 GB (32-35 GB/s, run 14;
-# 27.6 GB/s in its prefill), OPT-30B fp16 streamed 29.5 GB per step in 1.0 s (run 6),
-# against 55 GB/s for plain copies from the same kind of region (bench/h2d_big.py).
-# (Each layer is ~20 part copies, then its dequant on the same stream.)
+# Streamed layers reach about 0.95 of the profile's pinned host-to-GPU copy rate with
+# the packed ring (one copy per layer, dequant on the compute stream): an OPT-175B
+# decode step with every layer streamed took 1.84-1.88 s for 99 GB (52-54 GB/s against
+# 55, runs 16 and 20). Before the ring it was 0.58 (32-35 GB/s, run 14).
 STREAM_EFFICIENCY = 0.95
 # A layer that streams from the host tier while the KV store attends over host KV:
 # the copy and the attention both read host DRAM, and together they moved only ~0.45
@@ -169,10 +168,11 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     weights_traffic = (wb.layer + m * dense) if wb.quantized else m * wb.layer
     dequant_s = dense / (p.dequant_bytes_per_s or p.hbm_bytes_per_s / 2) if wb.quantized else 0.0
     kv_layer = b * kv_len * kv_bytes_per_token_layer(dims, pl.kv_bits)
+    kv_layer_bf16 = b * kv_len * kv_bytes_per_token_layer(dims, 16)  # what attention reads, whatever is stored
     act = rows * (8 * dims.hidden + 2 * dims.ffn) * 2 if prefill else 0.0
     gpu_kv = kv_layer if (not pl.kv_on_host or prefill) else 0.0
     if not pl.kv_on_host and not prefill and pl.kv_bits < 16:
-        gpu_kv += 2 * b * kv_len * kv_bytes_per_token_layer(dims, 16)  # the layer rebuilt in bf16, then read
+        gpu_kv += 2 * kv_layer_bf16  # the layer rebuilt in bf16, then read
     cpu_attention = pl.kv_on_host and not prefill
     attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
     flops = 2 * wb.layer_params * rows + attn_flops
@@ -186,9 +186,8 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
         "HBM": hbm,
         "HBM resident": resident_hbm if fused else hbm,
         "GPU FLOPs": flops / _gemm_flops(p, rows / m),
-        "CPU KV read": (b * kv_len * kv_bytes_per_token_layer(dims, 16)
-                        / (p.cpu_attention_bytes_per_s * SERVICE_ATTENTION_EFFICIENCY
-                           * CPU_QUANT_ATTENTION_RATE[pl.kv_bits]) if cpu_attention else 0.0),
+        "CPU KV read": (kv_layer_bf16 / (p.cpu_attention_bytes_per_s * SERVICE_ATTENTION_EFFICIENCY
+                                         * CPU_QUANT_ATTENTION_RATE[pl.kv_bits]) if cpu_attention else 0.0),
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
         "control overhead": m * (RPC_OVERHEAD_S if pl.kv_on_host else LAUNCH_OVERHEAD_S),
         "host KV bytes": kv_layer if cpu_attention else 0.0,  # read from host DRAM by the attention
