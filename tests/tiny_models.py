@@ -3,6 +3,18 @@
 from deploy.demo_model import load_reference, make_bloom, make_llama_family, make_opt, train_tokenizer  # noqa: F401
 
 
+def converted(name: str, tmp_path_factory, bits: int = 16, **convert_kw):
+    """A tiny `name` checkpoint saved by transformers in a fresh temporary directory
+    (make_<name>), and its Strata conversion at `bits` beside it: (hf dir, shards dir)."""
+    from weight_store.convert import convert
+
+    hf = tmp_path_factory.mktemp(name) / "hf"
+    globals()[f"make_{name}"](hf)
+    out = hf.parent / (f"s{bits}" if bits == 16 else f"q{bits}")
+    convert(hf, out, bits=bits, **convert_kw)
+    return hf, out
+
+
 def greedy_reference(hf_dir, prompts: list[list[int]], new: int) -> list[list[int]]:
     """Hugging Face's greedy continuation (`new` tokens) of each prompt, one at a time."""
     import torch

@@ -11,18 +11,13 @@ import tiny_models
 from compute_node.layer_weights import LayerWeights, dense, to_device
 from compute_node.weights import HostWeights
 from strata.manifest import layer_shard
-from weight_store.convert import convert
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the ring is the CUDA path")
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    hf = tmp_path_factory.mktemp("opt") / "hf"
-    tiny_models.make_opt(hf)
-    out = hf.parent / "q4"
-    convert(hf, out, bits=4, group_size=32)
-    return HostWeights.from_directory(out)
+    return HostWeights.from_directory(tiny_models.converted("opt", tmp_path_factory, bits=4, group_size=32)[1])
 
 
 def expected(host, i, device, dtype):

@@ -10,18 +10,13 @@ from compute_node.engine import Engine, local_kv_factory
 from compute_node.layer_weights import LayerWeights
 from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
-from weight_store.convert import convert
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 2 + 1, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 
 
 @pytest.fixture(scope="module", params=["opt", "bloom", "llama", "mistral", "qwen2"])
 def model(request, tmp_path_factory):
-    hf = tmp_path_factory.mktemp(request.param) / "hf"
-    getattr(tiny_models, f"make_{request.param}")(hf)
-    out = hf.parent / "s16"
-    convert(hf, out, bits=16)
-    return hf, out
+    return tiny_models.converted(request.param, tmp_path_factory)
 
 
 def hf_greedy(hf_model, prompt, n):

@@ -12,18 +12,13 @@ from compute_node.kernels import PackedInt4
 from compute_node.layer_weights import LayerWeights
 from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
-from weight_store.convert import convert
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19]]
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
 def shards(request, tmp_path_factory):
-    hf = tmp_path_factory.mktemp(request.param) / "hf"
-    getattr(tiny_models, f"make_{request.param}")(hf)
-    out = hf.parent / "q4"
-    convert(hf, out, bits=4, group_size=32)
-    return out
+    return tiny_models.converted(request.param, tmp_path_factory, bits=4, group_size=32)[1]
 
 
 def engine(shards, fused_max_rows: int, micro_batches: int = 1) -> Engine:

@@ -14,7 +14,6 @@ from compute_node.weights import HostWeights
 from kv_store.attention import GroupSpec
 from kv_store.quantized import QuantizedGroupCache
 from strata.errors import ErrorKind, StrataError
-from weight_store.convert import convert
 
 PROMPTS = [[5, 17, 33, 100, 7, 9] * 4, [44, 3, 250] * 5, list(range(12, 40))]
 CPU = torch.device("cpu")
@@ -22,11 +21,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module", params=["opt", "llama"])  # llama: grouped-query attention
 def shards(request, tmp_path_factory):
-    hf = tmp_path_factory.mktemp(request.param) / "hf"
-    getattr(tiny_models, f"make_{request.param}")(hf)
-    out = hf.parent / "s16"
-    convert(hf, out, bits=16)
-    return out
+    return tiny_models.converted(request.param, tmp_path_factory)[1]
 
 
 def generate(shards, kv_bits: int, steps: int = 8):

@@ -18,10 +18,8 @@ NEW = 6
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
 def checkpoint(request, tmp_path_factory):
-    hf = tmp_path_factory.mktemp(f"disk-{request.param}") / "hf"
-    getattr(tiny_models, f"make_{request.param}")(hf)
-    s16, s4 = hf.parent / "s16", hf.parent / "s4"
-    convert(hf, s16, bits=16)
+    hf, s16 = tiny_models.converted(request.param, tmp_path_factory)
+    s4 = hf.parent / "s4"
     convert(hf, s4, bits=4, group_size=32)
     return s16, s4, tiny_models.greedy_reference(hf, PROMPTS, NEW)
 

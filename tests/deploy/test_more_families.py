@@ -9,17 +9,13 @@ import pytest
 import tiny_models
 from serving import Server
 from test_serve_generate import PROMPTS, generate_ids
-from weight_store.convert import convert
 
 NEW = 6
 
 
 @pytest.fixture(scope="module", params=["mistral", "gpt_neox"])
 def converted(request, tmp_path_factory):
-    hf = tmp_path_factory.mktemp(request.param) / "hf"
-    getattr(tiny_models, f"make_{request.param}")(hf)
-    out = hf.parent / "s16"
-    convert(hf, out, bits=16)
+    hf, out = tiny_models.converted(request.param, tmp_path_factory)
     return out, tiny_models.greedy_reference(hf, PROMPTS, NEW)
 
 

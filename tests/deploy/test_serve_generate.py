@@ -7,7 +7,6 @@ import pytest
 
 import tiny_models
 from serving import Server, shm_entries, strata
-from weight_store.convert import convert
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 NEW = 8
@@ -15,10 +14,7 @@ NEW = 8
 
 @pytest.fixture(scope="module", params=["opt", "bloom", "llama", "qwen2"])
 def converted(request, tmp_path_factory):
-    hf = tmp_path_factory.mktemp(request.param) / "hf"
-    getattr(tiny_models, f"make_{request.param}")(hf)
-    out = hf.parent / "s16"
-    convert(hf, out, bits=16)
+    hf, out = tiny_models.converted(request.param, tmp_path_factory)
     return out, tiny_models.greedy_reference(hf, PROMPTS, NEW)
 
 
