@@ -22,9 +22,16 @@ from weight_store import diskspace
 from weight_store.host_tier import HostTier
 from weight_store.reader import PreadReader
 
+from fake_shards import write_model
 from test_weight_store_server import Service
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def model(tmp_path):
+    directory = tmp_path / "model"
+    return directory, write_model(directory)
 
 
 @pytest.fixture

@@ -14,6 +14,13 @@ from strata.manifest import ALIGN
 from weight_store.host_tier import HostTier
 from weight_store.reader import PreadReader
 
+from fake_shards import write_model
+
+
+@pytest.fixture
+def model(tmp_path):
+    directory = tmp_path / "model"
+    return directory, write_model(directory)
 
 
 @pytest.fixture

@@ -64,6 +64,12 @@ class Service:
         return self.proc.returncode, err
 
 
+@pytest.fixture
+def model(tmp_path):
+    directory = tmp_path / "model"
+    return directory, write_model(directory)
+
+
 @pytest.fixture(scope="module")
 def served_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("served") / "model"
