@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
+#   steps: env micro attn attnq sweep ring prof30 t2p e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
 # Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
 # benches the planner's choice and its best-predicted competitors (bench/grid.py)
 # with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
@@ -25,9 +25,13 @@ for step in "$@"; do
     t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
     e2e-disk) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} ${T3Q_FLAGS:-};;
+    t2p) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
     t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-56} --micro-batches ${T2_M:-1};;
     t3) bench --model facebook/opt-175b --dummy --kv-offload --batch-size ${T3_B:-24} --gpu-weight-share ${T3_S:-0.45} --micro-batches ${T3_M:-2} --kv-capacity-gb ${T3_KV:-58};;
     bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 1;;
+    sweep) python3 bench/attn_sweep.py | tee "$OUT/sweep.jsonl";;
+    ring) STRATA_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q tests/compute_node/test_device_ring.py 2>&1 | tail -3;;
+    prof30) python3 bench/profile_engine.py --batch ${P_B:-64} --micro-batches 1 --gen 4 > "$OUT/prof30-${P_TAG:-x}.txt" 2>&1; tail -1 "$OUT/prof30-${P_TAG:-x}.txt";;
     attnq) python3 -m kv_store.bench_attention --batch 16 --dtype bfloat16 --threads 16 --steps 10 --kv-bits 16,8,4 | tee "$OUT/attnq.jsonl";;
     disk)
       OFF=${STRATA_CACHE:-$HOME/.cache/strata}/offload
