@@ -4,11 +4,12 @@
         for layer i:
             w = weights.get(i, rows); weights.prefetch(i + 1)  # load i+1 while computing i; at few
                                                  # rows (decode) INT4 stays packed: fused matmul
-            for micro-batch j:
+            prefill, for micro-batch j: h_j = post_attention(w, prefill attention(pre_attention(w, h_j)))
+            decode, for micro-batch j (a wavefront over layers):
+                finish j's attention of layer i-1; h_j = post_attention(w_{i-1}, ...)
                 q, k, v = pre_attention(w, h_j)
-                start attention of j (device, or KV store on the CPU)
-                finish attention of j-1; h_{j-1} = post_attention(...)  # overlaps j's
-            finish the last micro-batch
+                start j's attention of layer i (device, or KV store on the CPU)
+        finish every micro-batch's last layer
         logits -> next tokens
 """
 
@@ -102,34 +103,40 @@ class Engine:
         return tokens
 
     def _layers(self, mbs: list[MicroBatch], prefill: bool) -> None:
-        fam = self.family
         rows = max(mb.h.shape[0] * mb.h.shape[1] for mb in mbs)  # tokens of the largest micro-batch
         self.w.prefetch(0)
+        if prefill:
+            for i in range(self.dims.num_layers):
+                w = self.w.get(i, rows)
+                self.w.prefetch(i + 1)
+                for mb in mbs:
+                    q, k, v = self.family.pre_attention(w, mb.h, mb.pos)
+                    mb.h = self.family.post_attention(w, mb.h, mb.kv.prefill(i, q, k, v))
+            return
+        # Decode as a wavefront: micro-batch j finishes layer i-1 and starts layer i
+        # while the attention of j+1 (layer i-1) and of 0..j-1 (layer i) is queued, so
+        # the KV store always has the next call in hand when it finishes one.
+        handles: list = [None] * len(mbs)
+        w_prev = None
         for i in range(self.dims.num_layers):
             w = self.w.get(i, rows)
             self.w.prefetch(i + 1)
-            if prefill:
-                for mb in mbs:
-                    q, k, v = fam.pre_attention(w, mb.h, mb.pos)
-                    mb.h = fam.post_attention(w, mb.h, mb.kv.prefill(i, q, k, v))
-                continue
-            previous = None
-            for mb in mbs:
-                q, k, v = fam.pre_attention(w, mb.h, mb.pos)
+            for j, mb in enumerate(mbs):
+                if w_prev is not None:
+                    self._finish(w_prev, mb, handles[j])
+                q, k, v = self.family.pre_attention(w, mb.h, mb.pos)
                 t0 = time.perf_counter()
-                handle = mb.kv.decode_start(i, q, k, v)
+                handles[j] = mb.kv.decode_start(i, q, k, v)
                 self.timing["start_s"] += time.perf_counter() - t0
-                if previous is not None:
-                    self._finish(w, *previous)
-                previous = (mb, handle)
-            self._finish(w, *previous)
+            w_prev = w
+        for j, mb in enumerate(mbs):
+            self._finish(w_prev, mb, handles[j])
 
     def _finish(self, w, mb: MicroBatch, handle) -> None:
         t0 = time.perf_counter()
         attn = mb.kv.decode_finish(handle)
         self.timing["finish_s"] += time.perf_counter() - t0
         mb.h = self.family.post_attention(w, mb.h, attn)
-
 
 def local_kv_factory(dtype: torch.dtype, device: torch.device, kv_bits: int = 16):
     """LocalKV per micro-batch, stored at `kv_bits` (16, 8 or 4; checked here, at once)."""

@@ -2,6 +2,8 @@
 process (the services are exercised in tests/deploy). 16-bit shards hold exactly the
 checkpoint's float16 numbers; both sides compute in float32."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -66,3 +68,47 @@ def test_sampling_with_seed_is_reproducible_and_differs_from_greedy(model):
     assert a == b
     c = [x for x in engine.generate(PROMPTS, 8, Sampling(greedy=False, temperature=1.5, seed=8))]
     assert a != c
+
+
+class _Recorded:
+    """A LocalKV that logs each decode start and finish as (event, layer, micro-batch)."""
+
+    def __init__(self, kv, log, index):
+        self.kv, self.log, self.index = kv, log, index
+
+    def prefill(self, layer, q, k, v):
+        return self.kv.prefill(layer, q, k, v)
+
+    def decode_start(self, layer, q, k, v):
+        self.log.append(("start", layer, self.index))
+        return layer, self.kv.decode_start(layer, q, k, v)
+
+    def decode_finish(self, handle):
+        layer, inner = handle
+        self.log.append(("finish", layer, self.index))
+        return self.kv.decode_finish(inner)
+
+    def free(self):
+        self.kv.free()
+
+
+def test_decode_is_a_wavefront_the_next_attention_starts_before_the_last_one_finishes(model):
+    """With 2 micro-batches, micro-batch 0 starts layer i before micro-batch 1's layer
+    i-1 attention is awaited: the KV store always has a call queued. Same tokens."""
+    _, shards = model
+    plain = run(make_engine(shards), PROMPTS, 3)
+    engine = make_engine(shards, micro_batches=2)
+    if engine.w.host.manifest.config["model_type"] != "opt":
+        pytest.skip("the schedule does not depend on the family")
+    log: list = []
+    inner, index = engine.kv_factory, itertools.count()
+    engine.kv_factory = lambda shape: _Recorded(inner(shape), log, next(index))
+    assert run(engine, PROMPTS, 3) == plain
+    events = log
+    n = engine.dims.num_layers
+    step = events[: 4 * n]  # the first decode step: a start and a finish per layer and micro-batch
+    expected = [("start", 0, 0), ("start", 0, 1)]
+    for i in range(1, n):
+        expected += [("finish", i - 1, 0), ("start", i, 0), ("finish", i - 1, 1), ("start", i, 1)]
+    expected += [("finish", n - 1, 0), ("finish", n - 1, 1)]
+    assert step == expected
