@@ -3,7 +3,9 @@ with the KV store, through which queries, keys, values and attention outputs tra
 
 Two halves alternate by layer, so the prefill keys/values of layer i can still be in
 flight to the KV store while layer i+1 stages its own; a half is reused only after
-its transfers are done. Regions are added when a half runs out (a bigger batch)."""
+its transfers are done. Each half starts with one region of `region_bytes`, created,
+pinned and registered at construction (pinning a few GB takes seconds: at start, not
+inside a request's prefill); a region is added when a half runs out (a bigger batch)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ class Exchange:
         self._regions: list[Region] = []
         self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-append")
         self.offload_stream = torch.cuda.Stream() if pin else None
+        try:
+            for half in self.halves:
+                half.append(Arena(self._new_region(region_bytes)))
+        except BaseException:
+            self.close()
+            raise
 
     def on_layer(self, layer: int) -> None:
         """Called with the layer being staged; switching layers switches halves."""

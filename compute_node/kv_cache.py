@@ -133,6 +133,7 @@ class LocalKV:
             self.layers = _QuantLayers(shape, dtype, device, fmt)
         self.length = [0] * shape.num_layers
         self.pad = shape.pad.to(device)
+        self._bias: tuple[int, torch.dtype, torch.Tensor] | None = None  # (keys, dtype, bias): one per step
 
     @property
     def nbytes(self) -> int:
@@ -152,8 +153,14 @@ class LocalKV:
         self.layers.write(layer, n, k, v)
         self.length[layer] = n + 1
         keys, values = self.layers.read(layer, n + 1)
-        bias = attention_bias(self.pad, 1, n + 1, self.s.slopes, q.dtype)
-        return attend(q, keys, values, bias, self.s.scale)
+        return attend(q, keys, values, self._decode_bias(n + 1, q.dtype), self.s.scale)
+
+    def _decode_bias(self, keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """The one-query mask over `keys` keys, built once per step (every layer of a
+        step attends over the same number of keys)."""
+        if self._bias is None or self._bias[:2] != (keys, dtype):
+            self._bias = (keys, dtype, attention_bias(self.pad, 1, keys, self.s.slopes, dtype))
+        return self._bias[2]
 
     def decode_finish(self, handle):
         return handle

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from compute_node.kernels import PackedInt4, dequantize
+from compute_node.kernels import MERGED_QKV, PackedInt4, dequantize
 from compute_node.weights import HostWeights, StoredTensor, shard_views
+from strata import arch
 from strata.manifest import Shard, layer_shard
 from strata.placement import FUSED_INT4_MAX_ROWS, RING_DEPTH
 
@@ -46,10 +47,39 @@ def dense(packed: Packed, dtype: torch.dtype, copy: bool = False) -> dict[str, t
     return {name: _dense(st, dtype, copy) for name, st in packed.items()}
 
 
-def fused(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor | PackedInt4]:
+def merge_qkv(packed: Packed, names: tuple[str, ...]) -> PackedInt4 | None:
+    """A packed INT4 layer's separate q, k, v matrices as one [Nq + Nk + Nv, K] matrix
+    for the fused kernel (one launch, one pass over the rows instead of three). The
+    three entries become views into it, so the layer holds no second copy. None where
+    the layer has no such three INT4 matrices of one K and group size."""
+    parts = [packed.get(f"{n}.weight") for n in names] if len(names) == 3 else [None]
+    if any(p is None or p.entry.quant is None or p.entry.quant.bits != 4 or p.parts["data"].dim() != 2
+           for p in parts):
+        return None
+    groups = {p.entry.quant.group_size for p in parts}  # type: ignore[union-attr]
+    if len(groups) != 1 or len({p.parts["data"].shape[1] for p in parts}) != 1:  # type: ignore[union-attr]
+        return None
+    merged = {key: torch.cat([p.parts[key] for p in parts]) for key in ("data", "scale", "min")}  # type: ignore
+    start = 0
+    for p in parts:
+        rows = p.parts["data"].shape[0]  # type: ignore[union-attr]
+        p.parts.update({key: t[start : start + rows] for key, t in merged.items()})  # type: ignore[union-attr]
+        start += rows
+    return PackedInt4(merged["data"], merged["scale"], merged["min"], groups.pop())
+
+
+def fused(packed: Packed, dtype: torch.dtype, qkv: tuple[PackedInt4, tuple[str, ...]] | None = None
+          ) -> dict[str, torch.Tensor | PackedInt4]:
     """INT4 matrices left packed for the fused kernel (the model's linear dispatches on
-    the type); everything else dense in `dtype`."""
-    out: dict[str, torch.Tensor | PackedInt4] = {}
+    the type); everything else dense in `dtype`. With `qkv` (merge_qkv's matrix and the
+    three names), q, k and v are one entry, MERGED_QKV: (matrix, joined bias or None)."""
+    out: dict = {}
+    if qkv is not None:
+        matrix, names = qkv
+        biases = [packed.get(f"{n}.bias") for n in names]
+        bias = None if any(b is None for b in biases) else torch.cat([_dense(b, dtype) for b in biases])  # type: ignore
+        out[MERGED_QKV] = (matrix, bias)
+        packed = {k: v for k, v in packed.items() if k not in {f"{n}.{s}" for n in names for s in ("weight", "bias")}}
     for name, st in packed.items():
         q = st.entry.quant
         if q is not None and q.bits == 4 and st.parts["data"].dim() == 2:
@@ -57,6 +87,19 @@ def fused(packed: Packed, dtype: torch.dtype) -> dict[str, torch.Tensor | Packed
         else:
             out[name] = _dense(st, dtype)
     return out
+
+
+def _all_matrices_int4(packed: Packed) -> bool:
+    """Whether every matrix of a layer is INT4 (what is left dense for decode is then
+    only its small vectors: norms and biases)."""
+    return all(st.entry.quant is not None and st.entry.quant.bits == 4
+               for st in packed.values() if st.parts["data"].dim() == 2)
+
+
+def _separate_qkv(config: dict) -> tuple[str, ...]:
+    """The family's q, k, v projection names where they are three matrices, else ()."""
+    spec = arch.spec_for(config)
+    return spec.names.qkv if spec.math_for(config).qkv == "separate" else ()
 
 
 class DeviceRing:
@@ -113,6 +156,9 @@ class LayerWeights:
         self.ring = DeviceRing(device, self.depth, slot_bytes) if self.cuda and self.streamed else None
         self._next = 0  # position in self.streamed of the next layer to enqueue
         self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
+        # resident layers as decode runs them (fused): packed INT4 views, q, k, v merged,
+        # the small tensors (norms, biases) dense once, not converted at every step
+        self._decode: dict[int, dict] = {}
         self._inflight: dict[int, object] = {}  # layer -> its dense weights off CUDA, (slot, copied event) on it
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
         self.embed = dense(self._copied("embed"), dtype)
@@ -120,6 +166,10 @@ class LayerWeights:
         for i in sorted(resident):
             packed = resident_source(i) if resident_source else self._copied(layer_shard(i))
             self._resident[i] = packed if self.packed_resident else dense(packed, dtype)
+            if self.fused_max_rows and _all_matrices_int4(packed):
+                names = _separate_qkv(host.manifest.config)
+                merged = merge_qkv(packed, names)
+                self._decode[i] = fused(packed, dtype, None if merged is None else (merged, names))
         if host.stager is not None:  # from now on, the disk reads run ahead of the passes
             host.stager.start([layer_shard(i) for i in self.streamed if layer_shard(i) in host.disk])
 
@@ -163,7 +213,9 @@ class LayerWeights:
             if not self.packed_resident:
                 return r  # type: ignore[return-value]
             small = rows is not None and rows <= self.fused_max_rows
-            return fused(r, self.dtype) if small else dense(r, self.dtype)  # type: ignore[arg-type]
+            if small and i in self._decode:
+                return self._decode[i]
+            return dense(r, self.dtype)  # type: ignore[arg-type]
         if i not in self._inflight:  # out of the cyclic order (a new request mid-ring): restart the ring at i
             self._inflight.clear()
             self._next = self.streamed.index(i)

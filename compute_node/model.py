@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from compute_node.kernels import PackedInt4
+from compute_node.kernels import MERGED_QKV, PackedInt4
 from strata import arch
 from strata.arch import ModelDims
 
@@ -149,7 +149,11 @@ class Decoder:
     def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
         x = self._norm(h, w, self.n.attn_norm) if self.m.pre_norm else h
         nh, kvh, hd = self.dims.num_heads, self.dims.kv_heads, self.dims.head_dim
-        if self.m.qkv == "fused":  # [B, T, heads, (q, k, v), head_dim]
+        if MERGED_QKV in w:  # a resident INT4 layer at decode: q, k, v in one fused matmul
+            matrix, bias = w[MERGED_QKV]
+            q, k, v = matrix.linear(x, bias).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+            q, k, v = _heads(q, nh), _heads(k, kvh), _heads(v, kvh)
+        elif self.m.qkv == "fused":  # [B, T, heads, (q, k, v), head_dim]
             b, t, _ = x.shape
             fused = _linear(x, w, self.n.qkv[0]).view(b, t, nh, 3, hd)
             q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))

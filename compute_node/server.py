@@ -165,13 +165,15 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--gpu-weight-share", type=float, default=1.0)
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--transport", choices=["shm", "bytes"], default="shm")
+    p.add_argument("--exchange-bytes", type=int, default=ComputeNodeConfig.exchange_bytes,
+                   help="bytes of each exchange half (KV store transfers), registered at start; grows on demand")
     a = p.parse_args(argv)
     if a.kv_offload and not a.kv_store:
         p.error("--kv-offload needs --kv-store")
     cfg = ComputeNodeConfig(
         listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
         dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
-        micro_batches=a.micro_batches, kv_bits=a.kv_bits,
+        micro_batches=a.micro_batches, kv_bits=a.kv_bits, exchange_bytes=a.exchange_bytes,
     )
     return cfg, a.transport
 

@@ -45,6 +45,7 @@ class BenchArgs:
     disk_read_gbps: float = 0.0  # for the floor; 0 = DESIGN.md's measured figure
     kv_bits: int = 16  # KV cache precision (GPU or KV store)
     disk_layers: int = 0  # the planner's: streamed layers read from disk every pass (the last ones)
+    kv_threads: int = 0  # KV store attention threads; 0 = its default
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -150,6 +151,14 @@ def _kv_capacity(a: BenchArgs, dims) -> int:
     return int(need * 1.05) + (64 << 20)
 
 
+def _exchange_bytes(a: BenchArgs, dims) -> int:
+    """Each exchange half holds one layer's transfers for every micro-batch: the prompt's
+    keys and values at prefill (the largest), with room for alignment. Registered when
+    the compute node starts, so no region is pinned inside the timed prefill."""
+    kv = 2 * a.batch_size * dims.kv_heads * a.prompt_len * dims.head_dim * 2
+    return kv + 4 * a.batch_size * dims.num_heads * dims.head_dim * 2 + (4 << 20) * a.micro_batches
+
+
 def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
     import random
 
@@ -168,7 +177,9 @@ def run(a: BenchArgs, progress: bool) -> dict:
         model_dir, dummy = _offload_dir(a), ""
     opts = ServeOptions(
         model_dir=model_dir, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
-        kv_capacity_bytes=_kv_capacity(a, dims), gpu_weight_share=a.gpu_weight_share,
+        kv_capacity_bytes=_kv_capacity(a, dims), kv_threads=a.kv_threads,
+        exchange_bytes=_exchange_bytes(a, dims) if a.kv_offload else ServeOptions.exchange_bytes,
+        gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30), kv_bits=a.kv_bits,
     )
@@ -299,6 +310,7 @@ def main(ns) -> int:
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
+        kv_threads=ns.kv_threads,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

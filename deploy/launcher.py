@@ -41,6 +41,8 @@ class ServeOptions:
     kv_offload: bool = False
     kv_bits: int = 16
     kv_capacity_bytes: int = 2 << 30
+    kv_threads: int = 0  # KV store attention threads; 0 = its default
+    exchange_bytes: int = 64 << 20  # each of the compute node's two exchange halves, registered at start
     gpu_weight_share: float = 1.0
     micro_batches: int = 1
     dtype: str = ""
@@ -86,8 +88,9 @@ class Services:
                 ws += ["--dummy", o.dummy, "--quant-bits", str(o.quant_bits), "--group-size", str(o.group_size)]
             self._spawn("weight store", ws)
             if o.kv_offload:
-                self._spawn("KV store", ["kv_store", "--listen", self.kv_store_addr, "--session", self.session,
-                                         "--capacity-bytes", str(o.kv_capacity_bytes)])
+                kv = ["kv_store", "--listen", self.kv_store_addr, "--session", self.session,
+                      "--capacity-bytes", str(o.kv_capacity_bytes)]
+                self._spawn("KV store", kv + (["--threads", str(o.kv_threads)] if o.kv_threads else []))
             self._wait_healthy("weight store", weight_store_pb2_grpc.WeightStoreStub, self.weight_store_addr)
             if o.kv_offload:
                 self._wait_healthy("KV store", kv_store_pb2_grpc.KVStoreStub, self.kv_store_addr)
@@ -107,7 +110,7 @@ class Services:
             args += ["--dtype", o.dtype]
         args += ["--kv-bits", str(o.kv_bits)]
         if o.kv_offload:
-            args += ["--kv-offload", "--kv-store", self.kv_store_addr]
+            args += ["--kv-offload", "--kv-store", self.kv_store_addr, "--exchange-bytes", str(o.exchange_bytes)]
         self._spawn("compute node", args, stdout=subprocess.PIPE)
         proc = self.procs["compute node"]
         line = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]

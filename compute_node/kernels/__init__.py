@@ -2,6 +2,6 @@
 Triton run strata.quant's reference code."""
 
 from compute_node.kernels.dequant import dequantize
-from compute_node.kernels.w4a16 import PackedInt4
+from compute_node.kernels.w4a16 import MERGED_QKV, PackedInt4
 
-__all__ = ["PackedInt4", "dequantize"]
+__all__ = ["MERGED_QKV", "PackedInt4", "dequantize"]

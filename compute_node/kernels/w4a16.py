@@ -178,13 +178,17 @@ def _num_sms(index: int) -> int:
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
     """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 128 if n >= 128 else 64
-    block_k = 128 if k % 128 == 0 else 64
+    wide = block_m < 64
+    # Above 32 rows, narrow tiles split 8 ways along K: the greedy sweep's best on all
+    # four OPT-30B shapes at 64 rows (0.72x the time of 128-wide tiles filling one wave;
+    # bench/results/2026-11-26-run26-w4sweep.txt).
+    block_n = 128 if n >= 128 and wide else 64
+    block_k = 128 if k % 128 == 0 and wide else 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n) if triton is not None else 1
     k_iters = k // block_k
     split = 1
-    # Fill about one wave of SMs; keep at least 4 K steps per split.
-    while tiles * split < num_sms and k_iters // (split * 2) >= 4:
+    # Fill about one wave of SMs (8 splits above 32 rows); keep at least 4 K steps per split.
+    while (tiles * split < num_sms or (not wide and split < 8)) and k_iters // (split * 2) >= 4:
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
             "ALGEBRAIC": False, "SWAP": False, "num_warps": 4, "num_stages": 3}
@@ -293,6 +297,9 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, bias_arg, y, m * n, n, SPLIT=split,
                                                             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return y.reshape(*lead, n)
+
+
+MERGED_QKV = "qkv.merged"  # a layer's (PackedInt4, bias or None) for q, k, v as one matrix
 
 
 class PackedInt4:

@@ -8,7 +8,8 @@ import torch
 
 import tiny_models
 from compute_node.engine import Engine, local_kv_factory
-from compute_node.kernels import PackedInt4
+from compute_node.kernels import MERGED_QKV, PackedInt4
+from compute_node.layer_weights import dense
 from compute_node.layer_weights import LayerWeights
 from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
@@ -35,6 +36,25 @@ def test_packed_only_for_few_rows(shards):
     assert packed and all(k.endswith(".weight") for k in packed)
     assert not any(isinstance(v, PackedInt4) for v in lw.get(0, rows=5).values())
     assert not any(isinstance(v, PackedInt4) for v in lw.get(0).values())
+
+
+def test_q_k_v_run_as_one_merged_matrix_and_the_dense_path_is_unchanged(shards):
+    """At decode q, k, v are one packed [Nq + Nk + Nv, K] matrix; the layer's separate
+    entries are views into it, so prefill's dequantized weights are what they were."""
+    host = HostWeights.from_directory(shards)
+    lw = engine(shards, fused_max_rows=4).w
+    names = {k for k in lw.get(0) if k.split(".")[-2] in ("q_proj", "k_proj", "v_proj") and k.endswith("weight")}
+    assert len(names) == 3
+    small = lw.get(0, rows=4)
+    matrix, bias = small[MERGED_QKV]
+    assert not names & small.keys()
+    original = dense({n: host.shard("layer.0")[n] for n in names}, torch.float32)
+    assert matrix.data.shape[0] == sum(w.shape[0] for w in original.values())
+    for name, w in lw.get(0).items():
+        if name in names:
+            assert torch.equal(w, original[name])
+    has_bias = any(k.endswith("q_proj.bias") for k in lw.get(0))
+    assert (bias is not None) == has_bias
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
