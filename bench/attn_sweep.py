@@ -6,7 +6,8 @@ way of running it per line, against DRAM read bandwidth measured the same way.
 
 Ways: `sdpa` (GroupCache.attend, one OpenMP team of T threads), `chunkC` (the same
 call over C sequences at a time), `splitN` (N Python threads, each one OpenMP thread,
-each on its own slice of the batch). One JSON line each; the table last."""
+each on its own slice of the batch), `native` (the KV store's own kernel on T threads).
+One JSON line each; the table last."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kv_store.attention import GroupCache, GroupSpec, huge_page_tensor
+from kv_store.native import NativeDecodeAttention
 
 HEADS, HEAD_DIM, TOKENS = 56, 128, 528  # OPT-30B at the middle of a 512+32 run
 
@@ -71,7 +73,11 @@ def sweep(cache: GroupCache, way: str, threads: int, rounds: int = 3) -> float:
     q = torch.randn(cache.spec.batch, HEADS, 1, HEAD_DIM).to(torch.bfloat16)
     torch.set_num_threads(threads)
     pool = None
-    if way.startswith("split"):
+    if way == "native":
+        kernel = NativeDecodeAttention.create(threads)
+        run = lambda layer: kernel(  # noqa: E731
+            q, cache.keys[layer][:, :, :TOKENS], cache.values[layer][:, :, :TOKENS], None, cache.spec.scale)
+    elif way.startswith("split"):
         n = int(way[5:])
         pool = concurrent.futures.ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
         run = lambda layer: split_attend(pool, n, cache, layer, q)  # noqa: E731
@@ -99,7 +105,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=84)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--ways", default="sdpa@14,sdpa@16,sdpa@12,chunk8@14,split14,split16,split7")
+    p.add_argument("--ways", default="sdpa@14,sdpa@16,native@14,native@16,native@12")
     a = p.parse_args()
     rows = []
     with concurrent.futures.ThreadPoolExecutor(1) as worker:  # the KV store calls from a worker thread

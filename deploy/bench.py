@@ -46,6 +46,7 @@ class BenchArgs:
     kv_bits: int = 16  # KV cache precision (GPU or KV store)
     disk_layers: int = 0  # the planner's: streamed layers read from disk every pass (the last ones)
     kv_threads: int = 0  # KV store attention threads; 0 = its default
+    kv_attention: str = "native"  # KV store decode attention kernel
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -177,7 +178,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
         model_dir, dummy = _offload_dir(a), ""
     opts = ServeOptions(
         model_dir=model_dir, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
-        kv_capacity_bytes=_kv_capacity(a, dims), kv_threads=a.kv_threads,
+        kv_capacity_bytes=_kv_capacity(a, dims), kv_threads=a.kv_threads, kv_attention=a.kv_attention,
         exchange_bytes=_exchange_bytes(a, dims) if a.kv_offload else ServeOptions.exchange_bytes,
         gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
@@ -310,7 +311,7 @@ def main(ns) -> int:
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
-        kv_threads=ns.kv_threads,
+        kv_threads=ns.kv_threads, kv_attention=ns.kv_attention,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

@@ -42,6 +42,7 @@ class ServeOptions:
     kv_bits: int = 16
     kv_capacity_bytes: int = 2 << 30
     kv_threads: int = 0  # KV store attention threads; 0 = its default
+    kv_attention: str = "native"  # KV store decode attention kernel: native or sdpa
     exchange_bytes: int = 64 << 20  # each of the compute node's two exchange halves, registered at start
     gpu_weight_share: float = 1.0
     micro_batches: int = 1
@@ -90,7 +91,8 @@ class Services:
             if o.kv_offload:
                 kv = ["kv_store", "--listen", self.kv_store_addr, "--session", self.session,
                       "--capacity-bytes", str(o.kv_capacity_bytes)]
-                self._spawn("KV store", kv + (["--threads", str(o.kv_threads)] if o.kv_threads else []))
+                kv += ["--attention", o.kv_attention] + (["--threads", str(o.kv_threads)] if o.kv_threads else [])
+                self._spawn("KV store", kv)
             self._wait_healthy("weight store", weight_store_pb2_grpc.WeightStoreStub, self.weight_store_addr)
             if o.kv_offload:
                 self._wait_healthy("KV store", kv_store_pb2_grpc.KVStoreStub, self.kv_store_addr)

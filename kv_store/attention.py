@@ -3,8 +3,9 @@
 One `GroupCache` per group (a micro-batch): per layer K and V of shape
 [batch, heads, max_tokens, head_dim] in the cache dtype, a per-layer length, and the
 left padding of each sequence. Attention runs through PyTorch's CPU
-scaled_dot_product_attention (flash kernel, float32 accumulation) with one additive
-float32 mask built at allocation: -inf on padding, plus BLOOM's ALiBi when asked.
+scaled_dot_product_attention (flash kernel, float32 accumulation), or for a bfloat16
+cache the KV store's own kernel (kv_store/native.py), with one additive float32 mask
+built at allocation: -inf on padding, plus BLOOM's ALiBi when asked.
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ class GroupCache:
     # the service at B=150 (54 against 72 tokens/s, bench/results run 9), so off.
     chunk = 0
 
-    def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None):
+    def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None, native=None):
         """`storage`: uint8 bytes to hold the cache (a slice of the KV store's
-        preallocated arena); default: fresh memory."""
+        preallocated arena); default: fresh memory. `native`: the KV store's own decode
+        kernel (kv_store/native.py), used where it supports the call; else SDPA."""
+        self.native = native
         spec.validate()
         self.spec = spec
         shape = (spec.batch, spec.kv_heads, spec.max_tokens, spec.head_dim)
@@ -152,6 +155,8 @@ class GroupCache:
         keys = self.keys[layer][:, :, :length]
         values = self.values[layer][:, :, :length]
         mask = None if self.mask is None else self.mask[..., :length]
+        if self.native is not None and self.native.supports(q, keys):
+            return self.native(q, keys, values, mask, self.spec.scale)
         step = self.chunk or q.shape[0]
         gqa = self.spec.kv_heads != self.spec.num_heads
         if step >= q.shape[0]:

@@ -24,6 +24,7 @@ import torch
 from kv_store.attention import huge_page_tensor, GroupCache, GroupSpec
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
+from kv_store.native import NativeDecodeAttention
 from strata.config import KVStoreConfig
 from strata.dataplane import inline_ref, resolve
 from strata.errors import ErrorKind, StrataError, grpc_method
@@ -80,6 +81,9 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         self._cpu = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="kv-compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
+        if config.attention not in ("native", "sdpa"):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"attention must be native or sdpa, got {config.attention!r}")
+        self.native = NativeDecodeAttention.create(threads) if config.attention == "native" else None
         self.arena = self.arena_bytes = None
         if config.preallocate and config.capacity_bytes > 0:
             # The whole capacity, faulted in once at start by every core: a request's
@@ -101,6 +105,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         with self._groups_lock:
             self._groups.clear()
         self._cpu.shutdown(wait=True)
+        if self.native is not None:
+            self.native.close()
         self.regions.close_all()
 
     def _group(self, name: str) -> _Group:
@@ -145,7 +151,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                 offset = self.arena.alloc(request.group, nbytes)
                 in_arena = True
                 storage = self.arena_bytes[offset : offset + nbytes]
-            group = _Group((QuantizedGroupCache if quantized else GroupCache)(spec, storage))
+            group = _Group(QuantizedGroupCache(spec, storage) if quantized else GroupCache(spec, storage, self.native))
         except BaseException:
             self.ledger.free(request.group)
             if in_arena:
@@ -236,9 +242,11 @@ def parse_args(argv: list[str] | None) -> KVStoreConfig:
     p.add_argument("--capacity-bytes", type=int, default=KVStoreConfig.capacity_bytes)
     p.add_argument("--threads", type=int, default=KVStoreConfig.threads, help="CPU threads (0 = every core)")
     p.add_argument("--no-preallocate", action="store_true", help="allocate each group's cache on demand")
+    p.add_argument("--attention", choices=["native", "sdpa"], default=KVStoreConfig.attention,
+                   help="bfloat16 decode attention: the KV store's own kernel (built at start) or PyTorch SDPA")
     a = p.parse_args(argv)
     return KVStoreConfig(listen=a.listen, session=a.session, capacity_bytes=a.capacity_bytes, threads=a.threads,
-                         preallocate=not a.no_preallocate)
+                         preallocate=not a.no_preallocate, attention=a.attention)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except StrataError as e:
         LOG.error("%s", e)
         return 1
-    LOG.info("listening on %s (%d bytes, %d threads)", config.listen, config.capacity_bytes, torch.get_num_threads())
+    LOG.info("listening on %s (%d bytes, %d threads, %s attention)", config.listen, config.capacity_bytes,
+             torch.get_num_threads(), "native" if servicer.native is not None else "SDPA")
     while not stop.wait(1.0):
         pass
     server.stop(grace=2.0).wait()

@@ -31,6 +31,7 @@ class KVStoreConfig:
     capacity_bytes: int = 8 << 30  # host memory the cache may use
     threads: int = 0  # CPU threads for attention; 0 = every core
     preallocate: bool = True  # fault in the whole capacity at start (an arena), not per request
+    attention: str = "native"  # bfloat16 decode attention: "native" (kv_store/native.py; SDPA if it cannot build) or "sdpa"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""The KV store's own decode attention kernel (kv_store/native.py) against float32
+attention on the same bfloat16 cache: plain heads, grouped-query heads, padding and
+ALiBi masks, strided cache slices, row ranges split over threads; and the fallback
+when no compiler is there."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kv_store import native
+from kv_store.attention import GroupCache, GroupSpec
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = native.NativeDecodeAttention.create(threads=3)
+    if k is None:
+        pytest.skip("no C compiler on this machine")
+    yield k
+    k.close()
+
+
+def reference(q, k, v, mask, scale):
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+@pytest.mark.parametrize("heads,kv_heads,mask_heads", [(4, 4, 0), (8, 2, 0), (6, 6, 1), (6, 6, 6), (8, 4, 8)])
+def test_matches_float32_attention(kernel, heads, kv_heads, mask_heads):
+    torch.manual_seed(heads * 10 + kv_heads + mask_heads)
+    b, d, t, t_max = 5, 64, 77, 90
+    cache_k = torch.randn(b, kv_heads, t_max, d).to(torch.bfloat16)
+    cache_v = torch.randn(b, kv_heads, t_max, d).to(torch.bfloat16)
+    k, v = cache_k[:, :, :t], cache_v[:, :, :t]  # strided, as the cache hands them out
+    q = torch.randn(b, heads, 1, d).to(torch.bfloat16)
+    mask = None
+    if mask_heads:
+        mask = torch.randn(b, mask_heads, 1, t_max) * 0.5
+        mask[1, ..., :9] = float("-inf")  # left padding of sequence 1
+        mask = mask[..., :t]
+    got = kernel(q, k, v, mask, d**-0.5)
+    want = reference(q, k, v, mask, d**-0.5)
+    assert got.shape == (b, heads, 1, d) and got.dtype == torch.bfloat16
+    # bfloat16 output: within a couple of its ulps of the float32 result
+    assert torch.allclose(got.float(), want, atol=1e-2, rtol=1e-2)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_a_padded_key_gets_no_weight(kernel):
+    b, h, d, t = 2, 3, 32, 20
+    k = torch.randn(b, h, t, d).to(torch.bfloat16)
+    v = torch.randn(b, h, t, d).to(torch.bfloat16)
+    q = torch.randn(b, h, 1, d).to(torch.bfloat16)
+    mask = torch.zeros(b, 1, 1, t)
+    mask[:, :, :, :10] = float("-inf")
+    v_changed = v.clone()
+    v_changed[:, :, :10] = 1000.0  # values under the mask must not leak into the output
+    assert torch.equal(kernel(q, k, v, mask, 0.2), kernel(q, k, v_changed, mask, 0.2))
+
+
+def test_group_cache_uses_it_and_agrees_with_sdpa(kernel):
+    spec = GroupSpec(num_layers=2, batch=3, num_heads=4, head_dim=32, max_tokens=40, dtype=torch.bfloat16,
+                     scale=32**-0.5, pad=(0, 3, 1))
+    with_kernel, plain = GroupCache(spec, native=kernel), GroupCache(spec)
+    torch.manual_seed(1)
+    k, v = (torch.randn(3, 4, 12, 32).to(torch.bfloat16) for _ in range(2))
+    calls = []
+    original = kernel.__class__.__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    kernel.__class__.__call__ = counted
+    try:
+        for cache in (with_kernel, plain):
+            cache.append(1, k, v)
+        q, k1, v1 = (torch.randn(3, 4, 1, 32).to(torch.bfloat16) for _ in range(3))
+        got, want = with_kernel.attend(1, q, k1, v1), plain.attend(1, q, k1, v1)
+    finally:
+        kernel.__class__.__call__ = original
+    assert len(calls) == 1
+    assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_no_compiler_means_no_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native.build(tmp_path) is None
+    assert not list(tmp_path.glob("*.so"))
