@@ -12,6 +12,7 @@ One JSON line each; the table last."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import concurrent.futures
 import json
 import time
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from kv_store.attention import GroupCache, GroupSpec, huge_page_tensor
 from kv_store.native import NativeDecodeAttention
+from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 
 HEADS, HEAD_DIM, TOKENS = 56, 128, 528  # OPT-30B at the middle of a 512+32 run
 
@@ -53,6 +55,14 @@ def make_cache(batch: int, layers: int) -> GroupCache:
     return cache
 
 
+def make_quantized(cache: GroupCache, bits: int, kernel) -> "QuantizedGroupCache":
+    spec = dataclasses.replace(cache.spec, kv_bits=bits, kv_group_size=64)
+    q = QuantizedGroupCache(spec, huge_page_tensor(quantized_bytes(spec)), kernel)
+    for layer in range(spec.num_layers):
+        q.append(layer, cache.keys[layer][:, :, :TOKENS - 1], cache.values[layer][:, :, :TOKENS - 1])
+    return q
+
+
 def split_attend(pool, n: int, cache: GroupCache, layer: int, q) -> torch.Tensor:
     """Attention over the cached tokens, the batch cut into n slices on n threads."""
     length = cache.lengths[layer]
@@ -73,7 +83,13 @@ def sweep(cache: GroupCache, way: str, threads: int, rounds: int = 3) -> float:
     q = torch.randn(cache.spec.batch, HEADS, 1, HEAD_DIM).to(torch.bfloat16)
     torch.set_num_threads(threads)
     pool = None
-    if way == "native":
+    if way in ("q8", "q4"):  # a quantized copy of the same cache, through the KV store's kernel
+        qcache = make_quantized(cache, int(way[1:]), NativeDecodeAttention.create(threads))
+
+        def run(layer):  # append one token and attend over TOKENS, as a decode step does; then undo the append
+            qcache.attend(layer, q, q, q)
+            qcache.lengths[layer] = TOKENS - 1
+    elif way == "native":
         kernel = NativeDecodeAttention.create(threads)
         run = lambda layer: kernel(  # noqa: E731
             q, cache.keys[layer][:, :, :TOKENS], cache.values[layer][:, :, :TOKENS], None, cache.spec.scale)
@@ -105,7 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=84)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--ways", default="sdpa@14,sdpa@16,native@14,native@16,native@12")
+    p.add_argument("--ways", default="sdpa@16,native@16,q8@16,q4@16,q8@14,q8@12")
     a = p.parse_args()
     rows = []
     with concurrent.futures.ThreadPoolExecutor(1) as worker:  # the KV store calls from a worker thread
@@ -113,7 +129,7 @@ def main() -> None:
             rows.append({"way": f"dram@{t}", "GBps": round(worker.submit(dram, 8 << 30, t).result(), 1)})
             print(json.dumps(rows[-1]), flush=True)
         cache = worker.submit(make_cache, a.batch, a.layers).result()
-        per_layer = 2 * a.batch * HEADS * TOKENS * HEAD_DIM * 2
+        per_layer = 2 * a.batch * HEADS * TOKENS * HEAD_DIM * 2  # bf16 bytes (q8/q4: the bf16 equivalent)
         for spec in a.ways.split(","):
             way, _, threads = spec.partition("@")
             s = worker.submit(sweep, cache, way, int(threads or 14)).result()

@@ -25,8 +25,9 @@ import torch
 
 LOG = logging.getLogger("strata.kv_store")
 SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
-MAX_GROUP_DIM = 8 * 256  # query heads per key/value head x head_dim: the kernel's stack buffer
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+         "-fno-signed-zeros", "-shared", "-fPIC"]  # no -ffast-math: masked keys are -inf
+MAX_HEAD_DIM = 256  # the kernels' stack buffers
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -70,7 +71,18 @@ def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
     fn = lib.strata_decode_attention_bf16
     fn.restype = None
     fn.argtypes = [_PTR] * 5 + [_I64] * 4 + [_I64] * 12 + [ctypes.c_float, _I64, _I64, _PTR]
+    fq = lib.strata_decode_attention_quant
+    fq.restype = None
+    fq.argtypes = [_PTR] * 9 + [_I64] * 6 + [_I64] * 12 + [ctypes.c_float, _I64, _I64, _PTR]
     return lib
+
+
+def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, int, int]]:
+    """(the float32 mask kept alive for the call, (pointer, batch stride, head stride))."""
+    if mask is None:
+        return None, (0, 0, 0)
+    mask = mask.float()
+    return mask, (mask.data_ptr(), mask.stride(0), 0 if mask.shape[1] == 1 else mask.stride(1))
 
 
 class NativeDecodeAttention:
@@ -80,6 +92,7 @@ class NativeDecodeAttention:
 
     def __init__(self, lib: ctypes.CDLL, threads: int):
         self.fn = lib.strata_decode_attention_bf16
+        self.fn_quant = lib.strata_decode_attention_quant
         self.threads = max(1, threads)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="kv-attend")
         self._scratch = threading.local()
@@ -89,41 +102,64 @@ class NativeDecodeAttention:
         lib = build()
         return None if lib is None else cls(lib, threads)
 
-    def supports(self, q: torch.Tensor, keys: torch.Tensor) -> bool:
+    def supports(self, q: torch.Tensor, keys: torch.Tensor, group: int = 0, bits: int = 16) -> bool:
+        """A bfloat16 cache (keys [B, Hkv, T, D]) or, for `quantized`, its codes (with
+        their group and bits: head_dim <= 256, a group's code bytes a multiple of 16)."""
+        if bits in (4, 8) and (q.shape[3] > 256 or not group or q.shape[3] % group
+                               or (group if bits == 8 else group // 2) % 16):
+            return False
         heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[3]
-        return (q.dtype == keys.dtype == torch.bfloat16 and q.shape[2] == 1 and heads % kv_heads == 0
-                and heads // kv_heads * dim <= MAX_GROUP_DIM and q.stride(3) == 1 and keys.stride(3) == 1)
+        cache_ok = keys.dtype in (torch.bfloat16, torch.uint8) and keys.stride(3) == 1
+        return (q.dtype == torch.bfloat16 and q.shape[2] == 1 and heads % kv_heads == 0
+                and dim <= MAX_HEAD_DIM and q.stride(3) == 1 and cache_ok)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                  scale: float) -> torch.Tensor:
-        """q [B, H, 1, D]; keys, values [B, Hkv, T, D] (strided, D contiguous); mask
-        None or float32 [B, 1 or H, 1, >= T] (D contiguous). Returns [B, H, 1, D]."""
-        b, h, _, d = q.shape
-        hkv, t = keys.shape[1], keys.shape[2]
-        out = torch.empty(b, h, 1, d, dtype=q.dtype)
-        if mask is not None:
-            mask = mask.float()
-        m_ptr = 0 if mask is None else mask.data_ptr()
-        sm_b = 0 if mask is None else mask.stride(0)
-        sm_h = 0 if mask is None or mask.shape[1] == 1 else mask.stride(1)
-        args = (q.data_ptr(), keys.data_ptr(), values.data_ptr(), m_ptr, out.data_ptr(), h, hkv, t, d,
-                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-                values.stride(0), values.stride(1), values.stride(2), sm_b, sm_h, out.stride(0), out.stride(1),
-                float(scale))
-        rows = b * hkv
-        n = min(self.threads, rows)
-        bounds = [rows * i // n for i in range(n + 1)]
-        scratch_floats = (h // hkv) * (t + d)
-        jobs = [self.pool.submit(self._run, args, r0, r1, scratch_floats) for r0, r1 in zip(bounds, bounds[1:])]
-        for job in jobs:
-            job.result()
+        """q [B, H, 1, D]; keys, values [B, Hkv, T, D] bfloat16 (strided, D contiguous);
+        mask None or float32 [B, 1 or H, 1, >= T] (D contiguous). Returns [B, H, 1, D]."""
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        mask, m_args = _mask_args(mask)
+        args = (q.data_ptr(), keys.data_ptr(), values.data_ptr(), m_args[0], out.data_ptr(),
+                q.shape[1], keys.shape[1], keys.shape[2], q.shape[3],
+                q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3], *m_args[1:],
+                out.stride(0), out.stride(1), float(scale))
+        self._parallel(self.fn, args, q.shape[0] * keys.shape[1], keys.shape[2])
         return out
 
-    def _run(self, args: tuple, r0: int, r1: int, floats: int) -> None:
+    def quantized(self, q: torch.Tensor, k_parts, v_parts, mask: torch.Tensor | None, scale: float, bits: int,
+                  group: int) -> torch.Tensor:
+        """The same over a cache stored at `bits` (8 or 4) in groups of `group` on head_dim:
+        k_parts, v_parts = (codes [B, Hkv, T, code_width] uint8, scale, min [B, Hkv, T,
+        groups] float16), K and V laid out alike (strata/kv_quant.py's format)."""
+        (kc, ks, km), (vc, vs, vm) = k_parts, v_parts
+        d = q.shape[3]
+        if d > 256 or d % group or (group if bits == 8 else group // 2) % 16:
+            raise ValueError(f"quantized attention: head_dim {d} / group {group} at {bits} bits not supported")
+        if vc.stride() != kc.stride() or vs.stride() != ks.stride() or km.stride() != ks.stride() \
+                or vm.stride() != ks.stride() or ks.stride(3) != 1:
+            raise ValueError("quantized attention: K and V parts must share strides, groups contiguous")
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        mask, m_args = _mask_args(mask)
+        args = (q.data_ptr(), kc.data_ptr(), ks.data_ptr(), km.data_ptr(), vc.data_ptr(), vs.data_ptr(),
+                vm.data_ptr(), m_args[0], out.data_ptr(), q.shape[1], kc.shape[1], kc.shape[2], d, group, bits,
+                q.stride(0), q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *m_args[1:], out.stride(0),
+                out.stride(1), float(scale))
+        self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], kc.shape[2] * (1 + 4 * d // group))
+        return out
+
+    def _parallel(self, fn, args: tuple, rows: int, scratch_floats: int) -> None:
+        """Rows (sequence, key/value head) in `threads` contiguous ranges, one per thread."""
+        n = min(self.threads, rows)
+        bounds = [rows * i // n for i in range(n + 1)]
+        jobs = [self.pool.submit(self._run, fn, args, r0, r1, scratch_floats) for r0, r1 in zip(bounds, bounds[1:])]
+        for job in jobs:
+            job.result()
+
+    def _run(self, fn, args: tuple, r0: int, r1: int, floats: int) -> None:
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.numel() < floats:
             buf = self._scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
-        self.fn(*args, r0, r1, buf.data_ptr())
+        fn(*args, r0, r1, buf.data_ptr())
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -1,6 +1,7 @@
 """A KV cache stored group-wise quantized on head_dim (INT8 or INT4, fp16 scale and
-min per group: strata/kv_quant.py's format), with decode attention computed over it in
-chunks of tokens: only one chunk of keys or values is ever dequantized (to fp32) at a
+min per group: strata/kv_quant.py's format). Decode attention runs in the KV store's
+own kernel (kv_store/native.py: codes read once, nothing dequantized to memory) for a
+bfloat16 query; otherwise in PyTorch, in chunks of tokens: only one chunk of keys or values is ever dequantized (to fp32) at a
 time, never the whole cache, into a float32 buffer of CHUNK tokens the group keeps
 (fresh tensors for each 128-token chunk measured 10x slower, likely first-touch page
 faults).
@@ -32,8 +33,9 @@ def quantized_bytes(spec: GroupSpec) -> int:
 
 
 class QuantizedGroupCache(GroupCache):
-    def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None):  # noqa: D401 - same contract
+    def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None, native=None):  # noqa: D401 - same contract
         spec.validate()
+        self.native = native
         self.spec, self.fmt = spec, kv_format(spec)
         b, h, t = spec.batch, spec.kv_heads, spec.max_tokens
         per, groups = self.fmt.code_width, self.fmt.groups
@@ -82,6 +84,10 @@ class QuantizedGroupCache(GroupCache):
         self._check_layer(layer)
         self._check(q, "query", 1, self.spec.num_heads)
         length = self.append(layer, k_new, v_new)
+        mask = None if self.mask is None else self.mask[..., :length]
+        if self.native is not None and self.native.supports(q, self.codes[0, layer], self.fmt.group, self.fmt.bits):
+            parts = [tuple(x[which, layer, :, :, :length] for x in (self.codes, self.scale, self.min)) for which in (0, 1)]
+            return self.native.quantized(q, parts[0], parts[1], mask, self.spec.scale, self.fmt.bits, self.fmt.group)
         b, hq, _, d = q.shape
         hk = self.spec.kv_heads
         qg = q.float().view(b, hk, hq // hk, d) * self.spec.scale

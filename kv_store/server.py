@@ -151,7 +151,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                 offset = self.arena.alloc(request.group, nbytes)
                 in_arena = True
                 storage = self.arena_bytes[offset : offset + nbytes]
-            group = _Group(QuantizedGroupCache(spec, storage) if quantized else GroupCache(spec, storage, self.native))
+            group = _Group((QuantizedGroupCache if quantized else GroupCache)(spec, storage, self.native))
         except BaseException:
             self.ledger.free(request.group)
             if in_arena:
