@@ -10,6 +10,7 @@ built at allocation: -inf on padding, plus BLOOM's ALiBi when asked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import mmap
@@ -86,6 +87,22 @@ def build_mask(spec: GroupSpec) -> torch.Tensor | None:
     return mask.contiguous()
 
 
+@contextlib.contextmanager
+def one_thread(when: bool = True):
+    """PyTorch ops inside run on the calling thread alone. Around the one-token append
+    before the native kernel: an OpenMP team started for that copy keeps spinning on
+    the cores the kernel's threads are about to use."""
+    if not when:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def huge_page_tensor(nbytes: int) -> torch.Tensor:
     """Uninitialized uint8 bytes in anonymous memory advised for transparent huge
     pages: first-touch faults of a ~100 GB cache are 512x fewer than with 4 KiB pages."""
@@ -151,7 +168,8 @@ class GroupCache:
         self._check(q, "query", 1, self.spec.num_heads)
         self._check(k_new, "key", 1, self.spec.kv_heads)
         self._check(v_new, "value", 1, self.spec.kv_heads)
-        length = self.append(layer, k_new, v_new)
+        with one_thread(self.native is not None):
+            length = self.append(layer, k_new, v_new)
         keys = self.keys[layer][:, :, :length]
         values = self.values[layer][:, :, :length]
         mask = None if self.mask is None else self.mask[..., :length]

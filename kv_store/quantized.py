@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec, build_mask, huge_page_tensor
+from kv_store.attention import GroupCache, GroupSpec, build_mask, huge_page_tensor, one_thread
 from strata.kv_quant import KVFormat
 
 CHUNK = 64  # tokens dequantized at a time (64 beat 16, 32 and 128 in the measurement above)
@@ -83,7 +83,8 @@ class QuantizedGroupCache(GroupCache):
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         self._check_layer(layer)
         self._check(q, "query", 1, self.spec.num_heads)
-        length = self.append(layer, k_new, v_new)
+        with one_thread(self.native is not None):
+            length = self.append(layer, k_new, v_new)
         mask = None if self.mask is None else self.mask[..., :length]
         if self.native is not None and self.native.supports(q, self.codes[0, layer], self.fmt.group, self.fmt.bits):
             parts = [tuple(x[which, layer, :, :, :length] for x in (self.codes, self.scale, self.min)) for which in (0, 1)]

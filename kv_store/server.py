@@ -21,7 +21,7 @@ from concurrent import futures
 import grpc
 import torch
 
-from kv_store.attention import huge_page_tensor, GroupCache, GroupSpec
+from kv_store.attention import huge_page_tensor, one_thread, GroupCache, GroupSpec
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
@@ -190,7 +190,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                     ErrorKind.INVALID_ARGUMENT,
                     f"output ref is {list(dst.shape)} {dst.dtype}, attention gives {list(out.shape)} {out.dtype}",
                 )
-            dst.copy_(out)
+            with one_thread():  # this gRPC thread's own OpenMP team would spin on the kernel's cores
+                dst.copy_(out)
         return kv_store_pb2.AttendResponse(output=request.output, length=length)
 
     @grpc_method
