@@ -22,6 +22,7 @@ import time
 import torch
 
 from kv_store.attention import GroupCache, GroupSpec
+from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, kv_format
 from strata.shm import torch_dtype
 
@@ -62,18 +63,25 @@ def _timed_steps(cache: GroupCache, tokens: int, steps: int) -> tuple[float, flo
 
 
 def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, threads: int, steps: int = 20,
-          kv_bits: int = 16, kv_group: int = 0, dram: float | None = None) -> dict:
+          kv_bits: int = 16, kv_group: int = 0, dram: float | None = None, attention: str = "native") -> dict:
     """Time `attend` on a cache holding `tokens` tokens stored at `kv_bits`; GB/s of
-    K+V read per step. `dram`: GB/s measured already in this run (default: measure)."""
+    K+V read per step. `dram`: GB/s measured already in this run (default: measure).
+    `attention`: "native" (the KV store's kernel where it applies, as the service runs
+    it) or "sdpa"."""
     if threads > 0:
         torch.set_num_threads(threads)
+    kernel = NativeDecodeAttention.create(threads or torch.get_num_threads()) if attention == "native" else None
     spec = GroupSpec(
         num_layers=1, batch=batch, num_heads=heads, head_dim=head_dim, max_tokens=tokens + WARMUP + steps,
         dtype=torch_dtype(dtype), scale=head_dim**-0.5, kv_bits=kv_bits, kv_group_size=kv_group,
     )  # fmt: skip
     quantized = kv_bits in (4, 8)
-    cache = QuantizedGroupCache(spec) if quantized else GroupCache(spec)
-    step_s, mean_tokens = _timed_steps(cache, tokens, steps)
+    cache = (QuantizedGroupCache if quantized else GroupCache)(spec, None, kernel)
+    try:
+        step_s, mean_tokens = _timed_steps(cache, tokens, steps)
+    finally:
+        if kernel is not None:
+            kernel.close()
     vectors = 2 * batch * heads * mean_tokens  # K and V, one per token and head
     read = vectors * (kv_format(spec).vector_bytes if quantized else head_dim * spec.itemsize)
     bf16 = vectors * head_dim * 2
@@ -89,6 +97,7 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
         "kv_bits": kv_bits,
         "kv_group": spec.kv_group if quantized else 0,
         "threads": torch.get_num_threads(),
+        "attention": "native" if kernel is not None else "sdpa",
         "step_ms": _sig(step_s * 1e3),
         "step_s": _sig(step_s, 6),
         "bytes_per_step": round(read),
@@ -112,13 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-bits", default="16,8,4", help="comma-separated KV precisions, each 16, 8 or 4")
     p.add_argument("--kv-group", type=int, default=0, help="quantization group on head_dim; 0 = head_dim (the service's)")
     p.add_argument("--dram-bytes", type=int, default=1 << 30, help="bytes summed to measure DRAM read bandwidth")
+    p.add_argument("--attention", choices=["native", "sdpa"], default="native")
     a = p.parse_args(argv)
     bits = [int(b) for b in a.kv_bits.split(",")]
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     dram = dram_read_gbps(a.dram_bytes)
     for b in bits:
-        row = bench(a.batch, a.heads, a.head_dim, a.tokens, a.dtype, a.threads, a.steps, b, a.kv_group, dram)
+        row = bench(a.batch, a.heads, a.head_dim, a.tokens, a.dtype, a.threads, a.steps, b, a.kv_group, dram,
+                    a.attention)
         print(json.dumps(row), flush=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -173,26 +174,33 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
     @grpc_method
     def Attend(self, request, context):
         group = self._group(request.group)
-        with group.lock:
-            with resolve(request.query, self.regions) as q, resolve(request.key, self.regions) as k, resolve(
-                request.value, self.regions
-            ) as v:
-                t0 = time.perf_counter()
-                out = self._cpu.submit(group.cache.attend, request.layer, q, k, v).result()
-                group.timing["attend_s"] += time.perf_counter() - t0
-                group.timing["attends"] += 1
+        with group.lock, contextlib.ExitStack() as refs:
+            q, k, v = (refs.enter_context(resolve(r, self.regions)) for r in (request.query, request.key, request.value))
+            dst = refs.enter_context(resolve(request.output, self.regions)) if request.output.region else None
+            t0 = time.perf_counter()
+            out = self._cpu.submit(self._attend, group.cache, request.layer, q, k, v, dst).result()
+            group.timing["attend_s"] += time.perf_counter() - t0
+            group.timing["attends"] += 1
             length = group.cache.lengths[request.layer]
-        if not request.output.region:
+        if dst is None:
             return kv_store_pb2.AttendResponse(output=inline_ref(out), length=length)
-        with resolve(request.output, self.regions) as dst:
+        return kv_store_pb2.AttendResponse(output=request.output, length=length)
+
+    @staticmethod
+    def _attend(cache: GroupCache, layer: int, q, k, v, dst) -> torch.Tensor:
+        """On the compute thread: attention, then its copy into the caller's output
+        region on this thread alone (an OpenMP team started for the copy would keep
+        spinning on the cores the next call's kernel threads use)."""
+        out = cache.attend(layer, q, k, v)
+        if dst is not None:
             if dst.shape != out.shape or dst.dtype != out.dtype:
                 raise StrataError(
                     ErrorKind.INVALID_ARGUMENT,
                     f"output ref is {list(dst.shape)} {dst.dtype}, attention gives {list(out.shape)} {out.dtype}",
                 )
-            with one_thread():  # this gRPC thread's own OpenMP team would spin on the kernel's cores
+            with one_thread():
                 dst.copy_(out)
-        return kv_store_pb2.AttendResponse(output=request.output, length=length)
+        return out
 
     @grpc_method
     def Free(self, request, context):
