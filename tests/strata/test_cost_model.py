@@ -195,6 +195,7 @@ def test_fused_int4_decode_reads_packed_layers_when_turned_on(h100, monkeypatch)
     pl = cm.Placement(1.0, False, 1, 64)
     w = cm.Workload(512, 32, 64)
     streamed = cm.Placement(0.0, False, 1, 64)
+    monkeypatch.setattr(cm, "FUSED_INT4_MAX_ROWS", 0)
     off, streamed_off = cm.predict(dims, wb, w, pl, h100), cm.predict(dims, wb, w, streamed, h100)
     monkeypatch.setattr(cm, "FUSED_INT4_MAX_ROWS", 64)
     on = cm.predict(dims, wb, w, pl, h100)
@@ -205,3 +206,14 @@ def test_fused_int4_decode_reads_packed_layers_when_turned_on(h100, monkeypatch)
     base = cm.predict(dims, wb, cm.Workload(512, 32, 128), many, h100).decode_s
     monkeypatch.setattr(cm, "FUSED_INT4_MAX_ROWS", 64)
     assert cm.predict(dims, wb, cm.Workload(512, 32, 128), many, h100).decode_s == base
+
+
+def test_host_kv_round_trips_overlap_from_two_micro_batches(h100):
+    """KV in the KV store: with one micro-batch every Attend round trip is exposed;
+    with two (the engine's wavefront) one per layer is, so the control term stops
+    growing with the micro-batch count."""
+    dims, wb = opt()
+    over = {m: cm._pass_terms(dims, wb, cm.Placement(1.0, True, m, 128), h100, 1, 528, False)["control overhead"]
+            for m in (1, 2, 4)}
+    assert over[1] == pytest.approx(over[2]) == pytest.approx(over[4])
+    assert over[1] > 0
