@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq sweep ring prof30 t2p t1b w4sweep e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
+#   steps: env micro attn attnq sweep ring prof30 t2p t1b t1p cudatests w4sweep e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
 # Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
 # benches the planner's choice and its best-predicted competitors (bench/grid.py)
 # with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
@@ -25,6 +25,8 @@ for step in "$@"; do
     t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
     e2e-disk) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} ${T3Q_FLAGS:-};;
+    t1p) bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-300} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;
     w4sweep) python3 bench/bench_w4a16.py --sweep --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} > "$OUT/w4sweep.txt" 2>"$OUT/w4sweep.err"; tail -8 "$OUT/w4sweep.txt";;
     t2p) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
