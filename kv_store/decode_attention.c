@@ -16,6 +16,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <string.h>
 
 
@@ -54,6 +55,22 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTor
     return (uint16_t)(u >> 16);
 }
 
+/* s[t] += m[t] (when m), then s[t] = exp(s[t] - max): the softmax numerators in
+ * place; returns 1 / their sum, which the caller applies to its weighted sum. */
+static inline float softmax_unnormalized(float *s, int64_t T, const float *m) {
+    if (m)
+        for (int64_t t = 0; t < T; t++) s[t] += m[t];
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T; t++) mx = s[t] > mx ? s[t] : mx;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < T; t++) {
+        s[t] = exp_nonpositive(s[t] - mx);
+        sum += s[t];
+    }
+    return 1.f / sum;
+}
+
 typedef struct {
     const uint16_t *q, *k, *v; const float *mask; uint16_t *out;
     int64_t H, Hkv, T, sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_h, so_b, so_h;
@@ -82,19 +99,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const bf16_args *a, 
                 for (int64_t d = 0; d < D; d++) dot += qf[d] * bf16_to_f32(kt[d]);
                 s[t] = dot;
             }
-            if (a->mask) {
-                const float *m = a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0);
-                for (int64_t t = 0; t < T; t++) s[t] += m[t];
-            }
-            float mx = -INFINITY;
-            for (int64_t t = 0; t < T; t++) mx = s[t] > mx ? s[t] : mx;
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < T; t++) {
-                s[t] = exp_nonpositive(s[t] - mx);
-                sum += s[t];
-            }
-            const float inv = 1.f / sum;
+            const float inv = softmax_unnormalized(
+                s, T, a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL);
             for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
             for (int64_t t = 0; t < T; t++) {
                 const uint16_t *vt = vb + t * a->sv_t;
@@ -210,19 +216,8 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
                 for (int l = 0; l < LANES; l++) total += lanes[l];
                 s[t] = total;
             }
-            if (a->mask) {
-                const float *m = a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0);
-                for (int64_t t = 0; t < T; t++) s[t] += m[t];
-            }
-            float mx = -INFINITY;
-            for (int64_t t = 0; t < T; t++) mx = s[t] > mx ? s[t] : mx;
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < T; t++) {
-                s[t] = exp_nonpositive(s[t] - mx);
-                sum += s[t];
-            }
-            const float inv = 1.f / sum;
+            const float inv = softmax_unnormalized(
+                s, T, a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL);
             for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
             for (int64_t n = 0; n < NG; n++) accmin[n] = 0.f;
             for (int64_t t = 0; t < T; t++) { /* values, weighted by the probabilities */
