@@ -118,10 +118,6 @@ class GroupCache:
     """The K/V tensors of one group and decode attention over them. Not thread-safe:
     the caller serializes calls on one group."""
 
-    # Sequences per CPU attention call (0: all at once). Chunks of 16 measured slower in
-    # the service at B=150 (54 against 72 tokens/s, bench/results run 9), so off.
-    chunk = 0
-
     def __init__(self, spec: GroupSpec, storage: torch.Tensor | None = None, native=None):
         """`storage`: uint8 bytes to hold the cache (a slice of the KV store's
         preallocated arena); default: fresh memory. `native`: the KV store's own decode
@@ -175,21 +171,8 @@ class GroupCache:
         mask = None if self.mask is None else self.mask[..., :length]
         if self.native is not None and self.native.supports(q, keys):
             return self.native(q, keys, values, mask, self.spec.scale)
-        step = self.chunk or q.shape[0]
         gqa = self.spec.kv_heads != self.spec.num_heads
-        if step >= q.shape[0]:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale,
-                                                  enable_gqa=gqa)
-        # Sequences in chunks (the isolated kernel reads KV fastest at ~8-16 sequences a
-        # call: bench/results/2026-11-26-run6b-attn-variants.jsonl).
-        out = torch.empty_like(q)
-        for b in range(0, q.shape[0], step):
-            m = None if mask is None else mask[b : b + step]
-            out[b : b + step] = F.scaled_dot_product_attention(
-                q[b : b + step], keys[b : b + step], values[b : b + step], attn_mask=m, scale=self.spec.scale,
-                enable_gqa=gqa,
-            )
-        return out
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale, enable_gqa=gqa)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.num_layers:

@@ -154,18 +154,3 @@ def test_bad_specs_are_invalid(change):
     with pytest.raises(StrataError) as e:
         GroupCache(make_spec(**change))
     assert e.value.kind is ErrorKind.INVALID_ARGUMENT
-
-
-def test_attention_in_sequence_chunks_equals_one_call():
-    spec = GroupSpec(num_layers=1, batch=5, num_heads=4, head_dim=8, max_tokens=12, dtype=torch.float32, scale=0.3,
-                     alibi=True, pad=(0, 2, 1, 0, 3))
-    caches = [GroupCache(spec), GroupCache(spec)]
-    caches[0].chunk, caches[1].chunk = 2, 0
-    torch.manual_seed(0)
-    kv = torch.randn(5, 4, 6, 8)
-    q, k, v = (torch.randn(5, 4, 1, 8) for _ in range(3))
-    outs = []
-    for c in caches:
-        c.append(0, kv, kv)
-        outs.append(c.attend(0, q, k, v))
-    torch.testing.assert_close(outs[0], outs[1])
