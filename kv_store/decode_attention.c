@@ -160,6 +160,61 @@ typedef struct {
     float scale;
 } quant_args;
 
+/* q . k for one quantized key: sum_n scale_n * (q_n . codes_n) + min_n * sum(q_n), with
+ * one 16-lane partial sum per key (a horizontal add per key, not per group). With
+ * AVX-512 written with intrinsics: the compiler's own version of the same loops ended
+ * each key in scalar shuffles and adds (20 ns a key against 6 for a bf16 key). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __attribute__((always_inline)) float quant_dot(const float *qf, const float *qsum, const uint8_t *ct,
+                                                             const float *sc, const float *mn, const int64_t NG,
+                                                             const int64_t CG, const int64_t group, const int64_t bits) {
+    __m512 lanes = _mm512_setzero_ps();
+    float total = 0.f;
+    for (int64_t n = 0; n < NG; n++) {
+        const uint8_t *cn = ct + n * CG;
+        const float *qn = qf + n * group;
+        __m512 gl = _mm512_setzero_ps();
+        for (int64_t j = 0; j < CG; j += LANES) {
+            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cn + j)));
+            if (bits == 8) {
+                gl = _mm512_fmadd_ps(_mm512_loadu_ps(qn + j), _mm512_cvtepi32_ps(c), gl);
+            } else {
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+                gl = _mm512_fmadd_ps(_mm512_loadu_ps(qn + j), hi, gl);
+                gl = _mm512_fmadd_ps(_mm512_loadu_ps(qn + CG + j), lo, gl);
+            }
+        }
+        lanes = _mm512_fmadd_ps(_mm512_set1_ps(sc[n]), gl, lanes);
+        total += mn[n] * qsum[n];
+    }
+    return total + _mm512_reduce_add_ps(lanes);
+}
+#else
+static inline __attribute__((always_inline)) float quant_dot(const float *qf, const float *qsum, const uint8_t *ct,
+                                                             const float *sc, const float *mn, const int64_t NG,
+                                                             const int64_t CG, const int64_t group, const int64_t bits) {
+    float lanes[LANES] = {0}, total = 0.f;
+    for (int64_t n = 0; n < NG; n++) {
+        const uint8_t *cn = ct + n * CG;
+        const float *qn = qf + n * group;
+        float gl[LANES] = {0};
+        for (int64_t j = 0; j < CG; j += LANES)
+            for (int l = 0; l < LANES; l++) {
+                if (bits == 8)
+                    gl[l] += qn[j + l] * (float)cn[j + l];
+                else
+                    gl[l] += qn[j + l] * (float)(cn[j + l] >> 4) + qn[CG + j + l] * (float)(cn[j + l] & 15);
+            }
+        for (int l = 0; l < LANES; l++) lanes[l] += sc[n] * gl[l];
+        total += mn[n] * qsum[n];
+    }
+    for (int l = 0; l < LANES; l++) total += lanes[l];
+    return total;
+}
+#endif
+
 static inline __attribute__((always_inline)) void quant_rows(const quant_args *a, const int64_t D, const int64_t group,
                                                              const int64_t bits, int64_t r0, int64_t r1, float *s) {
     const int64_t G = a->H / a->Hkv, NG = D / group, CG = bits == 8 ? group : group / 2, T = a->T;
@@ -195,27 +250,14 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
                 for (int64_t d = 0; d < group; d++) sum += qf[n * group + d];
                 qsum[n] = sum;
             }
-            for (int64_t t = 0; t < T; t++) { /* scores: one 16-lane partial sum per key */
-                const uint8_t *ct = kc + t * a->sc_t;
-                float lanes[LANES] = {0}, total = 0.f;
-                for (int64_t n = 0; n < NG; n++) {
-                    const uint8_t *cn = ct + n * CG;
-                    const float *qn = qf + n * group;
-                    float gl[LANES] = {0};
-                    for (int64_t j = 0; j < CG; j += LANES)
-                        for (int l = 0; l < LANES; l++) {
-                            if (bits == 8)
-                                gl[l] += qn[j + l] * (float)cn[j + l];
-                            else
-                                gl[l] += qn[j + l] * (float)(cn[j + l] >> 4) + qn[CG + j + l] * (float)(cn[j + l] & 15);
-                        }
-                    const float sc = ks[t * NG + n];
-                    for (int l = 0; l < LANES; l++) lanes[l] += sc * gl[l];
-                    total += km[t * NG + n] * qsum[n];
-                }
-                for (int l = 0; l < LANES; l++) total += lanes[l];
-                s[t] = total;
-            }
+            /* scores, 4 keys at a time: their dot products are independent chains the
+             * core overlaps (one key at a time was bound by the chain's latency) */
+            int64_t t = 0;
+            for (; t + 4 <= T; t += 4)
+                for (int u = 0; u < 4; u++)
+                    s[t + u] = quant_dot(qf, qsum, kc + (t + u) * a->sc_t, ks + (t + u) * NG, km + (t + u) * NG, NG,
+                                         CG, group, bits);
+            for (; t < T; t++) s[t] = quant_dot(qf, qsum, kc + t * a->sc_t, ks + t * NG, km + t * NG, NG, CG, group, bits);
             const float inv = softmax_unnormalized(
                 s, T, a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL);
             for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
