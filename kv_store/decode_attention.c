@@ -314,3 +314,58 @@ void strata_decode_attention_quant(
     else
         quant_rows(&a, D, group, bits, r0, r1, scratch);
 }
+
+/* Quantize bfloat16 vectors into the cache's format (strata/quant.py's scheme, per
+ * group of `group` on head_dim): min and max in float32, scale = max((max - min) /
+ * (2^bits - 1), float16's smallest normal), code = round-half-even((x - min) / scale)
+ * clamped, scale and min stored as float16. x [B, H, n, D] -> codes [B, H, n, CW],
+ * scale and min [B, H, n, D/group] (strided), rows r = b * H + h in [r0, r1). Returns
+ * -1 where the compiler has no _Float16 (the caller quantizes with PyTorch), else 0. */
+int strata_quantize_bf16(const uint16_t *x, uint8_t *codes, uint16_t *scale, uint16_t *mn,
+                         int64_t H, int64_t n, int64_t D, int64_t group, int64_t bits,
+                         int64_t sx_b, int64_t sx_h, int64_t sx_t, int64_t sc_b, int64_t sc_h, int64_t sc_t,
+                         int64_t ss_b, int64_t ss_h, int64_t ss_t, int64_t r0, int64_t r1) {
+#if defined(__FLT16_MANT_DIG__)
+    const float q_max = (float)((1 << bits) - 1), tiny = 6.103515625e-05f; /* float16 smallest normal */
+    const int64_t NG = D / group;
+    float v[256];
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / H, h = r % H;
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *xt = x + b * sx_b + h * sx_h + t * sx_t;
+            uint8_t *ct = codes + b * sc_b + h * sc_h + t * sc_t;
+            uint16_t *st = scale + b * ss_b + h * ss_h + t * ss_t, *mt = mn + b * ss_b + h * ss_h + t * ss_t;
+            for (int64_t d = 0; d < D; d++) v[d] = bf16_to_f32(xt[d]);
+            for (int64_t g = 0; g < NG; g++) {
+                float *vg = v + g * group, lo = vg[0], hi = vg[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+                for (int64_t d = 0; d < group; d++) {
+                    lo = vg[d] < lo ? vg[d] : lo;
+                    hi = vg[d] > hi ? vg[d] : hi;
+                }
+                float sc = (hi - lo) / q_max;
+                sc = sc < tiny ? tiny : sc;
+                for (int64_t d = 0; d < group; d++) {
+                    float c = nearbyintf((vg[d] - lo) / sc);
+                    vg[d] = c < 0.f ? 0.f : (c > q_max ? q_max : c);
+                }
+                if (bits == 8) {
+                    for (int64_t d = 0; d < group; d++) ct[g * group + d] = (uint8_t)vg[d];
+                } else {
+                    for (int64_t d = 0; d < group / 2; d++)
+                        ct[g * group / 2 + d] = (uint8_t)(((uint8_t)vg[2 * d] << 4) | (uint8_t)vg[2 * d + 1]);
+                }
+                const _Float16 s16 = (_Float16)sc, m16 = (_Float16)lo;
+                memcpy(st + g, &s16, sizeof s16);
+                memcpy(mt + g, &m16, sizeof m16);
+            }
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)codes; (void)scale; (void)mn; (void)H; (void)n; (void)D; (void)group; (void)bits;
+    (void)sx_b; (void)sx_h; (void)sx_t; (void)sc_b; (void)sc_h; (void)sc_t; (void)ss_b; (void)ss_h; (void)ss_t;
+    (void)r0; (void)r1;
+    return -1;
+#endif
+}

@@ -74,6 +74,9 @@ def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
     fq = lib.strata_decode_attention_quant
     fq.restype = None
     fq.argtypes = [_PTR] * 9 + [_I64] * 6 + [_I64] * 12 + [ctypes.c_float, _I64, _I64, _PTR]
+    fz = lib.strata_quantize_bf16
+    fz.restype = ctypes.c_int
+    fz.argtypes = [_PTR] * 4 + [_I64] * 5 + [_I64] * 9 + [_I64, _I64]
     return lib
 
 
@@ -93,6 +96,7 @@ class NativeDecodeAttention:
     def __init__(self, lib: ctypes.CDLL, threads: int):
         self.fn = lib.strata_decode_attention_bf16
         self.fn_quant = lib.strata_decode_attention_quant
+        self.fn_quantize = lib.strata_quantize_bf16
         self.threads = max(1, threads)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="kv-attend")
         self._scratch = threading.local()
@@ -147,19 +151,35 @@ class NativeDecodeAttention:
         self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], kc.shape[2] * (1 + 4 * d // group))
         return out
 
-    def _parallel(self, fn, args: tuple, rows: int, scratch_floats: int) -> None:
-        """Rows (sequence, key/value head) in `threads` contiguous ranges, one per thread."""
+    def quantize(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, bits: int,
+                 group: int) -> bool:
+        """x [B, Hkv, n, D] bfloat16 into the cache's codes [B, Hkv, n, code_width] and
+        float16 scale and min [B, Hkv, n, D / group] (strided views of the cache), as
+        strata/kv_quant.py's `quantize` would. False where the kernel cannot (the
+        caller quantizes with PyTorch)."""
+        d = x.shape[3]
+        if x.dtype != torch.bfloat16 or x.stride(3) != 1 or d > 256 or d % group or bits not in (4, 8) \
+                or codes.stride(3) != 1 or scale.stride(3) != 1 or w_min.stride() != scale.stride():
+            return False
+        args = (x.data_ptr(), codes.data_ptr(), scale.data_ptr(), w_min.data_ptr(), x.shape[1], x.shape[2], d, group,
+                bits, *x.stride()[:3], *codes.stride()[:3], *scale.stride()[:3])
+        return all(rc == 0 for rc in self._parallel(self.fn_quantize, args, x.shape[0] * x.shape[1], None))
+
+    def _parallel(self, fn, args: tuple, rows: int, scratch_floats: int | None) -> list:
+        """Rows (sequence, key/value head) in `threads` contiguous ranges, one per thread
+        (each with its own scratch of `scratch_floats` floats; None: the call takes none)."""
         n = min(self.threads, rows)
         bounds = [rows * i // n for i in range(n + 1)]
         jobs = [self.pool.submit(self._run, fn, args, r0, r1, scratch_floats) for r0, r1 in zip(bounds, bounds[1:])]
-        for job in jobs:
-            job.result()
+        return [job.result() for job in jobs]
 
-    def _run(self, fn, args: tuple, r0: int, r1: int, floats: int) -> None:
+    def _run(self, fn, args: tuple, r0: int, r1: int, floats: int | None):
+        if floats is None:
+            return fn(*args, r0, r1)
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.numel() < floats:
             buf = self._scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
-        fn(*args, r0, r1, buf.data_ptr())
+        return fn(*args, r0, r1, buf.data_ptr())
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

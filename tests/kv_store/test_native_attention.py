@@ -109,3 +109,23 @@ def test_quantized_cache_matches_its_pytorch_path(kernel, bits, heads, kv_heads)
     assert got.shape == want.shape == (3, heads, 1, 64)
     assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert (got.float() - want.float()).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_quantize_writes_the_codes_pytorch_would(kernel, bits):
+    """The prompt's keys/values quantized by the kernel into a strided cache slice equal
+    strata/kv_quant.py's codes, scales and mins (and leave the rest of the cache alone)."""
+    from strata.kv_quant import KVFormat
+
+    fmt = KVFormat(bits, 64, 32)
+    torch.manual_seed(bits)
+    x = (torch.randn(3, 4, 7, 64) * 3).to(torch.bfloat16)
+    x[0, 0, 0, :32] = 1.5  # a constant group: the scale clamps to float16's smallest normal
+    codes = torch.full((3, 4, 10, fmt.code_width), 7, dtype=torch.uint8)
+    scale = torch.zeros(3, 4, 10, fmt.groups, dtype=torch.float16)
+    w_min = torch.zeros(3, 4, 10, fmt.groups, dtype=torch.float16)
+    assert kernel.quantize(x, codes[:, :, 2:9], scale[:, :, 2:9], w_min[:, :, 2:9], bits, 32)
+    want = fmt.quantize(x)
+    assert torch.equal(codes[:, :, 2:9], want[0])
+    assert torch.equal(scale[:, :, 2:9], want[1]) and torch.equal(w_min[:, :, 2:9], want[2])
+    assert (codes[:, :, :2] == 7).all() and (codes[:, :, 9:] == 7).all()
