@@ -138,6 +138,7 @@ class Engine:
         self.timing["finish_s"] += time.perf_counter() - t0
         mb.h = self.family.post_attention(w, mb.h, attn)
 
+
 def local_kv_factory(dtype: torch.dtype, device: torch.device, kv_bits: int = 16):
     """LocalKV per micro-batch, stored at `kv_bits` (16, 8 or 4; checked here, at once)."""
     check_bits(kv_bits)

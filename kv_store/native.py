@@ -88,6 +88,13 @@ def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[in
     return mask, (mask.data_ptr(), mask.stride(0), 0 if mask.shape[1] == 1 else mask.stride(1))
 
 
+def quant_shape_supported(head_dim: int, group: int, bits: int) -> bool:
+    """Whether the quantized kernels take this format: head_dim within the stack
+    buffers, whole groups, and a group's code bytes a multiple of 16 (one vector)."""
+    code_bytes = group if bits == 8 else group // 2
+    return bits in (4, 8) and 0 < group and head_dim <= MAX_HEAD_DIM and head_dim % group == 0 and code_bytes % 16 == 0
+
+
 class NativeDecodeAttention:
     """softmax(scale * q.K^T + mask) . V for one query per head over a bfloat16 cache,
     on `threads` threads. Thread-safe for calls on disjoint outputs; the KV store
@@ -108,9 +115,8 @@ class NativeDecodeAttention:
 
     def supports(self, q: torch.Tensor, keys: torch.Tensor, group: int = 0, bits: int = 16) -> bool:
         """A bfloat16 cache (keys [B, Hkv, T, D]) or, for `quantized`, its codes (with
-        their group and bits: head_dim <= 256, a group's code bytes a multiple of 16)."""
-        if bits in (4, 8) and (q.shape[3] > 256 or not group or q.shape[3] % group
-                               or (group if bits == 8 else group // 2) % 16):
+        their group and bits: `quant_shape_supported`)."""
+        if bits in (4, 8) and not quant_shape_supported(q.shape[3], group, bits):
             return False
         heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[3]
         cache_ok = keys.dtype in (torch.bfloat16, torch.uint8) and keys.stride(3) == 1
@@ -137,7 +143,7 @@ class NativeDecodeAttention:
         groups] float16), K and V laid out alike (strata/kv_quant.py's format)."""
         (kc, ks, km), (vc, vs, vm) = k_parts, v_parts
         d = q.shape[3]
-        if d > 256 or d % group or (group if bits == 8 else group // 2) % 16:
+        if not quant_shape_supported(d, group, bits):
             raise ValueError(f"quantized attention: head_dim {d} / group {group} at {bits} bits not supported")
         if vc.stride() != kc.stride() or vs.stride() != ks.stride() or km.stride() != ks.stride() \
                 or vm.stride() != ks.stride() or ks.stride(3) != 1:
@@ -158,7 +164,7 @@ class NativeDecodeAttention:
         strata/kv_quant.py's `quantize` would. False where the kernel cannot (the
         caller quantizes with PyTorch)."""
         d = x.shape[3]
-        if x.dtype != torch.bfloat16 or x.stride(3) != 1 or d > 256 or d % group or bits not in (4, 8) \
+        if x.dtype != torch.bfloat16 or x.stride(3) != 1 or not quant_shape_supported(d, group, bits) \
                 or codes.stride(3) != 1 or scale.stride(3) != 1 or w_min.stride() != scale.stride():
             return False
         args = (x.data_ptr(), codes.data_ptr(), scale.data_ptr(), w_min.data_ptr(), x.shape[1], x.shape[2], d, group,

@@ -1,10 +1,10 @@
 """A KV cache stored group-wise quantized on head_dim (INT8 or INT4, fp16 scale and
 min per group: strata/kv_quant.py's format). Decode attention runs in the KV store's
 own kernel (kv_store/native.py: codes read once, nothing dequantized to memory) for a
-bfloat16 query; otherwise in PyTorch, in chunks of tokens: only one chunk of keys or values is ever dequantized (to fp32) at a
-time, never the whole cache, into a float32 buffer of CHUNK tokens the group keeps
-(fresh tensors for each 128-token chunk measured 10x slower, likely first-touch page
-faults).
+bfloat16 query; otherwise in PyTorch, in chunks of tokens: only one chunk of keys or
+values is ever dequantized (to fp32) at a time, never the whole cache, into a float32
+buffer of CHUNK tokens the group keeps (fresh tensors for each 128-token chunk measured
+10x slower, likely first-touch page faults).
 
 Measured on the GPU machine's host (H200 machine, 16 threads, B=8, 56 heads, head_dim
 128, 544 tokens): 7-8 ms a decode step at INT8 and 11 ms at INT4 (bfloat16-equivalent

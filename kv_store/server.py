@@ -78,12 +78,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         # preempted OpenMP thread stalls the whole parallel region. Together with the
         # compute node's blocking syncs this took T1 decode from 71 s to 51 s
         # (BENCHMARKS.md, runs 4 and 5); the share of each change was not separated.
+        if config.attention not in ("native", "sdpa"):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"attention must be native or sdpa, got {config.attention!r}")
         threads = config.threads or max(1, (os.cpu_count() or 1) - 2)
         self._cpu = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="kv-compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
-        if config.attention not in ("native", "sdpa"):
-            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"attention must be native or sdpa, got {config.attention!r}")
         self.native = NativeDecodeAttention.create(threads) if config.attention == "native" else None
         self.arena = self.arena_bytes = None
         if config.preallocate and config.capacity_bytes > 0:
@@ -94,6 +94,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                 self._cpu.submit(self.arena_bytes.zero_).result()
             except (OSError, RuntimeError) as e:
                 self._cpu.shutdown()
+                if self.native is not None:
+                    self.native.close()
                 raise StrataError(
                     ErrorKind.RESOURCE_EXHAUSTED,
                     f"cannot reserve {config.capacity_bytes} bytes of host memory for the KV cache ({e}); "

@@ -191,7 +191,7 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
         # KV in the KV store: decode runs as a wavefront (compute_node/engine.py), so
         # with 2+ micro-batches one micro-batch's round trip overlaps another's
-        # attention; one stays exposed per layer (runs 28-29: 2 micro-batches 75.3
+        # attention; one stays exposed per layer (run 29: 2 micro-batches 75.3
         # tokens/s against 71.8 with one, same machine)
         "control overhead": (RPC_OVERHEAD_S if cpu_attention else m * RPC_OVERHEAD_S) if pl.kv_on_host
         else m * LAUNCH_OVERHEAD_S,
