@@ -1,13 +1,14 @@
 /* Decode attention over a bfloat16 KV cache on the CPU: one query per head, every
  * cached key read once, in cache order.
  *
- * For each (sequence b, key/value head h) of rows [r0, r1), and each of its G query
+ * For each (sequence b, key/value head h), a row, and each of its G query
  * heads (grouped-query attention; G = 1 for OPT):
  *     s[t] = scale * q[b, h*G+g] . K[b, h, t] + mask[b, h*G+g or 0, t]
  *     p = softmax(s)   (float32)
  *     out[b, h*G+g] = sum_t p[t] * V[b, h, t]      (float32 accumulation, bf16 out)
- * The caller runs disjoint row ranges on several threads (the call holds no lock and
- * touches only its rows); `scratch` is the calling thread's own, T floats.
+ * The caller runs the same call on several threads, which claim rows from a shared
+ * counter (no lock; each row is written by the thread that claimed it); `scratch` is
+ * the calling thread's own, T floats.
  *
  * Memory-bound by design: per key row D bf16 values are loaded, widened to float32 and
  * multiplied into the dot product; the loops over D vectorize (-O3 -march=native), and
@@ -19,6 +20,12 @@
 #include <stddef.h>
 #include <string.h>
 
+/* Rows are claimed `chunk` at a time from a counter the calling threads share, so a
+ * thread slowed by a busy sibling hyperthread takes fewer rows instead of holding up
+ * the call (with one fixed range per thread, a call waits on its slowest thread). */
+#define FOR_EACH_CHUNK(next, rows, chunk, r0, r1)                                                 \
+    for (int64_t r0, r1; (r0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < (rows) &&    \
+                         ((r1 = r0 + (chunk) < (rows) ? r0 + (chunk) : (rows)), 1);)
 
 /* exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial on the
  * reduced argument, vectorizable (libm's expf is a call per element); 0 below -87
@@ -119,13 +126,15 @@ void strata_decode_attention_bf16(
     int64_t H, int64_t Hkv, int64_t T, int64_t D,
     int64_t sq_b, int64_t sq_h, int64_t sk_b, int64_t sk_h, int64_t sk_t,
     int64_t sv_b, int64_t sv_h, int64_t sv_t, int64_t sm_b, int64_t sm_h,
-    int64_t so_b, int64_t so_h, float scale, int64_t r0, int64_t r1, float *scratch) {
+    int64_t so_b, int64_t so_h, float scale, int64_t *next, int64_t rows, int64_t chunk, float *scratch) {
     const bf16_args a = {q, k, v, mask, out, H, Hkv, T, sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                          sm_b, sm_h, so_b, so_h, scale};
-    if (D == 128)
-        bf16_rows(&a, 128, r0, r1, scratch);
-    else
-        bf16_rows(&a, D, r0, r1, scratch);
+    FOR_EACH_CHUNK(next, rows, chunk, r0, r1) {
+        if (D == 128)
+            bf16_rows(&a, 128, r0, r1, scratch);
+        else
+            bf16_rows(&a, D, r0, r1, scratch);
+    }
 }
 
 #define LANES 16 /* codes per group step: the caller checks group's code bytes are a multiple */
@@ -303,33 +312,35 @@ void strata_decode_attention_quant(
     int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t group, int64_t bits,
     int64_t sq_b, int64_t sq_h, int64_t sc_b, int64_t sc_h, int64_t sc_t, int64_t ss_b, int64_t ss_h,
     int64_t ss_t, int64_t sm_b, int64_t sm_h, int64_t so_b, int64_t so_h,
-    float scale, int64_t r0, int64_t r1, float *scratch) {
+    float scale, int64_t *next, int64_t rows, int64_t chunk, float *scratch) {
     const quant_args a = {q, kc, ks, km, vc, vs, vm, mask, out, H, Hkv, T, sq_b, sq_h, sc_b, sc_h, sc_t,
                           ss_b, ss_h, ss_t, sm_b, sm_h, so_b, so_h, scale};
     /* the common shape with constants, so the compiler unrolls the group loops */
-    if (D == 128 && group == 64 && bits == 8)
-        quant_rows(&a, 128, 64, 8, r0, r1, scratch);
-    else if (D == 128 && group == 64 && bits == 4)
-        quant_rows(&a, 128, 64, 4, r0, r1, scratch);
-    else
-        quant_rows(&a, D, group, bits, r0, r1, scratch);
+    FOR_EACH_CHUNK(next, rows, chunk, r0, r1) {
+        if (D == 128 && group == 64 && bits == 8)
+            quant_rows(&a, 128, 64, 8, r0, r1, scratch);
+        else if (D == 128 && group == 64 && bits == 4)
+            quant_rows(&a, 128, 64, 4, r0, r1, scratch);
+        else
+            quant_rows(&a, D, group, bits, r0, r1, scratch);
+    }
 }
 
 /* Quantize bfloat16 vectors into the cache's format (strata/quant.py's scheme, per
  * group of `group` on head_dim): min and max in float32, scale = max((max - min) /
  * (2^bits - 1), float16's smallest normal), code = round-half-even((x - min) / scale)
  * clamped, scale and min stored as float16. x [B, H, n, D] -> codes [B, H, n, CW],
- * scale and min [B, H, n, D/group] (strided), rows r = b * H + h in [r0, r1). Returns
+ * scale and min [B, H, n, D/group] (strided), rows r = b * H + h claimed from `next`. Returns
  * -1 where the compiler has no _Float16 (the caller quantizes with PyTorch), else 0. */
 int strata_quantize_bf16(const uint16_t *x, uint8_t *codes, uint16_t *scale, uint16_t *mn,
                          int64_t H, int64_t n, int64_t D, int64_t group, int64_t bits,
                          int64_t sx_b, int64_t sx_h, int64_t sx_t, int64_t sc_b, int64_t sc_h, int64_t sc_t,
-                         int64_t ss_b, int64_t ss_h, int64_t ss_t, int64_t r0, int64_t r1) {
+                         int64_t ss_b, int64_t ss_h, int64_t ss_t, int64_t *next, int64_t rows, int64_t chunk) {
 #if defined(__FLT16_MANT_DIG__)
     const float q_max = (float)((1 << bits) - 1), tiny = 6.103515625e-05f; /* float16 smallest normal */
     const int64_t NG = D / group;
     float v[256];
-    for (int64_t r = r0; r < r1; r++) {
+    FOR_EACH_CHUNK(next, rows, chunk, r0, r1) for (int64_t r = r0; r < r1; r++) {
         const int64_t b = r / H, h = r % H;
         for (int64_t t = 0; t < n; t++) {
             const uint16_t *xt = x + b * sx_b + h * sx_h + t * sx_t;
@@ -365,7 +376,7 @@ int strata_quantize_bf16(const uint16_t *x, uint8_t *codes, uint16_t *scale, uin
 #else
     (void)x; (void)codes; (void)scale; (void)mn; (void)H; (void)n; (void)D; (void)group; (void)bits;
     (void)sx_b; (void)sx_h; (void)sx_t; (void)sc_b; (void)sc_h; (void)sc_t; (void)ss_b; (void)ss_h; (void)ss_t;
-    (void)r0; (void)r1;
+    (void)next; (void)rows; (void)chunk;
     return -1;
 #endif
 }

@@ -1,6 +1,6 @@
 """The KV store's own decode attention kernel (decode_attention.c): built once per
 machine with the system C compiler, loaded with ctypes, run on a pool of threads that
-each take a contiguous range of (sequence, key/value head) rows. ctypes releases the
+claim (sequence, key/value head) rows a chunk at a time from one shared counter. ctypes releases the
 GIL for the call, so the threads run in parallel; no OpenMP runtime is involved.
 
 Why not PyTorch's CPU SDPA: on a working set far beyond the L3 cache it read a
@@ -28,6 +28,7 @@ SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
          "-fno-signed-zeros", "-shared", "-fPIC"]  # no -ffast-math: masked keys are -inf
 MAX_HEAD_DIM = 256  # the kernels' stack buffers
+CLAIMS_PER_THREAD = 16  # rows are claimed in chunks of 1/16 of a thread's even share
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -70,13 +71,14 @@ def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
         return None
     fn = lib.strata_decode_attention_bf16
     fn.restype = None
-    fn.argtypes = [_PTR] * 5 + [_I64] * 4 + [_I64] * 12 + [ctypes.c_float, _I64, _I64, _PTR]
+    rows = [_PTR, _I64, _I64]  # the shared counter, the row count, rows per claim
+    fn.argtypes = [_PTR] * 5 + [_I64] * 4 + [_I64] * 12 + [ctypes.c_float] + rows + [_PTR]
     fq = lib.strata_decode_attention_quant
     fq.restype = None
-    fq.argtypes = [_PTR] * 9 + [_I64] * 6 + [_I64] * 12 + [ctypes.c_float, _I64, _I64, _PTR]
+    fq.argtypes = [_PTR] * 9 + [_I64] * 6 + [_I64] * 12 + [ctypes.c_float] + rows + [_PTR]
     fz = lib.strata_quantize_bf16
     fz.restype = ctypes.c_int
-    fz.argtypes = [_PTR] * 4 + [_I64] * 5 + [_I64] * 9 + [_I64, _I64]
+    fz.argtypes = [_PTR] * 4 + [_I64] * 5 + [_I64] * 9 + rows
     return lib
 
 
@@ -172,20 +174,23 @@ class NativeDecodeAttention:
         return all(rc == 0 for rc in self._parallel(self.fn_quantize, args, x.shape[0] * x.shape[1], None))
 
     def _parallel(self, fn, args: tuple, rows: int, scratch_floats: int | None) -> list:
-        """Rows (sequence, key/value head) in `threads` contiguous ranges, one per thread
-        (each with its own scratch of `scratch_floats` floats; None: the call takes none)."""
+        """`fn` on up to `threads` threads, which claim the rows (sequence, key/value
+        head) CLAIMS_PER_THREAD-th of an even share at a time from one counter; each
+        thread with its own scratch of `scratch_floats` floats (None: the call takes none)."""
         n = min(self.threads, rows)
-        bounds = [rows * i // n for i in range(n + 1)]
-        jobs = [self.pool.submit(self._run, fn, args, r0, r1, scratch_floats) for r0, r1 in zip(bounds, bounds[1:])]
+        chunk = max(1, rows // (n * CLAIMS_PER_THREAD))
+        counter = (ctypes.c_int64 * 1)()
+        claim = (ctypes.addressof(counter), rows, chunk)
+        jobs = [self.pool.submit(self._run, fn, args + claim, scratch_floats) for _ in range(n)]
         return [job.result() for job in jobs]
 
-    def _run(self, fn, args: tuple, r0: int, r1: int, floats: int | None):
+    def _run(self, fn, args: tuple, floats: int | None):
         if floats is None:
-            return fn(*args, r0, r1)
+            return fn(*args)
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.numel() < floats:
             buf = self._scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
-        return fn(*args, r0, r1, buf.data_ptr())
+        return fn(*args, buf.data_ptr())
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

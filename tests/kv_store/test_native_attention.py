@@ -129,3 +129,21 @@ def test_native_quantize_writes_the_codes_pytorch_would(kernel, bits):
     assert torch.equal(codes[:, :, 2:9], want[0])
     assert torch.equal(scale[:, :, 2:9], want[1]) and torch.equal(w_min[:, :, 2:9], want[2])
     assert (codes[:, :, :2] == 7).all() and (codes[:, :, 9:] == 7).all()
+
+
+def test_rows_claimed_in_chunks_cover_every_row():
+    """101 rows on 2 threads: claims of 3 rows and a short last one; every row's output
+    is computed once (the output starts as uninitialized memory)."""
+    k2 = native.NativeDecodeAttention.create(threads=2)
+    if k2 is None:
+        pytest.skip("no C compiler on this machine")
+    try:
+        torch.manual_seed(7)
+        b, d, t = 101, 32, 9
+        q = torch.randn(b, 1, 1, d).to(torch.bfloat16)
+        k, v = (torch.randn(b, 1, t, d).to(torch.bfloat16) for _ in range(2))
+        assert max(1, b // (2 * native.CLAIMS_PER_THREAD)) == 3
+        got = k2(q, k, v, None, d**-0.5)
+        assert torch.allclose(got.float(), reference(q, k, v, None, d**-0.5), atol=1e-2, rtol=1e-2)
+    finally:
+        k2.close()
