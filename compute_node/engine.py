@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from compute_node.batch import MicroBatch, positions, split, validate
+from compute_node.decode_graph import DecodeGraphs
 from compute_node.kv_cache import LocalKV, RemoteKV, _Shape
 from compute_node.layer_weights import LayerWeights
 from compute_node.model import family_for
@@ -30,7 +31,10 @@ from strata.kv_quant import check_bits
 
 
 class Engine:
-    def __init__(self, weights: LayerWeights, kv_factory, micro_batches: int = 1, max_batch: int = 256):
+    def __init__(self, weights: LayerWeights, kv_factory, micro_batches: int = 1, max_batch: int = 256,
+                 decode_graphs: bool = True):
+        """`decode_graphs`: replay each decode step as a CUDA graph where the step allows
+        it (compute_node/decode_graph.py)."""
         manifest = weights.host.manifest
         self.w = weights
         self.dims = dims_for(manifest.config)
@@ -38,6 +42,7 @@ class Engine:
         self.kv_factory = kv_factory  # (shape: _Shape) -> KVCache
         self.micro_batches = micro_batches
         self.max_batch = max_batch
+        self.decode_graphs = decode_graphs
         self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
         self.last_stats: dict = {}
         self.timing = {"start_s": 0.0, "finish_s": 0.0}  # host time blocked staging / awaiting attention
@@ -61,6 +66,9 @@ class Engine:
             tokens = self._step(mbs, sampling, gen, prefill=True)
             self.last_stats = {"prefill_s": time.perf_counter() - t0}
             t1 = time.perf_counter()
+            graphs = None
+            if self.decode_graphs and max_new_tokens > 1:
+                graphs = DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, self.forward)
             for step in range(max_new_tokens):
                 out = []
                 for i, tok in enumerate(tokens):
@@ -70,7 +78,7 @@ class Engine:
                 yield out
                 if step + 1 == max_new_tokens or all(finished):
                     break
-                tokens = self._step(mbs, sampling, gen, prefill=False, feed=tokens, offset=step)
+                tokens = self._step(mbs, sampling, gen, prefill=False, feed=tokens, offset=step, graphs=graphs)
         finally:  # also when the consumer stops early (stop sequences, a cancelled call)
             if t1 is not None:
                 self.last_stats["decode_s"] = time.perf_counter() - t1
@@ -84,23 +92,31 @@ class Engine:
         return _Shape(d.num_layers, d.num_heads, d.head_dim, max_tokens, mb.pad, self.family.scale, self.family.alibi,
                       d.kv_heads)
 
-    def _step(self, mbs, sampling, gen, prefill: bool, feed=None, offset: int = 0) -> list[int]:
+    def _step(self, mbs, sampling, gen, prefill: bool, feed=None, offset: int = 0,
+              graphs: DecodeGraphs | None = None) -> list[int]:
+        inputs = [self._inputs(mb, prefill, feed, offset) for mb in mbs]
+        logits = graphs.run(inputs) if graphs is not None else self.forward(mbs, inputs, prefill)
+        tokens: list[int] = []
+        for x in logits:
+            tokens.extend(choose(x, sampling, gen).tolist())
+        return tokens
+
+    def _inputs(self, mb: MicroBatch, prefill: bool, feed, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's token ids and positions on the device."""
         dev = self.w.device
-        for mb in mbs:
-            if prefill:
-                ids = mb.ids.to(dev)
-                pos = positions(mb.pad, 0, ids.shape[1]).to(dev)
-            else:
-                ids = torch.tensor([feed[i] for i in mb.index], dtype=torch.long).view(-1, 1).to(dev)
-                pos = positions(mb.pad, mb.ids.shape[1] + offset, 1).to(dev)
+        if prefill:
+            return mb.ids.to(dev), positions(mb.pad, 0, mb.ids.shape[1]).to(dev)
+        ids = torch.tensor([feed[i] for i in mb.index], dtype=torch.long).view(-1, 1)
+        return ids.to(dev), positions(mb.pad, mb.ids.shape[1] + offset, 1).to(dev)
+
+    def forward(self, mbs: list[MicroBatch], inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                prefill: bool) -> list[torch.Tensor]:
+        """Embedding, every layer, head: each micro-batch's logits at its last position."""
+        for mb, (ids, pos) in zip(mbs, inputs):
             mb.h = self.family.embed(self.w.embed, ids, pos)
             mb.pos = pos
         self._layers(mbs, prefill)
-        tokens: list[int] = []
-        for mb in mbs:
-            logits = self.family.logits(self.w.head, self.w.embed, mb.h[:, -1])
-            tokens.extend(choose(logits, sampling, gen).tolist())
-        return tokens
+        return [self.family.logits(self.w.head, self.w.embed, mb.h[:, -1]) for mb in mbs]
 
     def _layers(self, mbs: list[MicroBatch], prefill: bool) -> None:
         rows = max(mb.h.shape[0] * mb.h.shape[1] for mb in mbs)  # tokens of the largest micro-batch

@@ -134,6 +134,7 @@ class LocalKV:
         self.length = [0] * shape.num_layers
         self.pad = shape.pad.to(device)
         self._bias: tuple[int, torch.dtype, torch.Tensor] | None = None  # (keys, dtype, bias): one per step
+        self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # fixed_shapes(): cursor, biases
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +147,46 @@ class LocalKV:
         self.length[layer] = t
         return _prompt_attention(self.s, self.pad, q, k, v)
 
+    @property
+    def plain(self) -> bool:
+        """Stored in the compute dtype (not quantized)."""
+        return isinstance(self.layers, _PlainLayers)
+
+    def fixed_shapes(self) -> None:
+        """Switch decode to fixed shapes, for a captured CUDA graph (compute_node/
+        decode_graph.py): each step's token is written at a position held in a device
+        tensor, and attention reads all max_tokens keys with those not yet written masked
+        by a bias updated in place. Call after prefill on a `plain` cache, then
+        `advance()` before every step."""
+        if not self.plain:
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, "fixed-shape decode needs an unquantized KV cache")
+        n, dev = self.length[0], self.pad.device
+        for t in self.layers.k + self.layers.v:
+            t[:, :, n:].zero_()  # unwritten slots are read (and masked): no NaN from old memory
+        dtype = self.layers.k[0].dtype  # as the per-step bias: in the queries' dtype
+        base = attention_bias(self.pad, 1, self.s.max_tokens, self.s.slopes, dtype)  # every key visible
+        bias = base.clone()
+        bias[..., n:] = float("-inf")
+        self._fixed = (torch.zeros(1, dtype=torch.long, device=dev), base, bias)
+
+    def advance(self) -> None:
+        """Fixed shapes: make room for the next step's token (its position into the
+        cursor, its key unmasked)."""
+        n = self.length[0]
+        if n + 1 > self.s.max_tokens:
+            raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, f"KV cache holds {self.s.max_tokens} tokens per sequence")
+        cursor, base, bias = self._fixed
+        cursor.fill_(n)
+        bias[..., n] = base[..., n]
+        self.length = [n + 1] * len(self.length)
+
     def decode_start(self, layer, q, k, v):
+        if self._fixed is not None:  # the step's shapes do not depend on its length
+            cursor, _, bias = self._fixed
+            keys, values = self.layers.k[layer], self.layers.v[layer]
+            keys.index_copy_(2, cursor, k)
+            values.index_copy_(2, cursor, v)
+            return attend(q, keys, values, bias, self.s.scale)
         n = self.length[layer]
         if n + 1 > self.s.max_tokens:
             raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, f"KV cache holds {self.s.max_tokens} tokens per sequence")

@@ -112,9 +112,13 @@ class Rope:
             self.inv_freq, self.gain = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
         self.dim = 2 * self.inv_freq.numel()
         self.partial = self.dim < head_dim
+        self._on: dict[torch.device, torch.Tensor] = {}  # inv_freq per device: no copy inside a captured step
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        freqs = pos.float()[..., None] * self.inv_freq.to(pos.device)[None, None, :]  # [B, T, D/2]
+        inv = self._on.get(pos.device)
+        if inv is None:
+            inv = self._on[pos.device] = self.inv_freq.to(pos.device)
+        freqs = pos.float()[..., None] * inv[None, None, :]  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         cos, sin = (emb.cos() * self.gain).to(x.dtype), (emb.sin() * self.gain).to(x.dtype)
         if self.partial:

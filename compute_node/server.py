@@ -69,7 +69,7 @@ class ComputeNode:
             factory = remote_kv_factory(self.dtype, self.device, self.kv, self.exchange, config.kv_bits)
         else:
             factory = local_kv_factory(self.dtype, self.device, config.kv_bits)
-        self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch)
+        self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch, config.decode_graphs)
         self.codec = TextCodec(self.host.tokenizer_json)
         self.lock = threading.Lock()
 
@@ -167,6 +167,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--transport", choices=["shm", "bytes"], default="shm")
     p.add_argument("--exchange-bytes", type=int, default=ComputeNodeConfig.exchange_bytes,
                    help="bytes of each exchange half (KV store transfers), registered at start; grows on demand")
+    p.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly (no CUDA graph replay)")
     a = p.parse_args(argv)
     if a.kv_offload and not a.kv_store:
         p.error("--kv-offload needs --kv-store")
@@ -174,6 +175,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
         listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
         dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, kv_bits=a.kv_bits, exchange_bytes=a.exchange_bytes,
+        decode_graphs=not a.no_decode_graphs,
     )
     return cfg, a.transport
 

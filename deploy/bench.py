@@ -47,6 +47,7 @@ class BenchArgs:
     disk_layers: int = 0  # the planner's: streamed layers read from disk every pass (the last ones)
     kv_threads: int = 0  # KV store attention threads; 0 = its default
     kv_attention: str = "native"  # KV store decode attention kernel
+    decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -183,6 +184,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
         gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30), kv_bits=a.kv_bits,
+        decode_graphs=a.decode_graphs,
     )
     services = Services(opts)
     t_start = time.perf_counter()
@@ -247,6 +249,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "kv_bits": a.kv_bits,
             "micro_batches": a.micro_batches,
         },
+        "decode_graphs": a.decode_graphs,  # asked for; used where the placement allows (all resident, KV on GPU)
         "prefill_s": round(result.prefill_s, 4),
         "decode_s": round(result.decode_s, 4),
         "total_tokens_per_s": round(total_tps, 2),
@@ -311,7 +314,7 @@ def main(ns) -> int:
         device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
-        kv_threads=ns.kv_threads, kv_attention=ns.kv_attention,
+        kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

@@ -39,6 +39,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--kv-threads", type=int, default=0, help="KV store attention threads; 0 = its default")
     b.add_argument("--kv-attention", choices=["native", "sdpa"], default="native",
                    help="KV store decode attention: its own kernel or PyTorch SDPA")
+    b.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly, without CUDA graph replay")
     b.add_argument("--json", action="store_true", help="no progress bar; only the JSON line")
     b.add_argument("--no-warmup", action="store_true")
     b.add_argument("--output", help="also append the JSON line to this file")

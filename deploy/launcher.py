@@ -46,6 +46,7 @@ class ServeOptions:
     exchange_bytes: int = 64 << 20  # each of the compute node's two exchange halves, registered at start
     gpu_weight_share: float = 1.0
     micro_batches: int = 1
+    decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
     dtype: str = ""
     rpc_timeout_s: float = 30.0
     transport: str = "shm"
@@ -111,6 +112,8 @@ class Services:
         if o.dtype:
             args += ["--dtype", o.dtype]
         args += ["--kv-bits", str(o.kv_bits)]
+        if not o.decode_graphs:
+            args.append("--no-decode-graphs")
         if o.kv_offload:
             args += ["--kv-offload", "--kv-store", self.kv_store_addr, "--exchange-bytes", str(o.exchange_bytes)]
         self._spawn("compute node", args, stdout=subprocess.PIPE)

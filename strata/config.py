@@ -48,4 +48,5 @@ class ComputeNodeConfig:
     gpu_weight_share: float = 1.0  # share of layers kept resident on the device (issue 3)
     micro_batches: int = 1
     exchange_bytes: int = 64 << 20  # shared-memory region for tensors sent to the KV store
+    decode_graphs: bool = True  # replay decode steps as CUDA graphs where they allow it
     max_batch: int = 256
