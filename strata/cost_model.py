@@ -32,15 +32,16 @@ LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launc
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
 GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: prefill reached ~0.8 (T2 run 8: 3.18 s; T3 run 16: 27.0 s)
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
-# The KV store's attention inside the service reads KV at about 0.65 of the isolated
-# kernel's rate the profile measures (~60 against 88-98 GB/s on nvidia-h100-x1: runs
-# 6b and 8 of BENCHMARKS.md; its layout spreads every layer over one arena and calls
-# come from a worker thread).
-SERVICE_ATTENTION_EFFICIENCY = 0.65
-# Over a quantized cache the KV store's attention is compute-bound (dequantize, then
-# attend): it runs at this share of the bf16 rate in bf16-equivalent bytes (run 11:
-# 17.3 and 11.8 against 88.6 GB/s for INT8 and INT4).
-CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.195, 4: 0.133}
+# The KV store's attention inside the service reads KV at about 0.73 of the isolated
+# kernel's rate the profile measures: 70 GB/s at T1 on three hosts whose isolated
+# kernel read 84-93 (runs 36-39 of 2026-11-26 evening; 0.65 before the kernel's
+# threads claimed rows dynamically and took every core).
+SERVICE_ATTENTION_EFFICIENCY = 0.73
+# Over a quantized cache the KV store's kernel reads the codes in place; it is
+# compute-bound there, so it gains less than the bytes it saves: in bf16-equivalent
+# bytes it runs at this share of the bf16 rate (run 36, one host, 16 threads: bf16
+# 90.6, INT8 95.4, INT4 117.4 GB/s; at T1 in the service INT4 reached 1.41x, run 42).
+CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 1.05, 4: 1.30}
 # Streamed layers reach about 0.95 of the profile's pinned host-to-GPU copy rate with
 # the packed ring (one copy per layer, dequant on the compute stream): an OPT-175B
 # decode step with every layer streamed took 1.84-1.88 s for 99 GB (52-54 GB/s against
