@@ -223,6 +223,9 @@ class RemoteKV:
                 head_dim=shape.head_dim, max_tokens=shape.max_tokens, dtype=dtype_name(dtype), scale=shape.scale,
                 position_bias=kv_store_pb2.POSITION_BIAS_ALIBI if shape.slopes is not None else kv_store_pb2.POSITION_BIAS_NONE,
                 pad=[int(p) for p in shape.pad.tolist()], num_kv_heads=shape.num_kv_heads, kv_bits=kv_bits,
+                # the same groups as a device cache (64 elements where head_dim allows): the
+                # KV store's default, one group per head, is coarser at 4 bits
+                kv_group_size=default_group(shape.head_dim) if kv_bits != 16 else 0,
             )
         )
         self.pad = shape.pad.to(device)

@@ -21,6 +21,7 @@ from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
 from strata.arch import dims_for
+from strata.cost_model import kv_bytes_per_token_layer
 from strata.manifest import Manifest
 
 
@@ -140,10 +141,8 @@ def _offload_dir(a: BenchArgs) -> str:
 
 
 def _kv_bytes_per_token(a: BenchArgs, dims) -> float:
-    """KV bytes per token at the run's precision (INT8/INT4 codes plus fp16 scale and
-    min per group of 64 on head_dim)."""
-    per_element = {16: 2.0, 8: 1 + 4 / 64, 4: 0.5 + 4 / 64}[a.kv_bits]
-    return fl.kv_bytes_per_token(dims) / 2 * per_element
+    """KV bytes per token, every layer, at the run's precision (the cost model's)."""
+    return kv_bytes_per_token_layer(dims, a.kv_bits) * dims.num_layers
 
 
 def _kv_capacity(a: BenchArgs, dims) -> int:

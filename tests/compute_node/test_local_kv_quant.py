@@ -7,7 +7,7 @@ import torch
 
 import tiny_models
 from compute_node.engine import Engine, local_kv_factory
-from compute_node.kv_cache import DEQUANT_CHUNK, LocalKV, _Shape
+from compute_node.kv_cache import DEQUANT_CHUNK, LocalKV, RemoteKV, _Shape
 from compute_node.layer_weights import LayerWeights
 from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
@@ -97,3 +97,17 @@ def test_bad_kv_bits_or_group_are_invalid_arguments():
         with pytest.raises(StrataError) as e:
             LocalKV(shape(), torch.float32, CPU, bits, group_size=group)
         assert e.value.kind is ErrorKind.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("bits,group", [(16, 0), (8, 64), (4, 64)])
+def test_the_kv_store_is_asked_for_the_device_cache_groups(bits, group):
+    """A cache in the KV store is quantized in the groups a device cache uses (64
+    elements where head_dim allows), not the store's default of one group per head."""
+    asked = []
+
+    class Client:
+        def allocate(self, request):
+            asked.append(request)
+
+    RemoteKV(shape(head_dim=128), torch.bfloat16, CPU, Client(), None, bits)
+    assert asked[0].kv_bits == bits and asked[0].kv_group_size == group
