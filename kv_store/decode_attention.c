@@ -160,8 +160,8 @@ static inline float half_to_float(uint16_t h) { /* normals and subnormals (the s
  * Per value: out += (p * scale_n) * codes_n, and sum_t p * min_n once per group at the
  * end; nothing is dequantized to memory. Query heads of a group go one at a time over
  * the row's tokens (the row's codes stay in L2 for the next one), so a query and an
- * accumulator live in registers across the token loop. scratch: T * (1 + 4 * D/group)
- * floats. */
+ * accumulator live in registers across the token loop. scratch: T * (2 + 4 * D/group)
+ * + 16 floats (the INT4 path on bfloat16 dot products needs the most). */
 typedef struct {
     const uint16_t *q; const uint8_t *kc; const uint16_t *ks, *km; const uint8_t *vc; const uint16_t *vs, *vm;
     const float *mask; uint16_t *out;
@@ -306,6 +306,8 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
     }
 }
 
+#include "decode_attention_q4.c" /* the INT4 path on bfloat16 dot products, where targeted */
+
 void strata_decode_attention_quant(
     const uint16_t *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *km,
     const uint8_t *vc, const uint16_t *vs, const uint16_t *vm, const float *mask, uint16_t *out,
@@ -319,6 +321,10 @@ void strata_decode_attention_quant(
     FOR_EACH_CHUNK(next, rows, chunk, r0, r1) {
         if (D == 128 && group == 64 && bits == 8)
             quant_rows(&a, 128, 64, 8, r0, r1, scratch);
+#ifdef HAVE_Q4_BF16DOT
+        else if (D == 128 && group == 64 && bits == 4)
+            q4_rows_bf16dot(&a, r0, r1, scratch);
+#endif
         else if (D == 128 && group == 64 && bits == 4)
             quant_rows(&a, 128, 64, 4, r0, r1, scratch);
         else

@@ -39,7 +39,8 @@ def _cache_dir() -> pathlib.Path:
 
 def _machine_key() -> str:
     """Source, flags, compiler and CPU: -march=native code is for this CPU only."""
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.node().encode())
+    sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("decode_attention*.c")))
+    h = hashlib.sha256(sources + " ".join(FLAGS).encode() + platform.node().encode())
     try:
         h.update(pathlib.Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0])
     except OSError:
@@ -156,7 +157,7 @@ class NativeDecodeAttention:
                 vm.data_ptr(), m_args[0], out.data_ptr(), q.shape[1], kc.shape[1], kc.shape[2], d, group, bits,
                 q.stride(0), q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *m_args[1:], out.stride(0),
                 out.stride(1), float(scale))
-        self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], kc.shape[2] * (1 + 4 * d // group))
+        self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], kc.shape[2] * (2 + 4 * d // group) + 16)
         return out
 
     def quantize(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, bits: int,

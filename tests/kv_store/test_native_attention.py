@@ -91,22 +91,25 @@ def test_no_compiler_means_no_kernel(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_quantized_cache_matches_its_pytorch_path(kernel, bits, heads, kv_heads):
+@pytest.mark.parametrize("dim,group", [(64, 32), (128, 64)])  # any shape; the one with its own code paths
+def test_quantized_cache_matches_its_pytorch_path(kernel, bits, heads, kv_heads, dim, group):
     """INT8 / INT4 codes read in place agree with the chunked PyTorch path over the same
-    codes (and so with the dequantized cache), with a padding mask."""
+    codes (and so with the dequantized cache), with a padding mask, over an odd number
+    of tokens (the INT4 path on bfloat16 dot products takes values two at a time)."""
     from kv_store.quantized import QuantizedGroupCache
 
-    spec = GroupSpec(num_layers=2, batch=3, num_heads=heads, head_dim=64, max_tokens=80, dtype=torch.bfloat16,
-                     scale=64**-0.5, pad=(0, 5, 2), num_kv_heads=kv_heads, kv_bits=bits, kv_group_size=32)
+    spec = GroupSpec(num_layers=2, batch=3, num_heads=heads, head_dim=dim, max_tokens=80, dtype=torch.bfloat16,
+                     scale=dim**-0.5, pad=(0, 5, 2), num_kv_heads=kv_heads, kv_bits=bits, kv_group_size=group)
     fast, slow = QuantizedGroupCache(spec, native=kernel), QuantizedGroupCache(spec)
-    torch.manual_seed(bits + heads)
-    k, v = (torch.randn(3, kv_heads, 70, 64).to(torch.bfloat16) for _ in range(2))
+    torch.manual_seed(bits + heads + dim)
+    k, v = (torch.randn(3, kv_heads, 70, dim).to(torch.bfloat16) for _ in range(2))
     for cache in (fast, slow):
         cache.append(0, k, v)
-    q, k1, v1 = torch.randn(3, heads, 1, 64).to(torch.bfloat16), *(
-        torch.randn(3, kv_heads, 1, 64).to(torch.bfloat16) for _ in range(2))
+    q, k1, v1 = torch.randn(3, heads, 1, dim).to(torch.bfloat16), *(
+        torch.randn(3, kv_heads, 1, dim).to(torch.bfloat16) for _ in range(2))
     got, want = fast.attend(0, q, k1, v1), slow.attend(0, q, k1, v1)
-    assert got.shape == want.shape == (3, heads, 1, 64)
+    assert fast.lengths[0] % 2 == 1
+    assert got.shape == want.shape == (3, heads, 1, dim)
     assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert (got.float() - want.float()).abs().max() < 0.02
 
