@@ -1,7 +1,8 @@
 /* Per-vector cost of the KV store kernels (kv_store/decode_attention.c) on one thread, on
  * a row small enough for L2: compute, not DRAM. Dev-machine figures in the commit log.
  *   cc -O3 -march=native -fopenmp-simd -fno-math-errno -fno-trapping-math -fassociative-math \
- *      -fno-signed-zeros -o /tmp/ns bench/native_attention_ns.c kv_store/decode_attention.c -lm && /tmp/ns */
+ *      -fno-signed-zeros -o /tmp/ns bench/native_attention_ns.c kv_store/decode_attention.c -lm && /tmp/ns
+ * (add -DSTRATA_NO_BF16DOT for the plain INT4 path where the CPU has AVX512_BF16) */
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
