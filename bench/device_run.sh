@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq sweep ring prof30 t2p t1b t1p cudatests w4sweep e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
+#   steps: env micro attn attnq sweep ring prof30 t2p t2g t1b t1p t1q4 t1auto cudatests w4sweep e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
 # Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
 # benches the planner's choice and its best-predicted competitors (bench/grid.py)
 # with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
@@ -30,6 +30,9 @@ for step in "$@"; do
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;
     w4sweep) python3 bench/bench_w4a16.py --sweep --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} > "$OUT/w4sweep.txt" 2>"$OUT/w4sweep.err"; tail -8 "$OUT/w4sweep.txt";;
     t2p) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    t2g) for f in --no-decode-graphs ""; do bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} $f; done;;
+    t1q4) bench --model facebook/opt-30b --dummy --kv-offload --kv-bits 4 --batch-size ${T1_B:-192} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    t1auto) bench --model facebook/opt-30b --dummy --kv-offload --kv-bits auto --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
     t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-56} --micro-batches ${T2_M:-1};;
     t3) bench --model facebook/opt-175b --dummy --kv-offload --batch-size ${T3_B:-24} --gpu-weight-share ${T3_S:-0.45} --micro-batches ${T3_M:-2} --kv-capacity-gb ${T3_KV:-58};;
     bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 1;;
