@@ -2,14 +2,14 @@
 is healthy, and stops them cleanly.
 
 Peers talk over Unix sockets in a private run directory; the compute node listens
-where the user asked. Children get SIGTERM if the launcher dies (PR_SET_PDEATHSIG),
+where the user asked. Children get SIGTERM if the launcher dies (strata/lifetime.py),
 and after they stop the launcher removes every shared-memory region of its session,
 so nothing is left in /dev/shm even when a service was killed."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
+import os
 import shutil
 import signal
 import subprocess
@@ -21,16 +21,9 @@ import grpc
 
 from strata import shm
 from strata.errors import ErrorKind, StrataError
+from strata.lifetime import PARENT_ENV
 from strata.wire import common_pb2, kv_store_pb2_grpc, weight_store_pb2_grpc
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +68,9 @@ class Services:
         return f"unix://{self.rundir}/kv_store.sock"
 
     def _spawn(self, name: str, args: list[str], stdout=None) -> None:
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=stdout, preexec_fn=_die_with_parent, start_new_session=False
-        )
+        # no preexec_fn: the child asks for its own death signal after exec (strata/lifetime.py)
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=stdout, env=env)
 
     def start(self) -> str:
         o = self.opts

@@ -2,6 +2,10 @@
 
 import sys
 
-from kv_store.server import main
+from strata.lifetime import die_with_parent
+
+die_with_parent()  # before the imports below (torch, gRPC) take seconds
+
+from kv_store.server import main  # noqa: E402
 
 sys.exit(main())

@@ -376,6 +376,23 @@ def test_dead_weight_store_makes_serve_exit_and_clean_up(model):
         force_stop(server, session)
 
 
+def test_a_killed_launcher_takes_its_services_with_it(model):
+    """SIGKILL leaves the launcher no chance to stop its children: each service asked
+    the kernel at start for SIGTERM when its parent dies, stops on it and removes its
+    shared memory."""
+    server = Server(model, "--kv-offload")
+    session = session_of(server)
+    try:
+        assert len(server.alive_children()) == 3
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        assert wait_gone(server.children) == []
+        assert session_shm(session) == set()
+    finally:
+        force_stop(server, session)
+        server.stop()
+
+
 # ---------------------------------------------------------------- 5. KV store capacity
 
 
