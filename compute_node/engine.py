@@ -11,6 +11,10 @@
                 start j's attention of layer i (device, or KV store on the CPU)
         finish every micro-batch's last layer
         logits -> next tokens
+
+Where every layer is resident and the KV cache is on the device unquantized, each
+micro-batch's decode step (embedding, layers, head) is captured once as a CUDA graph and
+replayed (compute_node/decode_graph.py).
 """
 
 from __future__ import annotations
