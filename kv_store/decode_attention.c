@@ -224,6 +224,21 @@ static inline __attribute__((always_inline)) float quant_dot(const float *qf, co
 }
 #endif
 
+/* One row's key and value scales and mins as float32, [T, NG] each, one after the other
+ * from `out` (ks, km, vs, vm): `os` is the row's offset in the scale/min tensors. */
+static inline void row_scales(const quant_args *a, int64_t os, int64_t NG, float *out) {
+    const int64_t T = a->T;
+    float *ks = out, *km = ks + T * NG, *vs = km + T * NG, *vm = vs + T * NG;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t n = 0; n < NG; n++) {
+            const int64_t i = os + t * a->ss_t + n;
+            ks[t * NG + n] = half_to_float(a->ks[i]);
+            km[t * NG + n] = half_to_float(a->km[i]);
+            vs[t * NG + n] = half_to_float(a->vs[i]);
+            vm[t * NG + n] = half_to_float(a->vm[i]);
+        }
+}
+
 static inline __attribute__((always_inline)) void quant_rows(const quant_args *a, const int64_t D, const int64_t group,
                                                              const int64_t bits, int64_t r0, int64_t r1, float *s) {
     const int64_t G = a->H / a->Hkv, NG = D / group, CG = bits == 8 ? group : group / 2, T = a->T;
@@ -233,15 +248,7 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
     for (int64_t r = r0; r < r1; r++) {
         const int64_t b = r / a->Hkv, h = r % a->Hkv;
         const uint8_t *kc = a->kc + b * a->sc_b + h * a->sc_h, *vc = a->vc + b * a->sc_b + h * a->sc_h;
-        const int64_t os = b * a->ss_b + h * a->ss_h;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t n = 0; n < NG; n++) {
-                const int64_t i = os + t * a->ss_t + n;
-                ks[t * NG + n] = half_to_float(a->ks[i]);
-                km[t * NG + n] = half_to_float(a->km[i]);
-                vs[t * NG + n] = half_to_float(a->vs[i]);
-                vm[t * NG + n] = half_to_float(a->vm[i]);
-            }
+        row_scales(a, b * a->ss_b + h * a->ss_h, NG, ks);
         for (int64_t g = 0; g < G; g++) {
             const int64_t head = h * G + g;
             const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;

@@ -80,15 +80,7 @@ static void q4_rows_bf16dot(const quant_args *a, int64_t r0, int64_t r1, float *
     for (int64_t r = r0; r < r1; r++) {
         const int64_t b = r / a->Hkv, h = r % a->Hkv;
         const uint8_t *kc = a->kc + b * a->sc_b + h * a->sc_h, *vc = a->vc + b * a->sc_b + h * a->sc_h;
-        const int64_t os = b * a->ss_b + h * a->ss_h;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t n = 0; n < NG; n++) {
-                const int64_t i = os + t * a->ss_t + n;
-                ks[t * NG + n] = half_to_float(a->ks[i]);
-                km[t * NG + n] = half_to_float(a->km[i]);
-                vs[t * NG + n] = half_to_float(a->vs[i]);
-                vm[t * NG + n] = half_to_float(a->vm[i]);
-            }
+        row_scales(a, b * a->ss_b + h * a->ss_h, NG, ks);
         for (int64_t g = 0; g < G; g++) {
             const int64_t head = h * G + g;
             const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;
