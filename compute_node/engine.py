@@ -34,6 +34,10 @@ from strata.arch import dims_for
 from strata.kv_quant import check_bits
 
 
+# Capturing costs about one eager step: decode graphs only where at least two steps replay.
+MIN_TOKENS_FOR_GRAPHS = 4
+
+
 class Engine:
     def __init__(self, weights: LayerWeights, kv_factory, micro_batches: int = 1, max_batch: int = 256,
                  decode_graphs: bool = True):
@@ -71,7 +75,7 @@ class Engine:
             self.last_stats = {"prefill_s": time.perf_counter() - t0}
             t1 = time.perf_counter()
             graphs = None
-            if self.decode_graphs and max_new_tokens > 1:
+            if self.decode_graphs and max_new_tokens >= MIN_TOKENS_FOR_GRAPHS:
                 graphs = DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, self.forward)
             for step in range(max_new_tokens):
                 out = []
