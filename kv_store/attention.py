@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from strata.alibi import alibi_slopes
 from strata.errors import ErrorKind, StrataError
+from strata.kv_quant import default_group
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,11 +40,11 @@ class GroupSpec:
     pad: tuple[int, ...] = ()  # left padding per sequence; () = none
     num_kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = num_heads
     kv_bits: int = 16  # 8 or 4: stored quantized (kv_store/quantized.py)
-    kv_group_size: int = 0  # head_dim elements per quantization group; 0 = head_dim
+    kv_group_size: int = 0  # head_dim elements per quantization group; 0 = 64 where that divides head_dim
 
     @property
     def kv_group(self) -> int:
-        return self.kv_group_size or self.head_dim
+        return self.kv_group_size or default_group(self.head_dim)  # as a device cache (strata/kv_quant.py)
 
     @property
     def kv_heads(self) -> int:

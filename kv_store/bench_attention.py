@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kv-bits", default="16,8,4", help="comma-separated KV precisions, each 16, 8 or 4")
-    p.add_argument("--kv-group", type=int, default=0, help="quantization group on head_dim; 0 = head_dim (the service's)")
+    p.add_argument("--kv-group", type=int, default=0,
+                   help="quantization group on head_dim; 0 = 64 where that divides head_dim (the service's)")
     p.add_argument("--dram-bytes", type=int, default=1 << 30, help="bytes summed to measure DRAM read bandwidth")
     p.add_argument("--attention", choices=["native", "sdpa"], default="native")
     a = p.parse_args(argv)
