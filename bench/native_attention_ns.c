@@ -2,7 +2,7 @@
  * a row small enough for L2: compute, not DRAM. Dev-machine figures in the commit log.
  *   cc -O3 -march=native -fopenmp-simd -fno-math-errno -fno-trapping-math -fassociative-math \
  *      -fno-signed-zeros -o /tmp/ns bench/native_attention_ns.c kv_store/decode_attention.c -lm && /tmp/ns
- * (add -DSTRATA_NO_BF16DOT for the plain INT4 path where the CPU has AVX512_BF16) */
+ * (add -DSTRATA_NO_BF16DOT for the plain paths where the CPU has AVX512_BF16) */
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,5 +1,5 @@
 /* INT4 decode attention on bfloat16 dot-product instructions (AVX512_BF16), for the
- * common format: head_dim 128, groups of 64. Included by decode_attention.c, which
+ * common format: head_dim 128, groups of 64. Included by decode_attention_quant.c, which
  * calls it where the compiler targets those instructions; same result contract as
  * quant_rows (same cache layout, same arguments), to float32 rounding of the sums and
  * bfloat16 rounding of each value weight (below).
@@ -18,7 +18,7 @@
  * cancels exactly. Values go two tokens at a time: the codes of t and t+1 are
  * interleaved per element, so one instruction adds both tokens' weighted codes. */
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(STRATA_NO_BF16DOT) /* -D...: the plain path */
+#if defined(HAVE_BF16DOT) && defined(__AVX512BW__)
 #define HAVE_Q4_BF16DOT 1
 
 enum { Q4_D = 128, Q4_GROUP = 64, Q4_NG = 2, Q4_CG = 32 };
