@@ -1,8 +1,10 @@
 /* INT4 decode attention on bfloat16 dot-product instructions (AVX512_BF16), for the
- * common format: head_dim 128, groups of 64. Included by decode_attention_quant.c, which
- * calls it where the compiler targets those instructions; same result contract as
- * quant_rows (same cache layout, same arguments), to float32 rounding of the sums and
- * bfloat16 rounding of each value weight (below).
+ * common format: head_dim 128, groups of 64: one query head's scores (q4_scores) and
+ * output (q4_output). Included by decode_attention_quant.c, whose quant_rows calls them
+ * for that format where the compiler targets those instructions; the same result as its
+ * own loops to float32 rounding of the sums and bfloat16 rounding of each value weight
+ * (below). Scratch: the row's scales and mins as quant_rows lays them out, then
+ * NG * ceil(T/2) words of weight pairs (T * (2 + 4 * D/group) + 16 floats in all).
  *
  * Why: the plain path widens every nibble to int32, then float, then multiplies: it is
  * bound by those conversions on the device's hosts (INT4 18 ns a cached vector on one
@@ -64,71 +66,59 @@ static inline void q4_values(const uint8_t *vc, int64_t sc_t, const uint32_t *wp
     }
 }
 
-/* scratch: T * (2 + 4 * Q4_NG) + 16 floats */
-static void q4_rows_bf16dot(const quant_args *a, int64_t r0, int64_t r1, float *s) {
-    const int64_t G = a->H / a->Hkv, T = a->T, NG = Q4_NG;
-    float *ks = s + T, *km = ks + T * NG, *vs = km + T * NG, *vm = vs + T * NG;
-    uint32_t *wpair = (uint32_t *)(vm + T * NG); /* NG * ceil(T/2) bfloat16 weight pairs */
-    /* even / odd positions of a group's 64 query elements (the nibble order) */
-    __m512i idx_even, idx_odd;
-    {
-        uint16_t ie[32], io[32];
-        for (int j = 0; j < 32; j++) ie[j] = (uint16_t)(2 * j), io[j] = (uint16_t)(2 * j + 1);
-        idx_even = _mm512_loadu_si512(ie);
-        idx_odd = _mm512_loadu_si512(io);
+/* Scores s[0..T) of one query head (bfloat16, qh) against its row's keys; ks, km: the
+ * row's key scales and mins as float32 [T, NG] (row_scales). */
+static inline void q4_scores(const quant_args *a, const uint16_t *qh, const uint8_t *kc, const float *ks,
+                             const float *km, float *s) {
+    static const uint16_t even[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                      32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+    const __m512i idx_even = _mm512_loadu_si512(even), idx_odd = _mm512_add_epi16(idx_even, _mm512_set1_epi16(1));
+    __m512i qe[Q4_NG], qo[Q4_NG]; /* a group's even elements, then its odd ones (the nibble order) */
+    float qsum[Q4_NG];
+    for (int n = 0; n < Q4_NG; n++) {
+        const __m512i lo = _mm512_loadu_si512(qh + n * Q4_GROUP), hi = _mm512_loadu_si512(qh + n * Q4_GROUP + 32);
+        qe[n] = _mm512_permutex2var_epi16(lo, idx_even, hi);
+        qo[n] = _mm512_permutex2var_epi16(lo, idx_odd, hi);
+        float sum = 0.f;
+        for (int d = 0; d < Q4_GROUP; d++) sum += bf16_to_f32(qh[n * Q4_GROUP + d]);
+        qsum[n] = sum;
     }
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t b = r / a->Hkv, h = r % a->Hkv;
-        const uint8_t *kc = a->kc + b * a->sc_b + h * a->sc_h, *vc = a->vc + b * a->sc_b + h * a->sc_h;
-        row_scales(a, b * a->ss_b + h * a->ss_h, NG, ks);
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t head = h * G + g;
-            const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;
-            __m512i qe[Q4_NG], qo[Q4_NG];
-            float qsum[Q4_NG];
-            for (int n = 0; n < Q4_NG; n++) {
-                const __m512i lo = _mm512_loadu_si512(qh + n * Q4_GROUP), hi = _mm512_loadu_si512(qh + n * Q4_GROUP + 32);
-                qe[n] = _mm512_permutex2var_epi16(lo, idx_even, hi);
-                qo[n] = _mm512_permutex2var_epi16(lo, idx_odd, hi);
-                float sum = 0.f;
-                for (int d = 0; d < Q4_GROUP; d++) sum += bf16_to_f32(qh[n * Q4_GROUP + d]);
-                qsum[n] = sum;
-            }
-            for (int64_t t = 0; t < T; t++) { /* scale * (sum_n s_n (A_n - 128 qsum_n) + m_n qsum_n) */
-                const float *sc = ks + t * NG, *mn = km + t * NG;
-                float base = 0.f;
-                for (int n = 0; n < Q4_NG; n++) base += qsum[n] * (mn[n] - 128.f * sc[n]);
-                s[t] = a->scale * q4_key(qe, qo, kc + t * a->sc_t, sc, base);
-            }
-            const float inv = softmax_unnormalized(
-                s, T, a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL);
-            float wsum[Q4_NG] = {0.f}, accmin[Q4_NG] = {0.f};
-            const int64_t pairs = (T + 1) / 2;
-            for (int n = 0; n < Q4_NG; n++) {
-                uint16_t *w16 = (uint16_t *)(wpair + n * pairs);
-                for (int64_t t = 0; t < T; t++) {
-                    const uint16_t w = f32_to_bf16(s[t] * vs[t * NG + n]);
-                    w16[t] = w;
-                    wsum[n] += bf16_to_f32(w);
-                    accmin[n] += s[t] * vm[t * NG + n];
-                }
-                if (T & 1) w16[T] = 0;
-            }
-            __m512 acc[Q4_NG][4];
-            q4_values(vc, a->sc_t, wpair, T, acc);
-            uint16_t *o = a->out + b * a->so_b + head * a->so_h;
-            for (int n = 0; n < Q4_NG; n++) {
-                float part[4][16];
-                for (int j = 0; j < 4; j++) _mm512_storeu_ps(part[j], acc[n][j]);
-                const float base = accmin[n] - 128.f * wsum[n];
-                for (int k = 0; k < 4; k++)
-                    for (int i = 0; i < 4; i++)
-                        for (int j = 0; j < 4; j++) { /* j: even lo, even hi, odd lo, odd hi */
-                            const int e = 8 * k + i + (j & 1) * 4, d = n * Q4_GROUP + 2 * e + (j >> 1);
-                            o[d] = f32_to_bf16((part[j][4 * k + i] + base) * inv);
-                        }
-            }
+    for (int64_t t = 0; t < a->T; t++) { /* scale * (sum_n s_n (A_n - 128 qsum_n) + m_n qsum_n) */
+        const float *sc = ks + t * Q4_NG, *mn = km + t * Q4_NG;
+        float base = 0.f;
+        for (int n = 0; n < Q4_NG; n++) base += qsum[n] * (mn[n] - 128.f * sc[n]);
+        s[t] = a->scale * q4_key(qe, qo, kc + t * a->sc_t, sc, base);
+    }
+}
+
+/* out[0..D) = inv * sum_t p_t V_t for probabilities p = s (unnormalized); vs, vm: the
+ * row's value scales and mins [T, NG]; wpair: NG * ceil(T/2) scratch words. */
+static inline void q4_output(const quant_args *a, const uint8_t *vc, const float *s, float inv, const float *vs,
+                             const float *vm, uint32_t *wpair, uint16_t *o) {
+    const int64_t T = a->T, pairs = (T + 1) / 2;
+    float wsum[Q4_NG] = {0.f}, accmin[Q4_NG] = {0.f};
+    for (int n = 0; n < Q4_NG; n++) {
+        uint16_t *w16 = (uint16_t *)(wpair + n * pairs);
+        for (int64_t t = 0; t < T; t++) {
+            const uint16_t w = f32_to_bf16(s[t] * vs[t * Q4_NG + n]);
+            w16[t] = w;
+            wsum[n] += bf16_to_f32(w);
+            accmin[n] += s[t] * vm[t * Q4_NG + n];
         }
+        if (T & 1) w16[T] = 0;
+    }
+    __m512 acc[Q4_NG][4];
+    q4_values(vc, a->sc_t, wpair, T, acc);
+    for (int n = 0; n < Q4_NG; n++) {
+        float part[4][16];
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(part[j], acc[n][j]);
+        const float base = accmin[n] - 128.f * wsum[n];
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) { /* j: even lo, even hi, odd lo, odd hi */
+                    const int e = 8 * k + i + (j & 1) * 4, d = n * Q4_GROUP + 2 * e + (j >> 1);
+                    o[d] = f32_to_bf16((part[j][4 * k + i] + base) * inv);
+                }
     }
 }
 #endif

@@ -104,6 +104,8 @@ static inline void row_scales(const quant_args *a, int64_t os, int64_t NG, float
         }
 }
 
+#include "decode_attention_q4.c" /* the INT4 path on bfloat16 dot products, where targeted */
+
 static inline __attribute__((always_inline)) void quant_rows(const quant_args *a, const int64_t D, const int64_t group,
                                                              const int64_t bits, int64_t r0, int64_t r1, float *s) {
     const int64_t G = a->H / a->Hkv, NG = D / group, CG = bits == 8 ? group : group / 2, T = a->T;
@@ -117,6 +119,15 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
         for (int64_t g = 0; g < G; g++) {
             const int64_t head = h * G + g;
             const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;
+            const float *mask = a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL;
+            uint16_t *o = a->out + b * a->so_b + head * a->so_h;
+#ifdef HAVE_Q4_BF16DOT
+            if (bits == 4 && D == Q4_D && group == Q4_GROUP) { /* constants here: decided at compile time */
+                q4_scores(a, qh, kc, ks, km, s);
+                q4_output(a, vc, s, softmax_unnormalized(s, T, mask), vs, vm, (uint32_t *)(vm + T * NG), o);
+                continue;
+            }
+#endif
             if (bits == 8) {
                 for (int64_t d = 0; d < D; d++) qf[d] = bf16_to_f32(qh[d]) * a->scale;
             } else { /* per group: its even elements, then its odd ones (the nibble order) */
@@ -139,8 +150,7 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
                     s[t + u] = quant_dot(qf, qsum, kc + (t + u) * a->sc_t, ks + (t + u) * NG, km + (t + u) * NG, NG,
                                          CG, group, bits);
             for (; t < T; t++) s[t] = quant_dot(qf, qsum, kc + t * a->sc_t, ks + t * NG, km + t * NG, NG, CG, group, bits);
-            const float inv = softmax_unnormalized(
-                s, T, a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL);
+            const float inv = softmax_unnormalized(s, T, mask);
             for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
             for (int64_t n = 0; n < NG; n++) accmin[n] = 0.f;
             for (int64_t t = 0; t < T; t++) { /* values, weighted by the probabilities */
@@ -161,7 +171,6 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
                     }
                 }
             }
-            uint16_t *o = a->out + b * a->so_b + head * a->so_h;
             for (int64_t n = 0; n < NG; n++) {
                 const float *an = acc + n * group;
                 const float base = accmin[n];
@@ -178,8 +187,6 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
     }
 }
 
-#include "decode_attention_q4.c" /* the INT4 path on bfloat16 dot products, where targeted */
-
 void strata_decode_attention_quant(
     const uint16_t *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *km,
     const uint8_t *vc, const uint16_t *vs, const uint16_t *vm, const float *mask, uint16_t *out,
@@ -193,10 +200,6 @@ void strata_decode_attention_quant(
     FOR_EACH_CHUNK(next, rows, chunk, r0, r1) {
         if (D == 128 && group == 64 && bits == 8)
             quant_rows(&a, 128, 64, 8, r0, r1, scratch);
-#ifdef HAVE_Q4_BF16DOT
-        else if (D == 128 && group == 64 && bits == 4)
-            q4_rows_bf16dot(&a, r0, r1, scratch);
-#endif
         else if (D == 128 && group == 64 && bits == 4)
             quant_rows(&a, 128, 64, 4, r0, r1, scratch);
         else
