@@ -55,3 +55,10 @@ def test_any_placement_flag_or_the_cpu_keeps_the_flags(model):
     assert options(model, "--device", "cuda", "--gpu-weight-share", "0.25").gpu_weight_share == 0.25
     o = options(model, "--device", "cpu")
     assert o.gpu_weight_share == 1.0 and o.micro_batches == 1
+
+
+def test_decode_graphs_are_on_unless_switched_off_and_survive_the_plan(model):
+    """`--no-decode-graphs` reaches the compute node's options, planned or pinned."""
+    for extra, want in (((), True), (("--no-decode-graphs",), False)):
+        assert options(model, "--device", "cuda", "--profile", PROFILE, *extra).decode_graphs is want
+        assert options(model, "--gpu-weight-share", "1", *extra).decode_graphs is want
