@@ -25,7 +25,6 @@ from strata.lifetime import PARENT_ENV
 from strata.wire import common_pb2, kv_store_pb2_grpc, weight_store_pb2_grpc
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
     model_dir: str

@@ -1,7 +1,8 @@
-"""The KV store's own decode attention kernel (decode_attention.c): built once per
+"""The KV store's own decode attention kernel (decode_attention*.c): built once per
 machine with the system C compiler, loaded with ctypes, run on a pool of threads that
-claim (sequence, key/value head) rows a chunk at a time from one shared counter. ctypes releases the
-GIL for the call, so the threads run in parallel; no OpenMP runtime is involved.
+claim (sequence, key/value head) rows a chunk at a time from one shared counter. ctypes
+releases the GIL for the call, so the threads run in parallel; no OpenMP runtime is
+involved.
 
 Why not PyTorch's CPU SDPA: on a working set far beyond the L3 cache it read a
 bfloat16 cache at 67-77 GB/s against 85-99 GB/s of DRAM read (bench/attn_sweep.py,

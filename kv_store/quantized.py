@@ -97,9 +97,8 @@ class QuantizedGroupCache(GroupCache):
         qg = q.float().view(b, hk, hq // hk, d) * self.spec.scale
         chunks = [(a, min(a + CHUNK, length)) for a in range(0, length, CHUNK)]
         scores = torch.cat([qg @ self._load(0, layer, a, z).transpose(-1, -2) for a, z in chunks], dim=-1)
-        if self.mask is not None:
-            m = self.mask[..., :length]
-            scores = scores + (m.view(b, hk, hq // hk, length) if m.shape[1] == hq else m)
+        if mask is not None:
+            scores = scores + (mask.view(b, hk, hq // hk, length) if mask.shape[1] == hq else mask)
         p = torch.softmax(scores, dim=-1)
         out = sum(p[..., a:z] @ self._load(1, layer, a, z) for a, z in chunks)
         return out.view(b, hq, 1, d).to(q.dtype)
