@@ -8,6 +8,9 @@ CUDA-event timings; by default L2 is flushed before every timed call (a decode s
 streams each weight once, and 7168x7168 at INT4 would otherwise sit in the 50 MB L2).
 `--sweep` also tries variants of the kernel config around the heuristic (greedy, one
 knob at a time) and prints the best per case: a few minutes, for tuning `pick_config`.
+`--grid` times every combination of the layout knobs (JOIN, ALGEBRAIC, SWAP, BLOCK_N,
+num_warps; split-K filling one wave of SMs) and, with `--sweep` too, sweeps greedily
+from the grid's best; every grid config goes to `--grid-log` as a JSON line.
 """
 
 from __future__ import annotations
@@ -64,21 +67,26 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
+def sweep_run(timer: Timer, x, data, scale, mn, ref, cfg: dict) -> float:
+    """Seconds per call of one config; inf where it fails to compile or is wrong."""
+    try:
+        y = w4a16.int4_linear(x, data, scale, mn, GROUP, config=cfg)
+        if rel_err(y, ref) > 1e-2:
+            return float("inf")
+        return timer(lambda: w4a16.int4_linear(x, data, scale, mn, GROUP, config=cfg))
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped
+        print(f"# variant {cfg} failed: {repr(e)[:200]}", file=sys.stderr)
+        return float("inf")
+
+
 def sweep(timer: Timer, x, data, scale, mn, ref, base: dict) -> tuple[dict, float]:
     """Greedy one-knob-at-a-time search around `base`; returns (best config, seconds)."""
     def run(cfg):
-        try:
-            y = w4a16.int4_linear(x, data, scale, mn, GROUP, config=cfg)
-            if rel_err(y, ref) > 1e-2:
-                return float("inf")
-            return timer(lambda: w4a16.int4_linear(x, data, scale, mn, GROUP, config=cfg))
-        except Exception as e:  # noqa: BLE001 - a variant that does not compile is skipped
-            print(f"# variant {cfg} failed: {repr(e)[:200]}", file=sys.stderr)
-            return float("inf")
+        return sweep_run(timer, x, data, scale, mn, ref, cfg)
 
     best, best_t = dict(base), run(base)
     knobs = {
-        "ALGEBRAIC": [False, True], "SWAP": [False, True], "BLOCK_N": [64, 128, 256],
+        "JOIN": [False, True], "ALGEBRAIC": [False, True], "SWAP": [False, True], "BLOCK_N": [64, 128, 256],
         "BLOCK_M": [16, 32, 64, 128], "BLOCK_K": [64, 128, 256],
         "SPLIT_K": sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], base["SPLIT_K"] * 2, 1, 4, 8}),
         "num_warps": [4, 8], "num_stages": [2, 3, 4, 5],
@@ -96,6 +104,35 @@ def sweep(timer: Timer, x, data, scale, mn, ref, base: dict) -> tuple[dict, floa
     return best, best_t
 
 
+def fill_split(m: int, n: int, k: int, cfg: dict, num_sms: int) -> int:
+    """Smallest power-of-two split-K whose programs fill one wave of SMs (at least 4 K steps each)."""
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    k_iters, split = k // cfg["BLOCK_K"], 1
+    while tiles * split < num_sms and k_iters // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def grid(timer: Timer, x, data, scale, mn, ref, base: dict, num_sms: int, log) -> tuple[dict, float]:
+    """Every combination of the layout knobs; returns the fastest (config, seconds)."""
+    m, k = x.shape
+    n = data.shape[0]
+    best, best_t = dict(base), float("inf")
+    for join in (False, True):
+        for alg in (False, True):
+            for swap in (False, True):
+                for bn in (128, 256):
+                    for warps in (4, 8):
+                        cfg = dict(base, JOIN=join, ALGEBRAIC=alg, SWAP=swap, BLOCK_N=bn, num_warps=warps,
+                                   BLOCK_M=max(16, min(64, triton_next_pow2(m))), BLOCK_K=64)
+                        cfg["SPLIT_K"] = fill_split(m, n, k, cfg, num_sms)
+                        t = sweep_run(timer, x, data, scale, mn, ref, cfg)
+                        log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t}) + "\n")
+                        if t < best_t:
+                            best, best_t = cfg, t
+    return best, best_t
+
+
 def triton_next_pow2(n: int) -> int:
     p = 1
     while p < n:
@@ -108,6 +145,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--no-flush", action="store_true", help="do not flush L2 before timed calls")
     ap.add_argument("--sweep", action="store_true", help="also search kernel configs (minutes)")
+    ap.add_argument("--grid", action="store_true", help="grid over layout knobs, then --sweep from the best")
+    ap.add_argument("--grid-log", default="w4grid.jsonl", help="where --grid writes every timed config")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -142,7 +181,13 @@ def main() -> None:
                 row["fused_GBps"] = nbytes / row["fused_s"] / 1e9
                 row["speedup_vs_dequant"] = row["dequant_linear_s"] / row["fused_s"]
                 row["speedup_vs_dense"] = row["dense_s"] / row["fused_s"]
-                if args.sweep:
+                if args.grid:
+                    with open(args.grid_log, "a") as log:
+                        best, best_t = grid(timer, x, data, scale, mn, ref, row["config"], num_sms, log)
+                    if args.sweep:
+                        best, best_t = sweep(timer, x, data, scale, mn, ref, best)
+                    row["sweep_best"], row["sweep_best_s"] = best, best_t
+                elif args.sweep:
                     best, best_t = sweep(timer, x, data, scale, mn, ref, row["config"])
                     row["sweep_best"], row["sweep_best_s"] = best, best_t
             except Exception as e:  # noqa: BLE001 - report and go on to the next case
@@ -160,7 +205,7 @@ def main() -> None:
           f"{time.time() - t_start:.1f} s; times in ms")
     head = f"{'N':>6} {'K':>6} {'M':>4} | {'fused':>7} {'dq+lin':>7} {'dense':>7} | {'x dq':>5} {'x dense':>7} " \
            f"{'GB/s':>6} {'err':>8} {'cfg (BM,BN,BK,split,alg,swap)':>30}"
-    if args.sweep:
+    if args.sweep or args.grid:
         head += f" | {'best':>7} best cfg"
     print(head)
     for r in rows:
@@ -170,10 +215,11 @@ def main() -> None:
             line = (f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | {r['fused_s'] * 1e3:7.3f} {r['dequant_linear_s'] * 1e3:7.3f} "
                     f"{r['dense_s'] * 1e3:7.3f} | {r['speedup_vs_dequant']:5.2f} {r['speedup_vs_dense']:7.2f} "
                     f"{r['fused_GBps']:6.0f} {r['rel_err']:8.1e} {cfg:>30}")
-            if args.sweep and "sweep_best" in r:
+            if "sweep_best" in r:
                 b = r["sweep_best"]
                 line += (f" | {r['sweep_best_s'] * 1e3:7.3f} {b['BLOCK_M']},{b['BLOCK_N']},{b['BLOCK_K']},"
-                         f"{b['SPLIT_K']},{int(b['ALGEBRAIC'])},{int(b['SWAP'])},w{b['num_warps']},s{b['num_stages']}")
+                         f"{b['SPLIT_K']},{int(b['ALGEBRAIC'])},{int(b['SWAP'])},j{int(b['JOIN'])},w{b['num_warps']},"
+                         f"s{b['num_stages']}")
         else:
             line = f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | FAILED {r.get('error', '')[:100]}"
         print(line)

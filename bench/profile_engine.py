@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--share", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prefill", action="store_true", help="profile the full-length prefill instead of decode")
     a = p.parse_args()
     m = dummy_manifest(a.model, 4, 64)
     raw = {n: torch.empty(s.size, dtype=torch.uint8).pin_memory() for n, s in m.shards.items()}
@@ -48,12 +49,15 @@ def main() -> None:
         t = time.perf_counter()
     step_times = [round(x, 4) for x in times]
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    prompts = [[7] * 8 for _ in range(a.batch)]  # profile decode: a short prompt, so prefill is small
+    if a.prefill:  # one token: the step is the prefill
+        gen_len = 1
+    else:  # profile decode: a short prompt, so prefill is small
+        prompts, gen_len = [[7] * 8 for _ in range(a.batch)], a.gen
     with torch.profiler.profile(activities=acts) as prof:
-        for _ in engine.generate(prompts, a.gen, Sampling()):
+        for _ in engine.generate(prompts, gen_len, Sampling()):
             pass
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
     print("step times (s):", step_times)
 

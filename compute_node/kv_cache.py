@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from compute_node.kernels import dequant
-from compute_node.model import attend, attention_bias
+from compute_node.model import attend, attend_causal, attention_bias
 from strata.alibi import alibi_slopes
 from compute_node.peers import KVStoreClient
 from strata.errors import ErrorKind, StrataError
@@ -41,11 +41,14 @@ class _Shape:
         self.num_kv_heads = num_kv_heads or num_heads
         self.max_tokens, self.pad, self.scale = max_tokens, pad, scale
         self.slopes = alibi_slopes(num_heads) if alibi else None
+        self.padded = bool(pad.any())  # any left padding in the batch (else prefill needs no mask)
 
 
 def _prompt_attention(s: _Shape, pad: torch.Tensor, q, k, v) -> torch.Tensor:
     """Causal attention over the whole prompt, on the compute device (both KV modes)."""
     t = k.shape[2]
+    if s.slopes is None and not s.padded:
+        return attend_causal(q, k, v, s.scale)
     return attend(q, k, v, attention_bias(pad, t, t, s.slopes, q.dtype), s.scale)
 
 

@@ -55,6 +55,74 @@ _DTYPES = (torch.float16, torch.bfloat16)
 if triton is not None:
 
     @triton.jit
+    def _codes(nib, DT: tl.constexpr, DOT_F32: tl.constexpr):
+        """4-bit codes as dot operands, offset by a power of two so a nibble becomes a
+        float by one OR (bfloat16 0x4300 | q = 128 + q; float16 0x6400 | q = 1024 + q)."""
+        if DT == tl.bfloat16:
+            c = (nib.to(tl.uint16) | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            c = (nib.to(tl.uint16) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+        if DOT_F32:  # the interpreter's tl.dot mishandles bf16: dot in fp32 there
+            c = c.to(tl.float32)
+        return c
+
+    @triton.jit
+    def _scaled(acc, part, rs, s, mn, DT: tl.constexpr, SWAP: tl.constexpr):
+        """acc += the group's product on offset codes, scaled: s * part + (min - off * s) * rowsum(x)."""
+        if DT == tl.bfloat16:
+            m0 = mn - 128.0 * s
+        else:
+            m0 = mn - 1024.0 * s
+        if SWAP:
+            return acc + part * s[:, None] + m0[:, None] * rs[None, :]
+        return acc + part * s[None, :] + rs[:, None] * m0[None, :]
+
+    @triton.jit
+    def _weights(nib, s, mn, DT: tl.constexpr, DOT_F32: tl.constexpr):
+        """Dequantized weights, bit-for-bit strata.quant.dequantize: q * s + m in fp32, rounded to DT."""
+        w = (nib.to(tl.float32) * s[:, None] + mn[:, None]).to(DT)
+        if DOT_F32:
+            w = w.to(tl.float32)
+        return w
+
+    @triton.jit
+    def _dot(acc, x, w, SWAP: tl.constexpr):
+        """acc + x @ w^T ([BM, BN]), or its transpose w @ x^T ([BN, BM]) when SWAP."""
+        if SWAP:
+            return tl.dot(w, tl.trans(x), acc)
+        return tl.dot(x, tl.trans(w), acc)
+
+    @triton.jit
+    def _split_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_M: tl.constexpr, KS: tl.constexpr,
+                    ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+        xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, KS // 2, 2)))  # [BM, KS/2] each: even / odd k
+        if DOT_F32:
+            xe = xe.to(tl.float32)
+            xo = xo.to(tl.float32)
+        hi = packed >> 4
+        lo = packed & 15
+        if ALGEBRAIC:
+            rs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BM]
+            part = _dot(None, xe, _codes(hi, DT, DOT_F32), SWAP)
+            part = _dot(part, xo, _codes(lo, DT, DOT_F32), SWAP)
+            return _scaled(acc, part, rs, s, mn, DT, SWAP)
+        acc = _dot(acc, xe, _weights(hi, s, mn, DT, DOT_F32), SWAP)
+        return _dot(acc, xo, _weights(lo, s, mn, DT, DOT_F32), SWAP)
+
+    @triton.jit
+    def _join_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
+                   ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+        # the nibbles interleaved back into k order: [BN, KS/2, 2] -> [BN, KS]
+        nib = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, KS))
+        if DOT_F32:
+            xt = xt.to(tl.float32)
+        if ALGEBRAIC:
+            rs = tl.sum(xt.to(tl.float32), axis=1)
+            part = _dot(None, xt, _codes(nib, DT, DOT_F32), SWAP)
+            return _scaled(acc, part, rs, s, mn, DT, SWAP)
+        return _dot(acc, xt, _weights(nib, s, mn, DT, DOT_F32), SWAP)
+
+    @triton.jit
     def _w4a16_kernel(
         x_ptr, d_ptr, s_ptr, mn_ptr, b_ptr, y_ptr,
         M, N, K, ITERS_PER_SPLIT,
@@ -63,7 +131,7 @@ if triton is not None:
         stride_ys, stride_ym, stride_yn,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         KS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, ALGEBRAIC: tl.constexpr,
-        SWAP: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+        SWAP: tl.constexpr, JOIN: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
         # m fastest: the programs sharing one weight tile run side by side (L2 reuse).
         pid = tl.program_id(0)
@@ -97,44 +165,16 @@ if triton is not None:
                 g = k0 // GROUP
                 packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk,
                                  mask=mask_n[:, None], other=0)  # [BN, KS/2] uint8
-                # X's sub-tile, one contiguous load, split in registers into even / odd k
+                # X's sub-tile, one contiguous load
                 xt = tl.load(x_rows + (k0 + offs_ks)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-                xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, KS // 2, 2)))  # [BM, KS/2] each
                 s = tl.load(s_rows + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
                 mn = tl.load(mn_rows + g * stride_mg, mask=mask_n, other=0.0).to(tl.float32)
-                hi = packed >> 4
-                lo = packed & 15
-                if DOT_F32:  # the interpreter's tl.dot mishandles bf16: dot in fp32 there
-                    xe = xe.to(tl.float32)
-                    xo = xo.to(tl.float32)
-                if ALGEBRAIC:
-                    if DOT_F32:
-                        qh = hi.to(tl.float32)
-                        ql = lo.to(tl.float32)
-                    else:  # codes 0..15 are exact in fp16 / bf16
-                        qh = hi.to(x_ptr.dtype.element_ty)
-                        ql = lo.to(x_ptr.dtype.element_ty)
-                    rs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BM]
-                    if SWAP:
-                        part = tl.dot(qh, tl.trans(xe))
-                        part = tl.dot(ql, tl.trans(xo), part)  # [BN, BM]
-                        acc += part * s[:, None] + mn[:, None] * rs[None, :]
-                    else:
-                        part = tl.dot(xe, tl.trans(qh))
-                        part = tl.dot(xo, tl.trans(ql), part)  # [BM, BN]
-                        acc += part * s[None, :] + rs[:, None] * mn[None, :]
-                else:
-                    wh = (hi.to(tl.float32) * s[:, None] + mn[:, None]).to(x_ptr.dtype.element_ty)
-                    wl = (lo.to(tl.float32) * s[:, None] + mn[:, None]).to(x_ptr.dtype.element_ty)
-                    if DOT_F32:
-                        wh = wh.to(tl.float32)
-                        wl = wl.to(tl.float32)
-                    if SWAP:
-                        acc = tl.dot(wh, tl.trans(xe), acc)
-                        acc = tl.dot(wl, tl.trans(xo), acc)
-                    else:
-                        acc = tl.dot(xe, tl.trans(wh), acc)
-                        acc = tl.dot(xo, tl.trans(wl), acc)
+                if JOIN:  # the weight sub-tile in k order: (even, odd) nibbles interleaved, one dot
+                    acc = _join_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_N, KS,
+                                     ALGEBRAIC, SWAP, DOT_F32)
+                else:  # X split in registers into its even and odd columns, two half-dots
+                    acc = _split_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_M, KS,
+                                      ALGEBRAIC, SWAP, DOT_F32)
 
         if SWAP:
             y_off = offs_n.to(tl.int64)[:, None] * stride_yn + offs_m.to(tl.int64)[None, :] * stride_ym
@@ -191,7 +231,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     while (tiles * split < num_sms or (not wide and split < 8)) and k_iters // (split * 2) >= 4:
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-            "ALGEBRAIC": False, "SWAP": False, "num_warps": 4, "num_stages": 3}
+            "ALGEBRAIC": False, "SWAP": False, "JOIN": False, "num_warps": 4, "num_stages": 3}
 
 
 def kernel_supported(x: torch.Tensor, k: int, group_size: int) -> bool:
@@ -289,6 +329,7 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         stride_ys, out.stride(-2), out.stride(-1),
         GROUP=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, KS=ks,
         HAS_BIAS=bias is not None, PARTIAL=split > 1, ALGEBRAIC=bool(cfg["ALGEBRAIC"]), SWAP=bool(cfg["SWAP"]),
+        JOIN=bool(cfg["JOIN"]),
         DOT_F32=_interpreting(), NUM_STAGES=cfg["num_stages"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

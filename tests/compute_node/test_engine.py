@@ -46,6 +46,16 @@ def test_padded_batch_greedy_matches_transformers(model):
     assert got == [hf_greedy(ref, p, 8) for p in PROMPTS]
 
 
+def test_unpadded_batch_greedy_matches_transformers(model):
+    """Equal-length prompts: no padding, so prefill attention runs causal without a mask
+    (and OPT's fc1 + relu as one fused GEMM where the weight is dense)."""
+    hf, shards = model
+    ref = tiny_models.load_reference(hf)
+    prompts = [PROMPTS[2], PROMPTS[2][::-1]]
+    engine = make_engine(shards)
+    assert run(engine, prompts, 8) == [hf_greedy(ref, p, 8) for p in prompts]
+
+
 def test_streamed_layers_and_micro_batches_give_the_same_tokens(model):
     _, shards = model
     plain = run(make_engine(shards), PROMPTS, 6)

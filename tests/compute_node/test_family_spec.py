@@ -111,3 +111,16 @@ def test_a_config_outside_the_spec_is_refused(tmp_path, stablelm_registered):
 def test_without_its_spec_a_model_type_is_not_supported(tmp_path):
     with pytest.raises(StrataError, match="stablelm"):
         arch.spec_for({"model_type": "stablelm"})
+
+
+def test_fused_relu_linear_is_relu_of_linear_exactly():
+    from compute_node.model import _linear_relu
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = {"fc.weight": torch.randn(48, 32, generator=gen).to(dtype),
+             "fc.bias": torch.randn(48, generator=gen).to(dtype)}
+        x = torch.randn(2, 5, 32, generator=gen).to(dtype)
+        got = _linear_relu(x, w, "fc")
+        assert got.shape == (2, 5, 48) and (got == 0).any()
+        assert torch.equal(got, torch.relu(torch.nn.functional.linear(x, w["fc.weight"], w["fc.bias"])))

@@ -40,6 +40,10 @@ CASES = [
     (33, 128, 128, 64, "bfloat16", True, {"SWAP": True, "BLOCK_K": 128, "BLOCK_M": 32}),
     (5, 128, 256, 128, "float16", True, {"BLOCK_K": 64, "SPLIT_K": 2}),
     (5, 192, 256, 32, "bfloat16", True, {"BLOCK_K": 128, "ALGEBRAIC": True, "BLOCK_N": 64}),
+    (33, 192, 256, 64, "bfloat16", True, {"JOIN": True, "SPLIT_K": 2}),
+    (5, 256, 256, 64, "float16", False, {"JOIN": True, "SWAP": True, "BLOCK_N": 256}),
+    (16, 192, 256, 64, "bfloat16", True, {"JOIN": True, "ALGEBRAIC": True, "SWAP": True}),
+    (33, 128, 256, 128, "float16", True, {"JOIN": True, "ALGEBRAIC": True, "BLOCK_K": 128}),
 ]
 TOL = {"float16": 3e-3, "bfloat16": 2e-2}  # max |y - ref| / max |ref|; output rounding dominates
 
