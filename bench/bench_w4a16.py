@@ -8,14 +8,15 @@ CUDA-event timings; by default L2 is flushed before every timed call (a decode s
 streams each weight once, and 7168x7168 at INT4 would otherwise sit in the 50 MB L2).
 `--sweep` also tries variants of the kernel config around the heuristic (greedy, one
 knob at a time) and prints the best per case: a few minutes, for tuning `pick_config`.
-`--grid` times every combination of the layout knobs (JOIN, ALGEBRAIC, SWAP, BLOCK_N,
-num_warps; split-K filling one wave of SMs) and, with `--sweep` too, sweeps greedily
+`--grid` times every combination of GRID's knobs (split-K filling one or two waves of
+SMs) and, with `--sweep` too, sweeps greedily
 from the grid's best; every grid config goes to `--grid-log` as a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -86,7 +87,7 @@ def sweep(timer: Timer, x, data, scale, mn, ref, base: dict) -> tuple[dict, floa
 
     best, best_t = dict(base), run(base)
     knobs = {
-        "JOIN": [False, True], "ALGEBRAIC": [False, True], "SWAP": [False, True], "BLOCK_N": [64, 128, 256],
+        "WIDE": [False, True], "ASM": [False, True], "JOIN": [False, True], "ALGEBRAIC": [False, True], "SWAP": [False, True], "BLOCK_N": [64, 128, 256],
         "BLOCK_M": [16, 32, 64, 128], "BLOCK_K": [64, 128, 256],
         "SPLIT_K": sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], base["SPLIT_K"] * 2, 1, 4, 8}),
         "num_warps": [4, 8], "num_stages": [2, 3, 4, 5],
@@ -113,23 +114,25 @@ def fill_split(m: int, n: int, k: int, cfg: dict, num_sms: int) -> int:
     return split
 
 
+GRID = {"JOIN": [True], "WIDE": [False, True], "ASM": [False, True], "ALGEBRAIC": [False], "SWAP": [False, True],
+        "BLOCK_N": [128, 256], "num_warps": [4, 8], "BLOCK_K": [64, 128], "num_stages": [3, 4], "waves": [1, 2]}
+
+
 def grid(timer: Timer, x, data, scale, mn, ref, base: dict, num_sms: int, log) -> tuple[dict, float]:
-    """Every combination of the layout knobs; returns the fastest (config, seconds)."""
+    """Every combination of GRID's knobs (split-K filling 1 or 2 waves of SMs); returns
+    the fastest (config, seconds)."""
     m, k = x.shape
     n = data.shape[0]
     best, best_t = dict(base), float("inf")
-    for join in (False, True):
-        for alg in (False, True):
-            for swap in (False, True):
-                for bn in (128, 256):
-                    for warps in (4, 8):
-                        cfg = dict(base, JOIN=join, ALGEBRAIC=alg, SWAP=swap, BLOCK_N=bn, num_warps=warps,
-                                   BLOCK_M=max(16, min(64, triton_next_pow2(m))), BLOCK_K=64)
-                        cfg["SPLIT_K"] = fill_split(m, n, k, cfg, num_sms)
-                        t = sweep_run(timer, x, data, scale, mn, ref, cfg)
-                        log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t}) + "\n")
-                        if t < best_t:
-                            best, best_t = cfg, t
+    for values in itertools.product(*GRID.values()):
+        knobs = dict(zip(GRID, values))
+        waves = knobs.pop("waves")
+        cfg = dict(base, **knobs, BLOCK_M=max(16, min(64, triton_next_pow2(m))))
+        cfg["SPLIT_K"] = fill_split(m, n, k, cfg, num_sms * waves)
+        t = sweep_run(timer, x, data, scale, mn, ref, cfg)
+        log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t}) + "\n")
+        if t < best_t:
+            best, best_t = cfg, t
     return best, best_t
 
 
@@ -147,11 +150,14 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also search kernel configs (minutes)")
     ap.add_argument("--grid", action="store_true", help="grid over layout knobs, then --sweep from the best")
     ap.add_argument("--grid-log", default="w4grid.jsonl", help="where --grid writes every timed config")
+    ap.add_argument("--grid-knobs", default="", help="JSON: replace some of GRID's value lists")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test this script (with TRITON_INTERPRET=1)")
     args = ap.parse_args()
+    if args.grid_knobs:
+        GRID.update(json.loads(args.grid_knobs))
     dev = args.device
     dtype = getattr(torch, args.dtype)
     ms = [int(m) for m in args.ms.split(",")]

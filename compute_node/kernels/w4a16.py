@@ -74,8 +74,10 @@ if triton is not None:
         else:
             m0 = mn - 1024.0 * s
         if SWAP:
-            return acc + part * s[:, None] + m0[:, None] * rs[None, :]
-        return acc + part * s[None, :] + rs[:, None] * m0[None, :]
+            out = acc + part * s[:, None] + m0[:, None] * rs[None, :]
+        else:
+            out = acc + part * s[None, :] + rs[:, None] * m0[None, :]
+        return out
 
     @triton.jit
     def _weights(nib, s, mn, DT: tl.constexpr, DOT_F32: tl.constexpr):
@@ -88,39 +90,194 @@ if triton is not None:
     @triton.jit
     def _dot(acc, x, w, SWAP: tl.constexpr):
         """acc + x @ w^T ([BM, BN]), or its transpose w @ x^T ([BN, BM]) when SWAP."""
-        if SWAP:
-            return tl.dot(w, tl.trans(x), acc)
-        return tl.dot(x, tl.trans(w), acc)
+        if SWAP:  # (a return inside a constexpr if does not skip what follows it)
+            out = tl.dot(w, tl.trans(x), acc)
+        else:
+            out = tl.dot(x, tl.trans(w), acc)
+        return out
+
+    @triton.jit
+    def _unpack_asm(packed, s, mn, DT: tl.constexpr, ALGEBRAIC: tl.constexpr):
+        """(even k, odd k) operands of 4 packed bytes per PTX block: nibbles become the
+        floats 128+q (bf16) / 1024+q (fp16) by prmt + lop3 (no int->float conversion);
+        unless ALGEBRAIC, then q * s + m by two packed FMAs per pair (s, m rounded to DT,
+        one rounding of the product)."""
+        if ALGEBRAIC:
+            if DT == tl.bfloat16:
+                wh, wl = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t0, t1;
+                    prmt.b32 t0, $4, 0, 0x4140;
+                    prmt.b32 t1, $4, 0, 0x4342;
+                    lop3.b32 $2, t0, 0x000f000f, 0x43004300, 0xea;
+                    lop3.b32 $3, t1, 0x000f000f, 0x43004300, 0xea;
+                    shr.b32 t0, t0, 4;
+                    shr.b32 t1, t1, 4;
+                    lop3.b32 $0, t0, 0x000f000f, 0x43004300, 0xea;
+                    lop3.b32 $1, t1, 0x000f000f, 0x43004300, 0xea;
+                    }""",
+                    constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16),
+                    is_pure=True, pack=4)
+            else:
+                wh, wl = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t0, t1;
+                    prmt.b32 t0, $4, 0, 0x4140;
+                    prmt.b32 t1, $4, 0, 0x4342;
+                    lop3.b32 $2, t0, 0x000f000f, 0x64006400, 0xea;
+                    lop3.b32 $3, t1, 0x000f000f, 0x64006400, 0xea;
+                    shr.b32 t0, t0, 4;
+                    shr.b32 t1, t1, 4;
+                    lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
+                    lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
+                    }""",
+                    constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16),
+                    is_pure=True, pack=4)
+        else:
+            sb = tl.broadcast_to(s.to(DT)[:, None], packed.shape)
+            mb = tl.broadcast_to(mn.to(DT)[:, None], packed.shape)
+            if DT == tl.bfloat16:
+                wh, wl = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t0, t1, c0, c1, one, neg;
+                    mov.b32 one, 0x3F803F80;
+                    mov.b32 neg, 0xC300C300;
+                    prmt.b32 t0, $4, 0, 0x4140;
+                    prmt.b32 t1, $4, 0, 0x4342;
+                    lop3.b32 c0, t0, 0x000f000f, 0x43004300, 0xea;
+                    lop3.b32 c1, t1, 0x000f000f, 0x43004300, 0xea;
+                    fma.rn.bf16x2 c0, c0, one, neg;
+                    fma.rn.bf16x2 c1, c1, one, neg;
+                    fma.rn.bf16x2 $2, c0, $5, $7;
+                    fma.rn.bf16x2 $3, c1, $6, $8;
+                    shr.b32 t0, t0, 4;
+                    shr.b32 t1, t1, 4;
+                    lop3.b32 c0, t0, 0x000f000f, 0x43004300, 0xea;
+                    lop3.b32 c1, t1, 0x000f000f, 0x43004300, 0xea;
+                    fma.rn.bf16x2 c0, c0, one, neg;
+                    fma.rn.bf16x2 c1, c1, one, neg;
+                    fma.rn.bf16x2 $0, c0, $5, $7;
+                    fma.rn.bf16x2 $1, c1, $6, $8;
+                    }""",
+                    constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, sb, mb], dtype=(tl.bfloat16, tl.bfloat16),
+                    is_pure=True, pack=4)
+            else:
+                wh, wl = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t0, t1, c0, c1, one, neg;
+                    mov.b32 one, 0x3C003C00;
+                    mov.b32 neg, 0xE400E400;
+                    prmt.b32 t0, $4, 0, 0x4140;
+                    prmt.b32 t1, $4, 0, 0x4342;
+                    lop3.b32 c0, t0, 0x000f000f, 0x64006400, 0xea;
+                    lop3.b32 c1, t1, 0x000f000f, 0x64006400, 0xea;
+                    fma.rn.f16x2 c0, c0, one, neg;
+                    fma.rn.f16x2 c1, c1, one, neg;
+                    fma.rn.f16x2 $2, c0, $5, $7;
+                    fma.rn.f16x2 $3, c1, $6, $8;
+                    shr.b32 t0, t0, 4;
+                    shr.b32 t1, t1, 4;
+                    lop3.b32 c0, t0, 0x000f000f, 0x64006400, 0xea;
+                    lop3.b32 c1, t1, 0x000f000f, 0x64006400, 0xea;
+                    fma.rn.f16x2 c0, c0, one, neg;
+                    fma.rn.f16x2 c1, c1, one, neg;
+                    fma.rn.f16x2 $0, c0, $5, $7;
+                    fma.rn.f16x2 $1, c1, $6, $8;
+                    }""",
+                    constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, sb, mb], dtype=(tl.float16, tl.float16),
+                    is_pure=True, pack=4)
+        return wh, wl
+
+    @triton.jit
+    def _operands(packed, s, mn, DT: tl.constexpr, ALGEBRAIC: tl.constexpr, ASM: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+        """The weight sub-tile's even-k and odd-k halves as dot operands [BN, KS/2]: offset
+        codes when ALGEBRAIC, else dequantized weights."""
+        if ASM:
+            wh, wl = _unpack_asm(packed, s, mn, DT, ALGEBRAIC)
+        elif ALGEBRAIC:
+            wh = _codes(packed >> 4, DT, DOT_F32)
+            wl = _codes(packed & 15, DT, DOT_F32)
+        else:
+            wh = _weights(packed >> 4, s, mn, DT, DOT_F32)
+            wl = _weights(packed & 15, s, mn, DT, DOT_F32)
+        return wh, wl
 
     @triton.jit
     def _split_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_M: tl.constexpr, KS: tl.constexpr,
-                    ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+                    ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
         xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, KS // 2, 2)))  # [BM, KS/2] each: even / odd k
         if DOT_F32:
             xe = xe.to(tl.float32)
             xo = xo.to(tl.float32)
-        hi = packed >> 4
-        lo = packed & 15
+        wh, wl = _operands(packed, s, mn, DT, ALGEBRAIC, ASM, DOT_F32)
         if ALGEBRAIC:
             rs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BM]
-            part = _dot(None, xe, _codes(hi, DT, DOT_F32), SWAP)
-            part = _dot(part, xo, _codes(lo, DT, DOT_F32), SWAP)
-            return _scaled(acc, part, rs, s, mn, DT, SWAP)
-        acc = _dot(acc, xe, _weights(hi, s, mn, DT, DOT_F32), SWAP)
-        return _dot(acc, xo, _weights(lo, s, mn, DT, DOT_F32), SWAP)
+            part = _dot(None, xe, wh, SWAP)
+            out = _scaled(acc, _dot(part, xo, wl, SWAP), rs, s, mn, DT, SWAP)
+        else:
+            out = _dot(_dot(acc, xe, wh, SWAP), xo, wl, SWAP)
+        return out
 
     @triton.jit
     def _join_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
-                   ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
-        # the nibbles interleaved back into k order: [BN, KS/2, 2] -> [BN, KS]
-        nib = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, KS))
+                   ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+        wh, wl = _operands(packed, s, mn, DT, ALGEBRAIC, ASM, DOT_F32)
+        w = tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))  # back in k order: [BN, KS/2, 2] -> [BN, KS]
         if DOT_F32:
             xt = xt.to(tl.float32)
         if ALGEBRAIC:
-            rs = tl.sum(xt.to(tl.float32), axis=1)
-            part = _dot(None, xt, _codes(nib, DT, DOT_F32), SWAP)
-            return _scaled(acc, part, rs, s, mn, DT, SWAP)
-        return _dot(acc, xt, _weights(nib, s, mn, DT, DOT_F32), SWAP)
+            out = _scaled(acc, _dot(None, xt, w, SWAP), tl.sum(xt.to(tl.float32), axis=1), s, mn, DT, SWAP)
+        else:
+            out = _dot(acc, xt, w, SWAP)
+        return out
+
+    @triton.jit
+    def _sub_tile(d_rows, k0, s, mn, offs_h, mask_n, stride_dk, DT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+        """Dequantized weights of the KS columns from k0 (in one group: scale s, min mn), in k order: [BN, KS]."""
+        packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk, mask=mask_n[:, None], other=0)
+        wh, wl = _operands(packed, s.to(tl.float32), mn.to(tl.float32), DT, False, ASM, DOT_F32)
+        return tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))
+
+    @triton.jit
+    def _wide_tile(d_rows, s_rows, mn_rows, k0, offs_h, mask_n, stride_dk, stride_sg, stride_mg, DT: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KS: tl.constexpr,
+                   ASM: tl.constexpr, DOT_F32: tl.constexpr):
+        """BLOCK_K / KS (1, 2 or 4) sub-tiles joined: column c of sub-tile g lands at
+        c * NG + g (NG = 2), or c * 4 + 2 * (g % 2) + g // 2 (NG = 4); `wide_order` puts
+        X's columns in the same order. Scales and mins come as one [BN, NG] load each
+        (4+ bytes a row where NG > 1, so the pipeliner prefetches them with the tiles)."""
+        NG: tl.constexpr = BLOCK_K // KS
+        if NG == 1:
+            s0 = tl.load(s_rows + (k0 // GROUP) * stride_sg, mask=mask_n, other=0.0)
+            m0 = tl.load(mn_rows + (k0 // GROUP) * stride_mg, mask=mask_n, other=0.0)
+            w = _sub_tile(d_rows, k0, s0, m0, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
+        else:
+            g = k0 // GROUP + tl.arange(0, NG)
+            st = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=mask_n[:, None], other=0.0)  # [BN, NG]
+            mt = tl.load(mn_rows[:, None] + g[None, :] * stride_mg, mask=mask_n[:, None], other=0.0)
+            if NG == 2:
+                s0, s1 = tl.split(st)
+                m0, m1 = tl.split(mt)
+                w0 = _sub_tile(d_rows, k0, s0, m0, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
+                w1 = _sub_tile(d_rows, k0 + KS, s1, m1, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
+                w = tl.reshape(tl.join(w0, w1), (BLOCK_N, BLOCK_K))
+            else:
+                sa, sb = tl.split(tl.reshape(st, (BLOCK_N, 2, 2)))  # sa: groups 0, 2; sb: 1, 3
+                ma, mb = tl.split(tl.reshape(mt, (BLOCK_N, 2, 2)))
+                s0, s2 = tl.split(sa)
+                s1, s3 = tl.split(sb)
+                m0, m2 = tl.split(ma)
+                m1, m3 = tl.split(mb)
+                w0 = _sub_tile(d_rows, k0, s0, m0, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
+                w1 = _sub_tile(d_rows, k0 + KS, s1, m1, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
+                w2 = _sub_tile(d_rows, k0 + 2 * KS, s2, m2, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM,
+                               DOT_F32)
+                w3 = _sub_tile(d_rows, k0 + 3 * KS, s3, m3, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM,
+                               DOT_F32)
+                w = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_N, BLOCK_K))
+        return w
 
     @triton.jit
     def _w4a16_kernel(
@@ -131,7 +288,7 @@ if triton is not None:
         stride_ys, stride_ym, stride_yn,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         KS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, ALGEBRAIC: tl.constexpr,
-        SWAP: tl.constexpr, JOIN: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+        SWAP: tl.constexpr, JOIN: tl.constexpr, ASM: tl.constexpr, WIDE: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
         # m fastest: the programs sharing one weight tile run side by side (L2 reuse).
         pid = tl.program_id(0)
@@ -160,21 +317,30 @@ if triton is not None:
         it0 = pid_k * ITERS_PER_SPLIT
         it1 = tl.minimum(it0 + ITERS_PER_SPLIT, k_iters)
         for it in tl.range(it0, it1, num_stages=NUM_STAGES):
-            for sub in tl.static_range(BLOCK_K // KS):
-                k0 = it * BLOCK_K + sub * KS
-                g = k0 // GROUP
-                packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk,
-                                 mask=mask_n[:, None], other=0)  # [BN, KS/2] uint8
-                # X's sub-tile, one contiguous load
-                xt = tl.load(x_rows + (k0 + offs_ks)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-                s = tl.load(s_rows + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
-                mn = tl.load(mn_rows + g * stride_mg, mask=mask_n, other=0.0).to(tl.float32)
-                if JOIN:  # the weight sub-tile in k order: (even, odd) nibbles interleaved, one dot
-                    acc = _join_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_N, KS,
-                                     ALGEBRAIC, SWAP, DOT_F32)
-                else:  # X split in registers into its even and odd columns, two half-dots
-                    acc = _split_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_M, KS,
-                                      ALGEBRAIC, SWAP, DOT_F32)
+            if WIDE:  # the step's sub-tiles joined into one [BN, BLOCK_K] tile: one dot per step
+                xt = tl.load(x_rows + (it * BLOCK_K + tl.arange(0, BLOCK_K))[None, :] * stride_xk,
+                             mask=mask_m[:, None], other=0.0)  # X' (columns permuted to the tile's order)
+                w = _wide_tile(d_rows, s_rows, mn_rows, it * BLOCK_K, offs_h, mask_n, stride_dk, stride_sg,
+                               stride_mg, x_ptr.dtype.element_ty, GROUP, BLOCK_N, BLOCK_K, KS, ASM, DOT_F32)
+                if DOT_F32:
+                    xt = xt.to(tl.float32)
+                acc = _dot(acc, xt, w, SWAP)
+            else:
+                for sub in tl.static_range(BLOCK_K // KS):
+                    k0 = it * BLOCK_K + sub * KS
+                    g = k0 // GROUP
+                    packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk,
+                                     mask=mask_n[:, None], other=0)  # [BN, KS/2] uint8
+                    # X's sub-tile, one contiguous load
+                    xt = tl.load(x_rows + (k0 + offs_ks)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
+                    s = tl.load(s_rows + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+                    mn = tl.load(mn_rows + g * stride_mg, mask=mask_n, other=0.0).to(tl.float32)
+                    if JOIN:  # the weight sub-tile in k order: (even, odd) nibbles interleaved, one dot
+                        acc = _join_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_N, KS,
+                                         ALGEBRAIC, SWAP, ASM, DOT_F32)
+                    else:  # X split in registers into its even and odd columns, two half-dots
+                        acc = _split_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_M, KS,
+                                          ALGEBRAIC, SWAP, ASM, DOT_F32)
 
         if SWAP:
             y_off = offs_n.to(tl.int64)[:, None] * stride_yn + offs_m.to(tl.int64)[None, :] * stride_ym
@@ -231,7 +397,20 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     while (tiles * split < num_sms or (not wide and split < 8)) and k_iters // (split * 2) >= 4:
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-            "ALGEBRAIC": False, "SWAP": False, "JOIN": False, "num_warps": 4, "num_stages": 3}
+            "ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4, "num_stages": 3}
+
+
+def wide_order(x: torch.Tensor, block_k: int, ks: int) -> torch.Tensor:
+    """x [M, K] with each BLOCK_K block's columns in the order of `_wide_tile`'s joined
+    weight tile (a copy; x itself where one sub-tile spans the block)."""
+    ng = block_k // ks
+    if ng == 1:
+        return x
+    m, k = x.shape
+    if ng == 2:  # [g, c] -> [c, g]
+        return x.reshape(m, k // block_k, 2, ks).permute(0, 1, 3, 2).reshape(m, k)
+    # g = 2 * o + i; [o, i, c] -> [c, i, o]
+    return x.reshape(m, k // block_k, 2, 2, ks).permute(0, 1, 4, 3, 2).reshape(m, k)
 
 
 def kernel_supported(x: torch.Tensor, k: int, group_size: int) -> bool:
@@ -310,6 +489,12 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
     ks = min(group_size, block_k)
     if k % block_k != 0 or block_k % ks != 0 or (ks < group_size and group_size % block_k != 0):
         raise ValueError(f"int4_linear: BLOCK_K {block_k} does not fit K {k} / group_size {group_size}")
+    wide = bool(cfg["WIDE"])
+    if wide:
+        if cfg["ALGEBRAIC"] or block_k // ks not in (1, 2, 4):
+            raise ValueError(f"int4_linear: WIDE needs ALGEBRAIC off and BLOCK_K / sub-tile in (1, 2, 4), "
+                             f"got BLOCK_K {block_k}, sub-tile {ks}")
+        x2 = wide_order(x2, block_k, ks)
     k_iters = k // block_k
     split = max(1, min(int(cfg["SPLIT_K"]), k_iters))
     iters_per_split = triton.cdiv(k_iters, split)
@@ -329,7 +514,7 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         stride_ys, out.stride(-2), out.stride(-1),
         GROUP=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, KS=ks,
         HAS_BIAS=bias is not None, PARTIAL=split > 1, ALGEBRAIC=bool(cfg["ALGEBRAIC"]), SWAP=bool(cfg["SWAP"]),
-        JOIN=bool(cfg["JOIN"]),
+        JOIN=bool(cfg["JOIN"]), ASM=bool(cfg["ASM"]) and not _interpreting(), WIDE=wide,
         DOT_F32=_interpreting(), NUM_STAGES=cfg["num_stages"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

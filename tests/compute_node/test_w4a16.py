@@ -44,6 +44,10 @@ CASES = [
     (5, 256, 256, 64, "float16", False, {"JOIN": True, "SWAP": True, "BLOCK_N": 256}),
     (16, 192, 256, 64, "bfloat16", True, {"JOIN": True, "ALGEBRAIC": True, "SWAP": True}),
     (33, 128, 256, 128, "float16", True, {"JOIN": True, "ALGEBRAIC": True, "BLOCK_K": 128}),
+    (33, 192, 512, 64, "bfloat16", True, {"WIDE": True, "BLOCK_K": 128, "ASM": True}),
+    (16, 128, 512, 64, "float16", False, {"WIDE": True, "BLOCK_K": 256, "SPLIT_K": 2, "ASM": True}),
+    (5, 256, 512, 64, "bfloat16", True, {"WIDE": True, "BLOCK_K": 256, "SWAP": True, "BLOCK_N": 256}),
+    (33, 128, 256, 128, "bfloat16", False, {"WIDE": True, "BLOCK_K": 64, "ASM": True}),
 ]
 TOL = {"float16": 3e-3, "bfloat16": 2e-2}  # max |y - ref| / max |ref|; output rounding dominates
 
