@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true", help="grid over layout knobs, then --sweep from the best")
     ap.add_argument("--grid-log", default="w4grid.jsonl", help="where --grid writes every timed config")
     ap.add_argument("--grid-knobs", default="", help="JSON: replace some of GRID's value lists")
+    ap.add_argument("--configs", default="", help="JSON list of config overrides to time as well (to --grid-log)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -187,6 +188,13 @@ def main() -> None:
                 row["fused_GBps"] = nbytes / row["fused_s"] / 1e9
                 row["speedup_vs_dequant"] = row["dequant_linear_s"] / row["fused_s"]
                 row["speedup_vs_dense"] = row["dense_s"] / row["fused_s"]
+                if args.configs:
+                    with open(args.grid_log, "a") as log:
+                        for over in json.loads(args.configs):
+                            cfg = dict(row["config"], **over)
+                            t = sweep_run(timer, x, data, scale, mn, ref, cfg)
+                            log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t}) + "\n")
+                            print(f"# {n}x{k} M={m} {over}: {t * 1e3:.3f} ms (default {row['fused_s'] * 1e3:.3f})")
                 if args.grid:
                     with open(args.grid_log, "a") as log:
                         best, best_t = grid(timer, x, data, scale, mn, ref, row["config"], num_sms, log)

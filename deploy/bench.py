@@ -17,6 +17,7 @@ import time
 
 import psutil
 
+from compute_node.engine import MIN_TOKENS_FOR_GRAPHS
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
@@ -191,8 +192,9 @@ def run(a: BenchArgs, progress: bool) -> dict:
         address = services.start()
         start_s = time.perf_counter() - t_start
         try:
-            if a.warmup:
-                generate(address, request_for([[5] * 8], 2, stop_at_eos=False), timeout=600)
+            if a.warmup:  # the timed batch's shapes with short prompts: kernels compiled, graphs captured
+                generate(address, request_for([[5] * 8] * a.batch_size, MIN_TOKENS_FOR_GRAPHS, stop_at_eos=False),
+                         timeout=600)
             bar = _progress_bar(a.gen_len) if progress else None
             on_step = (lambda step, toks: bar.update(1)) if bar else None
             t0 = time.perf_counter()

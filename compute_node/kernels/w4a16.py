@@ -381,23 +381,46 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _wave_use(programs: int, num_sms: int) -> float:
+    """The share of the SMs' program slots busy over the waves a grid needs."""
+    return programs / (-(-programs // num_sms) * num_sms)
+
+
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
     """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
+    cfg = {"ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4,
+           "num_stages": 3}
+    if m > 32 and k % 128 == 0 and group_size == 64:
+        # 64-row tiles: 128 columns of K a step, its two groups' tiles joined into one dot,
+        # nibbles unpacked by PTX; 64 or 128 output columns a tile, whichever fills its
+        # waves better, then split-K to one wave. 0.56-0.77x the time of the earlier
+        # narrow split-8 tiles on OPT-30B's four shapes at 64 rows (bench/results
+        # 2026-11-26-run45-w4grid.jsonl).
+        def fill(block_n: int) -> tuple[int, float]:  # (split, wave use) with split-K to one wave
+            tiles, split = -(-m // 64) * -(-n // block_n), 1
+            while tiles * split < num_sms and k // 128 // (split * 2) >= 4:
+                split *= 2
+            return split, _wave_use(tiles * split, num_sms)
+
+        (split, use), (split64, use64) = fill(128), fill(64)
+        block_n = 128 if use >= 0.9 * use64 else 64
+        split = split if block_n == 128 else split64
+        cfg.update(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, JOIN=True, ASM=True, WIDE=True)
+        return dict(cfg, SPLIT_K=split)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     wide = block_m < 64
-    # Above 32 rows, narrow tiles split 8 ways along K: the greedy sweep's best on all
-    # four OPT-30B shapes at 64 rows (0.72x the time of 128-wide tiles filling one wave;
-    # bench/results/2026-11-26-run26-w4sweep.txt).
+    # Above 32 rows (shapes the table above does not take), narrow tiles split 8 ways
+    # along K: the greedy sweep's best on OPT-30B's shapes at 64 rows before the joined
+    # steps (bench/results/2026-11-26-run26-w4sweep.txt).
     block_n = 128 if n >= 128 and wide else 64
     block_k = 128 if k % 128 == 0 and wide else 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n) if triton is not None else 1
+    tiles = -(-m // block_m) * -(-n // block_n)
     k_iters = k // block_k
     split = 1
     # Fill about one wave of SMs (8 splits above 32 rows); keep at least 4 K steps per split.
     while (tiles * split < num_sms or (not wide and split < 8)) and k_iters // (split * 2) >= 4:
         split *= 2
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-            "ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4, "num_stages": 3}
+    return dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
 
 
 def wide_order(x: torch.Tensor, block_k: int, ks: int) -> torch.Tensor:
