@@ -381,32 +381,26 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _wave_use(programs: int, num_sms: int) -> float:
-    """The share of the SMs' program slots busy over the waves a grid needs."""
-    return programs / (-(-programs // num_sms) * num_sms)
-
-
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
     """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
     cfg = {"ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4,
            "num_stages": 3}
     if m > 32 and k % 128 == 0 and group_size == 64:
-        # 64-row tiles: 128 columns of K a step, its two groups' tiles joined into one dot,
-        # nibbles unpacked by PTX; 64 or 128 output columns a tile, whichever fills its
-        # waves better, then split-K to one wave. 0.56-0.77x the time of the earlier
-        # narrow split-8 tiles on OPT-30B's four shapes at 64 rows (bench/results
-        # 2026-11-26-run45-w4grid.jsonl).
-        def fill(block_n: int) -> tuple[int, float]:  # (split, wave use) with split-K to one wave
-            tiles, split = -(-m // 64) * -(-n // block_n), 1
-            while tiles * split < num_sms and k // 128 // (split * 2) >= 4:
-                split *= 2
-            return split, _wave_use(tiles * split, num_sms)
-
-        (split, use), (split64, use64) = fill(128), fill(64)
-        block_n = 128 if use >= 0.9 * use64 else 64
-        split = split if block_n == 128 else split64
-        cfg.update(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, JOIN=True, ASM=True, WIDE=True)
-        return dict(cfg, SPLIT_K=split)
+        # 64-row tiles, 128 output columns, nibbles unpacked by PTX into bf16x2/f16x2 FMAs;
+        # 64-column steps split 2 ways, or for a long K (fc2) 128-column steps with two
+        # groups joined into one dot, split to fill a wave. Per-call times at 64 rows on
+        # H100s vary 1.5-3x between hosts and runs (bench/results 2026-11-26-run4[3-9]*);
+        # in run 47 (one process) these took 0.052 / 0.103 / 0.142 / 0.153 ms on OPT-30B's
+        # four shapes against 0.122 / 0.133 / 0.176 / 0.164 for the earlier narrow split-8
+        # tiles. End to end (T2 decode at 64 rows) the step moved ~1 ms: 46.3 -> 45.6 and
+        # 44.8 ms (runs 48, 49).
+        cfg.update(BLOCK_M=64, BLOCK_N=128, JOIN=True, ASM=True)
+        if k < 2 * n:
+            return dict(cfg, BLOCK_K=64, SPLIT_K=2, num_warps=8)
+        tiles, split = -(-m // 64) * -(-n // 128), 1
+        while tiles * split < num_sms and k // 128 // (split * 2) >= 4:
+            split *= 2
+        return dict(cfg, BLOCK_K=128, WIDE=True, SPLIT_K=split)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     wide = block_m < 64
     # Above 32 rows (shapes the table above does not take), narrow tiles split 8 ways
