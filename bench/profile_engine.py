@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--share", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prefill", action="store_true", help="profile the full-length prefill instead of decode")
+    p.add_argument("--decode-prompt", type=int, default=8, help="prompt length of the profiled decode")
     a = p.parse_args()
     m = dummy_manifest(a.model, 4, 64)
     raw = {n: torch.empty(s.size, dtype=torch.uint8).pin_memory() for n, s in m.shards.items()}
@@ -50,11 +51,13 @@ def main() -> None:
     step_times = [round(x, 4) for x in times]
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     if a.prefill:  # one token: the step is the prefill
-        gen_len = 1
-    else:  # profile decode: a short prompt, so prefill is small
-        prompts, gen_len = [[7] * 8 for _ in range(a.batch)], a.gen
+        steps = engine.generate(prompts, 1, Sampling())
+    else:  # decode only: the prefill (prompts of --decode-prompt tokens) runs before profiling
+        steps = engine.generate([[7] * a.decode_prompt for _ in range(a.batch)], a.gen, Sampling())
+        next(steps)
+        torch.cuda.synchronize()
     with torch.profiler.profile(activities=acts) as prof:
-        for _ in engine.generate(prompts, gen_len, Sampling()):
+        for _ in steps:
             pass
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))

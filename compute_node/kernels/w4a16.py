@@ -8,17 +8,26 @@ Design (decode sizes, M = 1..256):
   walks BLOCK_K columns per step, cut into sub-tiles of KS = min(group_size, BLOCK_K)
   columns so each sub-tile lies in exactly one quantization group: its scale and min
   are one value per output row n, no reshapes.
-* No nibble interleave: a sub-tile's packed bytes [BLOCK_N, KS/2] split into the high
-  nibbles (even k) and the low nibbles (odd k); X's sub-tile is loaded contiguously and
-  split in registers (reshape + tl.split) into its even and odd columns, and the
-  product is two half-dots
-  X_even @ W_even^T + X_odd @ W_odd^T, fp32 accumulation on tensor cores (tl.dot).
+* A sub-tile's packed bytes [BLOCK_N, KS/2] split into the high nibbles (even k) and
+  the low nibbles (odd k). Then (constexpr JOIN):
+    False - X's sub-tile is split in registers (reshape + tl.split) into its even and
+            odd columns: two half-dots X_even @ W_even^T + X_odd @ W_odd^T;
+    True  - the two halves are joined back into k order (tl.join + reshape): one dot on
+            X's contiguous sub-tile.
+  fp32 accumulation on tensor cores (tl.dot).
+* WIDE (with JOIN): the step's BLOCK_K / KS group sub-tiles (1, 2 or 4) are joined into
+  one [BLOCK_N, BLOCK_K] tile, so a step is one dot instead of one per group; X's
+  columns are permuted once per call (`wide_order`) into the joined tile's order.
 * Two ways to apply scale/min (constexpr ALGEBRAIC):
     False - dequantize in registers (q * s + m in fp32, rounded to X's dtype), then dot;
             bit-for-bit the same weights as `strata.quant.dequantize(..., x.dtype)`.
-    True  - dot on the raw codes (0..15 are exact in fp16/bf16), then per group
-            acc += s[n] * (X_g @ Q_g^T) + m[n] * rowsum(X_g); less ALU per weight when
-            BLOCK_M is small, and more accurate (the weights are never rounded).
+    True  - dot on offset codes (128 + q in bf16, 1024 + q in fp16: exact), then per
+            group acc += s[n] * (X_g @ C_g^T) + (m[n] - offset * s[n]) * rowsum(X_g);
+            less ALU per weight when BLOCK_M is small, and more accurate.
+* ASM (CUDA only; the interpreter runs the plain path): nibbles become floats by PTX
+  (prmt + lop3 put each nibble under the exponent of 128 / 1024), and the dequantized
+  weights come from packed bf16x2 / f16x2 FMAs with s and m rounded to X's dtype (one
+  rounding of q * s + m). 35% fewer instructions in the K loop than the fp32 path.
 * SWAP computes the transposed tile (W @ X^T, the weight as the MMA's M side), which
   suits small M on some GPUs; the result is the same.
 * Split-K when the (M, N) tiles alone cannot fill the GPU (N = 7168 at decode): each
@@ -26,7 +35,8 @@ Design (decode sizes, M = 1..256):
   adds the bias and casts (deterministic, no atomics).
 * Block sizes come from a small heuristic table (`pick_config`), not autotuning, so a
   shape always runs the same kernel; `int4_linear(..., config=...)` overrides it
-  (bench/bench_w4a16.py --sweep measures alternatives).
+  (bench/bench_w4a16.py --sweep / --grid measure alternatives).
+* The device functions (operands, steps, the dot) are in w4a16_tiles.py.
 
 On CPU (or without Triton) `int4_linear` falls back to `strata.quant.dequantize` +
 `torch.nn.functional.linear`; with TRITON_INTERPRET=1 the kernel itself runs on CPU
@@ -53,231 +63,7 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 
 if triton is not None:
-
-    @triton.jit
-    def _codes(nib, DT: tl.constexpr, DOT_F32: tl.constexpr):
-        """4-bit codes as dot operands, offset by a power of two so a nibble becomes a
-        float by one OR (bfloat16 0x4300 | q = 128 + q; float16 0x6400 | q = 1024 + q)."""
-        if DT == tl.bfloat16:
-            c = (nib.to(tl.uint16) | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            c = (nib.to(tl.uint16) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-        if DOT_F32:  # the interpreter's tl.dot mishandles bf16: dot in fp32 there
-            c = c.to(tl.float32)
-        return c
-
-    @triton.jit
-    def _scaled(acc, part, rs, s, mn, DT: tl.constexpr, SWAP: tl.constexpr):
-        """acc += the group's product on offset codes, scaled: s * part + (min - off * s) * rowsum(x)."""
-        if DT == tl.bfloat16:
-            m0 = mn - 128.0 * s
-        else:
-            m0 = mn - 1024.0 * s
-        if SWAP:
-            out = acc + part * s[:, None] + m0[:, None] * rs[None, :]
-        else:
-            out = acc + part * s[None, :] + rs[:, None] * m0[None, :]
-        return out
-
-    @triton.jit
-    def _weights(nib, s, mn, DT: tl.constexpr, DOT_F32: tl.constexpr):
-        """Dequantized weights, bit-for-bit strata.quant.dequantize: q * s + m in fp32, rounded to DT."""
-        w = (nib.to(tl.float32) * s[:, None] + mn[:, None]).to(DT)
-        if DOT_F32:
-            w = w.to(tl.float32)
-        return w
-
-    @triton.jit
-    def _dot(acc, x, w, SWAP: tl.constexpr):
-        """acc + x @ w^T ([BM, BN]), or its transpose w @ x^T ([BN, BM]) when SWAP."""
-        if SWAP:  # (a return inside a constexpr if does not skip what follows it)
-            out = tl.dot(w, tl.trans(x), acc)
-        else:
-            out = tl.dot(x, tl.trans(w), acc)
-        return out
-
-    @triton.jit
-    def _unpack_asm(packed, s, mn, DT: tl.constexpr, ALGEBRAIC: tl.constexpr):
-        """(even k, odd k) operands of 4 packed bytes per PTX block: nibbles become the
-        floats 128+q (bf16) / 1024+q (fp16) by prmt + lop3 (no int->float conversion);
-        unless ALGEBRAIC, then q * s + m by two packed FMAs per pair (s, m rounded to DT,
-        one rounding of the product)."""
-        if ALGEBRAIC:
-            if DT == tl.bfloat16:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 $2, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 $3, t1, 0x000f000f, 0x43004300, 0xea;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 $0, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 $1, t1, 0x000f000f, 0x43004300, 0xea;
-                    }""",
-                    constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16),
-                    is_pure=True, pack=4)
-            else:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 $2, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 $3, t1, 0x000f000f, 0x64006400, 0xea;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
-                    }""",
-                    constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16),
-                    is_pure=True, pack=4)
-        else:
-            sb = tl.broadcast_to(s.to(DT)[:, None], packed.shape)
-            mb = tl.broadcast_to(mn.to(DT)[:, None], packed.shape)
-            if DT == tl.bfloat16:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1, c0, c1, one, neg;
-                    mov.b32 one, 0x3F803F80;
-                    mov.b32 neg, 0xC300C300;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 c0, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x43004300, 0xea;
-                    fma.rn.bf16x2 c0, c0, one, neg;
-                    fma.rn.bf16x2 c1, c1, one, neg;
-                    fma.rn.bf16x2 $2, c0, $5, $7;
-                    fma.rn.bf16x2 $3, c1, $6, $8;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 c0, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x43004300, 0xea;
-                    fma.rn.bf16x2 c0, c0, one, neg;
-                    fma.rn.bf16x2 c1, c1, one, neg;
-                    fma.rn.bf16x2 $0, c0, $5, $7;
-                    fma.rn.bf16x2 $1, c1, $6, $8;
-                    }""",
-                    constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, sb, mb], dtype=(tl.bfloat16, tl.bfloat16),
-                    is_pure=True, pack=4)
-            else:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1, c0, c1, one, neg;
-                    mov.b32 one, 0x3C003C00;
-                    mov.b32 neg, 0xE400E400;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 c0, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x64006400, 0xea;
-                    fma.rn.f16x2 c0, c0, one, neg;
-                    fma.rn.f16x2 c1, c1, one, neg;
-                    fma.rn.f16x2 $2, c0, $5, $7;
-                    fma.rn.f16x2 $3, c1, $6, $8;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 c0, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x64006400, 0xea;
-                    fma.rn.f16x2 c0, c0, one, neg;
-                    fma.rn.f16x2 c1, c1, one, neg;
-                    fma.rn.f16x2 $0, c0, $5, $7;
-                    fma.rn.f16x2 $1, c1, $6, $8;
-                    }""",
-                    constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, sb, mb], dtype=(tl.float16, tl.float16),
-                    is_pure=True, pack=4)
-        return wh, wl
-
-    @triton.jit
-    def _operands(packed, s, mn, DT: tl.constexpr, ALGEBRAIC: tl.constexpr, ASM: tl.constexpr,
-                  DOT_F32: tl.constexpr):
-        """The weight sub-tile's even-k and odd-k halves as dot operands [BN, KS/2]: offset
-        codes when ALGEBRAIC, else dequantized weights."""
-        if ASM:
-            wh, wl = _unpack_asm(packed, s, mn, DT, ALGEBRAIC)
-        elif ALGEBRAIC:
-            wh = _codes(packed >> 4, DT, DOT_F32)
-            wl = _codes(packed & 15, DT, DOT_F32)
-        else:
-            wh = _weights(packed >> 4, s, mn, DT, DOT_F32)
-            wl = _weights(packed & 15, s, mn, DT, DOT_F32)
-        return wh, wl
-
-    @triton.jit
-    def _split_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_M: tl.constexpr, KS: tl.constexpr,
-                    ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
-        xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, KS // 2, 2)))  # [BM, KS/2] each: even / odd k
-        if DOT_F32:
-            xe = xe.to(tl.float32)
-            xo = xo.to(tl.float32)
-        wh, wl = _operands(packed, s, mn, DT, ALGEBRAIC, ASM, DOT_F32)
-        if ALGEBRAIC:
-            rs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BM]
-            part = _dot(None, xe, wh, SWAP)
-            out = _scaled(acc, _dot(part, xo, wl, SWAP), rs, s, mn, DT, SWAP)
-        else:
-            out = _dot(_dot(acc, xe, wh, SWAP), xo, wl, SWAP)
-        return out
-
-    @triton.jit
-    def _join_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
-                   ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
-        wh, wl = _operands(packed, s, mn, DT, ALGEBRAIC, ASM, DOT_F32)
-        w = tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))  # back in k order: [BN, KS/2, 2] -> [BN, KS]
-        if DOT_F32:
-            xt = xt.to(tl.float32)
-        if ALGEBRAIC:
-            out = _scaled(acc, _dot(None, xt, w, SWAP), tl.sum(xt.to(tl.float32), axis=1), s, mn, DT, SWAP)
-        else:
-            out = _dot(acc, xt, w, SWAP)
-        return out
-
-    @triton.jit
-    def _sub_tile(d_rows, k0, s, mn, offs_h, mask_n, stride_dk, DT: tl.constexpr, BLOCK_N: tl.constexpr,
-                  KS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
-        """Dequantized weights of the KS columns from k0 (in one group: scale s, min mn), in k order: [BN, KS]."""
-        packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk, mask=mask_n[:, None], other=0)
-        wh, wl = _operands(packed, s.to(tl.float32), mn.to(tl.float32), DT, False, ASM, DOT_F32)
-        return tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))
-
-    @triton.jit
-    def _wide_tile(d_rows, s_rows, mn_rows, k0, offs_h, mask_n, stride_dk, stride_sg, stride_mg, DT: tl.constexpr,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KS: tl.constexpr,
-                   ASM: tl.constexpr, DOT_F32: tl.constexpr):
-        """BLOCK_K / KS (1, 2 or 4) sub-tiles joined: column c of sub-tile g lands at
-        c * NG + g (NG = 2), or c * 4 + 2 * (g % 2) + g // 2 (NG = 4); `wide_order` puts
-        X's columns in the same order. Scales and mins come as one [BN, NG] load each
-        (4+ bytes a row where NG > 1, so the pipeliner prefetches them with the tiles)."""
-        NG: tl.constexpr = BLOCK_K // KS
-        if NG == 1:
-            s0 = tl.load(s_rows + (k0 // GROUP) * stride_sg, mask=mask_n, other=0.0)
-            m0 = tl.load(mn_rows + (k0 // GROUP) * stride_mg, mask=mask_n, other=0.0)
-            w = _sub_tile(d_rows, k0, s0, m0, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
-        else:
-            g = k0 // GROUP + tl.arange(0, NG)
-            st = tl.load(s_rows[:, None] + g[None, :] * stride_sg, mask=mask_n[:, None], other=0.0)  # [BN, NG]
-            mt = tl.load(mn_rows[:, None] + g[None, :] * stride_mg, mask=mask_n[:, None], other=0.0)
-            if NG == 2:
-                s0, s1 = tl.split(st)
-                m0, m1 = tl.split(mt)
-                w0 = _sub_tile(d_rows, k0, s0, m0, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
-                w1 = _sub_tile(d_rows, k0 + KS, s1, m1, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
-                w = tl.reshape(tl.join(w0, w1), (BLOCK_N, BLOCK_K))
-            else:
-                sa, sb = tl.split(tl.reshape(st, (BLOCK_N, 2, 2)))  # sa: groups 0, 2; sb: 1, 3
-                ma, mb = tl.split(tl.reshape(mt, (BLOCK_N, 2, 2)))
-                s0, s2 = tl.split(sa)
-                s1, s3 = tl.split(sb)
-                m0, m2 = tl.split(ma)
-                m1, m3 = tl.split(mb)
-                w0 = _sub_tile(d_rows, k0, s0, m0, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
-                w1 = _sub_tile(d_rows, k0 + KS, s1, m1, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM, DOT_F32)
-                w2 = _sub_tile(d_rows, k0 + 2 * KS, s2, m2, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM,
-                               DOT_F32)
-                w3 = _sub_tile(d_rows, k0 + 3 * KS, s3, m3, offs_h, mask_n, stride_dk, DT, BLOCK_N, KS, ASM,
-                               DOT_F32)
-                w = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_N, BLOCK_K))
-        return w
+    from compute_node.kernels.w4a16_tiles import join_step, mma, split_step, wide_tile
 
     @triton.jit
     def _w4a16_kernel(
@@ -320,11 +106,11 @@ if triton is not None:
             if WIDE:  # the step's sub-tiles joined into one [BN, BLOCK_K] tile: one dot per step
                 xt = tl.load(x_rows + (it * BLOCK_K + tl.arange(0, BLOCK_K))[None, :] * stride_xk,
                              mask=mask_m[:, None], other=0.0)  # X' (columns permuted to the tile's order)
-                w = _wide_tile(d_rows, s_rows, mn_rows, it * BLOCK_K, offs_h, mask_n, stride_dk, stride_sg,
+                w = wide_tile(d_rows, s_rows, mn_rows, it * BLOCK_K, offs_h, mask_n, stride_dk, stride_sg,
                                stride_mg, x_ptr.dtype.element_ty, GROUP, BLOCK_N, BLOCK_K, KS, ASM, DOT_F32)
                 if DOT_F32:
                     xt = xt.to(tl.float32)
-                acc = _dot(acc, xt, w, SWAP)
+                acc = mma(acc, xt, w, SWAP)
             else:
                 for sub in tl.static_range(BLOCK_K // KS):
                     k0 = it * BLOCK_K + sub * KS
@@ -336,10 +122,10 @@ if triton is not None:
                     s = tl.load(s_rows + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
                     mn = tl.load(mn_rows + g * stride_mg, mask=mask_n, other=0.0).to(tl.float32)
                     if JOIN:  # the weight sub-tile in k order: (even, odd) nibbles interleaved, one dot
-                        acc = _join_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_N, KS,
+                        acc = join_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_N, KS,
                                          ALGEBRAIC, SWAP, ASM, DOT_F32)
                     else:  # X split in registers into its even and odd columns, two half-dots
-                        acc = _split_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_M, KS,
+                        acc = split_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_M, KS,
                                           ALGEBRAIC, SWAP, ASM, DOT_F32)
 
         if SWAP:
