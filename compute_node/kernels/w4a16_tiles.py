@@ -13,6 +13,33 @@ except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
 
+def _unpack_ptx(ty: str, magic: int, one: int, neg: int, dequant: bool) -> str:
+    """PTX for 4 packed bytes ($4) -> the even-k (hi nibble: $0, $1) and odd-k (lo nibble:
+    $2, $3) operands, two per 32-bit register. prmt spreads bytes b0, b1 (then b2, b3)
+    into 16-bit lanes; lop3 keeps a nibble under `magic`, the float `off + q` (off = 128
+    for bf16, 1024 for f16). With `dequant`, an FMA takes off back exactly (x * one +
+    neg) and a second gives q * s + m ($5, $6: s; $7, $8: m)."""
+    def half(dst0: str, dst1: str) -> list[str]:
+        if not dequant:
+            return [f"lop3.b32 {dst0}, t0, 0x000f000f, {magic:#x}, 0xea;",
+                    f"lop3.b32 {dst1}, t1, 0x000f000f, {magic:#x}, 0xea;"]
+        return [f"lop3.b32 c0, t0, 0x000f000f, {magic:#x}, 0xea;", f"lop3.b32 c1, t1, 0x000f000f, {magic:#x}, 0xea;",
+                f"fma.rn.{ty}x2 c0, c0, one, neg;", f"fma.rn.{ty}x2 c1, c1, one, neg;",
+                f"fma.rn.{ty}x2 {dst0}, c0, $5, $7;", f"fma.rn.{ty}x2 {dst1}, c1, $6, $8;"]
+
+    body = [".reg .b32 t0, t1, c0, c1, one, neg;", f"mov.b32 one, {one:#x};", f"mov.b32 neg, {neg:#x};",
+            "prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;",
+            *half("$2", "$3"), "shr.b32 t0, t0, 4;", "shr.b32 t1, t1, 4;", *half("$0", "$1")]
+    return "{\n" + "\n".join(body) + "\n}"
+
+
+if triton is not None:
+    _CODES_BF16 = tl.constexpr(_unpack_ptx("bf16", 0x43004300, 0x3F803F80, 0xC300C300, False))
+    _CODES_F16 = tl.constexpr(_unpack_ptx("f16", 0x64006400, 0x3C003C00, 0xE400E400, False))
+    _WEIGHTS_BF16 = tl.constexpr(_unpack_ptx("bf16", 0x43004300, 0x3F803F80, 0xC300C300, True))
+    _WEIGHTS_F16 = tl.constexpr(_unpack_ptx("f16", 0x64006400, 0x3C003C00, 0xE400E400, True))
+
+
 if triton is not None:
 
     @triton.jit
@@ -59,94 +86,24 @@ if triton is not None:
 
     @triton.jit
     def _unpack_asm(packed, s, mn, DT: tl.constexpr, ALGEBRAIC: tl.constexpr):
-        """(even k, odd k) operands of 4 packed bytes per PTX block: nibbles become the
-        floats 128+q (bf16) / 1024+q (fp16) by prmt + lop3 (no int->float conversion);
-        unless ALGEBRAIC, then q * s + m by two packed FMAs per pair (s, m rounded to DT,
-        one rounding of the product)."""
+        """(even k, odd k) operands of 4 packed bytes per PTX block (`_unpack_ptx`): the
+        codes 128+q / 1024+q when ALGEBRAIC, else q * s + m (s, m rounded to DT)."""
         if ALGEBRAIC:
             if DT == tl.bfloat16:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 $2, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 $3, t1, 0x000f000f, 0x43004300, 0xea;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 $0, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 $1, t1, 0x000f000f, 0x43004300, 0xea;
-                    }""",
-                    constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16),
-                    is_pure=True, pack=4)
+                wh, wl = tl.inline_asm_elementwise(_CODES_BF16, "=r,=r,=r,=r,r", [packed],
+                                                   (tl.bfloat16, tl.bfloat16), True, 4)
             else:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 $2, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 $3, t1, 0x000f000f, 0x64006400, 0xea;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
-                    }""",
-                    constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16),
-                    is_pure=True, pack=4)
+                wh, wl = tl.inline_asm_elementwise(_CODES_F16, "=r,=r,=r,=r,r", [packed],
+                                                   (tl.float16, tl.float16), True, 4)
         else:
             sb = tl.broadcast_to(s.to(DT)[:, None], packed.shape)
             mb = tl.broadcast_to(mn.to(DT)[:, None], packed.shape)
             if DT == tl.bfloat16:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1, c0, c1, one, neg;
-                    mov.b32 one, 0x3F803F80;
-                    mov.b32 neg, 0xC300C300;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 c0, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x43004300, 0xea;
-                    fma.rn.bf16x2 c0, c0, one, neg;
-                    fma.rn.bf16x2 c1, c1, one, neg;
-                    fma.rn.bf16x2 $2, c0, $5, $7;
-                    fma.rn.bf16x2 $3, c1, $6, $8;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 c0, t0, 0x000f000f, 0x43004300, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x43004300, 0xea;
-                    fma.rn.bf16x2 c0, c0, one, neg;
-                    fma.rn.bf16x2 c1, c1, one, neg;
-                    fma.rn.bf16x2 $0, c0, $5, $7;
-                    fma.rn.bf16x2 $1, c1, $6, $8;
-                    }""",
-                    constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, sb, mb], dtype=(tl.bfloat16, tl.bfloat16),
-                    is_pure=True, pack=4)
+                wh, wl = tl.inline_asm_elementwise(_WEIGHTS_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, sb, mb],
+                                                   (tl.bfloat16, tl.bfloat16), True, 4)
             else:
-                wh, wl = tl.inline_asm_elementwise(
-                    asm="""{
-                    .reg .b32 t0, t1, c0, c1, one, neg;
-                    mov.b32 one, 0x3C003C00;
-                    mov.b32 neg, 0xE400E400;
-                    prmt.b32 t0, $4, 0, 0x4140;
-                    prmt.b32 t1, $4, 0, 0x4342;
-                    lop3.b32 c0, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x64006400, 0xea;
-                    fma.rn.f16x2 c0, c0, one, neg;
-                    fma.rn.f16x2 c1, c1, one, neg;
-                    fma.rn.f16x2 $2, c0, $5, $7;
-                    fma.rn.f16x2 $3, c1, $6, $8;
-                    shr.b32 t0, t0, 4;
-                    shr.b32 t1, t1, 4;
-                    lop3.b32 c0, t0, 0x000f000f, 0x64006400, 0xea;
-                    lop3.b32 c1, t1, 0x000f000f, 0x64006400, 0xea;
-                    fma.rn.f16x2 c0, c0, one, neg;
-                    fma.rn.f16x2 c1, c1, one, neg;
-                    fma.rn.f16x2 $0, c0, $5, $7;
-                    fma.rn.f16x2 $1, c1, $6, $8;
-                    }""",
-                    constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, sb, mb], dtype=(tl.float16, tl.float16),
-                    is_pure=True, pack=4)
+                wh, wl = tl.inline_asm_elementwise(_WEIGHTS_F16, "=r,=r,=r,=r,r,r,r,r,r", [packed, sb, mb],
+                                                   (tl.float16, tl.float16), True, 4)
         return wh, wl
 
     @triton.jit
