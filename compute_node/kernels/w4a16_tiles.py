@@ -39,9 +39,6 @@ if triton is not None:
     _WEIGHTS_BF16 = tl.constexpr(_unpack_ptx("bf16", 0x43004300, 0x3F803F80, 0xC300C300, True))
     _WEIGHTS_F16 = tl.constexpr(_unpack_ptx("f16", 0x64006400, 0x3C003C00, 0xE400E400, True))
 
-
-if triton is not None:
-
     @triton.jit
     def _codes(nib, DT: tl.constexpr, DOT_F32: tl.constexpr):
         """4-bit codes as dot operands, offset by a power of two so a nibble becomes a
