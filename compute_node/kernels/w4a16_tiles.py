@@ -13,12 +13,18 @@ except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
 
-def _unpack_ptx(ty: str, magic: int, one: int, neg: int, dequant: bool) -> str:
+# Per PTX float type: (magic: a nibble OR-ed under it is the float off + q, the float
+# 1.0, the float -off), two 16-bit lanes each. off = 128 (bf16) or 1024 (f16).
+PTX_CONSTANTS = {"bf16": (0x43004300, 0x3F803F80, 0xC300C300), "f16": (0x64006400, 0x3C003C00, 0xE400E400)}
+
+
+def unpack_ptx(ty: str, dequant: bool) -> str:
     """PTX for 4 packed bytes ($4) -> the even-k (hi nibble: $0, $1) and odd-k (lo nibble:
     $2, $3) operands, two per 32-bit register. prmt spreads bytes b0, b1 (then b2, b3)
-    into 16-bit lanes; lop3 keeps a nibble under `magic`, the float `off + q` (off = 128
-    for bf16, 1024 for f16). With `dequant`, an FMA takes off back exactly (x * one +
-    neg) and a second gives q * s + m ($5, $6: s; $7, $8: m)."""
+    into 16-bit lanes; lop3 keeps a nibble under `magic`, the float `off + q`. With
+    `dequant`, an FMA takes off back exactly (x * one + neg) and a second gives
+    q * s + m ($5, $6: s; $7, $8: m), rounded once."""
+    magic, one, neg = PTX_CONSTANTS[ty]
     def half(dst0: str, dst1: str) -> list[str]:
         if not dequant:
             return [f"lop3.b32 {dst0}, t0, 0x000f000f, {magic:#x}, 0xea;",
@@ -34,10 +40,10 @@ def _unpack_ptx(ty: str, magic: int, one: int, neg: int, dequant: bool) -> str:
 
 
 if triton is not None:
-    _CODES_BF16 = tl.constexpr(_unpack_ptx("bf16", 0x43004300, 0x3F803F80, 0xC300C300, False))
-    _CODES_F16 = tl.constexpr(_unpack_ptx("f16", 0x64006400, 0x3C003C00, 0xE400E400, False))
-    _WEIGHTS_BF16 = tl.constexpr(_unpack_ptx("bf16", 0x43004300, 0x3F803F80, 0xC300C300, True))
-    _WEIGHTS_F16 = tl.constexpr(_unpack_ptx("f16", 0x64006400, 0x3C003C00, 0xE400E400, True))
+    _CODES_BF16 = tl.constexpr(unpack_ptx("bf16", False))
+    _CODES_F16 = tl.constexpr(unpack_ptx("f16", False))
+    _WEIGHTS_BF16 = tl.constexpr(unpack_ptx("bf16", True))
+    _WEIGHTS_F16 = tl.constexpr(unpack_ptx("f16", True))
 
     @triton.jit
     def _codes(nib, DT: tl.constexpr, DOT_F32: tl.constexpr):
@@ -83,7 +89,7 @@ if triton is not None:
 
     @triton.jit
     def _unpack_asm(packed, s, mn, DT: tl.constexpr, ALGEBRAIC: tl.constexpr):
-        """(even k, odd k) operands of 4 packed bytes per PTX block (`_unpack_ptx`): the
+        """(even k, odd k) operands of 4 packed bytes per PTX block (`unpack_ptx`): the
         codes 128+q / 1024+q when ALGEBRAIC, else q * s + m (s, m rounded to DT)."""
         if ALGEBRAIC:
             if DT == tl.bfloat16:
