@@ -8,6 +8,7 @@ CUDA-event timings; by default L2 is flushed before every timed call (a decode s
 streams each weight once, and 7168x7168 at INT4 would otherwise sit in the 50 MB L2).
 `--sweep` also tries variants of the kernel config around the heuristic (greedy, one
 knob at a time) and prints the best per case: a few minutes, for tuning `pick_config`.
+`--configs` times given overrides against the default in interleaved rounds (`--rounds`).
 `--grid` times every combination of GRID's knobs (split-K filling one or two waves of
 SMs) and, with `--sweep` too, sweeps greedily
 from the grid's best; every grid config goes to `--grid-log` as a JSON line.
@@ -105,6 +106,20 @@ def sweep(timer: Timer, x, data, scale, mn, ref, base: dict) -> tuple[dict, floa
     return best, best_t
 
 
+def compare(timer: Timer, x, data, scale, mn, ref, base: dict, overrides: list[dict], rounds: int, log) -> None:
+    """The default config and each override, timed in `rounds` interleaved rounds (so a
+    drifting clock or host affects them alike); the median round per config is printed
+    and logged."""
+    m, k = x.shape
+    n = data.shape[0]
+    cfgs = [dict(base)] + [dict(base, **over) for over in overrides]
+    times = [[sweep_run(timer, x, data, scale, mn, ref, cfg) for cfg in cfgs] for _ in range(rounds)]
+    for i, (cfg, over) in enumerate(zip(cfgs, [{}] + overrides)):
+        t = statistics.median(r[i] for r in times)
+        log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t, "rounds": [r[i] for r in times]}) + "\n")
+        print(f"# {n}x{k} M={m} {over or 'default'}: {t * 1e3:.3f} ms (median of {rounds})")
+
+
 def fill_split(m: int, n: int, k: int, cfg: dict, num_sms: int) -> int:
     """Smallest power-of-two split-K whose programs fill one wave of SMs (at least 4 K steps each)."""
     tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
@@ -152,6 +167,7 @@ def main() -> None:
     ap.add_argument("--grid-log", default="w4grid.jsonl", help="where --grid writes every timed config")
     ap.add_argument("--grid-knobs", default="", help="JSON: replace some of GRID's value lists")
     ap.add_argument("--configs", default="", help="JSON list of config overrides to time as well (to --grid-log)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --configs")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -190,11 +206,8 @@ def main() -> None:
                 row["speedup_vs_dense"] = row["dense_s"] / row["fused_s"]
                 if args.configs:
                     with open(args.grid_log, "a") as log:
-                        for over in json.loads(args.configs):
-                            cfg = dict(row["config"], **over)
-                            t = sweep_run(timer, x, data, scale, mn, ref, cfg)
-                            log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t}) + "\n")
-                            print(f"# {n}x{k} M={m} {over}: {t * 1e3:.3f} ms (default {row['fused_s'] * 1e3:.3f})")
+                        compare(timer, x, data, scale, mn, ref, row["config"], json.loads(args.configs),
+                                args.rounds, log)
                 if args.grid:
                     with open(args.grid_log, "a") as log:
                         best, best_t = grid(timer, x, data, scale, mn, ref, row["config"], num_sms, log)
