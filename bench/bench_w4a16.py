@@ -8,10 +8,10 @@ CUDA-event timings; by default L2 is flushed before every timed call (a decode s
 streams each weight once, and 7168x7168 at INT4 would otherwise sit in the 50 MB L2).
 `--sweep` also tries variants of the kernel config around the heuristic (greedy, one
 knob at a time) and prints the best per case: a few minutes, for tuning `pick_config`.
-`--configs` times given overrides against the default in interleaved rounds (`--rounds`).
-`--grid` times every combination of GRID's knobs (split-K filling one or two waves of
-SMs) and, with `--sweep` too, sweeps greedily
-from the grid's best; every grid config goes to `--grid-log` as a JSON line.
+`--configs` times given overrides against the default in interleaved rounds
+(`--rounds`). `--grid` times every combination of GRID's knobs (split-K filling one or
+two waves of SMs) and, with `--sweep` too, sweeps greedily from the grid's best. Every
+config timed by `--configs` or `--grid` goes to `--grid-log` as a JSON line.
 """
 
 from __future__ import annotations
