@@ -116,7 +116,8 @@ def compare(timer: Timer, x, data, scale, mn, ref, base: dict, overrides: list[d
     times = [[sweep_run(timer, x, data, scale, mn, ref, cfg) for cfg in cfgs] for _ in range(rounds)]
     for i, (cfg, over) in enumerate(zip(cfgs, [{}] + overrides)):
         t = statistics.median(r[i] for r in times)
-        log.write(json.dumps({"N": n, "K": k, "M": m, "config": cfg, "s": t, "rounds": [r[i] for r in times]}) + "\n")
+        rec = {"N": n, "K": k, "M": m, "config": cfg, "s": t, "rounds": [r[i] for r in times]}
+        log.write(json.dumps(rec) + "\n")
         print(f"# {n}x{k} M={m} {over or 'default'}: {t * 1e3:.3f} ms (median of {rounds})")
 
 

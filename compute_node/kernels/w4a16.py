@@ -74,7 +74,8 @@ if triton is not None:
         stride_ys, stride_ym, stride_yn,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         KS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, ALGEBRAIC: tl.constexpr,
-        SWAP: tl.constexpr, JOIN: tl.constexpr, ASM: tl.constexpr, WIDE: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
+        SWAP: tl.constexpr, JOIN: tl.constexpr, ASM: tl.constexpr, WIDE: tl.constexpr, DOT_F32: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
         # m fastest: the programs sharing one weight tile run side by side (L2 reuse).
         pid = tl.program_id(0)
@@ -107,7 +108,7 @@ if triton is not None:
                 xt = tl.load(x_rows + (it * BLOCK_K + tl.arange(0, BLOCK_K))[None, :] * stride_xk,
                              mask=mask_m[:, None], other=0.0)  # X' (columns permuted to the tile's order)
                 w = wide_tile(d_rows, s_rows, mn_rows, it * BLOCK_K, offs_h, mask_n, stride_dk, stride_sg,
-                               stride_mg, x_ptr.dtype.element_ty, GROUP, BLOCK_N, BLOCK_K, KS, ASM, DOT_F32)
+                              stride_mg, x_ptr.dtype.element_ty, GROUP, BLOCK_N, BLOCK_K, KS, ASM, DOT_F32)
                 if DOT_F32:
                     xt = xt.to(tl.float32)
                 acc = mma(acc, xt, w, SWAP)
@@ -123,10 +124,10 @@ if triton is not None:
                     mn = tl.load(mn_rows + g * stride_mg, mask=mask_n, other=0.0).to(tl.float32)
                     if JOIN:  # the weight sub-tile in k order: (even, odd) nibbles interleaved, one dot
                         acc = join_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_N, KS,
-                                         ALGEBRAIC, SWAP, ASM, DOT_F32)
+                                        ALGEBRAIC, SWAP, ASM, DOT_F32)
                     else:  # X split in registers into its even and odd columns, two half-dots
                         acc = split_step(acc, xt, packed, s, mn, x_ptr.dtype.element_ty, BLOCK_M, KS,
-                                          ALGEBRAIC, SWAP, ASM, DOT_F32)
+                                         ALGEBRAIC, SWAP, ASM, DOT_F32)
 
         if SWAP:
             y_off = offs_n.to(tl.int64)[:, None] * stride_yn + offs_m.to(tl.int64)[None, :] * stride_ym

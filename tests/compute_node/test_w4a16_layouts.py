@@ -92,7 +92,8 @@ def test_ptx_dequant_is_q_times_scale_plus_min_rounded_once(ty):
         got_lo = _lanes_to_float(out["$2"], ty) + _lanes_to_float(out["$3"], ty)
 
         def want(q):
-            return torch.tensor([q[i] * s[i] + m[i] for i in range(4)], dtype=torch.float64).to(FLOAT[ty]).double().tolist()
+            exact = torch.tensor([q[i] * s[i] + m[i] for i in range(4)], dtype=torch.float64)
+            return exact.to(FLOAT[ty]).double().tolist()
 
         assert got_hi == want([b >> 4 for b in packed])
         assert got_lo == want([b & 15 for b in packed])
