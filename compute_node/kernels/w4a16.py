@@ -27,7 +27,8 @@ Design (decode sizes, M = 1..256):
 * ASM (CUDA only; the interpreter runs the plain path): nibbles become floats by PTX
   (prmt + lop3 put each nibble under the exponent of 128 / 1024), and the dequantized
   weights come from packed bf16x2 / f16x2 FMAs with s and m rounded to X's dtype (one
-  rounding of q * s + m). 35% fewer instructions in the K loop than the fp32 path.
+  rounding of q * s + m). About a third fewer instructions in the K loop than the fp32
+  path.
 * SWAP computes the transposed tile (W @ X^T, the weight as the MMA's M side), which
   suits small M on some GPUs; the result is the same.
 * Split-K when the (M, N) tiles alone cannot fill the GPU (N = 7168 at decode): each
