@@ -124,10 +124,7 @@ def compare(timer: Timer, x, data, scale, mn, ref, base: dict, overrides: list[d
 def fill_split(m: int, n: int, k: int, cfg: dict, num_sms: int) -> int:
     """Smallest power-of-two split-K whose programs fill one wave of SMs (at least 4 K steps each)."""
     tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
-    k_iters, split = k // cfg["BLOCK_K"], 1
-    while tiles * split < num_sms and k_iters // (split * 2) >= 4:
-        split *= 2
-    return split
+    return w4a16.split_to_fill(tiles, k // cfg["BLOCK_K"], num_sms)
 
 
 GRID = {"JOIN": [True], "WIDE": [False, True], "ASM": [False, True], "ALGEBRAIC": [False], "SWAP": [False, True],

@@ -169,6 +169,15 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def split_to_fill(tiles: int, k_iters: int, num_sms: int, at_least: int = 1) -> int:
+    """Power-of-two split-K: the smallest whose programs fill a wave of `num_sms` (and
+    reach `at_least`), keeping at least 4 K steps per split."""
+    split = 1
+    while (tiles * split < num_sms or split < at_least) and k_iters // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
     """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
     cfg = {"ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4,
@@ -185,9 +194,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
         cfg.update(BLOCK_M=64, BLOCK_N=128, JOIN=True, ASM=True)
         if k < 2 * n:
             return dict(cfg, BLOCK_K=64, SPLIT_K=2, num_warps=8)
-        tiles, split = -(-m // 64) * -(-n // 128), 1
-        while tiles * split < num_sms and k // 128 // (split * 2) >= 4:
-            split *= 2
+        split = split_to_fill(-(-m // 64) * -(-n // 128), k // 128, num_sms)
         return dict(cfg, BLOCK_K=128, WIDE=True, SPLIT_K=split)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     wide = block_m < 64
@@ -196,17 +203,13 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     # steps (bench/results/2026-11-26-run26-w4sweep.txt).
     block_n = 128 if n >= 128 and wide else 64
     block_k = 128 if k % 128 == 0 and wide else 64
-    tiles = -(-m // block_m) * -(-n // block_n)
-    k_iters = k // block_k
-    split = 1
     # Fill about one wave of SMs (8 splits above 32 rows); keep at least 4 K steps per split.
-    while (tiles * split < num_sms or (not wide and split < 8)) and k_iters // (split * 2) >= 4:
-        split *= 2
+    split = split_to_fill(-(-m // block_m) * -(-n // block_n), k // block_k, num_sms, 1 if wide else 8)
     return dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
 
 
 def wide_order(x: torch.Tensor, block_k: int, ks: int) -> torch.Tensor:
-    """x [M, K] with each BLOCK_K block's columns in the order of `_wide_tile`'s joined
+    """x [M, K] with each BLOCK_K block's columns in the order of `wide_tile`'s joined
     weight tile (a copy; x itself where one sub-tile spans the block)."""
     ng = block_k // ks
     if ng == 1:

@@ -125,8 +125,16 @@ if triton is not None:
         return wh, wl
 
     @triton.jit
+    def _in_k_order(packed, s, mn, DT: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
+                    ALGEBRAIC: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+        """The sub-tile's operands with its two nibble halves joined back in k order:
+        [BN, KS/2, 2] -> [BN, KS]."""
+        wh, wl = _operands(packed, s, mn, DT, ALGEBRAIC, ASM, DOT_F32)
+        return tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))
+
+    @triton.jit
     def split_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_M: tl.constexpr, KS: tl.constexpr,
-                    ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+                   ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
         xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, KS // 2, 2)))  # [BM, KS/2] each: even / odd k
         if DOT_F32:
             xe = xe.to(tl.float32)
@@ -142,9 +150,8 @@ if triton is not None:
 
     @triton.jit
     def join_step(acc, xt, packed, s, mn, DT: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
-                   ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
-        wh, wl = _operands(packed, s, mn, DT, ALGEBRAIC, ASM, DOT_F32)
-        w = tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))  # back in k order: [BN, KS/2, 2] -> [BN, KS]
+                  ALGEBRAIC: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
+        w = _in_k_order(packed, s, mn, DT, BLOCK_N, KS, ALGEBRAIC, ASM, DOT_F32)
         if DOT_F32:
             xt = xt.to(tl.float32)
         if ALGEBRAIC:
@@ -158,13 +165,12 @@ if triton is not None:
                   KS: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr):
         """Dequantized weights of the KS columns from k0 (in one group: scale s, min mn), in k order: [BN, KS]."""
         packed = tl.load(d_rows + ((k0 // 2) + offs_h)[None, :] * stride_dk, mask=mask_n[:, None], other=0)
-        wh, wl = _operands(packed, s.to(tl.float32), mn.to(tl.float32), DT, False, ASM, DOT_F32)
-        return tl.reshape(tl.join(wh, wl), (BLOCK_N, KS))
+        return _in_k_order(packed, s.to(tl.float32), mn.to(tl.float32), DT, BLOCK_N, KS, False, ASM, DOT_F32)
 
     @triton.jit
     def wide_tile(d_rows, s_rows, mn_rows, k0, offs_h, mask_n, stride_dk, stride_sg, stride_mg, DT: tl.constexpr,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KS: tl.constexpr,
-                   ASM: tl.constexpr, DOT_F32: tl.constexpr):
+                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KS: tl.constexpr,
+                  ASM: tl.constexpr, DOT_F32: tl.constexpr):
         """BLOCK_K / KS (1, 2 or 4) sub-tiles joined: column c of sub-tile g lands at
         c * NG + g (NG = 2), or c * 4 + 2 * (g % 2) + g // 2 (NG = 4); `wide_order` puts
         X's columns in the same order. Scales and mins come as one [BN, NG] load each
