@@ -13,8 +13,10 @@ those not yet written masked. Then nothing in the step depends on its length.
 How: the first decode step runs eagerly (its result is used; it also warms every
 kernel up), then the same step is captured (capture records, it does not run). From
 the next step on: copy the step's token ids and positions into the graph's inputs,
-advance the cache (host side: cursor and mask), replay. Where capture fails, the
-micro-batch goes on eagerly with the same fixed shapes (logged once).
+advance the cache (host side: cursor and mask), replay. A greedy step feeds its tokens
+back into those inputs itself, inside the graph (compute_node/decode_loop.py): then
+nothing is copied in. Where capture fails, the micro-batch goes on eagerly with the
+same fixed shapes (logged once).
 """
 
 from __future__ import annotations
@@ -29,19 +31,22 @@ from compute_node.kv_cache import LocalKV
 
 LOG = logging.getLogger("strata.compute_node")
 
-Forward = Callable[[list[MicroBatch], list[tuple[torch.Tensor, torch.Tensor]], bool], list[torch.Tensor]]
+# One micro-batch's decode step on its (ids [b, 1], positions [b, 1]): its logits, or
+# where greedy tokens are fed back, its tokens (also written into ids, positions advanced).
+Step = Callable[[MicroBatch, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DecodeGraphs:
     """Captured decode steps of one request's micro-batches."""
 
-    def __init__(self, forward: Forward, mbs: list[MicroBatch]):
-        self.forward, self.mbs = forward, mbs
+    def __init__(self, step: Step, mbs: list[MicroBatch]):
+        self.step, self.mbs = step, mbs
         self.graphs: list[torch.cuda.CUDAGraph | None | bool] = [None] * len(mbs)  # False: capture failed
-        self.static: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(mbs)
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mbs)  # the graphs' ids, positions
+        self.outputs: list[torch.Tensor | None] = [None] * len(mbs)  # what each replay writes
 
     @staticmethod
-    def for_request(device: torch.device, streamed: bool, mbs: list[MicroBatch], forward: Forward):
+    def for_request(device: torch.device, streamed: bool, mbs: list[MicroBatch], step: Step):
         """Graphs for these micro-batches after their prefill, or None where the step
         cannot be captured (then nothing is changed)."""
         if device.type != "cuda" or streamed or not all(isinstance(mb.kv, LocalKV) for mb in mbs):
@@ -50,43 +55,52 @@ class DecodeGraphs:
             return None
         for mb in mbs:
             mb.kv.fixed_shapes()
-        return DecodeGraphs(forward, mbs)
+        return DecodeGraphs(step, mbs)
 
-    def run(self, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """One decode step: logits [b, vocab] per micro-batch, valid until the next step."""
+    def run(self, inputs: list[tuple[torch.Tensor, torch.Tensor]] | None) -> list[torch.Tensor]:
+        """One decode step: the step's output per micro-batch, valid until the next step.
+        `inputs` (ids, positions per micro-batch) are copied into the graphs' inputs; None
+        where the previous step already wrote them there (greedy feedback)."""
         out = []
-        for j, (mb, (ids, pos)) in enumerate(zip(self.mbs, inputs)):
+        for j, mb in enumerate(self.mbs):
             mb.kv.advance()
+            if inputs is not None:
+                self._set_inputs(j, *inputs[j])
             graph = self.graphs[j]
             if graph is None:
-                out.append(self._first(j, mb, ids, pos))
+                out.append(self._first(j, mb))
             elif graph is False:
-                out.append(self.forward([mb], [(ids, pos)], False)[0])
+                out.append(self.step(mb, *self.inputs[j]))
             else:
-                s_ids, s_pos, logits = self.static[j]
-                s_ids.copy_(ids)
-                s_pos.copy_(pos)
                 graph.replay()
-                out.append(logits)
+                out.append(self.outputs[j])
         return out
 
-    def _first(self, j: int, mb: MicroBatch, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _set_inputs(self, j: int, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.inputs[j] is None:
+            self.inputs[j] = (ids.clone(), pos.clone())
+        else:
+            s_ids, s_pos = self.inputs[j]
+            s_ids.copy_(ids)
+            s_pos.copy_(pos)
+
+    def _first(self, j: int, mb: MicroBatch) -> torch.Tensor:
         """Run the step eagerly on a side stream (warm-up), then capture it."""
-        s_ids, s_pos = ids.clone(), pos.clone()
-        current = torch.cuda.current_stream(ids.device)
-        side = torch.cuda.Stream(ids.device)
+        s_ids, s_pos = self.inputs[j]
+        current = torch.cuda.current_stream(s_ids.device)
+        side = torch.cuda.Stream(s_ids.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            logits = self.forward([mb], [(s_ids, s_pos)], False)[0]
+            out = self.step(mb, s_ids, s_pos)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_logits = self.forward([mb], [(s_ids, s_pos)], False)[0]
+                static_out = self.step(mb, s_ids, s_pos)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured: go on eagerly
             LOG.warning("decode step capture failed (%s: %s); micro-batch %d decodes without a graph",
                         type(e).__name__, str(e)[:200], j)
             self.graphs[j] = False
-            return logits
-        self.graphs[j], self.static[j] = graph, (s_ids, s_pos, static_logits)
-        return logits
+            return out
+        self.graphs[j], self.outputs[j] = graph, static_out
+        return out

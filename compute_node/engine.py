@@ -10,7 +10,8 @@
                 q, k, v = pre_attention(w, h_j)
                 start j's attention of layer i (device, or KV store on the CPU)
         finish every micro-batch's last layer
-        logits -> next tokens
+        logits -> next tokens (greedy: fed back as the next step's ids on the device, the
+                  next step launched before they are read: compute_node/decode_loop.py)
 
 Where every layer is resident and the KV cache is on the device unquantized, each
 micro-batch's decode step (embedding, layers, head) is captured once as a CUDA graph and
@@ -19,17 +20,19 @@ replayed (compute_node/decode_graph.py).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Iterator
 
 import torch
 
 from compute_node.batch import MicroBatch, positions, split, validate
-from compute_node.decode_graph import DecodeGraphs
+from compute_node.decode_graph import DecodeGraphs, Step
+from compute_node.decode_loop import GreedyDecode
 from compute_node.kv_cache import LocalKV, RemoteKV, _Shape
 from compute_node.layer_weights import LayerWeights
 from compute_node.model import family_for
-from compute_node.sampling import Sampling, choose
+from compute_node.sampling import Sampling, choose, greedy_ids
 from strata.arch import dims_for
 from strata.kv_quant import check_bits
 
@@ -58,7 +61,9 @@ class Engine:
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool = False
     ) -> Iterator[list[int]]:
-        """Yields, per step, one token per prompt (-1 once a sequence has finished)."""
+        """Yields, per step, one token per prompt (-1 once a sequence has finished). Greedy
+        decode keeps the tokens on the device and launches each step before the previous
+        one's tokens are read (compute_node/decode_loop.py)."""
         validate(prompts, max_new_tokens, self.dims, self.max_batch)
         mbs = split(prompts, self.micro_batches, self.pad_id)
         gen = torch.Generator().manual_seed(sampling.seed)
@@ -66,17 +71,20 @@ class Engine:
         eos = self.dims.eos_token_id
         t0 = time.perf_counter()
         self.timing = {"start_s": 0.0, "finish_s": 0.0}
-        t1 = None
+        t1 = steps = None
         try:
             for mb in mbs:
                 t = mb.ids.shape[1]
                 mb.kv = self.kv_factory(self._shape(mb, t + max_new_tokens))
-            tokens = self._step(mbs, sampling, gen, prefill=True)
+            logits = self.forward(mbs, [self._inputs(mb, True, None, 0) for mb in mbs], prefill=True)
+            chosen = [greedy_ids(x) if sampling.greedy else choose(x, sampling, gen) for x in logits]
+            tokens = torch.cat(chosen).tolist()
             self.last_stats = {"prefill_s": time.perf_counter() - t0}
             t1 = time.perf_counter()
-            graphs = None
-            if self.decode_graphs and max_new_tokens >= MIN_TOKENS_FOR_GRAPHS:
-                graphs = DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, self.forward)
+            if sampling.greedy:
+                steps = GreedyDecode(self, mbs, chosen, max_new_tokens)
+            else:
+                steps = self._sampled(mbs, tokens, sampling, gen, self.graphs_for(mbs, max_new_tokens, self._logits))
             for step in range(max_new_tokens):
                 out = []
                 for i, tok in enumerate(tokens):
@@ -86,8 +94,10 @@ class Engine:
                 yield out
                 if step + 1 == max_new_tokens or all(finished):
                     break
-                tokens = self._step(mbs, sampling, gen, prefill=False, feed=tokens, offset=step, graphs=graphs)
+                tokens = next(steps)
         finally:  # also when the consumer stops early (stop sequences, a cancelled call)
+            if steps is not None:
+                steps.close()  # a step launched ahead is done before its KV cache goes
             if t1 is not None:
                 self.last_stats["decode_s"] = time.perf_counter() - t1
                 self.last_stats.update(self.timing)
@@ -95,19 +105,30 @@ class Engine:
                 if mb.kv is not None:
                     mb.kv.free()
 
+    def graphs_for(self, mbs: list[MicroBatch], max_new_tokens: int, step: Step) -> DecodeGraphs | None:
+        """Decode graphs running `step`, where asked for and worth capturing (else None)."""
+        if not self.decode_graphs or max_new_tokens < MIN_TOKENS_FOR_GRAPHS:
+            return None
+        return DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step)
+
     def _shape(self, mb: MicroBatch, max_tokens: int) -> _Shape:
         d = self.dims
         return _Shape(d.num_layers, d.num_heads, d.head_dim, max_tokens, mb.pad, self.family.scale, self.family.alibi,
                       d.kv_heads)
 
-    def _step(self, mbs, sampling, gen, prefill: bool, feed=None, offset: int = 0,
-              graphs: DecodeGraphs | None = None) -> list[int]:
-        inputs = [self._inputs(mb, prefill, feed, offset) for mb in mbs]
-        logits = graphs.run(inputs) if graphs is not None else self.forward(mbs, inputs, prefill)
-        tokens: list[int] = []
-        for x in logits:
-            tokens.extend(choose(x, sampling, gen).tolist())
-        return tokens
+    def _sampled(self, mbs, tokens: list[int], sampling: Sampling, gen,
+                 graphs: DecodeGraphs | None) -> Iterator[list[int]]:
+        """Decode steps with sampling: each step's tokens are drawn on the host (with the
+        request's generator, in order), then the next step's inputs built from them."""
+        for offset in itertools.count():
+            inputs = [self._inputs(mb, False, tokens, offset) for mb in mbs]
+            logits = graphs.run(inputs) if graphs is not None else self.forward(mbs, inputs, False)
+            tokens = torch.cat([choose(x, sampling, gen) for x in logits]).tolist()
+            yield tokens
+
+    def _logits(self, mb: MicroBatch, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's decode step, as a decode graph records it for sampling."""
+        return self.forward([mb], [(ids, pos)], False)[0]
 
     def _inputs(self, mb: MicroBatch, prefill: bool, feed, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's token ids and positions on the device."""

@@ -16,11 +16,17 @@ class Sampling:
     seed: int = 0
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> the most likely token ids [B], left on the logits' device (greedy
+    decode feeds them back there, compute_node/decode_loop.py)."""
+    return logits.float().argmax(dim=-1)
+
+
 def choose(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B] (on the CPU)."""
-    logits = logits.float()
     if s.greedy:
-        return logits.argmax(dim=-1).cpu()
+        return greedy_ids(logits).cpu()
+    logits = logits.float()
     logits = logits / max(s.temperature, 1e-5)
     if s.top_k > 0:
         k = min(s.top_k, logits.shape[-1])
