@@ -39,6 +39,9 @@ Design (decode sizes, M = 1..256):
   (bench/bench_w4a16.py --sweep / --grid measure alternatives).
 * The device functions (operands, steps, the dot) are in w4a16_tiles.py.
 
+At 33-64 rows on CUDA a register-fed CUDA kernel runs instead where it is built and
+takes the problem (w4a16_mma.cu / w4a16_mma.py: no dequantized weight in shared memory).
+
 On CPU (or without Triton) `int4_linear` falls back to `strata.quant.dequantize` +
 `torch.nn.functional.linear`; with TRITON_INTERPRET=1 the kernel itself runs on CPU
 tensors (slow; tests only).
@@ -52,6 +55,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from compute_node.kernels import w4a16_mma
 from strata import quant
 
 try:  # Triton ships with CUDA builds of PyTorch only
@@ -181,8 +185,12 @@ def split_to_fill(tiles: int, k_iters: int, num_sms: int, at_least: int = 1) -> 
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
     """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
     cfg = {"ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4,
-           "num_stages": 3}
+           "num_stages": 3, "MMA": False, "MMA_WARPS": 0, "MMA_SPLIT": 0,
+           "MMA_STAGES": 0}
     if m > 32 and k % 128 == 0 and group_size == 64:
+        # 33-64 rows: the register-fed CUDA kernel (w4a16_mma.cu) where it is built and
+        # takes the problem (w4a16_mma.supports); else this Triton table.
+        cfg["MMA"] = m <= 64
         # 64-row tiles, 128 output columns, nibbles unpacked by PTX into bf16x2/f16x2 FMAs;
         # 64-column steps split 2 ways, or for a long K (fc2) 128-column steps with two
         # groups joined into one dot, split to fill a wave. Per-call times at 64 rows on
@@ -282,9 +290,8 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return y.reshape(*lead, n)
+        return torch.empty((*lead, n), dtype=x.dtype, device=x.device)
     num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 4
     cfg = pick_config(m, n, k, group_size, num_sms)
@@ -293,6 +300,11 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         if unknown:
             raise ValueError(f"int4_linear: unknown config keys {sorted(unknown)}")
         cfg.update(config)
+    if cfg["MMA"] and w4a16_mma.supports(x2, data, scale, w_min, group_size, bias):
+        y = w4a16_mma.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WARPS"], cfg["MMA_SPLIT"],
+                             cfg["MMA_STAGES"])
+        return y.reshape(*lead, n)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = cfg["BLOCK_K"]
     ks = min(group_size, block_k)
     if k % block_k != 0 or block_k % ks != 0 or (ks < group_size and group_size % block_k != 0):

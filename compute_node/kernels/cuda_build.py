@@ -1,0 +1,83 @@
+"""Builds the project's CUDA C++ kernels (a .cu beside this file) into a shared library
+with nvcc, once per source, GPU architecture and nvcc, and loads it with ctypes.
+
+Why not torch.utils.cpp_extension: its builds include PyTorch's headers (about a minute
+a build) and need ninja; these kernels take plain pointers and a stream, so a ~5 s nvcc
+call and ctypes do. The CUDA runtime is linked statically, and kernels are launched on
+the stream the caller passes (PyTorch's current stream, CUDA graph capture included).
+
+Where the library goes: $STRATA_KERNEL_CACHE, else ~/.cache/strata/kernels; built into
+a temporary file and renamed into place, so processes building at once never load half a
+file. nvcc comes from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin. Without nvcc
+or on a failed build, `load` returns None (logged once) and callers keep their other path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+LOG = logging.getLogger("strata.kernels")
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def nvcc() -> str | None:
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("STRATA_KERNEL_CACHE") or pathlib.Path.home() / ".cache" / "strata" / "kernels")
+
+
+def library_path(name: str, arch: str, compiler: str) -> pathlib.Path:
+    """Where `name`.cu built for `arch` (e.g. "90") by `compiler` lives."""
+    h = hashlib.sha256((HERE / f"{name}.cu").read_bytes())
+    h.update(arch.encode())
+    h.update(os.path.realpath(compiler).encode())
+    return cache_dir() / f"{name}-sm{arch}-{h.hexdigest()[:16]}.so"
+
+
+def build(name: str, arch: str, compiler: str) -> pathlib.Path:
+    """Compiles `name`.cu for `arch` unless already built; returns the library's path."""
+    out = library_path(name, arch, compiler)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC",
+           "-shared", "-o", tmp, str(HERE / f"{name}.cu")]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+        os.replace(tmp, out)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"nvcc failed on {name}.cu:\n{e.stderr[-4000:]}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str, arch: str) -> ctypes.CDLL | None:
+    """The built library, or None where it cannot be built here (no nvcc, a failed build)."""
+    compiler = nvcc()
+    if compiler is None:
+        LOG.info("no nvcc: the %s CUDA kernels are not built; the Triton kernels run instead", name)
+        return None
+    try:
+        return ctypes.CDLL(str(build(name, arch, compiler)))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        LOG.warning("building %s.cu failed; the Triton kernels run instead: %s", name, e)
+        return None

@@ -1,0 +1,95 @@
+"""The register-fed W4A16 kernel (w4a16_mma.cu) from Python: which problems it takes,
+its launch shape, and the call. `w4a16.int4_linear` runs it where `pick_config` says
+MMA and `supports` agrees, and its Triton kernel everywhere else. STRATA_W4A16_MMA=0 in
+the environment turns it off (the Triton kernel then runs everywhere)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from compute_node.kernels import cuda_build
+
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+_BLOCKS_PER_SM = {(4, 3): 4, (4, 4): 3, (8, 3): 2, (8, 4): 2}  # (warps, stages): the kernel's __launch_bounds__
+CHUNK_K = 512  # split-K granularity: 8 groups of 64
+
+
+@functools.lru_cache(maxsize=8)
+def _library(index: int) -> ctypes.CDLL | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:  # cp.async and bf16 mma.sync need sm_80
+        return None
+    lib = cuda_build.load("w4a16_mma", f"{major}{minor}")
+    if lib is not None:
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.strata_w4a16_m64.argtypes = [i, i, i, p, ctypes.c_long, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.strata_w4a16_m64.restype = i
+    return lib
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+             bias: torch.Tensor | None) -> bool:
+    """Whether the kernel takes this problem: x2 [M <= 64, K] bf16/fp16 on CUDA with unit
+    column stride, groups of 64, K a multiple of 512, N of 128, contiguous fp16 scale and
+    min, bias (if any) in x's dtype, 16-byte aligned."""
+    m, k = x2.shape
+    n = data.shape[0]
+    if os.environ.get("STRATA_W4A16_MMA", "1") == "0":
+        return False
+    if not (x2.is_cuda and x2.dtype in _DTYPE_CODE and 0 < m <= 64 and group_size == 64):
+        return False
+    if k % CHUNK_K or n % 128 or x2.stride(1) != 1 or x2.stride(0) % 8:
+        return False
+    if scale.dtype != torch.float16 or w_min.dtype != torch.float16:
+        return False
+    parts = (data, scale, w_min) + (() if bias is None else (bias,))
+    if not all(t.is_contiguous() for t in parts) or (bias is not None and bias.dtype != x2.dtype):
+        return False
+    return _aligned(x2, *parts) and _library(x2.device.index or 0) is not None
+
+
+# Split-K target: about 4.5 blocks per SM. On OPT-30B's four shapes at 64 rows (H100,
+# bench/results/2026-11-27-run57-w4mma-grid.jsonl) the best of 14 (stages, split) pairs
+# was within 6% of what this rule picks on each shape.
+BLOCKS_PER_SM_TARGET = 4.5
+
+
+def launch_shape(n: int, k: int, num_sms: int, warps: int = 0, split: int = 0,
+                 stages: int = 0) -> tuple[int, int, int, int]:
+    """(warps, stages, chunks per split, splits): 4 warps (128 columns a block), a
+    4-deep cp.async ring, and split-K to about BLOCKS_PER_SM_TARGET blocks per SM;
+    `warps`, `split` and `stages` override."""
+    warps, stages = warps or 4, stages or 4
+    tiles = n // (32 * warps)
+    chunks = k // CHUNK_K
+    want = split or -(-int(BLOCKS_PER_SM_TARGET * num_sms) // tiles)
+    per_split = max(1, chunks // max(1, want)) if not split else -(-chunks // split)
+    return warps, stages, per_split, -(-chunks // per_split)
+
+
+def linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor,
+           bias: torch.Tensor | None, num_sms: int, warps: int = 0, split: int = 0, stages: int = 0) -> torch.Tensor:
+    """y [M, N] = x2 @ W^T + bias, for a problem `supports` took."""
+    m, k = x2.shape
+    n = data.shape[0]
+    warps, stages, per_split, splits = launch_shape(n, k, num_sms, warps, split, stages)
+    if (warps, stages) not in _BLOCKS_PER_SM or n % (32 * warps):
+        raise ValueError(f"w4a16_mma: no kernel for {warps} warps, {stages} stages at N {n}")
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    err = _library(x2.device.index or 0).strata_w4a16_m64(
+        _DTYPE_CODE[x2.dtype], warps, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(), scale.data_ptr(),
+        w_min.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        None if part is None else part.data_ptr(), m, n, k, per_split, splits, stream)
+    if err:
+        raise RuntimeError(f"w4a16_mma: CUDA error {err} launching M={m} N={n} K={k} warps={warps} splits={splits}")
+    return y
