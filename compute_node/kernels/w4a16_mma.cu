@@ -109,6 +109,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fi
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(fill ? 16 : 0));
 }
+// The same, asking L2 to fetch the 128 bytes around it from DRAM: a weight row is read
+// 32 bytes a group, and the next groups of the row are then already in L2.
+__device__ __forceinline__ void cp_async16_l2(void* smem, const void* gmem) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
@@ -190,7 +196,7 @@ template <typename T, int WARPS, int NSTAGE> struct Tile {
 #pragma unroll
     for (int it = 0; it < BN * 2 / THREADS; ++it) {
       const long row = r + it * (THREADS / 2);
-      cp_async16(ws + (st * BN + row) * 32 + h * 16, w_src + (row - r) * (p.k / 2) + i * 32, true);
+      cp_async16_l2(ws + (st * BN + row) * 32 + h * 16, w_src + (row - r) * (p.k / 2) + i * 32);
     }
   }
 
