@@ -31,6 +31,15 @@ def _library(index: int) -> ctypes.CDLL | None:
     return lib
 
 
+def _for(device: torch.device) -> ctypes.CDLL | None:
+    return _library(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prepare(device: torch.device) -> bool:
+    """Builds (or finds) the kernel for this GPU now; whether it is available."""
+    return _for(device) is not None
+
+
 def _aligned(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
@@ -53,25 +62,30 @@ def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: t
     parts = (data, scale, w_min) + (() if bias is None else (bias,))
     if not all(t.is_contiguous() for t in parts) or (bias is not None and bias.dtype != x2.dtype):
         return False
-    return _aligned(x2, *parts) and _library(x2.device.index or 0) is not None
+    return _aligned(x2, *parts) and _for(x2.device) is not None
 
 
-# Split-K target: about 4.5 blocks per SM. On OPT-30B's four shapes at 64 rows (H100,
-# bench/results/2026-11-27-run57-w4mma-grid.jsonl) the best of 14 (stages, split) pairs
-# was within 6% of what this rule picks on each shape.
+# Split-K: about 4.5 blocks per SM, each at least 2 chunks (16 K steps) long, so the
+# pipeline's fill and the partials' write are spread over enough work. On OPT-30B's four
+# shapes at 64 rows (H100, bench/results/2026-11-27-run57-w4mma-grid.jsonl) this picks
+# the best of run 57's 14 (stages, split) pairs on three shapes and one within 10% on the
+# fourth (21504 x 7168: 5 splits 0.113 ms, 2 splits 0.103 ms).
 BLOCKS_PER_SM_TARGET = 4.5
+MIN_CHUNKS_PER_SPLIT = 2
 
 
 def launch_shape(n: int, k: int, num_sms: int, warps: int = 0, split: int = 0,
                  stages: int = 0) -> tuple[int, int, int, int]:
     """(warps, stages, chunks per split, splits): 4 warps (128 columns a block), a
-    4-deep cp.async ring, and split-K to about BLOCKS_PER_SM_TARGET blocks per SM;
-    `warps`, `split` and `stages` override."""
+    4-deep cp.async ring, and split-K as above; `warps`, `split` and `stages` override."""
     warps, stages = warps or 4, stages or 4
     tiles = n // (32 * warps)
     chunks = k // CHUNK_K
-    want = split or -(-int(BLOCKS_PER_SM_TARGET * num_sms) // tiles)
-    per_split = max(1, chunks // max(1, want)) if not split else -(-chunks // split)
+    if split:
+        per_split = -(-chunks // split)
+    else:
+        want = -(-int(BLOCKS_PER_SM_TARGET * num_sms) // tiles)
+        per_split = min(chunks, max(MIN_CHUNKS_PER_SPLIT, chunks // want))
     return warps, stages, per_split, -(-chunks // per_split)
 
 
@@ -86,7 +100,7 @@ def linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: tor
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
     stream = torch.cuda.current_stream(x2.device).cuda_stream
-    err = _library(x2.device.index or 0).strata_w4a16_m64(
+    err = _for(x2.device).strata_w4a16_m64(
         _DTYPE_CODE[x2.dtype], warps, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(), scale.data_ptr(),
         w_min.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         None if part is None else part.data_ptr(), m, n, k, per_split, splits, stream)
