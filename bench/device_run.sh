@@ -26,7 +26,7 @@ for step in "$@"; do
     e2e-disk) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} ${T3Q_FLAGS:-};;
     t1p) bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
-    cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-300} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
+    cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-560} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;
     w4grid) python3 bench/bench_w4a16.py --grid --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} --grid-log "$OUT/w4grid.jsonl" ${W4_KNOBS:+--grid-knobs "$W4_KNOBS"} > "$OUT/w4grid.txt" 2>"$OUT/w4grid.err"; tail -6 "$OUT/w4grid.txt";;
     w4cmp) python3 bench/bench_w4a16.py --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} --configs "${W4_CONFIGS:-[]}" --grid-log "$OUT/w4cmp.jsonl" > "$OUT/w4cmp.txt" 2>"$OUT/w4cmp.err"; grep "^#" "$OUT/w4cmp.txt";;
