@@ -25,6 +25,10 @@
 // shared buffers after the group's mma. Split-K: grid.y splits K in chunks of 8 groups;
 // each writes fp32 partials [split, M, N] that a second kernel sums (plus bias, cast):
 // deterministic, no atomics.
+//
+// Measured limit (ncu, bench/results/2026-11-27-run56*): at 64 rows mma.sync's issue rate
+// binds (64 HMMA among ~410 instructions a group a warp; tensor pipe 41% busy, DRAM 29%).
+// The next step is wgmma, with these dequantized weights as its register A operand.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
