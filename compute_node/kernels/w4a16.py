@@ -281,7 +281,8 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
 
     x: [..., K] float16 or bfloat16; the result is [..., N] in x's dtype. `config`
     overrides keys of `pick_config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, ALGEBRAIC,
-    SWAP, num_warps, num_stages). Raises ValueError when the parts do not agree."""
+    SWAP, num_warps, num_stages; MMA to take or skip the CUDA kernel, MMA_WARPS,
+    MMA_STAGES, MMA_SPLIT for its launch). Raises ValueError when the parts do not agree."""
     n, k = _check(x, data, scale, w_min, group_size, bias)
     if not kernel_supported(x, k, group_size):
         w = quant.dequantize(data, scale, w_min, 4, group_size, out_dtype=x.dtype)
