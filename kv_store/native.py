@@ -19,10 +19,11 @@ import os
 import pathlib
 import platform
 import subprocess
-import tempfile
 import threading
 
 import torch
+
+from strata.build import compile_once
 
 LOG = logging.getLogger("strata.kv_store")
 SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
@@ -51,22 +52,10 @@ def _machine_key() -> str:
 
 def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
     """The compiled kernel (compiled now, or found from an earlier build), or None."""
-    out_dir = cache_dir or _cache_dir()
-    lib_path = out_dir / f"decode_attention-{_machine_key()}.so"
+    lib_path = (cache_dir or _cache_dir()) / f"decode_attention-{_machine_key()}.so"
+    cc = os.environ.get("CC", "cc")
     try:
-        if not lib_path.exists():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-            os.close(fd)
-            try:
-                cc = os.environ.get("CC", "cc")
-                subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(tmp, lib_path)  # atomic: a concurrent build finds a whole file or none
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(lib_path))
+        lib = ctypes.CDLL(str(compile_once(lib_path, lambda tmp: [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], 120)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         LOG.warning("native decode attention unavailable (%s %s); using PyTorch SDPA", e, detail.decode()[-300:])

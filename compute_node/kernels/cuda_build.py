@@ -6,10 +6,10 @@ a build) and need ninja; these kernels take plain pointers and a stream, so a ~5
 call and ctypes do. The CUDA runtime is linked statically, and kernels are launched on
 the stream the caller passes (PyTorch's current stream, CUDA graph capture included).
 
-Where the library goes: $STRATA_KERNEL_CACHE, else ~/.cache/strata/kernels; built into
-a temporary file and renamed into place, so processes building at once never load half a
-file. nvcc comes from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin. Without nvcc
-or on a failed build, `load` returns None (logged once) and callers keep their other path.
+Where the library goes: $STRATA_KERNEL_CACHE, else ~/.cache/strata/kernels, built once
+(strata.build.compile_once: processes building at once never load half a file). nvcc
+comes from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin. Without nvcc or on a
+failed build, `load` returns None (logged once) and callers keep their other path.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import os
 import pathlib
 import shutil
 import subprocess
-import tempfile
+
+from strata.build import compile_once
 
 LOG = logging.getLogger("strata.kernels")
 HERE = pathlib.Path(__file__).resolve().parent
@@ -50,23 +51,13 @@ def library_path(name: str, arch: str, compiler: str) -> pathlib.Path:
 
 def build(name: str, arch: str, compiler: str) -> pathlib.Path:
     """Compiles `name`.cu for `arch` unless already built; returns the library's path."""
-    out = library_path(name, arch, compiler)
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [compiler, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC",
-           "-shared", "-o", tmp, str(HERE / f"{name}.cu")]
+    def command(tmp: str) -> list[str]:
+        return [compiler, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xcompiler",
+                "-fPIC", "-shared", "-o", tmp, str(HERE / f"{name}.cu")]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-        os.replace(tmp, out)
+        return compile_once(library_path(name, arch, compiler), command, 600)
     except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"nvcc failed on {name}.cu:\n{e.stderr[-4000:]}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        raise RuntimeError(f"nvcc failed on {name}.cu:\n{e.stderr.decode(errors='replace')[-4000:]}") from e
 
 
 @functools.lru_cache(maxsize=None)
