@@ -109,9 +109,9 @@ template <> __device__ __forceinline__ uint32_t splat<__half>(float v) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {  // zeros when !fill
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(fill ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
 }
 // The same, asking L2 to fetch the 128 bytes around it from DRAM: a weight row is read
 // 32 bytes a group, and the next groups of the row are then already in L2.
@@ -171,7 +171,7 @@ template <int THREADS> struct XStage {
   }
 };
 
-template <typename T, int WARPS, int NSTAGE> struct Tile {
+template <int WARPS, int NSTAGE> struct Tile {
   static constexpr int THREADS = WARPS * 32;
   static constexpr int BN = WARPS * 32;
   static constexpr int X_BYTES = 2 * X_TILE;
@@ -209,7 +209,7 @@ template <typename T, int WARPS, int NSTAGE> struct Tile {
 #pragma unroll
     for (int it = 0; it < BN * 2 / THREADS; ++it) {
       const long row = r + it * (THREADS / 2);
-      cp_async16((h ? ms : ss) + (b * BN + row) * CHUNK, s_src + (row - r) * (p.k / GROUP) + chunk * CHUNK, true);
+      cp_async16((h ? ms : ss) + (b * BN + row) * CHUNK, s_src + (row - r) * (p.k / GROUP) + chunk * CHUNK);
     }
   }
 };
@@ -227,9 +227,9 @@ template <typename T> __device__ __forceinline__ void dequant_word(uint32_t q, u
 }
 
 template <typename T, int WARPS, int NSTAGE>
-__device__ __forceinline__ void compute_group(const Tile<T, WARPS, NSTAGE>& tile, int xb, int st, int sb, int gl,
+__device__ __forceinline__ void compute_group(const Tile<WARPS, NSTAGE>& tile, int xb, int st, int sb, int gl,
                                               float (&acc)[4][4][4]) {
-  constexpr int BN = Tile<T, WARPS, NSTAGE>::BN;
+  constexpr int BN = Tile<WARPS, NSTAGE>::BN;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   uint2 wq[4];
   uint32_t s2[4], m2[4];
@@ -259,7 +259,7 @@ __device__ __forceinline__ void compute_group(const Tile<T, WARPS, NSTAGE>& tile
   }
 }
 
-template <typename T, int WARPS, int NSTAGE>
+template <typename T>
 __device__ __forceinline__ void store(const Problem& p, int n0, const float (&acc)[4][4][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const bool partial = gridDim.y > 1;
@@ -294,7 +294,7 @@ __device__ __forceinline__ void store(const Problem& p, int n0, const float (&ac
 template <typename T, int WARPS, int NSTAGE>
 __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WARPS, NSTAGE)) w4a16_m64_kernel(const __grid_constant__ Problem p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  using TileT = Tile<T, WARPS, NSTAGE>;
+  using TileT = Tile<WARPS, NSTAGE>;
   const int n0 = blockIdx.x * TileT::BN;
   const int chunks = p.k / (GROUP * CHUNK);
   const int c0 = blockIdx.y * p.chunks_per_split;
@@ -335,7 +335,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WARPS, NSTAGE)) w4a1
     fill = st;
     st = st + 1 == NSTAGE ? 0 : st + 1;
   }
-  store<T, WARPS, NSTAGE>(p, n0, acc);
+  store<T>(p, n0, acc);
 }
 
 template <typename T>
@@ -359,7 +359,7 @@ __global__ void splitk_sum_kernel(const float* __restrict__ part, const T* __res
 }
 
 template <typename T, int WARPS, int NSTAGE> cudaError_t launch(const Problem& p, int splits, cudaStream_t stream) {
-  using TileT = Tile<T, WARPS, NSTAGE>;
+  using TileT = Tile<WARPS, NSTAGE>;
   auto kernel = w4a16_m64_kernel<T, WARPS, NSTAGE>;
   static bool configured = false;  // the opt-in above 48 KB of shared memory, once per kernel
   if (!configured) {
