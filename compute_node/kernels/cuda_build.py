@@ -44,6 +44,8 @@ def cache_dir() -> pathlib.Path:
 def library_path(name: str, arch: str, compiler: str) -> pathlib.Path:
     """Where `name`.cu built for `arch` (e.g. "90") by `compiler` lives."""
     h = hashlib.sha256((HERE / f"{name}.cu").read_bytes())
+    for header in sorted(HERE.glob("*.cuh")):  # what the .cu files include
+        h.update(header.read_bytes())
     h.update(arch.encode())
     h.update(os.path.realpath(compiler).encode())
     return cache_dir() / f"{name}-sm{arch}-{h.hexdigest()[:16]}.so"

@@ -29,49 +29,12 @@
 // Measured limit (ncu, bench/results/2026-11-27-run56*): at 64 rows mma.sync's issue rate
 // binds (64 HMMA among ~410 instructions a group a warp; tensor pipe 41% busy, DRAM 29%).
 // The next step is wgmma, with these dequantized weights as its register A operand.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+#include "w4a16_common.cuh"
 
 namespace {
 
-constexpr int GROUP = 64;   // k per quantization group (one K step)
-constexpr int CHUNK = 8;    // groups per scale load, and the split-K granularity
 constexpr int ROWS = 64;    // rows of X per block: four m16 tiles
 constexpr int X_TILE = ROWS * GROUP * 2;  // bytes of X a group
-
-template <typename T> struct Codes;
-template <> struct Codes<__nv_bfloat16> {  // 0x4300 | q = 128 + q; 1.0; -128.0
-  static constexpr uint32_t MAGIC = 0x43004300u, ONE = 0x3f803f80u, NEG = 0xc300c300u;
-};
-template <> struct Codes<__half> {  // 0x6400 | q = 1024 + q; 1.0; -1024.0
-  static constexpr uint32_t MAGIC = 0x64006400u, ONE = 0x3c003c00u, NEG = 0xe400e400u;
-};
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-__device__ __forceinline__ uint32_t codes(uint32_t t, uint32_t magic) {  // (t & 0x000f000f) | magic
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(t), "n"(0x000f000f), "r"(magic));
-  return d;
-}
-
-template <typename T> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c);
-template <> __device__ __forceinline__ uint32_t fma2<__nv_bfloat16>(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-template <> __device__ __forceinline__ uint32_t fma2<__half>(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
 
 template <typename T> __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                           uint32_t b1);
@@ -89,50 +52,6 @@ template <> __device__ __forceinline__ void mma<__half>(float (&c)[4], const uin
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-
-template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-  return static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&lo)) |
-         (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
-}
-
-template <typename T> __device__ __forceinline__ uint32_t splat(float v);  // (v, v) rounded, one cvt
-template <> __device__ __forceinline__ uint32_t splat<__nv_bfloat16>(float v) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(v, v);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t splat<__half>(float v) {
-  const __half2 h = __floats2half2_rn(v, v);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
-}
-// The same, asking L2 to fetch the 128 bytes around it from DRAM: a weight row is read
-// 32 bytes a group, and the next groups of the row are then already in L2.
-__device__ __forceinline__ void cp_async16_l2(void* smem, const void* gmem) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
-struct Problem {
-  const void* x;
-  long ldx;
-  const uint8_t* w;
-  const __half* scale;
-  const __half* wmin;
-  const void* bias;  // [N] in X's dtype, or null
-  void* y;           // [M, N] in X's dtype (one split)
-  float* part;       // [splits, M, N] (several splits)
-  int m, n, k, chunks_per_split;
-};
 
 // Resident blocks an SM is built for (registers: 65536 / (threads * blocks)); shared
 // memory allows it (Tile::SMEM).
@@ -213,18 +132,6 @@ template <int WARPS, int NSTAGE> struct Tile {
     }
   }
 };
-
-// The thread's B registers for one weight word (8 k of one row, k0 in byte 0's high
-// nibble): (k0, k1), (k2, k3), (k4, k5), (k6, k7). prmt puts byte i's high nibble (from
-// q >> 4) and low nibble (from q) at the bottom of the two 16-bit lanes.
-template <typename T> __device__ __forceinline__ void dequant_word(uint32_t q, uint32_t s2, uint32_t m2,
-                                                                   uint32_t (&b)[4]) {
-  const uint32_t hi = q >> 4;
-  const uint32_t c[4] = {codes(prmt(hi, q, 0x4400), Codes<T>::MAGIC), codes(prmt(hi, q, 0x5511), Codes<T>::MAGIC),
-                         codes(prmt(hi, q, 0x6622), Codes<T>::MAGIC), codes(prmt(hi, q, 0x7733), Codes<T>::MAGIC)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) b[i] = fma2<T>(fma2<T>(c[i], Codes<T>::ONE, Codes<T>::NEG), s2, m2);
-}
 
 template <typename T, int WARPS, int NSTAGE>
 __device__ __forceinline__ void compute_group(const Tile<WARPS, NSTAGE>& tile, int xb, int st, int sb, int gl,
@@ -338,26 +245,6 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WARPS, NSTAGE)) w4a1
   store<T>(p, n0, acc);
 }
 
-template <typename T>
-__global__ void splitk_sum_kernel(const float* __restrict__ part, const T* __restrict__ bias, T* __restrict__ y,
-                                  int m, int n, int splits) {
-  const long i = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) * 2;  // two columns a thread
-  const long mn = static_cast<long>(m) * n;
-  if (i >= mn) return;
-  float v0 = 0.f, v1 = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float2 v = *reinterpret_cast<const float2*>(part + s * mn + i);
-    v0 += v.x;
-    v1 += v.y;
-  }
-  if (bias != nullptr) {
-    const int col = static_cast<int>(i % n);
-    v0 += static_cast<float>(bias[col]);
-    v1 += static_cast<float>(bias[col + 1]);
-  }
-  *reinterpret_cast<uint32_t*>(y + i) = pack2(from_float<T>(v0), from_float<T>(v1));
-}
-
 template <typename T, int WARPS, int NSTAGE> cudaError_t launch(const Problem& p, int splits, cudaStream_t stream) {
   using TileT = Tile<WARPS, NSTAGE>;
   auto kernel = w4a16_m64_kernel<T, WARPS, NSTAGE>;
@@ -369,11 +256,7 @@ template <typename T, int WARPS, int NSTAGE> cudaError_t launch(const Problem& p
   }
   dim3 grid(p.n / TileT::BN, splits);
   kernel<<<grid, WARPS * 32, TileT::SMEM, stream>>>(p);
-  if (splits > 1) {
-    const long pairs = static_cast<long>(p.m) * p.n / 2;
-    splitk_sum_kernel<T><<<static_cast<unsigned>((pairs + 255) / 256), 256, 0, stream>>>(
-        p.part, static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.n, splits);
-  }
+  if (splits > 1) launch_splitk_sum<T>(p, splits, stream);
   return cudaGetLastError();
 }
 
