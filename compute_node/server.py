@@ -16,7 +16,7 @@ import torch
 
 from compute_node.engine import Engine, local_kv_factory, remote_kv_factory
 from compute_node.exchange import Exchange
-from compute_node.kernels import w4a16_mma
+from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from compute_node.layer_weights import LayerWeights
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
 from strata.placement import resident_layers
@@ -52,7 +52,8 @@ class ComputeNode:
         self.dtype = compute_dtype(config)
         if cuda:
             torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
-            w4a16_mma.prepare(self.device)  # nvcc's first build (seconds) at startup, not in a request
+            for kernels in (w4a16_wgmma, w4a16_mma):  # nvcc's first builds (seconds) at startup, not in a request
+                kernels.prepare(self.device)
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
         self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if config.kv_offload else None
         self.host = HostWeights.from_store(self.ws, transport)

@@ -251,8 +251,11 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "micro_batches": a.micro_batches,
         },
         "decode_graphs": a.decode_graphs,  # asked for; used where the placement allows (all resident, KV on GPU)
-        # the decode matmul at 33-64 rows: the CUDA kernel unless STRATA_W4A16_MMA=0 (where it builds)
+        # the decode matmul at 33-64 rows: the CUDA kernels unless STRATA_W4A16_MMA=0 (where they
+        # build), the wgmma one (sm_90) unless STRATA_W4A16_WGMMA=0
         "w4a16_mma": os.environ.get("STRATA_W4A16_MMA", "1") != "0",
+        "w4a16_wgmma": os.environ.get("STRATA_W4A16_MMA", "1") != "0"
+        and os.environ.get("STRATA_W4A16_WGMMA", "1") != "0",
         "prefill_s": round(result.prefill_s, 4),
         "decode_s": round(result.decode_s, 4),
         "total_tokens_per_s": round(total_tps, 2),

@@ -55,7 +55,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from compute_node.kernels import w4a16_mma
+from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from strata import quant
 
 try:  # Triton ships with CUDA builds of PyTorch only
@@ -185,11 +185,12 @@ def split_to_fill(tiles: int, k_iters: int, num_sms: int, at_least: int = 1) -> 
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> dict:
     """Block sizes, split-K and variant for one problem (a fixed table, no autotuning)."""
     cfg = {"ALGEBRAIC": False, "SWAP": False, "JOIN": False, "ASM": False, "WIDE": False, "num_warps": 4,
-           "num_stages": 3, "MMA": False, "MMA_WARPS": 0, "MMA_SPLIT": 0,
-           "MMA_STAGES": 0}
+           "num_stages": 3, "MMA": False, "MMA_KERNEL": "", "MMA_WARPS": 0, "MMA_SPLIT": 0,
+           "MMA_STAGES": 0, "MMA_WG": 0, "MMA_TM": 0}
     if m > 32 and k % 128 == 0 and group_size == 64:
-        # 33-64 rows: the register-fed CUDA kernel (w4a16_mma.cu) where it is built and
-        # takes the problem (w4a16_mma.supports); else this Triton table.
+        # 33-64 rows: a register-fed CUDA kernel where one is built and takes the problem
+        # (on sm_90 w4a16_wgmma.cu, else w4a16_mma.cu; MMA_KERNEL "wgmma" or "mma" picks
+        # one); else this Triton table.
         cfg["MMA"] = m <= 64
         # 64-row tiles, 128 output columns, nibbles unpacked by PTX into bf16x2/f16x2 FMAs;
         # 64-column steps split 2 ways, or for a long K (fc2) 128-column steps with two
@@ -274,6 +275,21 @@ def _check(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torc
     return n, k
 
 
+def _cuda_linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, num_sms: int, cfg: dict) -> torch.Tensor | None:
+    """The CUDA kernels' result, or None where neither takes the problem."""
+    kernel = cfg["MMA_KERNEL"]
+    if kernel not in ("", "wgmma", "mma"):
+        raise ValueError(f"int4_linear: MMA_KERNEL is '', 'wgmma' or 'mma', got {kernel!r}")
+    if kernel != "mma" and w4a16_wgmma.supports(x2, data, scale, w_min, group_size, bias):
+        return w4a16_wgmma.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WG"], cfg["MMA_TM"],
+                                  cfg["MMA_STAGES"], cfg["MMA_SPLIT"])
+    if kernel != "wgmma" and w4a16_mma.supports(x2, data, scale, w_min, group_size, bias):
+        return w4a16_mma.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WARPS"], cfg["MMA_SPLIT"],
+                                cfg["MMA_STAGES"])
+    return None
+
+
 def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
                 bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for the INT4 weight W [N, K] given as its packed parts
@@ -281,8 +297,9 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
 
     x: [..., K] float16 or bfloat16; the result is [..., N] in x's dtype. `config`
     overrides keys of `pick_config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, ALGEBRAIC,
-    SWAP, num_warps, num_stages; MMA to take or skip the CUDA kernel, MMA_WARPS,
-    MMA_STAGES, MMA_SPLIT for its launch). Raises ValueError when the parts do not agree."""
+    SWAP, num_warps, num_stages; MMA to take or skip the CUDA kernels, MMA_KERNEL to pick
+    one, MMA_WARPS (mma.sync), MMA_WG and MMA_TM (wgmma), MMA_STAGES and MMA_SPLIT for
+    their launch). Raises ValueError when the parts do not agree."""
     n, k = _check(x, data, scale, w_min, group_size, bias)
     if not kernel_supported(x, k, group_size):
         w = quant.dequantize(data, scale, w_min, 4, group_size, out_dtype=x.dtype)
@@ -301,10 +318,10 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         if unknown:
             raise ValueError(f"int4_linear: unknown config keys {sorted(unknown)}")
         cfg.update(config)
-    if cfg["MMA"] and w4a16_mma.supports(x2, data, scale, w_min, group_size, bias):
-        y = w4a16_mma.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WARPS"], cfg["MMA_SPLIT"],
-                             cfg["MMA_STAGES"])
-        return y.reshape(*lead, n)
+    if cfg["MMA"]:
+        y = _cuda_linear(x2, data, scale, w_min, group_size, bias, num_sms, cfg)
+        if y is not None:
+            return y.reshape(*lead, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_k = cfg["BLOCK_K"]
     ks = min(group_size, block_k)

@@ -88,6 +88,50 @@ struct Problem {
   int m, n, k, chunks_per_split;
 };
 
+// The block's packed weights (BN rows x 32 bytes a group) through an NSTAGE-deep cp.async
+// ring, and scale and min CHUNK groups at a time into two buffers. Thread pairs share a
+// row: thread 2r + h copies bytes 16h..16h+15 of rows r, r + THREADS/2, ... (and of scale,
+// h = 0, or min, h = 1).
+template <int BN, int THREADS, int NSTAGE> struct WeightRing {
+  static constexpr int W_BYTES = NSTAGE * BN * 32;
+  static constexpr int S_BYTES = 2 * BN * CHUNK * 2;  // two chunks of scale (and again of min)
+  static constexpr int BYTES = W_BYTES + 2 * S_BYTES;
+  static_assert(BN * 2 % THREADS == 0, "whole rows a thread pair");
+
+  uint8_t* ws;
+  __half* ss;
+  __half* ms;
+  const uint8_t* w_src;  // this thread's first cp.async piece of W, group g0
+  const __half* s_src;   // and of scale (odd threads: of min)
+
+  __device__ WeightRing(unsigned char* smem, const Problem& p, int n0, int g0)
+      : ws(smem), ss(reinterpret_cast<__half*>(smem + W_BYTES)),
+        ms(reinterpret_cast<__half*>(smem + W_BYTES + S_BYTES)) {
+    const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
+    w_src = p.w + static_cast<long>(n0 + r) * (p.k / 2) + g0 * 32 + h * 16;
+    const __half* src = h ? p.wmin : p.scale;
+    s_src = src + static_cast<long>(n0 + r) * (p.k / GROUP) + g0;
+  }
+
+  __device__ void load_weights(const Problem& p, int i, int st) {  // group g0 + i into stage st
+    const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
+#pragma unroll
+    for (int it = 0; it < BN * 2 / THREADS; ++it) {
+      const long row = r + it * (THREADS / 2);
+      cp_async16_l2(ws + (st * BN + row) * 32 + h * 16, w_src + (row - r) * (p.k / 2) + i * 32);
+    }
+  }
+
+  __device__ void load_scales(const Problem& p, int chunk) {  // CHUNK groups of scale and min into buffer chunk & 1
+    const int r = threadIdx.x >> 1, h = threadIdx.x & 1, b = chunk & 1;
+#pragma unroll
+    for (int it = 0; it < BN * 2 / THREADS; ++it) {
+      const long row = r + it * (THREADS / 2);
+      cp_async16((h ? ms : ss) + (b * BN + row) * CHUNK, s_src + (row - r) * (p.k / GROUP) + chunk * CHUNK);
+    }
+  }
+};
+
 // The registers for one weight word (8 k of one row, k0 in byte 0's high nibble): (k0, k1), (k2, k3), (k4, k5), (k6, k7). prmt puts byte i's high nibble (from
 // q >> 4) and low nibble (from q) at the bottom of the two 16-bit lanes.
 template <typename T> __device__ __forceinline__ void dequant_word(uint32_t q, uint32_t s2, uint32_t m2,

@@ -13,7 +13,7 @@ import torch
 
 from compute_node.kernels import cuda_build
 
-_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
 _BLOCKS_PER_SM = {(4, 3): 4, (4, 4): 3, (8, 3): 2, (8, 4): 2}  # (warps, stages): the kernel's __launch_bounds__
 CHUNK_K = 512  # split-K granularity: 8 groups of 64
 
@@ -44,25 +44,33 @@ def _aligned(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
-def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
-             bias: torch.Tensor | None) -> bool:
-    """Whether the kernel takes this problem: x2 [M <= 64, K] bf16/fp16 on CUDA with unit
-    column stride, groups of 64, K a multiple of 512, N of 128, contiguous fp16 scale and
-    min, bias (if any) in x's dtype, 16-byte aligned."""
+def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, n_multiple: int) -> bool:
+    """What both CUDA kernels (this one and w4a16_wgmma) need: x2 [M <= 64, K] bf16/fp16
+    on CUDA with unit column stride, groups of 64, K a multiple of 512, N of `n_multiple`,
+    contiguous fp16 scale and min, bias (if any) in x's dtype, 16-byte aligned; and
+    STRATA_W4A16_MMA not 0."""
     m, k = x2.shape
     n = data.shape[0]
     if os.environ.get("STRATA_W4A16_MMA", "1") == "0":
         return False
-    if not (x2.is_cuda and x2.dtype in _DTYPE_CODE and 0 < m <= 64 and group_size == 64):
+    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= 64 and group_size == 64):
         return False
-    if k % CHUNK_K or n % 128 or x2.stride(1) != 1 or x2.stride(0) % 8:
+    if k % CHUNK_K or n % n_multiple or x2.stride(1) != 1 or x2.stride(0) % 8:
         return False
     if scale.dtype != torch.float16 or w_min.dtype != torch.float16:
         return False
     parts = (data, scale, w_min) + (() if bias is None else (bias,))
     if not all(t.is_contiguous() for t in parts) or (bias is not None and bias.dtype != x2.dtype):
         return False
-    return _aligned(x2, *parts) and _for(x2.device) is not None
+    return _aligned(x2, *parts)
+
+
+def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+             bias: torch.Tensor | None) -> bool:
+    """Whether this kernel takes the problem (`problem_fits` with N a multiple of 128)
+    and is built for x2's GPU."""
+    return problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _for(x2.device) is not None
 
 
 # Split-K: about 4.5 blocks per SM, each at least 2 chunks (16 K steps) long, so the
@@ -101,7 +109,7 @@ def linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: tor
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     err = _for(x2.device).strata_w4a16_m64(
-        _DTYPE_CODE[x2.dtype], warps, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(), scale.data_ptr(),
+        DTYPE_CODE[x2.dtype], warps, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(), scale.data_ptr(),
         w_min.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         None if part is None else part.data_ptr(), m, n, k, per_split, splits, stream)
     if err:

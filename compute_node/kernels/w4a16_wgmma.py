@@ -1,0 +1,109 @@
+"""The wgmma W4A16 kernel (w4a16_wgmma.cu, Hopper sm_90a) from Python: which problems it
+takes, its launch shape, and the call. On an sm_90 GPU `w4a16.int4_linear` runs it at
+33-64 rows ahead of w4a16_mma.cu's mma.sync kernel; STRATA_W4A16_WGMMA=0 in the
+environment turns it off (then the mma.sync kernel runs), STRATA_W4A16_MMA=0 turns both
+off (then the Triton kernel runs)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from compute_node.kernels import cuda_build, w4a16_mma
+
+# (warpgroups, m64 tiles a warpgroup, cp.async stages) -> resident blocks an SM (registers)
+SHAPES = {(1, 2, 4): 2, (2, 1, 4): 2, (2, 2, 4): 1, (2, 2, 6): 1}
+MIN_CHUNKS_PER_SPLIT = 2
+CHUNK_BYTES_PER_COLUMN = 512 // 2 + 512 // 64 * 4  # a 512-wide K chunk of one weight row: nibbles, scale, min
+
+
+@functools.lru_cache(maxsize=8)
+def _library(index: int) -> ctypes.CDLL | None:
+    if torch.cuda.get_device_capability(index) != (9, 0):  # wgmma is sm_90a's
+        return None
+    lib = cuda_build.load("w4a16_wgmma", "90a")
+    if lib is not None:
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.strata_w4a16_wgmma.argtypes = [i, i, i, i, p, ctypes.c_long, p, p, p, p, p, p, i, i, i, i, i, p]
+        lib.strata_w4a16_wgmma.restype = i
+    return lib
+
+
+def _for(device: torch.device) -> ctypes.CDLL | None:
+    return _library(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prepare(device: torch.device) -> bool:
+    """Builds (or finds) the kernel for this GPU now; whether it is available."""
+    return _for(device) is not None
+
+
+def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+             bias: torch.Tensor | None) -> bool:
+    """Whether the kernel takes this problem (w4a16_mma.problem_fits with N a multiple of
+    128) and is built for x2's GPU, and STRATA_W4A16_WGMMA is not 0."""
+    if os.environ.get("STRATA_W4A16_WGMMA", "1") == "0":
+        return False
+    return w4a16_mma.problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _for(x2.device) is not None
+
+
+def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) -> tuple[int, int]:
+    """(chunks per split, splits) for `tiles` column blocks of `block_n` over `chunks`
+    512-wide K chunks on `slots` resident blocks, by bytes: each wave of blocks costs a
+    full wave's weight bytes however many slots it fills (the kernel is memory-bound), and
+    each split past the first writes and reads back fp32 partials [m, N]. Fewer splits on
+    a tie; each split at least MIN_CHUNKS_PER_SPLIT chunks long (where K has them)."""
+    block_chunk = block_n * CHUNK_BYTES_PER_COLUMN
+    partials = 8 * m * tiles * block_n  # fp32, written once and read once
+    best = None
+    for want in range(1, chunks + 1):
+        per = -(-chunks // want)
+        if per < min(MIN_CHUNKS_PER_SPLIT, chunks):
+            break
+        splits = -(-chunks // per)
+        cost = -(-tiles * splits // slots) * per * slots * block_chunk + (partials * splits if splits > 1 else 0)
+        if best is None or (cost, splits) < best[0]:
+            best = ((cost, splits), per, splits)
+    return best[1], best[2]
+
+
+def launch_shape(n: int, k: int, num_sms: int, wg: int = 0, tm: int = 0, stages: int = 0,
+                 split: int = 0, m: int = 64) -> tuple[int, int, int, int, int]:
+    """(warpgroups, tiles, stages, chunks per split, splits): 256-column blocks of two
+    warpgroups where N allows, else 128-column ones; a 4-deep cp.async ring; split-K by
+    `split_for`. Nonzero arguments override."""
+    if not (wg and tm):
+        wg, tm = (2, 2) if n % 256 == 0 else (2, 1)
+    stages = stages or 4
+    chunks = k // w4a16_mma.CHUNK_K
+    if split:
+        per = -(-chunks // split)
+    else:
+        bn = 64 * wg * tm
+        per, _ = split_for(n // bn, chunks, num_sms * SHAPES.get((wg, tm, stages), 1), bn, m)
+    return wg, tm, stages, per, -(-chunks // per)
+
+
+def linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor,
+           bias: torch.Tensor | None, num_sms: int, wg: int = 0, tm: int = 0, stages: int = 0,
+           split: int = 0) -> torch.Tensor:
+    """y [M, N] = x2 @ W^T + bias, for a problem `supports` took."""
+    m, k = x2.shape
+    n = data.shape[0]
+    wg, tm, stages, per_split, splits = launch_shape(n, k, num_sms, wg, tm, stages, split, m)
+    if (wg, tm, stages) not in SHAPES or n % (64 * wg * tm):
+        raise ValueError(f"w4a16_wgmma: no kernel for {wg} warpgroups x {tm} tiles, {stages} stages at N {n}")
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
+    stream = torch.cuda.current_stream(x2.device).cuda_stream
+    err = _for(x2.device).strata_w4a16_wgmma(
+        w4a16_mma.DTYPE_CODE[x2.dtype], wg, tm, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(),
+        scale.data_ptr(), w_min.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        None if part is None else part.data_ptr(), m, n, k, per_split, splits, stream)
+    if err:
+        raise RuntimeError(f"w4a16_wgmma: CUDA error {err} launching M={m} N={n} K={k} shape=({wg}, {tm}, "
+                           f"{stages}) splits={splits}")
+    return y

@@ -1,0 +1,119 @@
+"""The wgmma W4A16 kernel (compute_node/kernels/w4a16_wgmma.cu, sm_90a).
+
+On an sm_90 GPU with nvcc: the kernel against strata.quant.dequantize + F.linear over
+dtypes, row counts, its block shapes, ring depths, split-K and bias, directly and through
+int4_linear. Everywhere: the launch shapes and split rule. Where nvcc exists: the source
+builds for sm_90a into a library exporting its entry point."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from compute_node.kernels import cuda_build, w4a16, w4a16_mma, w4a16_wgmma
+from compute_node.kernels.w4a16 import int4_linear
+from strata import quant
+from test_w4a16 import TOL, reference
+
+HAVE_NVCC = cuda_build.nvcc() is not None
+ON_SM90 = torch.cuda.is_available() and HAVE_NVCC and torch.cuda.get_device_capability() == (9, 0)
+
+# (M, N, K, dtype, bias, warpgroups, tiles, stages, split): 0 = the launch_shape default
+CASES = [
+    (64, 256, 512, "bfloat16", False, 0, 0, 0, 0),
+    (64, 512, 2048, "bfloat16", True, 2, 2, 4, 1),
+    (64, 384, 1024, "float16", True, 2, 1, 4, 2),
+    (49, 256, 4096, "bfloat16", True, 1, 2, 4, 3),
+    (33, 128, 1536, "float16", False, 0, 0, 0, 0),
+    (64, 1024, 3072, "bfloat16", True, 2, 2, 6, 6),
+    (1, 256, 512, "bfloat16", True, 2, 2, 4, 1),
+    (64, 256, 8192, "float16", True, 2, 2, 6, 1),
+    (17, 768, 7168, "bfloat16", False, 0, 0, 0, 0),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU and nvcc")
+@pytest.mark.parametrize("m, n, k, dt, has_bias, wg, tm, stages, split", CASES)
+def test_kernel_matches_reference(m, n, k, dt, has_bias, wg, tm, stages, split):
+    gen = torch.Generator().manual_seed(m + n + k)
+    dtype = getattr(torch, dt)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    data, scale, w_min = (t.cuda() for t in quant.quantize(w, 4, 64))
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype).cuda() if has_bias else None
+    assert w4a16_wgmma.supports(x, data, scale, w_min, 64, bias)
+    y = w4a16_wgmma.linear(x, data, scale, w_min, bias, num_sms=132, wg=wg, tm=tm, stages=stages, split=split)
+    ref = reference(x, data, scale, w_min, 64, bias)
+    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert err < TOL[dt], err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU and nvcc")
+def test_int4_linear_takes_wgmma_on_sm90_and_agrees_with_the_others(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    data, scale, w_min = (t.cuda() for t in quant.quantize(torch.randn(512, 1024, generator=gen) * 0.05, 4, 64))
+    x = torch.randn(2, 32, 1024, generator=gen).to(torch.bfloat16).cuda()  # 64 rows once flattened
+    calls = []
+    real = w4a16_wgmma.linear
+    monkeypatch.setattr(w4a16_wgmma, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = [int4_linear(x, data, scale, w_min, 64)]
+    assert calls == [1]
+    outs += [int4_linear(x, data, scale, w_min, 64, config={"MMA_KERNEL": "mma"}),
+             int4_linear(x, data, scale, w_min, 64, config={"MMA": False})]
+    assert calls == [1]
+    ref = reference(x.reshape(64, 1024), data, scale, w_min, 64, None).reshape(2, 32, 512)
+    for out in outs:
+        assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
+    monkeypatch.setenv("STRATA_W4A16_WGMMA", "0")
+    assert not w4a16_wgmma.supports(x.reshape(64, 1024), data, scale, w_min, 64, None)
+
+
+def test_unsupported_problems_are_declined():
+    x = torch.zeros(64, 512, dtype=torch.bfloat16)
+    data, scale, w_min = quant.quantize(torch.randn(256, 512), 4, 64)
+    assert not w4a16_wgmma.supports(x, data, scale, w_min, 64, None)  # CPU tensors
+    with pytest.raises(ValueError, match="MMA_KERNEL"):
+        w4a16._cuda_linear(x, data, scale, w_min, 64, None, 132, dict(w4a16.pick_config(64, 256, 512, 64),
+                                                                        MMA_KERNEL="tensor"))
+
+
+@pytest.mark.parametrize("n, k", [(7168, 7168), (21504, 7168), (28672, 7168), (7168, 28672), (384, 512),
+                                  (128, 1536), (12288, 49152)])
+@pytest.mark.parametrize("wg, tm, stages, split", [(0, 0, 0, 0), (1, 2, 4, 0), (2, 1, 4, 3), (2, 2, 6, 5)])
+def test_launch_shape_covers_k_with_no_empty_split(n, k, wg, tm, stages, split):
+    if n % (64 * max(wg, 1) * max(tm, 1)):
+        wg = tm = stages = 0
+    g, t, st, per_split, splits = w4a16_wgmma.launch_shape(n, k, 132, wg, tm, stages, split)
+    chunks = k // w4a16_mma.CHUNK_K
+    assert (g, t, st) in w4a16_wgmma.SHAPES and n % (64 * g * t) == 0
+    assert per_split * (splits - 1) < chunks <= per_split * splits  # every chunk once, the last split non-empty
+    if split:
+        assert splits <= split
+    else:
+        assert per_split >= min(w4a16_wgmma.MIN_CHUNKS_PER_SPLIT, chunks)
+
+
+def test_split_rule_weighs_idle_slots_against_partials():
+    # OPT-30B's out projection on 132 one-block SMs: 28 column blocks of 256 over 14
+    # chunks. One split leaves 104 SMs idle for 14 chunks; 4 splits of 4 chunks take one
+    # wave (112 blocks); 5 of 3 would take two.
+    assert w4a16_wgmma.split_for(28, 14, 132, 256) == (4, 4)
+    # fc1: 112 blocks fill 85% of a wave unsplit; splitting would add partials about as
+    # large as the weights.
+    assert w4a16_wgmma.split_for(112, 14, 132, 256) == (14, 1)
+    assert w4a16_wgmma.split_for(1, 1, 132, 256) == (1, 1)
+
+
+@pytest.mark.skipif(not HAVE_NVCC, reason="nvcc is not installed")
+def test_source_builds_and_exports_its_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_KERNEL_CACHE", str(tmp_path))
+    path = cuda_build.build("w4a16_wgmma", "90a", cuda_build.nvcc())
+    assert path.parent == tmp_path and path.exists()
+    assert cuda_build.build("w4a16_wgmma", "90a", cuda_build.nvcc()) == path  # built once
+    assert hasattr(ctypes.CDLL(str(path)), "strata_w4a16_wgmma")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
