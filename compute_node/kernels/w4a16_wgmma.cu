@@ -9,19 +9,21 @@
 //
 // Layout (strata.quant's format, read as stored): W [N, K/2] uint8, even k in the high
 // nibble; scale, min [N, K/64] fp16, w = q*s + m. X [M, K] bf16 or fp16, row stride ldx.
-// The k order inside a wgmma is free as long as A and B agree. A thread (g = lane/4,
-// t = lane%4) of warp w of a warpgroup holds, for its m64 tile, weight rows 16w+g and
-// 16w+g+8, and per 64-wide group the 16 k at 16t..16t+15: 8 contiguous bytes of each row.
-// In k16 step s (0..3) its A registers hold physical k 16t+4s+{0,1} as logical (2t, 2t+1)
-// and 16t+4s+{2,3} as logical (2t+8, 2t+9); X's tile is stored with the same permutation
-// (see XStage), in wgmma's K-major no-swizzle layout: 8x8 core matrices of 128 bytes,
-// the two k halves of a step 128 bytes apart (LBO), row octets 256 bytes apart (SBO).
+// X's tile goes to shared memory as it is, by cp.async, in wgmma's K-major no-swizzle
+// layout: 8x8 core matrices of 128 bytes, the two k halves of a k16 step 128 bytes apart
+// (LBO), row octets 256 bytes apart (SBO). A thread (g = lane/4, t = lane%4) of warp w
+// of a warpgroup holds, for its m64 tile, weight rows 16w+g and 16w+g+8; its A registers
+// for k16 step s are k 16s+2t, +1 and 16s+2t+8, +9, which are bytes 8s/2+t.. of the row's
+// group: every fourth byte, from t. It reads the row's 32 bytes and gathers its 8 with
+// prmt, so the k order is wgmma's own and nothing is reshuffled in memory.
+// (An earlier version permuted k to read 8 contiguous bytes and staged X through
+// registers in the matching order; that staging cost ~40% of the time, run 62.)
 //
 // Block: WG warpgroups, each TM m64 tiles of output columns (BN = 64 * TM * WG), by all 64
-// rows of X (wgmma's n = 64; rows past M are zeros). K is walked one group at a time, one
-// barrier a group. Weights come through an NSTAGE cp.async ring (WeightRing), X's group
-// through three shared buffers (a buffer is rewritten two groups after its wgmma was
-// issued, when every warpgroup has waited for it). Split-K as in w4a16_mma.cu.
+// rows of X (wgmma's n = 64; rows past M are zero-filled). K is walked one group at a
+// time, one barrier a group. A group's weights (WeightRing) and X tile share an NSTAGE
+// cp.async ring, filled NSTAGE - 2 groups ahead: a stage is refilled two groups after its
+// wgmma was issued, when every warpgroup has waited for it. Split-K as in w4a16_mma.cu.
 #include "w4a16_common.cuh"
 
 namespace {
@@ -29,7 +31,6 @@ namespace {
 constexpr int TOKENS = 64;                    // wgmma's n: rows of X, zero-padded
 constexpr int STEP_BYTES = TOKENS * 16 * 2;   // X's k16 slice (2 KB)
 constexpr int X_TILE = 4 * STEP_BYTES;        // X's group (8 KB)
-constexpr int X_BUFS = 3;
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -87,45 +88,34 @@ template <> __device__ __forceinline__ void wgmma<__half>(float (&d)[32], const 
 }
 #undef STRATA_WGMMA_M64N64K16
 
-// X's group in registers, on its way to shared memory in wgmma's layout with the k
-// permutation above. A unit is 32 contiguous bytes of a row (physical k 16t..16t+15):
-// its word e holds k 16t+2e, +1, which step e/2 reads as logical (2t, 2t+1) when e is
-// even and (2t+8, 2t+9) when odd, so each word is one 4-byte store.
-template <int THREADS> struct XStage {
-  static constexpr int UNITS = TOKENS * 4 / THREADS;
-  uint4 v[UNITS][2];
-
-  __device__ void load(const Problem& p, int gk) {
+// X's group gk into a stage, by 16-byte cp.async: piece c (k 8c..8c+7) of row r lands in
+// row r%8 of the core matrix at step c/2, half c%2, row octet r/8. Rows past M are zeros
+// (a zero-byte source).
+template <int THREADS> __device__ __forceinline__ void load_x(const Problem& p, int gk, unsigned char* xs) {
 #pragma unroll
-    for (int it = 0; it < UNITS; ++it) {
-      const int unit = threadIdx.x + it * THREADS, row = unit >> 2, t = unit & 3;
-      const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + row * p.ldx +
-                                                        static_cast<long>(gk) * GROUP + 16 * t);
-      v[it][0] = row < p.m ? src[0] : make_uint4(0, 0, 0, 0);
-      v[it][1] = row < p.m ? src[1] : make_uint4(0, 0, 0, 0);
-    }
+  for (int it = 0; it < TOKENS * 8 / THREADS; ++it) {
+    const int piece = threadIdx.x + it * THREADS, row = piece >> 3, c = piece & 7;
+    const uint16_t* src = static_cast<const uint16_t*>(p.x) + (row < p.m ? row * p.ldx : 0) +
+                          static_cast<long>(gk) * GROUP + 8 * c;
+    cp_async16_zfill(xs + (c >> 1) * STEP_BYTES + (row >> 3) * 256 + (c & 1) * 128 + (row & 7) * 16, src,
+                     row < p.m ? 16 : 0);
   }
-
-  __device__ void store(unsigned char* xs) const {
-#pragma unroll
-    for (int it = 0; it < UNITS; ++it) {
-      const int unit = threadIdx.x + it * THREADS, row = unit >> 2, t = unit & 3;
-      unsigned char* base = xs + (row >> 3) * 256 + (row & 7) * 16 + 4 * t;
-      const uint32_t w[8] = {v[it][0].x, v[it][0].y, v[it][0].z, v[it][0].w,
-                             v[it][1].x, v[it][1].y, v[it][1].z, v[it][1].w};
-#pragma unroll
-      for (int e = 0; e < 8; ++e) *reinterpret_cast<uint32_t*>(base + (e >> 1) * STEP_BYTES + (e & 1) * 128) = w[e];
-    }
-  }
-};
+}
 
 template <int WG, int TM, int NSTAGE> struct Tile {
   static constexpr int THREADS = WG * 128;
   static constexpr int BN = WG * TM * 64;
   using Ring = WeightRing<BN, THREADS, NSTAGE>;
-  static constexpr int X_BYTES = X_BUFS * X_TILE;
+  static constexpr int X_BYTES = NSTAGE * X_TILE;
   static constexpr int SMEM = X_BYTES + Ring::BYTES;
 };
+
+// Bytes t, t+4, ..., t+28 of a 32-byte group row: (words 0-3's byte t, words 4-7's byte t).
+__device__ __forceinline__ uint2 gather_bytes(uint4 lo, uint4 hi, int t) {
+  const uint32_t sel = t | ((t + 4) << 4);  // byte t of the first word, then of the second
+  return make_uint2(prmt(prmt(lo.x, lo.y, sel), prmt(lo.z, lo.w, sel), 0x5410),
+                    prmt(prmt(hi.x, hi.y, sel), prmt(hi.z, hi.w, sel), 0x5410));
+}
 
 // The thread's A registers for group gl of its TM tiles: a[tm][s] for k16 step s.
 template <typename T, int BN, int TM, typename Ring>
@@ -139,12 +129,13 @@ __device__ __forceinline__ void dequant_group(const Ring& ring, int st, int sb, 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows g and g + 8 of the warp's 16
       const int r = row0 + tm * 64 + 8 * h;
-      q[h] = *reinterpret_cast<const uint2*>(ring.ws + (st * BN + r) * 32 + 8 * t);
+      const uint4* row = reinterpret_cast<const uint4*>(ring.ws + (st * BN + r) * 32);
+      q[h] = gather_bytes(row[0], row[1], t);
       s2[h] = splat<T>(__half2float(ring.ss[(sb * BN + r) * CHUNK + gl]));
       m2[h] = splat<T>(__half2float(ring.ms[(sb * BN + r) * CHUNK + gl]));
     }
 #pragma unroll
-    for (int wd = 0; wd < 2; ++wd) {  // physical k 16t + 8wd .. +7: steps 2wd and 2wd + 1
+    for (int wd = 0; wd < 2; ++wd) {  // k 32wd + 2t + {0, 1, 8, 9, 16, 17, 24, 25}: steps 2wd and 2wd + 1
       uint32_t b0[4], b1[4];
       dequant_word<T>(wd ? q[0].y : q[0].x, s2[0], m2[0], b0);
       dequant_word<T>(wd ? q[1].y : q[1].x, s2[1], m2[1], b1);
@@ -220,36 +211,35 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[tm][e] = 0.f;
 
-  XStage<TileT::THREADS> xnext;
+  // cp.async commit j holds group j (weights and X); chunk c+1's scales ride with the
+  // commit made at group 8c. Group i's stage i % NSTAGE is refilled at step i + 2.
   ring.load_scales(p, 0);
 #pragma unroll
-  for (int i = 0; i < NSTAGE - 1; ++i) {
-    if (i < groups) ring.load_weights(p, i, i);
+  for (int j = 0; j < NSTAGE - 2; ++j) {
+    if (j < groups) {
+      ring.load_weights(p, j, j);
+      load_x<TileT::THREADS>(p, g0 + j, smem + j * X_TILE);
+    }
     cp_async_commit();
   }
-  xnext.load(p, g0);
-  xnext.store(smem);
-  fence_proxy_async();
 
   uint32_t a[2][TM][4][4];  // group i's A registers: a[i & 1] (wgmma reads them until group i + 1 is waited on)
-  int st = 0, fill = NSTAGE - 1;
+  int st = 0, fill = NSTAGE - 2;  // stages: computed (i % NSTAGE), refilled ((i - 2) % NSTAGE)
   auto step = [&](int i, uint32_t(&ai)[TM][4][4], const uint32_t(&prev)[TM][4][4]) {
-    cp_async_wait<NSTAGE - 2>();
+    cp_async_wait<NSTAGE - 3>();
+    fence_proxy_async();  // this thread's cp.async writes, made visible to wgmma
     __syncthreads();
-    if (i + NSTAGE - 1 < groups) ring.load_weights(p, i + NSTAGE - 1, fill);
+    if (i + NSTAGE - 2 < groups) {
+      ring.load_weights(p, i + NSTAGE - 2, fill);
+      load_x<TileT::THREADS>(p, g0 + i + NSTAGE - 2, smem + fill * X_TILE);
+    }
     if (i % CHUNK == 0 && i + CHUNK < groups) ring.load_scales(p, i / CHUNK + 1);
     cp_async_commit();
-    const bool more = i + 1 < groups;
-    if (more) xnext.load(p, g0 + i + 1);
     dequant_group<T, TileT::BN, TM>(ring, st, (i / CHUNK) & 1, i % CHUNK, ai);
-    issue_group<T, TM>(smem + (i % X_BUFS) * X_TILE, ai, acc);
-    wgmma_wait<1>();  // group i - 1 is done: its A registers and X buffer are free
+    issue_group<T, TM>(smem + st * X_TILE, ai, acc);
+    wgmma_wait<1>();  // group i - 1 is done: its A registers and stage are free
     keep_live<TM>(prev);
-    if (more) {
-      xnext.store(smem + ((i + 1) % X_BUFS) * X_TILE);
-      fence_proxy_async();
-    }
-    fill = st;
+    fill = fill + 1 == NSTAGE ? 0 : fill + 1;
     st = st + 1 == NSTAGE ? 0 : st + 1;
   };
   int i = 0;
@@ -281,16 +271,16 @@ template <typename T, int WG, int TM, int NSTAGE> cudaError_t launch(const Probl
 
 template <typename T> cudaError_t launch_shape(const Problem& p, int wg, int tm, int stages, int splits,
                                                cudaStream_t stream) {
-  if (wg == 1 && tm == 2 && stages == 4) return launch<T, 1, 2, 4>(p, splits, stream);
-  if (wg == 2 && tm == 1 && stages == 4) return launch<T, 2, 1, 4>(p, splits, stream);
-  if (wg == 2 && tm == 2 && stages == 4) return launch<T, 2, 2, 4>(p, splits, stream);
+  if (wg == 1 && tm == 2 && stages == 6) return launch<T, 1, 2, 6>(p, splits, stream);
+  if (wg == 2 && tm == 1 && stages == 6) return launch<T, 2, 1, 6>(p, splits, stream);
+  if (wg == 2 && tm == 1 && stages == 8) return launch<T, 2, 1, 8>(p, splits, stream);
   if (wg == 2 && tm == 2 && stages == 6) return launch<T, 2, 2, 6>(p, splits, stream);
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-// dtype: 0 bfloat16, 1 float16; (wg, tm, stages): (1, 2, 4), (2, 1, 4), (2, 2, 4) or
+// dtype: 0 bfloat16, 1 float16; (wg, tm, stages): (1, 2, 6), (2, 1, 6), (2, 1, 8) or
 // (2, 2, 6). Preconditions (checked by the caller, w4a16_mma.py): 0 < m <= 64; n a
 // multiple of 64 * tm * wg; k a multiple of 512; all pointers 16-byte aligned, w, scale,
 // min and y contiguous, x's rows ldx elements apart (ldx a multiple of 8); `part` holds

@@ -15,7 +15,7 @@ import torch
 from compute_node.kernels import cuda_build, w4a16_mma
 
 # (warpgroups, m64 tiles a warpgroup, cp.async stages) -> resident blocks an SM (registers)
-SHAPES = {(1, 2, 4): 2, (2, 1, 4): 2, (2, 2, 4): 1, (2, 2, 6): 1}
+SHAPES = {(1, 2, 6): 2, (2, 1, 6): 2, (2, 1, 8): 2, (2, 2, 6): 1}
 MIN_CHUNKS_PER_SPLIT = 2
 CHUNK_BYTES_PER_COLUMN = 512 // 2 + 512 // 64 * 4  # a 512-wide K chunk of one weight row: nibbles, scale, min
 
@@ -72,12 +72,9 @@ def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) ->
 
 def launch_shape(n: int, k: int, num_sms: int, wg: int = 0, tm: int = 0, stages: int = 0,
                  split: int = 0, m: int = 64) -> tuple[int, int, int, int, int]:
-    """(warpgroups, tiles, stages, chunks per split, splits): 256-column blocks of two
-    warpgroups where N allows, else 128-column ones; a 4-deep cp.async ring; split-K by
-    `split_for`. Nonzero arguments override."""
-    if not (wg and tm):
-        wg, tm = (2, 2) if n % 256 == 0 else (2, 1)
-    stages = stages or 4
+    """(warpgroups, tiles, stages, chunks per split, splits): 128-column blocks of two
+    warpgroups, a 6-deep cp.async ring, split-K by `split_for`. Nonzero arguments override."""
+    wg, tm, stages = wg or 2, tm or 1, stages or 6
     chunks = k // w4a16_mma.CHUNK_K
     if split:
         per = -(-chunks // split)

@@ -23,13 +23,13 @@ ON_SM90 = torch.cuda.is_available() and HAVE_NVCC and torch.cuda.get_device_capa
 # (M, N, K, dtype, bias, warpgroups, tiles, stages, split): 0 = the launch_shape default
 CASES = [
     (64, 256, 512, "bfloat16", False, 0, 0, 0, 0),
-    (64, 512, 2048, "bfloat16", True, 2, 2, 4, 1),
-    (64, 384, 1024, "float16", True, 2, 1, 4, 2),
-    (49, 256, 4096, "bfloat16", True, 1, 2, 4, 3),
+    (64, 512, 2048, "bfloat16", True, 2, 2, 6, 1),
+    (64, 384, 1024, "float16", True, 2, 1, 8, 2),
+    (49, 256, 4096, "bfloat16", True, 1, 2, 6, 3),
     (33, 128, 1536, "float16", False, 0, 0, 0, 0),
     (64, 1024, 3072, "bfloat16", True, 2, 2, 6, 6),
-    (1, 256, 512, "bfloat16", True, 2, 2, 4, 1),
-    (64, 256, 8192, "float16", True, 2, 2, 6, 1),
+    (1, 256, 512, "bfloat16", True, 2, 1, 6, 1),
+    (64, 256, 8192, "float16", True, 2, 1, 8, 1),
     (17, 768, 7168, "bfloat16", False, 0, 0, 0, 0),
 ]
 
@@ -84,7 +84,7 @@ def test_unsupported_problems_are_declined():
 
 @pytest.mark.parametrize("n, k", [(7168, 7168), (21504, 7168), (28672, 7168), (7168, 28672), (384, 512),
                                   (128, 1536), (12288, 49152)])
-@pytest.mark.parametrize("wg, tm, stages, split", [(0, 0, 0, 0), (1, 2, 4, 0), (2, 1, 4, 3), (2, 2, 6, 5)])
+@pytest.mark.parametrize("wg, tm, stages, split", [(0, 0, 0, 0), (1, 2, 6, 0), (2, 1, 8, 3), (2, 2, 6, 5)])
 def test_launch_shape_covers_k_with_no_empty_split(n, k, wg, tm, stages, split):
     if n % (64 * max(wg, 1) * max(tm, 1)):
         wg = tm = stages = 0
