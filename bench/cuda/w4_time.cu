@@ -1,13 +1,13 @@
 // Times the wgmma W4A16 kernel on OPT-30B's four decode shapes at 64 rows from C++ (no
-// Python between launches). Run 62 built it with parts of the kernel's work compiled out
-// (X staging, dequantization, wgmma) to see which part set its speed.
+// Python between launches). Runs 62-64 built it with parts of the kernel's work compiled
+// out (X staging, dequantization, wgmma) to see which part set its speed.
 // usage: nvcc -O3 -std=c++17 -arch=sm_90a -o a w4_time.cu && ./a WG TM STAGES [SPLITS x4]
 #include "../../compute_node/kernels/w4a16_wgmma.cu"
 #include <cstdio>
 #include <cstdlib>
 
 int main(int argc, char** argv) {
-  const int wg = argc > 1 ? atoi(argv[1]) : 2, tm = argc > 2 ? atoi(argv[2]) : 1, st = argc > 3 ? atoi(argv[3]) : 6;
+  const int wg = argc > 1 ? atoi(argv[1]) : 1, tm = argc > 2 ? atoi(argv[2]) : 2, st = argc > 3 ? atoi(argv[3]) : 6;
   int shapes[4][3] = {{7168, 7168, 4}, {21504, 7168, 3}, {28672, 7168, 1}, {7168, 28672, 4}};  // N, K, splits
   for (int i = 0; i < 4 && argc > 4 + i; ++i) shapes[i][2] = atoi(argv[4 + i]);
   const int m = 64;

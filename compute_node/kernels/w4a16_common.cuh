@@ -78,6 +78,11 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, i
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes));
 }
+// The same through L1 (.ca): blocks on one SM reading the same bytes meet there.
+__device__ __forceinline__ void cp_async16_zfill_l1(void* smem, const void* gmem, int bytes) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
@@ -127,8 +132,8 @@ template <int BN, int THREADS, int NSTAGE> struct WeightRing {
     }
   }
 
-  __device__ void load_scales(const Problem& p, int chunk) {  // CHUNK groups of scale and min into buffer chunk & 1
-    const int r = threadIdx.x >> 1, h = threadIdx.x & 1, b = chunk & 1;
+  __device__ void load_scales(const Problem& p, int chunk, int b) {  // CHUNK groups of scale and min into buffer b
+    const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
 #pragma unroll
     for (int it = 0; it < BN * 2 / THREADS; ++it) {
       const long row = r + it * (THREADS / 2);

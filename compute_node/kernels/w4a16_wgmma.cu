@@ -9,36 +9,58 @@
 //
 // Layout (strata.quant's format, read as stored): W [N, K/2] uint8, even k in the high
 // nibble; scale, min [N, K/64] fp16, w = q*s + m. X [M, K] bf16 or fp16, row stride ldx.
-// X's tile goes to shared memory as it is, by cp.async, in wgmma's K-major no-swizzle
-// layout: 8x8 core matrices of 128 bytes, the two k halves of a k16 step 128 bytes apart
-// (LBO), row octets 256 bytes apart (SBO). A thread (g = lane/4, t = lane%4) of warp w
-// of a warpgroup holds, for its m64 tile, weight rows 16w+g and 16w+g+8; its A registers
-// for k16 step s are k 16s+2t, +1 and 16s+2t+8, +9, which are bytes 8s/2+t.. of the row's
-// group: every fourth byte, from t. It reads the row's 32 bytes and gathers its 8 with
-// prmt, so the k order is wgmma's own and nothing is reshuffled in memory.
-// (An earlier version permuted k to read 8 contiguous bytes and staged X through
-// registers in the matching order; that staging cost ~40% of the time, run 62.)
+// X's tile for a group (64 rows x 64 k, 128 bytes a row) comes by TMA (one bulk tensor
+// copy, rows past M zero-filled) into wgmma's K-major 128-byte-swizzled layout. A thread
+// (g = lane/4, t = lane%4) of warp w of a warpgroup holds, for its m64 tile, weight rows
+// 16w+g and 16w+g+8; its A registers for k16 step s are k 16s+2t, +1 and 16s+2t+8, +9,
+// which are bytes 8s+t and 8s+t+4 of the row's 32-byte group: every fourth byte, from t.
+// It reads the row's 32 bytes and gathers its 8 with prmt, so the k order is wgmma's own
+// and nothing is reshuffled in memory.
+// Run 62-64 (bench/cuda/w4_time.cu): staging X through registers cost ~40% of the time,
+// and 16-byte cp.async copies of it were slower still (X is read by every block from L2).
 //
 // Block: WG warpgroups, each TM m64 tiles of output columns (BN = 64 * TM * WG), by all 64
 // rows of X (wgmma's n = 64; rows past M are zero-filled). K is walked one group at a
-// time, one barrier a group. A group's weights (WeightRing) and X tile share an NSTAGE
-// cp.async ring, filled NSTAGE - 2 groups ahead: a stage is refilled two groups after its
-// wgmma was issued, when every warpgroup has waited for it. Split-K as in w4a16_mma.cu.
+// time, one barrier a group. A group's weights (WeightRing, cp.async) and X tile (TMA, an
+// mbarrier a stage) share an NSTAGE ring, filled NSTAGE - 2 groups ahead: a stage is
+// refilled two groups after its wgmma was issued, when every warpgroup has waited for it.
+// Split-K as in w4a16_mma.cu.
+#include <cudaTypedefs.h>
+
+#include <type_traits>
+
 #include "w4a16_common.cuh"
 
 namespace {
 
 constexpr int TOKENS = 64;                    // wgmma's n: rows of X, zero-padded
-constexpr int STEP_BYTES = TOKENS * 16 * 2;   // X's k16 slice (2 KB)
-constexpr int X_TILE = 4 * STEP_BYTES;        // X's group (8 KB)
+constexpr int X_TILE = TOKENS * GROUP * 2;    // X's group (8 KB; 128-byte rows, swizzled in 1 KB atoms)
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
-// Plain stores to shared memory become visible to wgmma (the async proxy) only after this.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// The mbarrier a stage's X copy completes on: armed for X_TILE bytes by one thread.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)));
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+// X's group gk (columns 64gk.., all 64 rows) into xs, completing on bar.
+__device__ __forceinline__ void load_x(const CUtensorMap* map, int gk, unsigned char* xs, uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "n"(X_TILE) : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(smem_addr(xs)), "l"(reinterpret_cast<uint64_t>(map)), "r"(gk * GROUP), "r"(0), "r"(smem_addr(bar))
+      : "memory");
+}
 // Keeps the compiler from moving accumulator registers across wgmma's asynchronous use.
 __device__ __forceinline__ void fence_operands(float (&d)[32]) {
 #pragma unroll
@@ -57,11 +79,12 @@ template <int TM> __device__ __forceinline__ void keep_live(const uint32_t (&a)[
       for (int r = 0; r < 4; ++r) asm volatile("" ::"r"(a[tm][s][r]));
 }
 
-// Shared-memory matrix descriptor: start address, LBO 128 B, SBO 256 B, no swizzle.
+// Shared-memory matrix descriptor for a k16 step of X: the start address (the tile plus
+// 32 bytes a step, inside the swizzled 128-byte rows), SBO 1 KB (row octets), 128-byte
+// swizzle (LBO unused).
 __device__ __forceinline__ uint64_t x_desc(const unsigned char* p) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  return static_cast<uint64_t>((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>(128 >> 4) << 16) |
-         (static_cast<uint64_t>(256 >> 4) << 32);
+  return static_cast<uint64_t>((smem_addr(p) & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
 }
 
 // D[64 x 64] += A[64 x 16] (registers) * B[16 x 64] (shared memory, K-major), fp32 D.
@@ -88,26 +111,12 @@ template <> __device__ __forceinline__ void wgmma<__half>(float (&d)[32], const 
 }
 #undef STRATA_WGMMA_M64N64K16
 
-// X's group gk into a stage, by 16-byte cp.async: piece c (k 8c..8c+7) of row r lands in
-// row r%8 of the core matrix at step c/2, half c%2, row octet r/8. Rows past M are zeros
-// (a zero-byte source).
-template <int THREADS> __device__ __forceinline__ void load_x(const Problem& p, int gk, unsigned char* xs) {
-#pragma unroll
-  for (int it = 0; it < TOKENS * 8 / THREADS; ++it) {
-    const int piece = threadIdx.x + it * THREADS, row = piece >> 3, c = piece & 7;
-    const uint16_t* src = static_cast<const uint16_t*>(p.x) + (row < p.m ? row * p.ldx : 0) +
-                          static_cast<long>(gk) * GROUP + 8 * c;
-    cp_async16_zfill(xs + (c >> 1) * STEP_BYTES + (row >> 3) * 256 + (c & 1) * 128 + (row & 7) * 16, src,
-                     row < p.m ? 16 : 0);
-  }
-}
-
 template <int WG, int TM, int NSTAGE> struct Tile {
   static constexpr int THREADS = WG * 128;
   static constexpr int BN = WG * TM * 64;
   using Ring = WeightRing<BN, THREADS, NSTAGE>;
   static constexpr int X_BYTES = NSTAGE * X_TILE;
-  static constexpr int SMEM = X_BYTES + Ring::BYTES;
+  static constexpr int SMEM = 1024 + X_BYTES + Ring::BYTES + NSTAGE * 8;  // (1 KB: the X tiles' alignment)
 };
 
 // Bytes t, t+4, ..., t+28 of a 32-byte group row: (words 0-3's byte t, words 4-7's byte t).
@@ -155,7 +164,7 @@ __device__ __forceinline__ void issue_group(const unsigned char* xs, const uint3
                                             float (&acc)[TM][32]) {
   uint64_t desc[4];  // made before the fence: no other instruction may define a wgmma input between it and the commit
 #pragma unroll
-  for (int s = 0; s < 4; ++s) desc[s] = x_desc(xs + s * STEP_BYTES);
+  for (int s = 0; s < 4; ++s) desc[s] = x_desc(xs + s * 32);
   wgmma_fence();
 #pragma unroll
   for (int s = 0; s < 4; ++s)
@@ -196,8 +205,10 @@ __device__ __forceinline__ void store(const Problem& p, int n0, const float (&ac
 }
 
 template <typename T, int WG, int TM, int NSTAGE>
-__global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_constant__ Problem p) {
-  extern __shared__ __align__(128) unsigned char smem[];
+__global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_constant__ Problem p,
+                                                                  const __grid_constant__ CUtensorMap xmap) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   using TileT = Tile<WG, TM, NSTAGE>;
   const int n0 = blockIdx.x * TileT::BN;
   const int chunks = p.k / (GROUP * CHUNK);
@@ -205,6 +216,13 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
   const int groups = (min(c0 + p.chunks_per_split, chunks) - c0) * CHUNK;
   const int g0 = c0 * CHUNK;
   typename TileT::Ring ring(smem + TileT::X_BYTES, p, n0, g0);
+  uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + TileT::X_BYTES + TileT::Ring::BYTES);
+  const bool producer = threadIdx.x == 0;  // issues the X copies
+  if (producer) {
+    for (int j = 0; j < NSTAGE; ++j) mbar_init(xbar + j);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
   float acc[TM][32];
 #pragma unroll
   for (int tm = 0; tm < TM; ++tm)
@@ -213,12 +231,12 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
 
   // cp.async commit j holds group j (weights and X); chunk c+1's scales ride with the
   // commit made at group 8c. Group i's stage i % NSTAGE is refilled at step i + 2.
-  ring.load_scales(p, 0);
+  ring.load_scales(p, 0, 0);
 #pragma unroll
   for (int j = 0; j < NSTAGE - 2; ++j) {
     if (j < groups) {
       ring.load_weights(p, j, j);
-      load_x<TileT::THREADS>(p, g0 + j, smem + j * X_TILE);
+      if (producer) load_x(&xmap, g0 + j, smem + j * X_TILE, xbar + j);
     }
     cp_async_commit();
   }
@@ -227,13 +245,13 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
   int st = 0, fill = NSTAGE - 2;  // stages: computed (i % NSTAGE), refilled ((i - 2) % NSTAGE)
   auto step = [&](int i, uint32_t(&ai)[TM][4][4], const uint32_t(&prev)[TM][4][4]) {
     cp_async_wait<NSTAGE - 3>();
-    fence_proxy_async();  // this thread's cp.async writes, made visible to wgmma
+    mbar_wait(xbar + st, (i / NSTAGE) & 1);  // the stage's (i / NSTAGE)-th fill
     __syncthreads();
     if (i + NSTAGE - 2 < groups) {
       ring.load_weights(p, i + NSTAGE - 2, fill);
-      load_x<TileT::THREADS>(p, g0 + i + NSTAGE - 2, smem + fill * X_TILE);
+      if (producer) load_x(&xmap, g0 + i + NSTAGE - 2, smem + fill * X_TILE, xbar + fill);
     }
-    if (i % CHUNK == 0 && i + CHUNK < groups) ring.load_scales(p, i / CHUNK + 1);
+    if (i % CHUNK == 0 && i + CHUNK < groups) ring.load_scales(p, i / CHUNK + 1, (i / CHUNK + 1) & 1);
     cp_async_commit();
     dequant_group<T, TileT::BN, TM>(ring, st, (i / CHUNK) & 1, i % CHUNK, ai);
     issue_group<T, TM>(smem + st * X_TILE, ai, acc);
@@ -254,8 +272,35 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
   store<T, TM>(p, n0, acc);
 }
 
+// X as a 2D tensor (K columns, M rows, ldx apart) for TMA, 64 x 64 boxes, 128-byte
+// swizzle, rows past M read as zeros. cuTensorMapEncodeTiled comes from the driver
+// through the runtime (no link to libcuda).
+template <typename T> cudaError_t x_tensor_map(const Problem& p, CUtensorMap* map) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (encode == nullptr) {
+    cudaDriverEntryPointQueryResult found;
+    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode),
+                                                     12000, cudaEnableDefault, &found);
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      encode = nullptr;
+      return e != cudaSuccess ? e : cudaErrorNotSupported;
+    }
+  }
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k), static_cast<cuuint64_t>(p.m)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.ldx) * 2};
+  const cuuint32_t box[2] = {GROUP, TOKENS}, unit[2] = {1, 1};
+  const CUtensorMapDataType type =
+      sizeof(T) == 2 && std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  CUresult r = encode(map, type, 2, const_cast<void*>(p.x), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, int WG, int TM, int NSTAGE> cudaError_t launch(const Problem& p, int splits, cudaStream_t stream) {
   using TileT = Tile<WG, TM, NSTAGE>;
+  CUtensorMap xmap;
+  cudaError_t me = x_tensor_map<T>(p, &xmap);
+  if (me != cudaSuccess) return me;
   auto kernel = w4a16_wgmma_kernel<T, WG, TM, NSTAGE>;
   static bool configured = false;  // the opt-in above 48 KB of shared memory, once per kernel
   if (!configured) {
@@ -264,7 +309,7 @@ template <typename T, int WG, int TM, int NSTAGE> cudaError_t launch(const Probl
     configured = true;
   }
   dim3 grid(p.n / TileT::BN, splits);
-  kernel<<<grid, TileT::THREADS, TileT::SMEM, stream>>>(p);
+  kernel<<<grid, TileT::THREADS, TileT::SMEM, stream>>>(p, xmap);
   if (splits > 1) launch_splitk_sum<T>(p, splits, stream);
   return cudaGetLastError();
 }

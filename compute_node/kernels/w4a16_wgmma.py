@@ -72,9 +72,10 @@ def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) ->
 
 def launch_shape(n: int, k: int, num_sms: int, wg: int = 0, tm: int = 0, stages: int = 0,
                  split: int = 0, m: int = 64) -> tuple[int, int, int, int, int]:
-    """(warpgroups, tiles, stages, chunks per split, splits): 128-column blocks of two
-    warpgroups, a 6-deep cp.async ring, split-K by `split_for`. Nonzero arguments override."""
-    wg, tm, stages = wg or 2, tm or 1, stages or 6
+    """(warpgroups, tiles, stages, chunks per split, splits): 128-column blocks of one
+    warpgroup with two m64 tiles, a 6-deep ring, split-K by `split_for`. Nonzero
+    arguments override."""
+    wg, tm, stages = wg or 1, tm or 2, stages or 6
     chunks = k // w4a16_mma.CHUNK_K
     if split:
         per = -(-chunks // split)
