@@ -54,6 +54,20 @@ def _prompt_attention(s: _Shape, pad: torch.Tensor, q, k, v) -> torch.Tensor:
     return attend(q, k, v, attention_bias(pad, t, t, s.slopes, q.dtype), s.scale)
 
 
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src, as 8-byte words where both last dims are contiguous rows of whole
+    words. A strided copy (the prompt's K/V, [B, T, heads, head_dim] read as [B, heads,
+    T, head_dim], into the cache) pays index arithmetic per element: 16-bit elements
+    held T2's prefill writes to ~0.6 TB/s, 75 ms of its 3.0 s (bench/results run 68)."""
+    if dst.dtype == src.dtype and dst.element_size() < 8:
+        try:
+            dst.view(torch.int64).copy_(src.view(torch.int64))
+            return
+        except RuntimeError:  # rows not whole aligned words: the plain copy below
+            pass
+    dst.copy_(src)
+
+
 class _PlainLayers:
     """K and V of every layer in the compute dtype, [B, kv_heads, max_tokens, head_dim]."""
 
@@ -67,8 +81,8 @@ class _PlainLayers:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer][:, :, start : start + k.shape[2]] = k
-        self.v[layer][:, :, start : start + v.shape[2]] = v
+        copy_rows(self.k[layer][:, :, start : start + k.shape[2]], k)
+        copy_rows(self.v[layer][:, :, start : start + v.shape[2]], v)
 
     def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
