@@ -44,19 +44,17 @@ Step = Callable[[MicroBatch, torch.Tensor, torch.Tensor], torch.Tensor]
 class DecodeGraphs:
     """Captured decode steps of one request's micro-batches."""
 
-    def __init__(self, step: Step, mbs: list[MicroBatch], warm: set[int], pool=None):
+    def __init__(self, step: Step, mbs: list[MicroBatch], warm: set[int]):
         """`warm`: the micro-batch sizes (rows) whose step has run eagerly on this engine
         (its kernels are warm: such a step can be captured with nothing run first); the
-        engine's own set, added to here. `pool`: the memory pool to capture into
-        (torch.cuda.graph_pool_handle), shared by the engine's requests one after another."""
-        self.step, self.mbs, self.warm, self.pool = step, mbs, warm, pool
+        engine's own set, added to here."""
+        self.step, self.mbs, self.warm = step, mbs, warm
         self.graphs: list[torch.cuda.CUDAGraph | None | bool] = [None] * len(mbs)  # False: capture failed
         self.inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mbs)  # the graphs' ids, positions
         self.outputs: list[torch.Tensor | None] = [None] * len(mbs)  # what each replay writes
 
     @staticmethod
-    def for_request(device: torch.device, streamed: bool, mbs: list[MicroBatch], step: Step, warm: set[int],
-                    pool=None):
+    def for_request(device: torch.device, streamed: bool, mbs: list[MicroBatch], step: Step, warm: set[int]):
         """Graphs for these micro-batches after their prefill, or None where the step
         cannot be captured (then nothing is changed)."""
         if device.type != "cuda" or streamed or not all(isinstance(mb.kv, LocalKV) for mb in mbs):
@@ -65,7 +63,7 @@ class DecodeGraphs:
             return None
         for mb in mbs:
             mb.kv.fixed_shapes()
-        return DecodeGraphs(step, mbs, warm, pool)
+        return DecodeGraphs(step, mbs, warm)
 
     def run(self, inputs: list[tuple[torch.Tensor, torch.Tensor]] | None) -> list[torch.Tensor]:
         """One decode step: the step's output per micro-batch, valid until the next step.
@@ -128,7 +126,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     static_out = self.step(mb, s_ids, s_pos)
                 finally:

@@ -60,13 +60,6 @@ class Engine:
         # tokens are read (compute_node/decode_loop.py); STRATA_EARLY_CAPTURE=0 in the
         # environment waits for them first, as before (to measure the difference).
         self.early_capture = os.environ.get("STRATA_EARLY_CAPTURE", "1") != "0"
-        # One memory pool for every request's decode graphs: a capture reuses what the
-        # last request's graphs had, with no cudaMalloc (which waited for the prefill
-        # still running, bench/results run 72). Sharing a pool is safe for graphs that
-        # never replay together; the last request's are kept (never replayed) until this
-        # one's are captured, so the pool and its memory stay.
-        self.graph_pool = None
-        self._graphs: tuple = (None, None)
         self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
         self.last_stats: dict = {}
         self.timing = {"start_s": 0.0, "finish_s": 0.0}  # host time blocked staging / awaiting attention
@@ -128,13 +121,7 @@ class Engine:
         """Decode graphs running `step`, where asked for and worth capturing (else None)."""
         if not self.decode_graphs or max_new_tokens < MIN_TOKENS_FOR_GRAPHS:
             return None
-        if self.w.device.type == "cuda" and self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        graphs = DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step, self.warm_sizes,
-                                          self.graph_pool)
-        if graphs is not None:  # the last request's graphs live on until this one's are captured
-            self._graphs = (self._graphs[1], graphs)
-        return graphs
+        return DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step, self.warm_sizes)
 
     def _shape(self, mb: MicroBatch, max_tokens: int) -> _Shape:
         d = self.dims

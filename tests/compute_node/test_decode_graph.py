@@ -41,8 +41,8 @@ def test_fixed_shape_decode_gives_the_plain_tokens(shards, monkeypatch):
     made = []
     checked = DecodeGraphs.for_request
 
-    def eager_fixed(device, streamed, mbs, forward, warm, pool):  # the recorded step, run without capture
-        g = checked(torch.device("cuda"), streamed, mbs, forward, warm, pool)
+    def eager_fixed(device, streamed, mbs, forward, warm):  # the recorded step, run without capture
+        g = checked(torch.device("cuda"), streamed, mbs, forward, warm)
         g.graphs = [False] * len(mbs)
         made.append(g)
         return g

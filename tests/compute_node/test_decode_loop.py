@@ -125,8 +125,8 @@ def test_fixed_shape_steps_feed_back_through_the_decode_graphs(model, monkeypatc
     plain = list(make_engine(shards, 2).generate(PROMPTS, 7, GREEDY))
     made, checked = [], DecodeGraphs.for_request
 
-    def eager_fixed(device, streamed, mbs, step, warm, pool):
-        g = checked(torch.device("cuda"), streamed, mbs, step, warm, pool)
+    def eager_fixed(device, streamed, mbs, step, warm):
+        g = checked(torch.device("cuda"), streamed, mbs, step, warm)
         g.graphs = [False] * len(mbs)
         for mb in mbs:
             advance = mb.kv.advance
