@@ -73,25 +73,20 @@ class GreedyDecode:
     def __init__(self, engine: Engine, mbs: list[MicroBatch], first: list[torch.Tensor], max_new_tokens: int):
         """`first`: each micro-batch's prefill tokens [b] on the device (step 0, for
         `first()`), maybe not computed yet: nothing here waits for the device. Queues
-        their copy to the host; `start` launches the steps."""
+        their copy to the host, captures the decode graphs where they can be captured
+        before any step runs, and launches step 1."""
         self.device, self.forward, self.mbs = engine.w.device, engine.forward, mbs
         self.host = _HostTokens(sum(t.numel() for t in first), self.device)
         self.pending: collections.deque = collections.deque()  # (buffer, event) per step in flight
         self.pending.append(self.host.read(first))
         self.inputs = [(t.view(-1, 1), positions(mb.kv.pad, mb.ids.shape[1], 1)) for t, mb in zip(first, mbs)]
         self.graphs = engine.graphs_for(mbs, max_new_tokens, self._graph_step)
-        self.timing = engine.timing
-        self.unlaunched = max_new_tokens - 1  # decode steps the KV cache has room for
-        self.launched = 0
-
-    def start(self, capture_early: bool) -> None:
-        """Launch step 1, first capturing the decode graphs where they can be captured
-        before any step runs (`capture_early`: called before the prefill is done, so the
-        host records while the GPU computes)."""
-        if self.graphs is not None and capture_early:
+        if self.graphs is not None:
             t0 = time.perf_counter()
             self.graphs.capture_early(self.inputs)
-            self.timing["capture_s"] = time.perf_counter() - t0
+            engine.timing["capture_s"] = time.perf_counter() - t0
+        self.unlaunched = max_new_tokens - 1  # decode steps the KV cache has room for
+        self.launched = 0
         self._launch()
 
     def first(self) -> list[int]:

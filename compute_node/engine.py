@@ -21,7 +21,6 @@ replayed (compute_node/decode_graph.py).
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from typing import Iterator
 
@@ -56,10 +55,6 @@ class Engine:
         self.max_batch = max_batch
         self.decode_graphs = decode_graphs
         self.warm_sizes: set[int] = set()  # micro-batch rows whose decode step has run eagerly (DecodeGraphs)
-        # Greedy decode: capture the decode graphs and launch step 1 before the prefill's
-        # tokens are read (compute_node/decode_loop.py); STRATA_EARLY_CAPTURE=0 in the
-        # environment waits for them first, as before (to measure the difference).
-        self.early_capture = os.environ.get("STRATA_EARLY_CAPTURE", "1") != "0"
         self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
         self.last_stats: dict = {}
         self.timing = {"start_s": 0.0, "finish_s": 0.0}  # host time blocked staging / awaiting attention
@@ -84,17 +79,13 @@ class Engine:
                 mb.kv = self.kv_factory(self._shape(mb, t + max_new_tokens))
             logits = self.forward(mbs, [self._inputs(mb, True, None, 0) for mb in mbs], prefill=True)
             self.timing["prefill_queued_s"] = time.perf_counter() - t0  # the host's side of the prefill
-            if sampling.greedy:  # step 1 captured and launched while the GPU still runs the prefill
+            if sampling.greedy:  # step 1 is captured and launched while the GPU still runs the prefill
                 steps = GreedyDecode(self, mbs, [greedy_ids(x) for x in logits], max_new_tokens)
-                if self.early_capture:
-                    steps.start(capture_early=True)
                 tokens = steps.first()
             else:
                 tokens = torch.cat([choose(x, sampling, gen) for x in logits]).tolist()
             self.last_stats = {"prefill_s": time.perf_counter() - t0}
             t1 = time.perf_counter()
-            if sampling.greedy and not self.early_capture:
-                steps.start(capture_early=False)
             if not sampling.greedy:
                 steps = self._sampled(mbs, tokens, sampling, gen, self.graphs_for(mbs, max_new_tokens, self._logits))
             for step in range(max_new_tokens):
