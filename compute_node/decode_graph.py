@@ -27,7 +27,6 @@ same fixed shapes (logged once).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable
 
 import torch
@@ -98,8 +97,6 @@ class DecodeGraphs:
         inputs, each micro-batch whose size this process has run before; the others (and
         any whose capture fails) take the eager first step in `run`. Nothing is run or
         waited for: the host only records."""
-        if os.environ.get("STRATA_EARLY_CAPTURE", "1") == "0":  # (to measure what it saves)
-            return
         for j, mb in enumerate(self.mbs):
             if mb.ids.shape[0] in self.warm:
                 self._set_inputs(j, *inputs[j])

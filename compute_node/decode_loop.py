@@ -18,7 +18,6 @@ the CPU the same code runs synchronously.
 from __future__ import annotations
 
 import collections
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,9 +81,7 @@ class GreedyDecode:
         self.inputs = [(t.view(-1, 1), positions(mb.kv.pad, mb.ids.shape[1], 1)) for t, mb in zip(first, mbs)]
         self.graphs = engine.graphs_for(mbs, max_new_tokens, self._graph_step)
         if self.graphs is not None:
-            t0 = time.perf_counter()
             self.graphs.capture_early(self.inputs)
-            engine.timing["capture_s"] = time.perf_counter() - t0
         self.unlaunched = max_new_tokens - 1  # decode steps the KV cache has room for
         self.launched = 0
         self._launch()

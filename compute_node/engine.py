@@ -78,7 +78,6 @@ class Engine:
                 t = mb.ids.shape[1]
                 mb.kv = self.kv_factory(self._shape(mb, t + max_new_tokens))
             logits = self.forward(mbs, [self._inputs(mb, True, None, 0) for mb in mbs], prefill=True)
-            self.timing["prefill_queued_s"] = time.perf_counter() - t0  # the host's side of the prefill
             if sampling.greedy:  # step 1 is captured and launched while the GPU still runs the prefill
                 steps = GreedyDecode(self, mbs, [greedy_ids(x) for x in logits], max_new_tokens)
                 tokens = steps.first()
