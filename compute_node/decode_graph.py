@@ -10,15 +10,10 @@ device (`LocalKV`), switched to fixed shapes (`LocalKV.fixed_shapes`): the step 
 its token at a position held in a device tensor and attends over all max_tokens keys,
 those not yet written masked. Then nothing in the step depends on its length.
 
-How: the first decode step of a micro-batch size new to the process runs eagerly (its
-result is used; it also warms every kernel up: compiles, cuBLAS handles), then the same
-step is captured (capture records, it does not run). Where the process has run that
-size before, `capture_early` captures at once, before the step's first replay: greedy
-decode calls it right after it has queued the prefill, so the host records the graph
-while the GPU still runs the prefill, and no step runs eagerly. (Per request, the eager
-step and the capture had cost ~70 ms of T2's 1.1 s decode: bench/results run 68.) From
-then on: copy the step's token ids and positions into the graph's inputs, advance the
-cache (host side: cursor and mask), replay. A greedy step feeds its tokens
+How: the first decode step runs eagerly (its result is used; it also warms every
+kernel up), then the same step is captured (capture records, it does not run). From
+the next step on: copy the step's token ids and positions into the graph's inputs,
+advance the cache (host side: cursor and mask), replay. A greedy step feeds its tokens
 back into those inputs itself, inside the graph (compute_node/decode_loop.py): then
 nothing is copied in. Where capture fails, the micro-batch goes on eagerly with the
 same fixed shapes (logged once).
@@ -44,17 +39,14 @@ Step = Callable[[MicroBatch, torch.Tensor, torch.Tensor], torch.Tensor]
 class DecodeGraphs:
     """Captured decode steps of one request's micro-batches."""
 
-    def __init__(self, step: Step, mbs: list[MicroBatch], warm: set[int]):
-        """`warm`: the micro-batch sizes (rows) whose step has run eagerly on this engine
-        (its kernels are warm: such a step can be captured with nothing run first); the
-        engine's own set, added to here."""
-        self.step, self.mbs, self.warm = step, mbs, warm
+    def __init__(self, step: Step, mbs: list[MicroBatch]):
+        self.step, self.mbs = step, mbs
         self.graphs: list[torch.cuda.CUDAGraph | None | bool] = [None] * len(mbs)  # False: capture failed
         self.inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mbs)  # the graphs' ids, positions
         self.outputs: list[torch.Tensor | None] = [None] * len(mbs)  # what each replay writes
 
     @staticmethod
-    def for_request(device: torch.device, streamed: bool, mbs: list[MicroBatch], step: Step, warm: set[int]):
+    def for_request(device: torch.device, streamed: bool, mbs: list[MicroBatch], step: Step):
         """Graphs for these micro-batches after their prefill, or None where the step
         cannot be captured (then nothing is changed)."""
         if device.type != "cuda" or streamed or not all(isinstance(mb.kv, LocalKV) for mb in mbs):
@@ -63,7 +55,7 @@ class DecodeGraphs:
             return None
         for mb in mbs:
             mb.kv.fixed_shapes()
-        return DecodeGraphs(step, mbs, warm)
+        return DecodeGraphs(step, mbs)
 
     def run(self, inputs: list[tuple[torch.Tensor, torch.Tensor]] | None) -> list[torch.Tensor]:
         """One decode step: the step's output per micro-batch, valid until the next step.
@@ -92,16 +84,6 @@ class DecodeGraphs:
             s_ids.copy_(ids)
             s_pos.copy_(pos)
 
-    def capture_early(self, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Capture now, with `inputs` (the first step's ids, positions) as the graphs'
-        inputs, each micro-batch whose size this process has run before; the others (and
-        any whose capture fails) take the eager first step in `run`. Nothing is run or
-        waited for: the host only records."""
-        for j, mb in enumerate(self.mbs):
-            if mb.ids.shape[0] in self.warm:
-                self._set_inputs(j, *inputs[j])
-                self._capture(j, mb)
-
     def _first(self, j: int, mb: MicroBatch) -> torch.Tensor:
         """Run the step eagerly on a side stream (warm-up), then capture it."""
         s_ids, s_pos = self.inputs[j]
@@ -111,31 +93,14 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             out = self.step(mb, s_ids, s_pos)
         current.wait_stream(side)
-        self.warm.add(mb.ids.shape[0])
-        if not self._capture(j, mb):
-            self.graphs[j] = False  # an op that cannot be captured: go on eagerly
-        return out
-
-    def _capture(self, j: int, mb: MicroBatch) -> bool:
-        """Record micro-batch j's step into its graph (on a side stream; unlike
-        torch.cuda.graph, with no device-wide synchronize first). Whether it worked."""
-        s_ids, s_pos = self.inputs[j]
-        current = torch.cuda.current_stream(s_ids.device)
-        side = torch.cuda.Stream(s_ids.device)
-        side.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    static_out = self.step(mb, s_ids, s_pos)
-                finally:
-                    graph.capture_end()
-        except Exception as e:  # noqa: BLE001 - an op that cannot be captured
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self.step(mb, s_ids, s_pos)
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured: go on eagerly
             LOG.warning("decode step capture failed (%s: %s); micro-batch %d decodes without a graph",
                         type(e).__name__, str(e)[:200], j)
-            return False
-        finally:
-            current.wait_stream(side)
+            self.graphs[j] = False
+            return out
         self.graphs[j], self.outputs[j] = graph, static_out
-        return True
+        return out

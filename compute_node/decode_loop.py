@@ -70,26 +70,17 @@ class GreedyDecode:
     step's tokens (request order), each step launched one ahead of its read."""
 
     def __init__(self, engine: Engine, mbs: list[MicroBatch], first: list[torch.Tensor], max_new_tokens: int):
-        """`first`: each micro-batch's prefill tokens [b] on the device (step 0, for
-        `first()`), maybe not computed yet: nothing here waits for the device. Queues
-        their copy to the host, captures the decode graphs where they can be captured
-        before any step runs, and launches step 1."""
+        """`first`: each micro-batch's prefill tokens [b] on the device (step 0, read by
+        the caller). Launches step 1."""
         self.device, self.forward, self.mbs = engine.w.device, engine.forward, mbs
-        self.host = _HostTokens(sum(t.numel() for t in first), self.device)
-        self.pending: collections.deque = collections.deque()  # (buffer, event) per step in flight
-        self.pending.append(self.host.read(first))
-        self.inputs = [(t.view(-1, 1), positions(mb.kv.pad, mb.ids.shape[1], 1)) for t, mb in zip(first, mbs)]
+        self.inputs = [(t.view(-1, 1), positions(mb.pad, mb.ids.shape[1], 1).to(self.device))
+                       for t, mb in zip(first, mbs)]
         self.graphs = engine.graphs_for(mbs, max_new_tokens, self._graph_step)
-        if self.graphs is not None:
-            self.graphs.capture_early(self.inputs)
+        self.host = _HostTokens(sum(t.numel() for t in first), self.device)
         self.unlaunched = max_new_tokens - 1  # decode steps the KV cache has room for
         self.launched = 0
+        self.pending: collections.deque = collections.deque()  # (buffer, event) per step in flight
         self._launch()
-
-    def first(self) -> list[int]:
-        """Step 0's tokens (the prefill's), once the prefill is done. Call once, before
-        iterating."""
-        return self._ready(*self.pending.popleft())
 
     def __iter__(self):
         return self

@@ -54,7 +54,6 @@ class Engine:
         self.micro_batches = micro_batches
         self.max_batch = max_batch
         self.decode_graphs = decode_graphs
-        self.warm_sizes: set[int] = set()  # micro-batch rows whose decode step has run eagerly (DecodeGraphs)
         self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
         self.last_stats: dict = {}
         self.timing = {"start_s": 0.0, "finish_s": 0.0}  # host time blocked staging / awaiting attention
@@ -78,14 +77,13 @@ class Engine:
                 t = mb.ids.shape[1]
                 mb.kv = self.kv_factory(self._shape(mb, t + max_new_tokens))
             logits = self.forward(mbs, [self._inputs(mb, True, None, 0) for mb in mbs], prefill=True)
-            if sampling.greedy:  # step 1 is captured and launched while the GPU still runs the prefill
-                steps = GreedyDecode(self, mbs, [greedy_ids(x) for x in logits], max_new_tokens)
-                tokens = steps.first()
-            else:
-                tokens = torch.cat([choose(x, sampling, gen) for x in logits]).tolist()
+            chosen = [greedy_ids(x) if sampling.greedy else choose(x, sampling, gen) for x in logits]
+            tokens = torch.cat(chosen).tolist()
             self.last_stats = {"prefill_s": time.perf_counter() - t0}
             t1 = time.perf_counter()
-            if not sampling.greedy:
+            if sampling.greedy:
+                steps = GreedyDecode(self, mbs, chosen, max_new_tokens)
+            else:
                 steps = self._sampled(mbs, tokens, sampling, gen, self.graphs_for(mbs, max_new_tokens, self._logits))
             for step in range(max_new_tokens):
                 out = []
@@ -111,7 +109,7 @@ class Engine:
         """Decode graphs running `step`, where asked for and worth capturing (else None)."""
         if not self.decode_graphs or max_new_tokens < MIN_TOKENS_FOR_GRAPHS:
             return None
-        return DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step, self.warm_sizes)
+        return DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step)
 
     def _shape(self, mb: MicroBatch, max_tokens: int) -> _Shape:
         d = self.dims

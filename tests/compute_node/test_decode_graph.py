@@ -41,8 +41,8 @@ def test_fixed_shape_decode_gives_the_plain_tokens(shards, monkeypatch):
     made = []
     checked = DecodeGraphs.for_request
 
-    def eager_fixed(device, streamed, mbs, forward, warm):  # the recorded step, run without capture
-        g = checked(torch.device("cuda"), streamed, mbs, forward, warm)
+    def eager_fixed(device, streamed, mbs, forward):  # the recorded step, run without capture
+        g = checked(torch.device("cuda"), streamed, mbs, forward)
         g.graphs = [False] * len(mbs)
         made.append(g)
         return g
@@ -83,7 +83,7 @@ def test_no_graph_for_a_quantized_cache(shards):
     mbs = engine_mod.split(PROMPTS, 1, e.pad_id)
     for mb in mbs:
         mb.kv = e.kv_factory(e._shape(mb, 20))
-    assert DecodeGraphs.for_request(torch.device("cuda"), False, mbs, e.forward, set()) is None
+    assert DecodeGraphs.for_request(torch.device("cuda"), False, mbs, e.forward) is None
     with pytest.raises(StrataError, match="unquantized"):
         mbs[0].kv.fixed_shapes()
 
@@ -107,18 +107,3 @@ def test_replayed_graph_gives_the_eager_tokens(shards):
     finally:
         DecodeGraphs._first = original
     assert len(captured) == 2 and all(isinstance(g, torch.cuda.CUDAGraph) for g in captured)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
-def test_a_size_run_before_is_captured_before_its_first_step_and_gives_the_eager_tokens(shards, monkeypatch):
-    cuda = torch.device("cuda")
-    eager = greedy(make_engine(shards, cuda, torch.float16, graphs=False, micro_batches=2), n=9)
-    e = make_engine(shards, cuda, torch.float16, graphs=True, micro_batches=2)
-    assert greedy(e, n=9) == eager  # a first request: eager first step, then capture
-    firsts, early = [], []
-    original_first, original_early = DecodeGraphs._first, DecodeGraphs.capture_early
-    monkeypatch.setattr(DecodeGraphs, "_first", lambda self, *a: firsts.append(a[0]) or original_first(self, *a))
-    monkeypatch.setattr(DecodeGraphs, "capture_early",
-                        lambda self, inputs: original_early(self, inputs) or early.append(list(self.graphs)))
-    assert greedy(e, n=9) == eager  # the same sizes again: captured before step 1, no eager step
-    assert firsts == [] and len(early) == 1 and all(isinstance(g, torch.cuda.CUDAGraph) for g in early[0])

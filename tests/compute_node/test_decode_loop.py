@@ -72,11 +72,11 @@ def test_each_step_is_launched_before_the_previous_one_is_read_and_none_past_the
     for _ in engine.generate(PROMPTS, n, GREEDY):
         log.append("yield")
     launch = micro_batches
-    # step 1 launched before step 0 (the prefill's) is read; step t+1 before step t is read
-    assert log == [launch, "read", "yield"] * (n - 1) + ["read", "yield"]
+    # step 1 launched before step 0 (the prefill's) is yielded; step t+1 before step t is read
+    assert log == [launch, "yield"] + [launch, "read", "yield"] * (n - 2) + ["read", "yield"]
     log.clear()
     assert len(list(engine.generate(PROMPTS, 1, GREEDY))) == 1
-    assert log == ["read"]  # step 0 only: nothing launched past max_new_tokens
+    assert log == []
 
 
 def _finishing_prompts(engine, n):
@@ -125,8 +125,8 @@ def test_fixed_shape_steps_feed_back_through_the_decode_graphs(model, monkeypatc
     plain = list(make_engine(shards, 2).generate(PROMPTS, 7, GREEDY))
     made, checked = [], DecodeGraphs.for_request
 
-    def eager_fixed(device, streamed, mbs, step, warm):
-        g = checked(torch.device("cuda"), streamed, mbs, step, warm)
+    def eager_fixed(device, streamed, mbs, step):
+        g = checked(torch.device("cuda"), streamed, mbs, step)
         g.graphs = [False] * len(mbs)
         for mb in mbs:
             advance = mb.kv.advance

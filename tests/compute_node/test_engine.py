@@ -85,7 +85,6 @@ class _Recorded:
 
     def __init__(self, kv, log, index):
         self.kv, self.log, self.index = kv, log, index
-        self.pad = kv.pad
 
     def prefill(self, layer, q, k, v):
         return self.kv.prefill(layer, q, k, v)
