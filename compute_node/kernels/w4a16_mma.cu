@@ -90,47 +90,16 @@ template <int THREADS> struct XStage {
   }
 };
 
-template <int WARPS, int NSTAGE> struct Tile {
+template <int WARPS, int NSTAGE> struct Tile : WeightRing<WARPS * 32, WARPS * 32, NSTAGE> {
   static constexpr int THREADS = WARPS * 32;
   static constexpr int BN = WARPS * 32;
   static constexpr int X_BYTES = 2 * X_TILE;
-  static constexpr int W_BYTES = NSTAGE * BN * 32;
-  static constexpr int S_BYTES = 2 * BN * CHUNK * 2;  // two chunks of scale (and again of min)
-  static constexpr int SMEM = X_BYTES + W_BYTES + 2 * S_BYTES;
+  static constexpr int SMEM = X_BYTES + WeightRing<BN, THREADS, NSTAGE>::BYTES;
 
   unsigned char* xs;
-  uint8_t* ws;
-  __half* ss;
-  __half* ms;
-  const uint8_t* w_src;  // this thread's first cp.async piece of W, group g0
-  const __half* s_src;   // and of scale (odd threads: of min)
 
   __device__ Tile(unsigned char* smem, const Problem& p, int n0, int g0)
-      : xs(smem), ws(smem + X_BYTES), ss(reinterpret_cast<__half*>(smem + X_BYTES + W_BYTES)),
-        ms(reinterpret_cast<__half*>(smem + X_BYTES + W_BYTES + S_BYTES)) {
-    const int r = threadIdx.x >> 1, h = threadIdx.x & 1;  // rows r and r + THREADS / 2, half h
-    w_src = p.w + static_cast<long>(n0 + r) * (p.k / 2) + g0 * 32 + h * 16;
-    const __half* src = h ? p.wmin : p.scale;
-    s_src = src + static_cast<long>(n0 + r) * (p.k / GROUP) + g0;
-  }
-
-  __device__ void load_weights(const Problem& p, int i, int st) {  // group g0 + i into stage st
-    const int r = threadIdx.x >> 1, h = threadIdx.x & 1;
-#pragma unroll
-    for (int it = 0; it < BN * 2 / THREADS; ++it) {
-      const long row = r + it * (THREADS / 2);
-      cp_async16_l2(ws + (st * BN + row) * 32 + h * 16, w_src + (row - r) * (p.k / 2) + i * 32);
-    }
-  }
-
-  __device__ void load_scales(const Problem& p, int chunk) {  // CHUNK groups of scale and min into buffer chunk & 1
-    const int r = threadIdx.x >> 1, h = threadIdx.x & 1, b = chunk & 1;
-#pragma unroll
-    for (int it = 0; it < BN * 2 / THREADS; ++it) {
-      const long row = r + it * (THREADS / 2);
-      cp_async16((h ? ms : ss) + (b * BN + row) * CHUNK, s_src + (row - r) * (p.k / GROUP) + chunk * CHUNK);
-    }
-  }
+      : WeightRing<BN, THREADS, NSTAGE>(smem + X_BYTES, p, n0, g0), xs(smem) {}
 };
 
 template <typename T, int WARPS, int NSTAGE>
@@ -220,7 +189,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WARPS, NSTAGE)) w4a1
   // made at group 8c, complete before group 8(c+1) runs. One barrier a group: after it,
   // every warp is done with group i-1, so its weight stage and X buffer can be refilled.
   XStage<TileT::THREADS> xnext;
-  tile.load_scales(p, 0);
+  tile.load_scales(p, 0, 0);
 #pragma unroll
   for (int i = 0; i < NSTAGE - 1; ++i) {
     if (i < groups) tile.load_weights(p, i, i);
@@ -233,7 +202,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WARPS, NSTAGE)) w4a1
     cp_async_wait<NSTAGE - 2>();
     __syncthreads();
     if (i + NSTAGE - 1 < groups) tile.load_weights(p, i + NSTAGE - 1, fill);
-    if (i % CHUNK == 0 && i + CHUNK < groups) tile.load_scales(p, i / CHUNK + 1);
+    if (i % CHUNK == 0 && i + CHUNK < groups) tile.load_scales(p, i / CHUNK + 1, (i / CHUNK + 1) & 1);
     cp_async_commit();
     const bool more = i + 1 < groups;
     if (more) xnext.load(p, g0 + i + 1);
