@@ -231,8 +231,9 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[tm][e] = 0.f;
 
-  // cp.async commit j holds group j (weights and X); chunk c+1's scales ride with the
-  // commit made at group 8c. Group i's stage i % NSTAGE is refilled at step i + 2.
+  // cp.async commit j holds group j's weights (its X comes by TMA, completing on xbar[j %
+  // NSTAGE]); chunk c+1's scales ride with the commit made at group 8c. Group i's stage
+  // i % NSTAGE is refilled at step i + 2.
   ring.load_scales(p, 0, 0);
 #pragma unroll
   for (int j = 0; j < NSTAGE - 2; ++j) {
