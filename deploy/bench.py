@@ -18,6 +18,7 @@ import time
 import psutil
 
 from compute_node.engine import MIN_TOKENS_FOR_GRAPHS
+from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
@@ -251,11 +252,10 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "micro_batches": a.micro_batches,
         },
         "decode_graphs": a.decode_graphs,  # asked for; used where the placement allows (all resident, KV on GPU)
-        # the decode matmul at 33-64 rows: the CUDA kernels unless STRATA_W4A16_MMA=0 (where they
-        # build), the wgmma one (sm_90) unless STRATA_W4A16_WGMMA=0
-        "w4a16_mma": os.environ.get("STRATA_W4A16_MMA", "1") != "0",
-        "w4a16_wgmma": os.environ.get("STRATA_W4A16_MMA", "1") != "0"
-        and os.environ.get("STRATA_W4A16_WGMMA", "1") != "0",
+        # the decode matmul at 33-64 rows: the CUDA kernels where they build, unless switched
+        # off (the services inherit this environment)
+        "w4a16_mma": w4a16_mma.enabled(),
+        "w4a16_wgmma": w4a16_wgmma.enabled(),
         "prefill_s": round(result.prefill_s, 4),
         "decode_s": round(result.decode_s, 4),
         "total_tokens_per_s": round(total_tps, 2),

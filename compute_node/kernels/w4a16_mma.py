@@ -40,6 +40,12 @@ def prepare(device: torch.device) -> bool:
     return _for(device) is not None
 
 
+def enabled() -> bool:
+    """Whether the CUDA kernels may run: STRATA_W4A16_MMA is not 0 (else the Triton kernel
+    runs everywhere)."""
+    return os.environ.get("STRATA_W4A16_MMA", "1") != "0"
+
+
 def _aligned(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
@@ -48,12 +54,9 @@ def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_mi
                  bias: torch.Tensor | None, n_multiple: int) -> bool:
     """What both CUDA kernels (this one and w4a16_wgmma) need: x2 [M <= 64, K] bf16/fp16
     on CUDA with unit column stride, groups of 64, K a multiple of 512, N of `n_multiple`,
-    contiguous fp16 scale and min, bias (if any) in x's dtype, 16-byte aligned; and
-    STRATA_W4A16_MMA not 0."""
+    contiguous fp16 scale and min, bias (if any) in x's dtype, 16-byte aligned."""
     m, k = x2.shape
     n = data.shape[0]
-    if os.environ.get("STRATA_W4A16_MMA", "1") == "0":
-        return False
     if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= 64 and group_size == 64):
         return False
     if k % CHUNK_K or n % n_multiple or x2.stride(1) != 1 or x2.stride(0) % 8:
@@ -68,9 +71,9 @@ def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_mi
 
 def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
              bias: torch.Tensor | None) -> bool:
-    """Whether this kernel takes the problem (`problem_fits` with N a multiple of 128)
-    and is built for x2's GPU."""
-    return problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _for(x2.device) is not None
+    """Whether this kernel is `enabled`, takes the problem (`problem_fits` with N a
+    multiple of 128) and is built for x2's GPU."""
+    return enabled() and problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _for(x2.device) is not None
 
 
 # Split-K: about 4.5 blocks per SM, each at least 2 chunks (16 K steps) long, so the

@@ -41,13 +41,18 @@ def prepare(device: torch.device) -> bool:
     return _for(device) is not None
 
 
+def enabled() -> bool:
+    """Whether this kernel may run: the CUDA kernels are (w4a16_mma.enabled) and
+    STRATA_W4A16_WGMMA is not 0."""
+    return w4a16_mma.enabled() and os.environ.get("STRATA_W4A16_WGMMA", "1") != "0"
+
+
 def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
              bias: torch.Tensor | None) -> bool:
-    """Whether the kernel takes this problem (w4a16_mma.problem_fits with N a multiple of
-    128) and is built for x2's GPU, and STRATA_W4A16_WGMMA is not 0."""
-    if os.environ.get("STRATA_W4A16_WGMMA", "1") == "0":
-        return False
-    return w4a16_mma.problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _for(x2.device) is not None
+    """Whether the kernel is `enabled`, takes this problem (w4a16_mma.problem_fits with N
+    a multiple of 128) and is built for x2's GPU."""
+    return enabled() and w4a16_mma.problem_fits(x2, data, scale, w_min, group_size, bias, 128) \
+        and _for(x2.device) is not None
 
 
 def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) -> tuple[int, int]:
@@ -70,6 +75,7 @@ def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) ->
     return best[1], best[2]
 
 
+@functools.lru_cache(maxsize=256)  # called per matmul on eager decode paths; split_for loops over K's chunks
 def launch_shape(n: int, k: int, num_sms: int, wg: int = 0, tm: int = 0, stages: int = 0,
                  split: int = 0, m: int = 64) -> tuple[int, int, int, int, int]:
     """(warpgroups, tiles, stages, chunks per split, splits): 128-column blocks of one

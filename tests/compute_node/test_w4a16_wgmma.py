@@ -117,3 +117,14 @@ def test_source_builds_and_exports_its_entry_point(tmp_path, monkeypatch):
     assert cuda_build.build("w4a16_wgmma", "90a", cuda_build.nvcc()) == path  # built once
     assert hasattr(ctypes.CDLL(str(path)), "strata_w4a16_wgmma")
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("mma, wgmma, want", [(None, None, (True, True)), ("0", None, (False, False)),
+                                               (None, "0", (True, False)), ("1", "1", (True, True))])
+def test_switches(monkeypatch, mma, wgmma, want):
+    for name, value in (("STRATA_W4A16_MMA", mma), ("STRATA_W4A16_WGMMA", wgmma)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert (w4a16_mma.enabled(), w4a16_wgmma.enabled()) == want
