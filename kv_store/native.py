@@ -29,6 +29,7 @@ LOG = logging.getLogger("strata.kv_store")
 SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
          "-fno-signed-zeros", "-shared", "-fPIC"]  # no -ffast-math: masked keys are -inf
+FLAGS += os.environ.get("STRATA_KV_CFLAGS", "").split()  # experiments, e.g. -DPF_TOKENS=8
 MAX_HEAD_DIM = 256  # the kernels' stack buffers
 CLAIMS_PER_THREAD = 16  # rows are claimed in chunks of 1/16 of a thread's even share
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
