@@ -2,7 +2,7 @@
 # One batched session on the GPU machine: environment, micro-benchmarks, the
 # end-to-end test on cuda, then bench cases. Full logs go under $OUT.
 # usage: bench/device_run.sh STEP...
-#   steps: env micro attn attnq sweep ring prof30 profdec profpre t2p t2g t1b t1p t1q4 t1auto cudatests w4tests t2mma w4sweep w4grid w4cmp e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
+#   steps: env micro t2short t1nopf graphtests attn attnq sweep ring prof30 profdec profpre t2p t2g t1b t1p t1q4 t1auto cudatests w4tests t2mma w4sweep w4grid w4cmp e2e e2e-disk t1 t2 t3 t3q bloom fp16 disk llama70 qwen2 kvq profile grid30 grid175 rpc
 # Planner (issue 4): `profile` measures this machine into $OUT/profile.json; gridN
 # benches the planner's choice and its best-predicted competitors (bench/grid.py)
 # with $PROFILE (default: the committed measured profile); GRID_FROM/GRID_TO pick lines.
@@ -27,6 +27,9 @@ for step in "$@"; do
     t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} ${T3Q_FLAGS:-};;
     t1p) bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
     w4tests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_w4a16_wgmma.py tests/compute_node/test_w4a16_mma.py > "$OUT/w4tests.txt" 2>&1; tail -25 "$OUT/w4tests.txt";;
+    t2short) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} --warmup short;;
+    t1nopf) STRATA_KV_CFLAGS=-DPF_TOKENS=0 bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    graphtests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_decode_graph.py tests/compute_node/test_decode_loop.py "tests/deploy/test_serve_generate.py::test_a_call_cancelled_mid_stream_leaves_the_server_serving_the_same_shapes" > "$OUT/graphtests.txt" 2>&1; tail -4 "$OUT/graphtests.txt";;
     t2mma) STRATA_W4A16_WGMMA=0 bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
     cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-560} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;

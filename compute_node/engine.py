@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from compute_node.batch import MicroBatch, positions, split, validate
-from compute_node.decode_graph import DecodeGraphs, Step
+from compute_node.decode_graph import DecodeGraphs, KeptDecode, Step
 from compute_node.decode_loop import GreedyDecode
 from compute_node.kv_cache import LocalKV, RemoteKV, _Shape
 from compute_node.layer_weights import LayerWeights
@@ -57,6 +57,9 @@ class Engine:
         self.pad_id = self.dims.pad_token_id if self.dims.pad_token_id is not None else 0
         self.last_stats: dict = {}
         self.timing = {"start_s": 0.0, "finish_s": 0.0}  # host time blocked staging / awaiting attention
+        self.kept = KeptDecode()  # the last request's device KV and decode graphs, for one of its shapes
+        self._graphs: DecodeGraphs | None = None  # this request's
+        self._reusable: DecodeGraphs | None = None  # kept graphs this request's caches were recorded with
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool = False
@@ -72,10 +75,9 @@ class Engine:
         t0 = time.perf_counter()
         self.timing = {"start_s": 0.0, "finish_s": 0.0}
         t1 = steps = None
+        key = (tuple((mb.ids.shape[0], mb.ids.shape[1] + max_new_tokens) for mb in mbs), sampling.greedy)
         try:
-            for mb in mbs:
-                t = mb.ids.shape[1]
-                mb.kv = self.kv_factory(self._shape(mb, t + max_new_tokens))
+            self._allocate(mbs, max_new_tokens, key)
             logits = self.forward(mbs, [self._inputs(mb, True, None, 0) for mb in mbs], prefill=True)
             chosen = [greedy_ids(x) if sampling.greedy else choose(x, sampling, gen) for x in logits]
             tokens = torch.cat(chosen).tolist()
@@ -101,15 +103,39 @@ class Engine:
             if t1 is not None:
                 self.last_stats["decode_s"] = time.perf_counter() - t1
                 self.last_stats.update(self.timing)
-            for mb in mbs:
-                if mb.kv is not None:
-                    mb.kv.free()
+            self._release(mbs, key)
+
+    def _allocate(self, mbs: list[MicroBatch], max_new_tokens: int, key: tuple) -> None:
+        """Each micro-batch's KV cache: the kept ones where the last request had these
+        shapes (its decode graphs then replay), else new ones."""
+        kept = self.kept.take(key) if self.decode_graphs else None
+        self._graphs, self._reusable = None, kept[1] if kept else None
+        for j, mb in enumerate(mbs):
+            shape = self._shape(mb, mb.ids.shape[1] + max_new_tokens)
+            mb.kv = kept[0][j].renew(shape) if kept else self.kv_factory(shape)
+
+    def _release(self, mbs: list[MicroBatch], key: tuple) -> None:
+        """Keep the caches with their graphs where every step was captured; free the rest."""
+        graphs, self._graphs, self._reusable = self._graphs, None, None
+        if graphs is not None and graphs.complete:
+            self.kept.keep(key, [mb.kv for mb in mbs], graphs)
+            return
+        for mb in mbs:
+            if mb.kv is not None:
+                mb.kv.free()
 
     def graphs_for(self, mbs: list[MicroBatch], max_new_tokens: int, step: Step) -> DecodeGraphs | None:
-        """Decode graphs running `step`, where asked for and worth capturing (else None)."""
+        """Decode graphs running `step`, where asked for and worth capturing (else None):
+        the kept ones where this request's caches were recorded with them."""
         if not self.decode_graphs or max_new_tokens < MIN_TOKENS_FOR_GRAPHS:
             return None
-        return DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step)
+        if self._reusable is not None:
+            self._graphs, self._reusable = self._reusable, None
+            self._graphs.reuse(mbs, step)
+        else:
+            self._graphs = DecodeGraphs.for_request(self.w.device, bool(self.w.streamed), mbs, step)
+        self.last_stats["graphs_reused"] = float(self._graphs is not None and self._graphs.complete)
+        return self._graphs
 
     def _shape(self, mb: MicroBatch, max_tokens: int) -> _Shape:
         d = self.dims

@@ -182,9 +182,25 @@ class LocalKV:
             t[:, :, n:].zero_()  # unwritten slots are read (and masked): no NaN from old memory
         dtype = self.layers.k[0].dtype  # as the per-step bias: in the queries' dtype
         base = attention_bias(self.pad, 1, self.s.max_tokens, self.s.slopes, dtype)  # every key visible
-        bias = base.clone()
+        if self._fixed is None:
+            self._fixed = (torch.zeros(1, dtype=torch.long, device=dev), base, base.clone())
+        else:  # a renewed cache: in place, where graphs recorded on it read them
+            self._fixed[1].copy_(base)
+        bias = self._fixed[2]
+        bias.copy_(base)
         bias[..., n:] = float("-inf")
-        self._fixed = (torch.zeros(1, dtype=torch.long, device=dev), base, bias)
+
+    def renew(self, shape: _Shape) -> LocalKV:
+        """This cache emptied for a new request of the same batch and max_tokens (`shape`
+        gives its padding): every tensor stays where it is, so decode graphs recorded on
+        it replay for the new request (compute_node/decode_graph.py, KeptDecode)."""
+        if (shape.pad.numel(), shape.max_tokens) != (self.s.pad.numel(), self.s.max_tokens):
+            raise ValueError("a renewed KV cache keeps its batch and max_tokens")
+        self.s = shape
+        self.pad.copy_(shape.pad)
+        self.length = [0] * shape.num_layers
+        self._bias = None
+        return self
 
     def advance(self) -> None:
         """Fixed shapes: make room for the next step's token (its position into the

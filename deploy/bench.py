@@ -41,7 +41,7 @@ class BenchArgs:
     micro_batches: int
     device: str
     kv_capacity_gb: float
-    warmup: bool = True
+    warmup: str = "auto"  # auto | short | none: deploy/bench_cli.py's --warmup
     disk_offload: bool = False
     host_budget_gb: float = 0.0
     offload_dir: str = ""
@@ -193,9 +193,8 @@ def run(a: BenchArgs, progress: bool) -> dict:
         address = services.start()
         start_s = time.perf_counter() - t_start
         try:
-            if a.warmup:  # the timed batch's shapes with short prompts: kernels compiled, graphs captured
-                generate(address, request_for([[5] * 8] * a.batch_size, MIN_TOKENS_FOR_GRAPHS, stop_at_eos=False),
-                         timeout=600)
+            if a.warmup != "none":
+                _warm_up(a, address)
             bar = _progress_bar(a.gen_len) if progress else None
             on_step = (lambda step, toks: bar.update(1)) if bar else None
             t0 = time.perf_counter()
@@ -207,6 +206,38 @@ def run(a: BenchArgs, progress: bool) -> dict:
         finally:
             services.stop()
     return _report(a, dims, weight_bytes, disk, result, wall, start_s, mem.peak)
+
+
+def _warm_up(a: BenchArgs, address: str) -> None:
+    """One request with short prompts before the timed one: kernels compiled and
+    configured for its micro-batch sizes. 'same KV shape' (where decode graphs run): the
+    timed request's KV length (8-token prompts, the rest new tokens), stopped after
+    MIN_TOKENS_FOR_GRAPHS steps; the compute node keeps those caches and graphs for the
+    next request of these shapes (decode_graph.KeptDecode), as a server does for
+    repeated requests, and the timed request replays them from its first decode step.
+    'short': MIN_TOKENS_FOR_GRAPHS new tokens."""
+    short = min(8, a.prompt_len)
+    prompts = [[5] * short] * a.batch_size
+    if _warmup_kind(a) == "same KV shape":
+        generate(address, request_for(prompts, a.prompt_len + a.gen_len - short, stop_at_eos=False), timeout=600,
+                 stop_after=MIN_TOKENS_FOR_GRAPHS)
+    else:
+        generate(address, request_for(prompts, MIN_TOKENS_FOR_GRAPHS, stop_at_eos=False), timeout=600)
+
+
+def _warmup_kind(a: BenchArgs) -> str:
+    """What ran before the timed request: 'same KV shape' (its decode graphs kept for the
+    timed request), 'short' or 'none'."""
+    if a.warmup == "auto":
+        return "same KV shape" if _decode_graphs_apply(a) else "short"
+    return a.warmup
+
+
+def _decode_graphs_apply(a: BenchArgs) -> bool:
+    """Decode graphs run for this placement (compute_node/decode_graph.py: on CUDA, every
+    layer resident, an unquantized KV cache on the device)."""
+    return (a.decode_graphs and a.device.startswith("cuda") and a.gpu_weight_share >= 1 and not a.kv_offload
+            and not a.disk_offload and a.kv_bits == 16 and a.gen_len >= MIN_TOKENS_FOR_GRAPHS)
 
 
 def _progress_bar(total: int):
@@ -252,6 +283,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "micro_batches": a.micro_batches,
         },
         "decode_graphs": a.decode_graphs,  # asked for; used where the placement allows (all resident, KV on GPU)
+        "warmup": _warmup_kind(a),
         # the decode matmul at 33-64 rows: the CUDA kernels where they build, unless switched
         # off (the services inherit this environment)
         "w4a16_mma": w4a16_mma.enabled(),
@@ -317,7 +349,7 @@ def main(ns) -> int:
         model=ns.model, dummy=ns.dummy, batch_size=fields["batch_size"], prompt_len=ns.prompt_len,
         gen_len=ns.gen_len, kv_offload=fields["kv_offload"], quant_bits=ns.quant_bits, group_size=ns.group_size,
         gpu_weight_share=fields["gpu_weight_share"], micro_batches=fields["micro_batches"],
-        device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=not ns.no_warmup,
+        device=ns.device, kv_capacity_gb=ns.kv_capacity_gb, warmup=ns.warmup,
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
         kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,

@@ -41,6 +41,10 @@ def add_bench_parser(sub) -> None:
                    help="KV store decode attention: its own kernel or PyTorch SDPA")
     b.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly, without CUDA graph replay")
     b.add_argument("--json", action="store_true", help="no progress bar; only the JSON line")
-    b.add_argument("--no-warmup", action="store_true")
+    b.add_argument("--warmup", choices=["auto", "short", "none"], default="auto",
+                   help="the request before the timed one: auto = of the timed request's KV length where decode "
+                        "graphs run (the timed request then replays them from its first step), else short; "
+                        "short = 8-token prompts, 4 new tokens (the timed request captures its own graphs)")
+    b.add_argument("--no-warmup", dest="warmup", action="store_const", const="none", help="= --warmup none")
     b.add_argument("--output", help="also append the JSON line to this file")
     b.set_defaults(fn=lambda ns: __import__("deploy.bench", fromlist=["main"]).main(ns))

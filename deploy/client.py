@@ -36,8 +36,10 @@ def request_for(prompts: list[str | list[int]], max_new_tokens: int, greedy: boo
     )
 
 
-def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: float | None = None, on_step=None) -> Result:
-    """Runs one Generate call; `on_step(step, tokens)` sees each streamed step."""
+def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: float | None = None, on_step=None,
+             stop_after: int | None = None) -> Result | None:
+    """Runs one Generate call; `on_step(step, tokens)` sees each streamed step.
+    `stop_after`: cancel the call once that many steps have arrived (returns None)."""
     tokens: list[list[int]] = [[] for _ in request.prompts]
     with grpc.insecure_channel(endpoint, options=OPTIONS) as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
@@ -51,6 +53,8 @@ def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: floa
                         tokens[i].append(t)
                 if on_step is not None:
                     on_step(resp.step, list(resp.tokens))
+                if stop_after is not None and resp.step + 1 >= stop_after:
+                    return None  # leaving the channel cancels the call
         except grpc.RpcError as e:
             raise from_rpc_error(e, f"compute node at {endpoint}") from None
     raise RuntimeError("stream ended without a final response")

@@ -107,3 +107,105 @@ def test_replayed_graph_gives_the_eager_tokens(shards):
     finally:
         DecodeGraphs._first = original
     assert len(captured) == 2 and all(isinstance(g, torch.cuda.CUDAGraph) for g in captured)
+
+
+OTHER = [[9, 8, 7, 6, 5, 4], [300, 301], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]  # PROMPTS' lengths but one: same shapes
+
+
+class EagerGraph:
+    """On the CPU, in place of a captured step: replay runs the recorded step again on
+    the micro-batch and inputs it was recorded with, writing the same output tensor."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+def record_eagerly(self, j, mb):
+    s_ids, s_pos = self.inputs[j]
+    out = self.step(mb, s_ids, s_pos)
+    static = out.clone()
+    self.graphs[j], self.outputs[j] = EagerGraph(lambda: static.copy_(self.step(mb, s_ids, s_pos))), static
+    return out
+
+
+def fixed_on_cpu(monkeypatch):
+    """DecodeGraphs on the CPU, each step 'captured' by record_eagerly."""
+    checked = DecodeGraphs.for_request
+    monkeypatch.setattr(engine_mod.DecodeGraphs, "for_request",
+                        staticmethod(lambda d, streamed, mbs, step: checked(torch.device("cuda"), streamed, mbs, step)))
+    monkeypatch.setattr(DecodeGraphs, "_first", record_eagerly)
+
+
+def tokens_of(engine, prompts, n=7, greedy_=True):
+    steps = list(engine.generate(prompts, n, Sampling(greedy=greedy_, temperature=0.8, seed=3)))
+    return [[s[i] for s in steps] for i in range(len(prompts))]
+
+
+def test_renewed_cache_keeps_its_tensors_and_masks_the_new_padding():
+    shape = _Shape(num_layers=1, num_heads=2, head_dim=4, max_tokens=5, pad=torch.tensor([0, 1]), scale=0.5,
+                   alibi=False)
+    kv = LocalKV(shape, torch.float32, torch.device("cpu"))
+    k = torch.randn(2, 2, 3, 4)
+    kv.prefill(0, k, k, k)
+    kv.fixed_shapes()
+    kv.advance()
+    kv.decode_start(0, *[torch.randn(2, 2, 1, 4)] * 3)
+    held = [t.data_ptr() for t in (kv.layers.k[0], kv.layers.v[0], kv.pad, *kv._fixed)]
+    renewed = kv.renew(_Shape(1, 2, 4, 5, torch.tensor([2, 0]), 0.5, False))
+    k2 = torch.randn(2, 2, 3, 4)
+    renewed.prefill(0, k2, k2, k2)
+    renewed.fixed_shapes()
+    renewed.advance()
+    assert [t.data_ptr() for t in (kv.layers.k[0], kv.layers.v[0], kv.pad, *kv._fixed)] == held
+    q = torch.randn(2, 2, 1, 4)
+    got = renewed.decode_start(0, q, q, q)
+    fresh = LocalKV(_Shape(1, 2, 4, 5, torch.tensor([2, 0]), 0.5, False), torch.float32, torch.device("cpu"))
+    fresh.prefill(0, k2, k2, k2)
+    fresh.fixed_shapes()
+    fresh.advance()
+    torch.testing.assert_close(got, fresh.decode_start(0, q, q, q))
+    with pytest.raises(ValueError, match="keeps its batch"):
+        kv.renew(_Shape(1, 2, 4, 6, torch.tensor([0, 0]), 0.5, False))
+
+
+@pytest.mark.parametrize("greedy_", [True, False])
+def test_next_request_of_the_same_shapes_replays_the_kept_graphs(shards, monkeypatch, greedy_):
+    cpu = torch.device("cpu")
+    plain = make_engine(shards, cpu, torch.float32, graphs=False, micro_batches=2)
+    fixed_on_cpu(monkeypatch)
+    e = make_engine(shards, cpu, torch.float32, graphs=True, micro_batches=2)
+    assert tokens_of(e, PROMPTS, greedy_=greedy_) == tokens_of(plain, PROMPTS, greedy_=greedy_)
+    assert e.last_stats["graphs_reused"] == 0
+    kept_kvs = list(e.kept._kvs)
+    assert len(kept_kvs) == 2 and all(kv.layers is not None for kv in kept_kvs)
+    recorded = []
+    monkeypatch.setattr(DecodeGraphs, "_first", lambda self, j, mb: recorded.append(j))  # must not run again
+    assert tokens_of(e, OTHER, greedy_=greedy_) == tokens_of(plain, OTHER, greedy_=greedy_)
+    assert e.last_stats["graphs_reused"] == 1 and recorded == []
+    assert e.kept._kvs == kept_kvs  # the same caches, kept again
+
+
+def test_a_request_of_other_shapes_frees_the_kept_caches_first(shards, monkeypatch):
+    cpu = torch.device("cpu")
+    plain = make_engine(shards, cpu, torch.float32, graphs=False, micro_batches=2)
+    fixed_on_cpu(monkeypatch)
+    e = make_engine(shards, cpu, torch.float32, graphs=True, micro_batches=2)
+    tokens_of(e, PROMPTS)
+    old = list(e.kept._kvs)
+    made = []
+    factory = e.kv_factory
+    e.kv_factory = lambda shape: made.append([kv.layers for kv in old]) or factory(shape)
+    assert tokens_of(e, PROMPTS, n=9) == tokens_of(plain, PROMPTS, n=9)  # max_tokens differs
+    assert made and all(layers is None for layers in made[0])  # freed before the new caches were made
+    assert e.last_stats["graphs_reused"] == 0 and e.kept._kvs and e.kept._kvs != old
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_kept_graphs_replay_for_the_next_request_on_cuda(shards):
+    cuda = torch.device("cuda")
+    eager = make_engine(shards, cuda, torch.float16, graphs=False, micro_batches=2)
+    e = make_engine(shards, cuda, torch.float16, graphs=True, micro_batches=2)
+    assert greedy(e, n=9) == greedy(eager, n=9)
+    first = e.kept._graphs.graphs
+    assert tokens_of(e, OTHER, n=9) == tokens_of(eager, OTHER, n=9)
+    assert e.last_stats["graphs_reused"] == 1 and e.kept._graphs.graphs == first

@@ -89,3 +89,23 @@ def test_int8_kv_cache_in_the_kv_store_serves_and_starts_with_the_same_tokens(co
     # error is measured by bench/kv_quant_error.py.
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert all(len(g) == len(e) or (g and g[-1] == 2) for g, e in zip(got, expected))
+
+
+def test_a_call_cancelled_mid_stream_leaves_the_server_serving_the_same_shapes(converted):
+    """The bench's warm-up: a client leaves after MIN_TOKENS_FOR_GRAPHS steps of a request
+    of the timed request's shapes; the next request of those shapes (on CUDA: replaying
+    the decode graphs the cancelled one kept) gives the reference tokens."""
+    from compute_node.engine import MIN_TOKENS_FOR_GRAPHS
+    from deploy.client import generate, request_for
+
+    shards, expected = converted
+    server = Server(shards)
+    try:
+        seen = []
+        cut = generate(server.address, request_for(PROMPTS, NEW, stop_at_eos=False), timeout=120,
+                       on_step=lambda step, toks: seen.append(step), stop_after=MIN_TOKENS_FOR_GRAPHS)
+        assert cut is None and seen == list(range(MIN_TOKENS_FOR_GRAPHS))
+        full = generate(server.address, request_for(PROMPTS, NEW, stop_at_eos=False), timeout=120)
+        assert [t[:NEW] for t in full.tokens] == expected
+    finally:
+        assert server.stop() == 0
