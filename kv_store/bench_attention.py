@@ -46,24 +46,33 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 def _timed_steps(cache: GroupCache, tokens: int, steps: int) -> tuple[float, float]:
-    """Fill `tokens` tokens, then time `steps` decode attends; returns (seconds per
-    step, mean tokens attended over per step)."""
+    """Fill `tokens` tokens in every layer, then time `steps` decode steps (one attend
+    per layer each, as the service makes them); returns (seconds per step, mean tokens
+    attended over per step). More layers than the last-level cache holds: no step reads
+    what the previous left cached."""
     s = cache.spec
     shape = (s.batch, s.kv_heads, tokens, s.head_dim)
-    cache.append(0, torch.randn(shape).to(s.dtype), torch.randn(shape).to(s.dtype))
+    for layer in range(s.num_layers):
+        cache.append(layer, torch.randn(shape).to(s.dtype), torch.randn(shape).to(s.dtype))
     q = torch.randn(s.batch, s.num_heads, 1, s.head_dim).to(s.dtype)
     kv = torch.randn(s.batch, s.kv_heads, 1, s.head_dim).to(s.dtype)
+
+    def step():
+        for layer in range(s.num_layers):
+            cache.attend(layer, q, kv, kv)
+
     for _ in range(WARMUP):
-        cache.attend(0, q, kv, kv)
+        step()
     first = cache.lengths[0]
     t0 = time.perf_counter()
     for _ in range(steps):
-        cache.attend(0, q, kv, kv)
+        step()
     return (time.perf_counter() - t0) / steps, first + (steps + 1) / 2
 
 
 def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, threads: int, steps: int = 20,
-          kv_bits: int = 16, kv_group: int = 0, dram: float | None = None, attention: str = "native") -> dict:
+          kv_bits: int = 16, kv_group: int = 0, dram: float | None = None, attention: str = "native",
+          layers: int = 1) -> dict:
     """Time `attend` on a cache holding `tokens` tokens stored at `kv_bits`; GB/s of
     K+V read per step. `dram`: GB/s measured already in this run (default: measure).
     `attention`: "native" (the KV store's kernel where it applies, as the service runs
@@ -72,7 +81,7 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
         torch.set_num_threads(threads)
     kernel = NativeDecodeAttention.create(threads or torch.get_num_threads()) if attention == "native" else None
     spec = GroupSpec(
-        num_layers=1, batch=batch, num_heads=heads, head_dim=head_dim, max_tokens=tokens + WARMUP + steps,
+        num_layers=layers, batch=batch, num_heads=heads, head_dim=head_dim, max_tokens=tokens + WARMUP + steps,
         dtype=torch_dtype(dtype), scale=head_dim**-0.5, kv_bits=kv_bits, kv_group_size=kv_group,
     )  # fmt: skip
     quantized = kv_bits in (4, 8)
@@ -82,7 +91,7 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
     finally:
         if kernel is not None:
             kernel.close()
-    vectors = 2 * batch * heads * mean_tokens  # K and V, one per token and head
+    vectors = 2 * layers * batch * heads * mean_tokens  # K and V, one per token, head and layer
     read = vectors * (kv_format(spec).vector_bytes if quantized else head_dim * spec.itemsize)
     bf16 = vectors * head_dim * 2
     kv_gbps = read / step_s / 1e9
@@ -93,6 +102,7 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
         "heads": heads,
         "head_dim": head_dim,
         "tokens": tokens,
+        "layers": layers,
         "dtype": dtype,
         "kv_bits": kv_bits,
         "kv_group": spec.kv_group if quantized else 0,
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--layers", type=int, default=1, help="layers attended per step, each its own cache")
     p.add_argument("--kv-bits", default="16,8,4", help="comma-separated KV precisions, each 16, 8 or 4")
     p.add_argument("--kv-group", type=int, default=0,
                    help="quantization group on head_dim; 0 = 64 where that divides head_dim (the service's)")
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     dram = dram_read_gbps(a.dram_bytes)
     for b in bits:
         row = bench(a.batch, a.heads, a.head_dim, a.tokens, a.dtype, a.threads, a.steps, b, a.kv_group, dram,
-                    a.attention)
+                    a.attention, a.layers)
         print(json.dumps(row), flush=True)
 
 

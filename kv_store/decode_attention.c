@@ -25,10 +25,15 @@
 /* Software prefetch of the bfloat16 rows, PF_TOKENS cached vectors ahead of the loads
  * (0: none, the hardware prefetchers alone). Run 77-78 (16 threads, 80 sequences of 544
  * tokens, one layer): 82-89 GB/s without, 97-102 with 16 vectors ahead into L1
- * (prefetcht0); prefetchnta was slower than none (58-73). -DPF_TOKENS=0 through
- * STRATA_KV_CFLAGS turns it off, for comparison. */
+ * (prefetcht0); prefetchnta was slower than none (58-73). Run 81 (8 layers a step, 10
+ * GB): 88-93 without, 98-104 with, 107 with the next row's first keys too; 32 or 64
+ * vectors ahead, or into L2, no better. -DPF_TOKENS=0 through STRATA_KV_CFLAGS turns
+ * it off, for comparison. */
 #ifndef PF_TOKENS
 #define PF_TOKENS 16
+#endif
+#ifndef PF_NEXT_ROW /* also the next row's first keys, while this row's values are read */
+#define PF_NEXT_ROW 1
 #endif
 #ifndef PF_HINT /* __builtin_prefetch's locality: 3 prefetcht0, 2 t1, 1 t2, 0 nta */
 #define PF_HINT 3
@@ -168,6 +173,12 @@ static inline __attribute__((always_inline)) void bf16_rows(const bf16_args *a, 
                 }
             }
             prefetch_vectors(vb, (T < PF_TOKENS ? T : PF_TOKENS) * a->sv_t * 2); /* V's first rows, during softmax */
+#if PF_NEXT_ROW
+            if (g == G - 1 && r + 1 < r1) { /* the next row's first keys, during this row's values */
+                const int64_t b1 = (r + 1) / a->Hkv, h1 = (r + 1) % a->Hkv;
+                prefetch_vectors(a->k + b1 * a->sk_b + h1 * a->sk_h, (T < PF_TOKENS ? T : PF_TOKENS) * a->sk_t * 2);
+            }
+#endif
             const float inv = softmax_unnormalized(
                 s, T, a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL);
             for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
