@@ -17,6 +17,10 @@ advance the cache (host side: cursor and mask), replay. A greedy step feeds its 
 back into those inputs itself, inside the graph (compute_node/decode_loop.py): then
 nothing is copied in. Where capture fails, the micro-batch goes on eagerly with the
 same fixed shapes (logged once).
+
+Across requests: the engine keeps the last request's caches and complete graphs
+(`KeptDecode`); the next request of the same shapes renews those caches in place and
+replays the graphs from its first decode step (no eager step, no capture).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@
 
 Where every layer is resident and the KV cache is on the device unquantized, each
 micro-batch's decode step (embedding, layers, head) is captured once as a CUDA graph and
-replayed (compute_node/decode_graph.py).
+replayed (compute_node/decode_graph.py); the caches and graphs are kept for the next
+request of the same shapes.
 """
 
 from __future__ import annotations

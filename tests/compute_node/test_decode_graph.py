@@ -55,10 +55,14 @@ def test_fixed_shape_decode_gives_the_plain_tokens(shards, monkeypatch):
     assert len(made) == 1 and all(mb.kv is None or mb.kv.layers is None for mb in made[0].mbs)  # freed at the end
 
 
+def small_shape(pad, max_tokens=5):
+    """One layer, two heads of 4, scale 0.5."""
+    return _Shape(num_layers=1, num_heads=2, head_dim=4, max_tokens=max_tokens, pad=torch.tensor(pad), scale=0.5,
+                  alibi=False)
+
+
 def test_fixed_shapes_mask_the_unwritten_slots_and_stop_at_capacity():
-    shape = _Shape(num_layers=1, num_heads=2, head_dim=4, max_tokens=5, pad=torch.tensor([0, 1]), scale=0.5,
-                   alibi=False)
-    kv = LocalKV(shape, torch.float32, torch.device("cpu"))
+    kv = LocalKV(small_shape([0, 1]), torch.float32, torch.device("cpu"))
     k = torch.randn(2, 2, 3, 4)
     kv.prefill(0, k, k, k)
     kv.layers.k[0][:, :, 3:] = float("nan")  # old memory in the slots not yet written
@@ -142,30 +146,23 @@ def tokens_of(engine, prompts, n=7, greedy_=True):
 
 
 def test_renewed_cache_keeps_its_tensors_and_masks_the_new_padding():
-    shape = _Shape(num_layers=1, num_heads=2, head_dim=4, max_tokens=5, pad=torch.tensor([0, 1]), scale=0.5,
-                   alibi=False)
-    kv = LocalKV(shape, torch.float32, torch.device("cpu"))
-    k = torch.randn(2, 2, 3, 4)
-    kv.prefill(0, k, k, k)
-    kv.fixed_shapes()
-    kv.advance()
+    def ready(kv, k):  # prefilled with k, switched to fixed shapes, room for one token
+        kv.prefill(0, k, k, k)
+        kv.fixed_shapes()
+        kv.advance()
+        return kv
+
+    kv = ready(LocalKV(small_shape([0, 1]), torch.float32, torch.device("cpu")), torch.randn(2, 2, 3, 4))
     kv.decode_start(0, *[torch.randn(2, 2, 1, 4)] * 3)
     held = [t.data_ptr() for t in (kv.layers.k[0], kv.layers.v[0], kv.pad, *kv._fixed)]
-    renewed = kv.renew(_Shape(1, 2, 4, 5, torch.tensor([2, 0]), 0.5, False))
     k2 = torch.randn(2, 2, 3, 4)
-    renewed.prefill(0, k2, k2, k2)
-    renewed.fixed_shapes()
-    renewed.advance()
+    renewed = ready(kv.renew(small_shape([2, 0])), k2)
     assert [t.data_ptr() for t in (kv.layers.k[0], kv.layers.v[0], kv.pad, *kv._fixed)] == held
     q = torch.randn(2, 2, 1, 4)
-    got = renewed.decode_start(0, q, q, q)
-    fresh = LocalKV(_Shape(1, 2, 4, 5, torch.tensor([2, 0]), 0.5, False), torch.float32, torch.device("cpu"))
-    fresh.prefill(0, k2, k2, k2)
-    fresh.fixed_shapes()
-    fresh.advance()
-    torch.testing.assert_close(got, fresh.decode_start(0, q, q, q))
+    fresh = ready(LocalKV(small_shape([2, 0]), torch.float32, torch.device("cpu")), k2)
+    torch.testing.assert_close(renewed.decode_start(0, q, q, q), fresh.decode_start(0, q, q, q))
     with pytest.raises(ValueError, match="keeps its batch"):
-        kv.renew(_Shape(1, 2, 4, 6, torch.tensor([0, 0]), 0.5, False))
+        kv.renew(small_shape([0, 0], max_tokens=6))
 
 
 @pytest.mark.parametrize("greedy_", [True, False])
