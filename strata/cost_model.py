@@ -32,16 +32,19 @@ LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launc
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
 GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: prefill reached ~0.8 (T2 run 8: 3.18 s; T3 run 16: 27.0 s)
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
-# The KV store's attention inside the service reads KV at about 0.73 of the isolated
-# kernel's rate the profile measures: 70 GB/s at T1 on three hosts whose isolated
-# kernel read 84-93 (runs 36-39 of 2026-11-26 evening; 0.65 before the kernel's
-# threads claimed rows dynamically and took every core).
-SERVICE_ATTENTION_EFFICIENCY = 0.73
+# The KV store's attention inside the service reads KV at about 0.88 of the isolated
+# kernel's rate the profile measures (95.5 GB/s): 83-90 GB/s at T1 with the bf16
+# kernel's software prefetch (runs 82-84 of 2026-11-27). 0.73 before the prefetch (70
+# GB/s on three hosts, runs 36-39 of 2026-11-26), 0.65 before the kernel's threads
+# claimed rows dynamically and took every core.
+SERVICE_ATTENTION_EFFICIENCY = 0.88
 # Over a quantized cache the KV store's kernel reads the codes in place; it is
 # compute-bound there, so it gains less than the bytes it saves: in bf16-equivalent
-# bytes it runs at this share of the bf16 rate (run 36, one host, 16 threads: bf16
-# 90.6, INT8 95.4, INT4 117.4 GB/s; at T1 in the service INT4 reached 1.41x, run 42).
-CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 1.05, 4: 1.30}
+# bytes it runs at this share of the bf16 rate: run 78 (16 threads, T1's call shape,
+# one layer), against the bf16 kernel with its prefetch: 12.47 ms bf16, 13.55 INT8,
+# 9.66 INT4. Before that prefetch they were 1.05 and 1.30 (run 36; at T1 in the
+# service INT4 reached 1.41x the bf16 cache, run 42).
+CPU_QUANT_ATTENTION_RATE = {16: 1.0, 8: 0.92, 4: 1.29}
 # Streamed layers reach about 0.95 of the profile's pinned host-to-GPU copy rate with
 # the packed ring (one copy per layer, dequant on the compute stream): an OPT-175B
 # decode step with every layer streamed took 1.84-1.88 s for 99 GB (52-54 GB/s against
@@ -56,7 +59,10 @@ HOST_SHARED_SHARE = 0.45
 # The fused W4A16 kernel (GPU-resident INT4 layers at up to FUSED_INT4_MAX_ROWS rows)
 # reads a layer's packed bytes at this share of the profile's HBM rate, by rows: an
 # OPT-30B layer's q/k/v/o/fc1/fc2 took 0.43, 0.69 and 0.86 ms at 16, 32 and 64 rows
-# (run 3's kernel table), 0.81, 0.51 and 0.41 TB/s against 2.96.
+# (run 3's kernel table), 0.81, 0.51 and 0.41 TB/s against 2.96. Stale at 64 rows: the
+# wgmma kernel reads ~1.3-1.4 TB/s there (0.45; runs 66-68 of 2026-11-27), but with
+# that figure the planner moves T1 to 4 micro-batches, which measured slower (run 51):
+# the model has no per-micro-batch cost of the KV store's attention yet.
 FUSED_HBM_SHARE = ((16, 0.27), (32, 0.17), (64, 0.14))
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 

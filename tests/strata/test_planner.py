@@ -157,14 +157,14 @@ def test_kv_precision_is_16_unless_the_user_allows_less(h100):
 
 def test_quantized_cpu_attention_gains_less_than_its_bytes(h100):
     """The KV store's kernel reads INT8/INT4 codes in place but is compute-bound there
-    (run 36: 1.05x and 1.30x the bf16 rate in bf16-equivalent bytes): a quantized step
-    is faster, by far less than the 2x / 3.6x fewer bytes it reads; and with a cache
-    that small the planner fits a larger batch on the host."""
+    (run 78: 0.92x and 1.29x the bf16 rate in bf16-equivalent bytes): an INT4 step is
+    faster, by far less than the 3.6x fewer bytes it reads, an INT8 step no faster than
+    bf16; and with a cache that small the planner fits a larger batch on the host."""
     dims, wbf = model("facebook/opt-30b")
     w = cm.Workload(prompt_len=512, gen_len=32, batch_size=32)
     steps = {bits: cm.predict(dims, wbf(4), w, cm.Placement(1.0, True, 1, 32, 4, kv_bits=bits), h100).decode_step_s
              for bits in (16, 8, 4)}
-    assert steps[16] > steps[8] > steps[4] > steps[16] / 2
+    assert steps[8] > steps[16] > steps[4] > steps[16] / 2
     auto = planner.plan(dims, wbf, cm.Workload(prompt_len=512, gen_len=32), h100,
                         planner.Fixed(kv_on_host=True, quant_bits=4, kv_bits=None))
     plain = planner.plan(dims, wbf, cm.Workload(prompt_len=512, gen_len=32), h100,
