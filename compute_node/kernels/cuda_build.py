@@ -10,6 +10,7 @@ Where the library goes: $STRATA_KERNEL_CACHE, else ~/.cache/strata/kernels, buil
 (strata.build.compile_once: processes building at once never load half a file). nvcc
 comes from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin. Without nvcc or on a
 failed build, `load` returns None (logged once) and callers keep their other path.
+`Launcher` is one kernel's exported C launcher, typed and loaded per GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+from typing import Callable
 
 from strata.build import compile_once
 
@@ -74,3 +76,27 @@ def load(name: str, arch: str) -> ctypes.CDLL | None:
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         LOG.warning("building %s.cu failed; the Triton kernels run instead: %s", name, e)
         return None
+
+
+class Launcher:
+    """The C launcher `symbol` of `name`.cu, built for each GPU's architecture as
+    `arch_for(compute capability)` names it (None: not for that GPU), typed for ctypes
+    (`argtypes`; it returns a CUDA error code) and looked up once per device."""
+
+    def __init__(self, name: str, symbol: str, argtypes: list, arch_for: Callable[[tuple[int, int]], str | None]):
+        self.name, self.symbol, self.argtypes, self.arch_for = name, symbol, argtypes, arch_for
+        self._by_index: dict[int, Callable | None] = {}
+
+    def on(self, device) -> Callable | None:
+        """The launcher for this torch CUDA device, or None where it is not built there."""
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._by_index:
+            arch = self.arch_for(torch.cuda.get_device_capability(index))
+            lib = load(self.name, arch) if arch else None
+            fn = None if lib is None else getattr(lib, self.symbol)
+            if fn is not None:
+                fn.argtypes, fn.restype = self.argtypes, ctypes.c_int
+            self._by_index[index] = fn
+        return self._by_index[index]

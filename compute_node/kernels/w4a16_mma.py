@@ -6,7 +6,6 @@ the environment turns it off (the Triton kernel then runs everywhere)."""
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 
 import torch
@@ -18,26 +17,15 @@ _BLOCKS_PER_SM = {(4, 3): 4, (4, 4): 3, (8, 3): 2, (8, 4): 2}  # (warps, stages)
 CHUNK_K = 512  # split-K granularity: 8 groups of 64
 
 
-@functools.lru_cache(maxsize=8)
-def _library(index: int) -> ctypes.CDLL | None:
-    major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:  # cp.async and bf16 mma.sync need sm_80
-        return None
-    lib = cuda_build.load("w4a16_mma", f"{major}{minor}")
-    if lib is not None:
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.strata_w4a16_m64.argtypes = [i, i, i, p, ctypes.c_long, p, p, p, p, p, p, i, i, i, i, i, p]
-        lib.strata_w4a16_m64.restype = i
-    return lib
-
-
-def _for(device: torch.device) -> ctypes.CDLL | None:
-    return _library(device.index if device.index is not None else torch.cuda.current_device())
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_KERNEL = cuda_build.Launcher(
+    "w4a16_mma", "strata_w4a16_m64", [_I, _I, _I, _P, ctypes.c_long, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P],
+    lambda cap: f"{cap[0]}{cap[1]}" if cap[0] >= 8 else None)  # cp.async and bf16 mma.sync need sm_80
 
 
 def prepare(device: torch.device) -> bool:
     """Builds (or finds) the kernel for this GPU now; whether it is available."""
-    return _for(device) is not None
+    return _KERNEL.on(device) is not None
 
 
 def enabled() -> bool:
@@ -73,7 +61,7 @@ def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: t
              bias: torch.Tensor | None) -> bool:
     """Whether this kernel is `enabled`, takes the problem (`problem_fits` with N a
     multiple of 128) and is built for x2's GPU."""
-    return enabled() and problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _for(x2.device) is not None
+    return enabled() and problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _KERNEL.on(x2.device) is not None
 
 
 # Split-K: about 4.5 blocks per SM, each at least 2 chunks (16 K steps) long, so the
@@ -111,7 +99,7 @@ def linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: tor
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
     stream = torch.cuda.current_stream(x2.device).cuda_stream
-    err = _for(x2.device).strata_w4a16_m64(
+    err = _KERNEL.on(x2.device)(
         DTYPE_CODE[x2.dtype], warps, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(), scale.data_ptr(),
         w_min.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         None if part is None else part.data_ptr(), m, n, k, per_split, splits, stream)

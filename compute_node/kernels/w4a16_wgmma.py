@@ -20,25 +20,16 @@ MIN_CHUNKS_PER_SPLIT = 2
 CHUNK_BYTES_PER_COLUMN = 512 // 2 + 512 // 64 * 4  # a 512-wide K chunk of one weight row: nibbles, scale, min
 
 
-@functools.lru_cache(maxsize=8)
-def _library(index: int) -> ctypes.CDLL | None:
-    if torch.cuda.get_device_capability(index) != (9, 0):  # wgmma is sm_90a's
-        return None
-    lib = cuda_build.load("w4a16_wgmma", "90a")
-    if lib is not None:
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.strata_w4a16_wgmma.argtypes = [i, i, i, i, p, ctypes.c_long, p, p, p, p, p, p, i, i, i, i, i, p]
-        lib.strata_w4a16_wgmma.restype = i
-    return lib
-
-
-def _for(device: torch.device) -> ctypes.CDLL | None:
-    return _library(device.index if device.index is not None else torch.cuda.current_device())
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_KERNEL = cuda_build.Launcher(
+    "w4a16_wgmma", "strata_w4a16_wgmma",
+    [_I, _I, _I, _I, _P, ctypes.c_long, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P],
+    lambda cap: "90a" if cap == (9, 0) else None)  # wgmma is sm_90a's
 
 
 def prepare(device: torch.device) -> bool:
     """Builds (or finds) the kernel for this GPU now; whether it is available."""
-    return _for(device) is not None
+    return _KERNEL.on(device) is not None
 
 
 def enabled() -> bool:
@@ -52,7 +43,7 @@ def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: t
     """Whether the kernel is `enabled`, takes this problem (w4a16_mma.problem_fits with N
     a multiple of 128) and is built for x2's GPU."""
     return enabled() and w4a16_mma.problem_fits(x2, data, scale, w_min, group_size, bias, 128) \
-        and _for(x2.device) is not None
+        and _KERNEL.on(x2.device) is not None
 
 
 def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) -> tuple[int, int]:
@@ -103,7 +94,7 @@ def linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: tor
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if splits > 1 else None
     stream = torch.cuda.current_stream(x2.device).cuda_stream
-    err = _for(x2.device).strata_w4a16_wgmma(
+    err = _KERNEL.on(x2.device)(
         w4a16_mma.DTYPE_CODE[x2.dtype], wg, tm, stages, x2.data_ptr(), x2.stride(0), data.data_ptr(),
         scale.data_ptr(), w_min.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         None if part is None else part.data_ptr(), m, n, k, per_split, splits, stream)

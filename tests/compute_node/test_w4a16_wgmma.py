@@ -119,6 +119,22 @@ def test_source_builds_and_exports_its_entry_point(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
+@pytest.mark.skipif(not HAVE_NVCC, reason="needs nvcc")
+def test_launcher_is_typed_and_looked_up_once_per_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_KERNEL_CACHE", str(tmp_path))
+    caps = {0: (9, 0), 1: (8, 0)}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or caps[i])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = w4a16_wgmma._KERNEL
+    launcher = cuda_build.Launcher(kernel.name, kernel.symbol, kernel.argtypes, kernel.arch_for)
+    fn = launcher.on(torch.device("cuda"))
+    assert fn is not None and fn.argtypes == kernel.argtypes and fn.restype is ctypes.c_int
+    assert launcher.on(torch.device("cuda", 0)) is fn and asked == [0]  # looked up once
+    assert launcher.on(torch.device("cuda", 1)) is None  # sm_80: no wgmma
+    assert w4a16_mma._KERNEL.arch_for((8, 6)) == "86" and w4a16_mma._KERNEL.arch_for((7, 5)) is None
+
+
 @pytest.mark.parametrize("mma, wgmma, want", [(None, None, (True, True)), ("0", None, (False, False)),
                                                (None, "0", (True, False)), ("1", "1", (True, True))])
 def test_switches(monkeypatch, mma, wgmma, want):
