@@ -58,6 +58,24 @@ def reference(x, data, scale, w_min, group_size, bias):
     return y if bias is None else y + bias.float()
 
 
+def cuda_problem(m, n, k, dt, has_bias):
+    """A seeded W4A16 problem on CUDA, groups of 64: (x [m, k], data, scale, w_min, bias)."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    dtype = getattr(torch, dt)
+    data, scale, w_min = (t.cuda() for t in quant.quantize(torch.randn(n, k, generator=gen) * 0.05, 4, 64))
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype).cuda() if has_bias else None
+    return x, data, scale, w_min, bias
+
+
+def assert_matches_reference(y, x, data, scale, w_min, bias, dt):
+    """y is x @ W^T + bias in x's dtype and shape [m, n], within TOL[dt] of `reference`."""
+    ref = reference(x, data, scale, w_min, 64, bias)
+    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert err < TOL[dt], err
+
+
 def run_cases(device: str) -> list[dict]:
     """Run CASES with int4_linear on `device`; one result dict per case."""
     results = []

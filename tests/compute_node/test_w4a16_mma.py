@@ -15,7 +15,7 @@ import torch
 from compute_node.kernels import cuda_build, w4a16_mma
 from compute_node.kernels.w4a16 import int4_linear, pick_config
 from strata import quant
-from test_w4a16 import TOL, reference
+from test_w4a16 import TOL, assert_matches_reference, cuda_problem, reference
 
 HAVE_NVCC = cuda_build.nvcc() is not None
 ON_GPU = torch.cuda.is_available() and HAVE_NVCC
@@ -37,19 +37,11 @@ CASES = [
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and nvcc")
 @pytest.mark.parametrize("m, n, k, dt, has_bias, warps, stages, split", CASES)
 def test_kernel_matches_reference(m, n, k, dt, has_bias, warps, stages, split):
-    gen = torch.Generator().manual_seed(m + n + k)
-    dtype = getattr(torch, dt)
-    w = torch.randn(n, k, generator=gen) * 0.05
-    data, scale, w_min = (t.cuda() for t in quant.quantize(w, 4, 64))
-    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype).cuda() if has_bias else None
+    x, data, scale, w_min, bias = cuda_problem(m, n, k, dt, has_bias)
     assert w4a16_mma.supports(x, data, scale, w_min, 64, bias)
     y = w4a16_mma.linear(x, data, scale, w_min, bias, num_sms=132, warps=warps, split=split,
                          stages=stages)
-    ref = reference(x, data, scale, w_min, 64, bias)
-    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-    assert y.dtype == dtype and y.shape == (m, n)
-    assert err < TOL[dt], err
+    assert_matches_reference(y, x, data, scale, w_min, bias, dt)
 
 
 @pytest.mark.gpu
