@@ -2,12 +2,10 @@
 
 On an sm_90 GPU with nvcc: the kernel against strata.quant.dequantize + F.linear over
 dtypes, row counts, its block shapes, ring depths, split-K and bias, directly and through
-int4_linear. Everywhere: the launch shapes and split rule. Where nvcc exists: the source
-builds for sm_90a into a library exporting its entry point."""
+int4_linear. Everywhere: the launch shapes and split rule. The build and the launcher
+lookup: test_cuda_build.py."""
 
 from __future__ import annotations
-
-import ctypes
 
 import pytest
 import torch
@@ -99,32 +97,6 @@ def test_split_rule_weighs_idle_slots_against_partials():
     # large as the weights.
     assert w4a16_wgmma.split_for(112, 14, 132, 256) == (14, 1)
     assert w4a16_wgmma.split_for(1, 1, 132, 256) == (1, 1)
-
-
-@pytest.mark.skipif(not HAVE_NVCC, reason="nvcc is not installed")
-def test_source_builds_and_exports_its_entry_point(tmp_path, monkeypatch):
-    monkeypatch.setenv("STRATA_KERNEL_CACHE", str(tmp_path))
-    path = cuda_build.build("w4a16_wgmma", "90a", cuda_build.nvcc())
-    assert path.parent == tmp_path and path.exists()
-    assert cuda_build.build("w4a16_wgmma", "90a", cuda_build.nvcc()) == path  # built once
-    assert hasattr(ctypes.CDLL(str(path)), "strata_w4a16_wgmma")
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-
-
-@pytest.mark.skipif(not HAVE_NVCC, reason="needs nvcc")
-def test_launcher_is_typed_and_looked_up_once_per_device(tmp_path, monkeypatch):
-    monkeypatch.setenv("STRATA_KERNEL_CACHE", str(tmp_path))
-    caps = {0: (9, 0), 1: (8, 0)}
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or caps[i])
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    kernel = w4a16_wgmma._KERNEL
-    launcher = cuda_build.Launcher(kernel.name, kernel.symbol, kernel.argtypes, kernel.arch_for)
-    fn = launcher.on(torch.device("cuda"))
-    assert fn is not None and fn.argtypes == kernel.argtypes and fn.restype is ctypes.c_int
-    assert launcher.on(torch.device("cuda", 0)) is fn and asked == [0]  # looked up once
-    assert launcher.on(torch.device("cuda", 1)) is None  # sm_80: no wgmma
-    assert w4a16_mma._KERNEL.arch_for((8, 6)) == "86" and w4a16_mma._KERNEL.arch_for((7, 5)) is None
 
 
 @pytest.mark.parametrize("mma, wgmma, want", [(None, None, (True, True)), ("0", None, (False, False)),
