@@ -23,6 +23,7 @@ from strata.placement import resident_layers
 from compute_node.sampling import Sampling
 from compute_node.stops import StopWatch
 from compute_node.tokenizer import TextCodec
+from compute_node.validation import check_generate
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
 from strata.manifest import layer_shard
 from strata.config import ComputeNodeConfig
@@ -74,6 +75,7 @@ class ComputeNode:
             factory = local_kv_factory(self.dtype, self.device, config.kv_bits)
         self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch, config.decode_graphs)
         self.codec = TextCodec(self.host.tokenizer_json)
+        self.model_name = manifest.config.get("_name_or_path") or "strata-model"
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -90,9 +92,14 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
     def Health(self, request, context):
         return common_pb2.HealthResponse(ready=True, service="compute node", detail=str(self.node.device))
 
+    @grpc_method
+    def Stats(self, request, context):
+        return generate_pb2.StatsResponse(values={}, model=self.node.model_name)
+
     @grpc_stream_method
     def Generate(self, request, context):
         node = self.node
+        check_generate(request)
         prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
         s = request.sampling
         sampling = Sampling(

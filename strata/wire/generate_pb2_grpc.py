@@ -46,6 +46,11 @@ class GeneratorStub:
                 request_serializer=strata_dot_wire_dot_generate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=strata_dot_wire_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/strata.wire.Generator/Stats',
+                request_serializer=strata_dot_wire_dot_generate__pb2.StatsRequest.SerializeToString,
+                response_deserializer=strata_dot_wire_dot_generate__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -65,6 +70,14 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """The scheduler's and the engine's counters and gauges (for /metrics), never
+        waiting behind generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=strata_dot_wire_dot_generate__pb2.GenerateRequest.FromString,
                     response_serializer=strata_dot_wire_dot_generate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=strata_dot_wire_dot_generate__pb2.StatsRequest.FromString,
+                    response_serializer=strata_dot_wire_dot_generate__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class Generator:
             '/strata.wire.Generator/Generate',
             strata_dot_wire_dot_generate__pb2.GenerateRequest.SerializeToString,
             strata_dot_wire_dot_generate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.wire.Generator/Stats',
+            strata_dot_wire_dot_generate__pb2.StatsRequest.SerializeToString,
+            strata_dot_wire_dot_generate__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
