@@ -18,6 +18,7 @@ from compute_node.engine import Engine, local_kv_factory, remote_kv_factory
 from compute_node.exchange import Exchange
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from compute_node.layer_weights import LayerWeights
+from compute_node.metrics import Metrics
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
 from strata.placement import resident_layers
 from compute_node.sampling import Sampling
@@ -75,6 +76,7 @@ class ComputeNode:
             factory = local_kv_factory(self.dtype, self.device, config.kv_bits)
         self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch, config.decode_graphs)
         self.codec = TextCodec(self.host.tokenizer_json)
+        self.metrics = Metrics()
         self.model_name = manifest.config.get("_name_or_path") or "strata-model"
         self.lock = threading.Lock()
 
@@ -94,7 +96,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
 
     @grpc_method
     def Stats(self, request, context):
-        return generate_pb2.StatsResponse(values={}, model=self.node.model_name)
+        return generate_pb2.StatsResponse(values=self.node.metrics.snapshot(), model=self.node.model_name)
 
     @grpc_stream_method
     def Generate(self, request, context):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata.wire import common_pb2 as strata_dot_wire_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astrata/wire/generate.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x0e\n\x0cStatsRequest\"\x85\x01\n\rStatsResponse\x12\x36\n\x06values\x18\x01 \x03(\x0b\x32&.strata.wire.StatsResponse.ValuesEntry\x12\r\n\x05model\x18\x02 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"G\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x03ids\x18\x02 \x01(\x0b\x32\x15.strata.wire.TokenIdsH\x00\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"a\n\x0eSamplingParams\x12\x0e\n\x06greedy\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xa1\x01\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.strata.wire.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.strata.wire.SamplingParams\x12\x13\n\x0bstop_at_eos\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\"x\n\x10GenerateResponse\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\r\n\x05texts\x18\x04 \x03(\t\x12)\n\x05stats\x18\x05 \x01(\x0b\x32\x1a.strata.wire.GenerateStats\"\xa6\x01\n\rGenerateStats\x12\x11\n\tprefill_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x04\x12\x16\n\x0epeak_gpu_bytes\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x10\n\x08queued_s\x18\x06 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x07 \x01(\x01\x32\xd9\x01\n\tGenerator\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12I\n\x08Generate\x12\x1c.strata.wire.GenerateRequest\x1a\x1d.strata.wire.GenerateResponse0\x01\x12>\n\x05Stats\x12\x19.strata.wire.StatsRequest\x1a\x1a.strata.wire.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astrata/wire/generate.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x0e\n\x0cStatsRequest\"\x85\x01\n\rStatsResponse\x12\x36\n\x06values\x18\x01 \x03(\x0b\x32&.strata.wire.StatsResponse.ValuesEntry\x12\r\n\x05model\x18\x02 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"G\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x03ids\x18\x02 \x01(\x0b\x32\x15.strata.wire.TokenIdsH\x00\x42\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"a\n\x0eSamplingParams\x12\x0e\n\x06greedy\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xa1\x01\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.strata.wire.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.strata.wire.SamplingParams\x12\x13\n\x0bstop_at_eos\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\xa7\x01\n\x10GenerateResponse\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\r\n\x05texts\x18\x04 \x03(\t\x12)\n\x05stats\x18\x05 \x01(\x0b\x32\x1a.strata.wire.GenerateStats\x12\x16\n\x0e\x66inish_reasons\x18\x06 \x03(\t\x12\x15\n\rprompt_tokens\x18\x07 \x03(\r\"\xa6\x01\n\rGenerateStats\x12\x11\n\tprefill_s\x18\x01 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x02 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x04\x12\x16\n\x0epeak_gpu_bytes\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x10\n\x08queued_s\x18\x06 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x07 \x01(\x01\x32\xd9\x01\n\tGenerator\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12I\n\x08Generate\x12\x1c.strata.wire.GenerateRequest\x1a\x1d.strata.wire.GenerateResponse0\x01\x12>\n\x05Stats\x12\x19.strata.wire.StatsRequest\x1a\x1a.strata.wire.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,10 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=416
   _globals['_GENERATEREQUEST']._serialized_start=419
   _globals['_GENERATEREQUEST']._serialized_end=580
-  _globals['_GENERATERESPONSE']._serialized_start=582
-  _globals['_GENERATERESPONSE']._serialized_end=702
-  _globals['_GENERATESTATS']._serialized_start=705
-  _globals['_GENERATESTATS']._serialized_end=871
-  _globals['_GENERATOR']._serialized_start=874
-  _globals['_GENERATOR']._serialized_end=1091
+  _globals['_GENERATERESPONSE']._serialized_start=583
+  _globals['_GENERATERESPONSE']._serialized_end=750
+  _globals['_GENERATESTATS']._serialized_start=753
+  _globals['_GENERATESTATS']._serialized_end=919
+  _globals['_GENERATOR']._serialized_start=922
+  _globals['_GENERATOR']._serialized_end=1139
 # @@protoc_insertion_point(module_scope)
