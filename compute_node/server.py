@@ -27,6 +27,7 @@ from compute_node.tokenizer import TextCodec
 from compute_node.validation import check_generate
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
 from strata.manifest import layer_shard
+from strata import logs
 from strata.config import ComputeNodeConfig
 from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
 from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
@@ -193,8 +194,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s compute-node %(levelname)s %(message)s")
-    config, transport = parse_args(argv)
+    config, transport = parse_args(logs.setup_from_argv("compute_node", argv))
     try:
         server, node, bound = serve(config, transport)
     except StrataError as e:

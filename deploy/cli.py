@@ -9,6 +9,7 @@ import sys
 import threading
 
 from deploy.plan_cli import KV_BITS_HELP, kv_bits_arg
+from strata import logs
 from strata.errors import StrataError
 
 
@@ -41,7 +42,7 @@ def serve_options(a):
         gpu_weight_share=1.0 if a.gpu_weight_share is None else a.gpu_weight_share,
         micro_batches=a.micro_batches or 1, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * (1 << 30)),
-        decode_graphs=not a.no_decode_graphs,
+        decode_graphs=not a.no_decode_graphs, log_level=a.log_level, log_json=a.log_json,
     )
     return opts if serve_plan.pinned(a) else serve_plan.planned_options(a, opts)
 
@@ -175,6 +176,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--transport", choices=["shm", "bytes"], default="shm",
                    help="weights over shared memory, or as bytes (a store on another host)")
     s.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly (no CUDA graph replay)")
+    logs.add_arguments(s)  # passed on to the three services
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import time
 
 import grpc
 
-from strata import shm
+from strata import logs, shm
 from strata.errors import ErrorKind, StrataError
 from strata.lifetime import PARENT_ENV
 from strata.wire import common_pb2, kv_store_pb2_grpc, weight_store_pb2_grpc
@@ -48,6 +48,8 @@ class ServeOptions:
     group_size: int = 64
     disk_offload: bool = False  # streamed layers read from disk every pass
     host_budget_bytes: int = 0  # weights' host tier + staging slots; 0 = no limit
+    log_level: str = "info"  # each service's --log-level (strata/logs.py)
+    log_json: bool = False  # each service logs one JSON object per line
 
 
 class Services:
@@ -69,6 +71,7 @@ class Services:
     def _spawn(self, name: str, args: list[str], stdout=None) -> None:
         # no preexec_fn: the child asks for its own death signal after exec (strata/lifetime.py)
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        args = [*args, *logs.argv_for(self.opts.log_level, self.opts.log_json)]
         self.procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=stdout, env=env)
 
     def start(self) -> str:

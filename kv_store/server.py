@@ -26,6 +26,7 @@ from kv_store.attention import huge_page_tensor, one_thread, GroupCache, GroupSp
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
+from strata import logs
 from strata.config import KVStoreConfig
 from strata.dataplane import inline_ref, resolve
 from strata.errors import ErrorKind, StrataError, grpc_method
@@ -278,8 +279,7 @@ def parse_args(argv: list[str] | None) -> KVStoreConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then stop, unmap regions and exit 0."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s kv_store %(levelname)s %(message)s")
-    config = parse_args(argv)
+    config = parse_args(logs.setup_from_argv("kv_store", argv))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

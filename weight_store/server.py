@@ -23,7 +23,7 @@ import threading
 
 import grpc
 
-from strata import shm
+from strata import logs, shm
 from strata.config import WeightStoreConfig
 from strata.errors import ErrorKind, StrataError, grpc_method
 from strata.manifest import Manifest, layer_shard
@@ -243,8 +243,7 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. Exit 0 on a clean stop, 2 on a bad model directory or
     manifest, 1 on any other start failure (e.g. a corrupt shard during preload)."""
-    config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="weight_store: %(levelname)s %(message)s")
+    config = parse_args(logs.setup_from_argv("weight_store", argv))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
