@@ -45,7 +45,8 @@ def setup(service: str, level: str = "info", json_lines: bool = False) -> None:
     if level not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service) if json_lines else logging.Formatter(TEXT_FORMAT.format(service=service)))
+    text = logging.Formatter(TEXT_FORMAT.format(service=service))
+    handler.setFormatter(JsonFormatter(service) if json_lines else text)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
