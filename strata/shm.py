@@ -61,7 +61,10 @@ class Region:
         self.size = size
         self._mm = mm
         self.owner = owner
-        self._base = torch.frombuffer(mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        # Through a memoryview: every tensor viewing the region then holds an export of
+        # the mapping, so close() cannot unmap it under them (torch.frombuffer on the
+        # mmap itself holds none, and a view used after close() would read unmapped memory).
+        self._base = torch.frombuffer(memoryview(mm), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
 
     @classmethod
     def create(cls, name: str, size: int) -> "Region":
@@ -123,7 +126,7 @@ class Region:
         try:
             self._mm.close()
         except BufferError:
-            pass  # tensors still view it; the mapping goes with the process
+            pass  # tensors still view it; it is unmapped once they and this object are gone
         if self.owner:
             (SHM_DIR / self.name).unlink(missing_ok=True)
 
