@@ -90,7 +90,7 @@ class Manifest:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
             shards = {s["name"]: _shard_from_dict(s) for s in d["shards"]}
             return cls(d["architecture"], d["config"], shards, d.get("quantization", {}))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: JSON but not an object
             raise StrataError(ErrorKind.DATA_LOSS, f"{where} is not a valid Strata manifest: {e}") from None
 
     def save(self, directory: pathlib.Path) -> None:

@@ -63,7 +63,8 @@ def test_a_shared_memory_ref_is_a_view_writes_land_in_the_region(region, table):
     x = region.tensor(256, torch.float32, (2, 3))
     x.copy_(torch.arange(6.0).reshape(2, 3))
     ref = ref_for(region, 256, x)
-    assert (ref.region, ref.offset, ref.byte_size, ref.dtype, list(ref.shape)) == (region.name, 256, 24, "float32", [2, 3])
+    fields = (ref.region, ref.offset, ref.byte_size, ref.dtype, list(ref.shape))
+    assert fields == (region.name, 256, 24, "float32", [2, 3])
     with resolve(ref, table) as t:
         assert torch.equal(t, x)
         t.mul_(10)  # zero copy: the owner sees it
