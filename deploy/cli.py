@@ -42,7 +42,7 @@ def serve_options(a):
         gpu_weight_share=1.0 if a.gpu_weight_share is None else a.gpu_weight_share,
         micro_batches=a.micro_batches or 1, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * (1 << 30)),
-        decode_graphs=not a.no_decode_graphs, log_level=a.log_level, log_json=a.log_json,
+        decode_graphs=not a.no_decode_graphs, http=a.http, log_level=a.log_level, log_json=a.log_json,
     )
     return opts if serve_plan.pinned(a) else serve_plan.planned_options(a, opts)
 
@@ -60,6 +60,8 @@ def _serve(a) -> int:
         print(f"strata serve: {e}", file=sys.stderr)
         return 1
     print(f"listening on {address}", flush=True)
+    if services.http_address:
+        print(f"HTTP API on http://{services.http_address}", flush=True)
     while not stop.wait(0.5):
         dead = services.dead()
         if dead:
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start weight store, KV store and compute node")
     s.add_argument("model", help="converted model directory")
     add_serve_flags(s)
+    s.add_argument("--http", metavar="HOST:PORT", default="",
+                   help="also serve the OpenAI-compatible HTTP API and /metrics there (a fourth process, gateway/)")
     s.set_defaults(fn=_serve)
 
     g = sub.add_parser("generate", help="generate from a running server")

@@ -48,6 +48,7 @@ class ServeOptions:
     group_size: int = 64
     disk_offload: bool = False  # streamed layers read from disk every pass
     host_budget_bytes: int = 0  # weights' host tier + staging slots; 0 = no limit
+    http: str = ""  # HOST:PORT of the OpenAI-compatible HTTP gateway (a fourth process); "" = none
     log_level: str = "info"  # each service's --log-level (strata/logs.py)
     log_json: bool = False  # each service logs one JSON object per line
 
@@ -59,6 +60,7 @@ class Services:
         self.rundir = tempfile.mkdtemp(prefix=f"strata-{self.session}-")
         self.procs: dict[str, subprocess.Popen] = {}
         self.address = ""
+        self.http_address = ""
 
     @property
     def weight_store_addr(self) -> str:
@@ -93,6 +95,8 @@ class Services:
             if o.kv_offload:
                 self._wait_healthy("KV store", kv_store_pb2_grpc.KVStoreStub, self.kv_store_addr)
             self.address = self._start_compute_node()
+            if o.http:
+                self.http_address = self._start_gateway()
             return self.address
         except BaseException:
             self.stop()
@@ -119,6 +123,19 @@ class Services:
             raise StrataError(ErrorKind.UNAVAILABLE, f"compute node failed to start (exit code {proc.returncode})")
         return line.split(" ", 1)[1]
 
+    def _start_gateway(self) -> str:
+        """The HTTP gateway (gateway/), once the compute node is healthy; it reads the API
+        key from STRATA_API_KEY in its environment."""
+        o = self.opts
+        self._spawn("gateway", ["gateway", "--listen", o.http, "--endpoint", self.address, "--model-dir", o.model_dir],
+                    stdout=subprocess.PIPE)
+        proc = self.procs["gateway"]
+        line = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        if not line.startswith("READY "):
+            proc.wait(timeout=30)
+            raise StrataError(ErrorKind.UNAVAILABLE, f"HTTP gateway failed to start on {o.http} (exit code {proc.returncode})")
+        return line.split(" ", 1)[1]
+
     def _wait_healthy(self, name: str, stub_cls, address: str) -> None:
         deadline = time.monotonic() + self.opts.start_timeout_s
         with grpc.insecure_channel(address) as channel:
@@ -139,8 +156,8 @@ class Services:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Compute node first (it holds the peers' regions), then the stores."""
-        for name in ("compute node", "KV store", "weight store"):
+        """Gateway, compute node (it holds the peers' regions), then the stores."""
+        for name in ("gateway", "compute node", "KV store", "weight store"):
             proc = self.procs.get(name)
             if proc is None:
                 continue

@@ -1,0 +1,9 @@
+import sys
+
+from strata.lifetime import die_with_parent
+
+die_with_parent()
+
+from gateway.server import main  # noqa: E402
+
+sys.exit(main())
