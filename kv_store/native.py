@@ -23,6 +23,7 @@ import threading
 
 import torch
 
+from strata import paths
 from strata.build import compile_once
 
 LOG = logging.getLogger("strata.kv_store")
@@ -33,11 +34,6 @@ FLAGS += os.environ.get("STRATA_KV_CFLAGS", "").split()  # experiments, e.g. -DP
 MAX_HEAD_DIM = 256  # the kernels' stack buffers
 CLAIMS_PER_THREAD = 16  # rows are claimed in chunks of 1/16 of a thread's even share
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cache_dir() -> pathlib.Path:
-    base = os.environ.get("STRATA_CACHE") or pathlib.Path.home() / ".cache" / "strata"
-    return pathlib.Path(base) / "native"
 
 
 def _machine_key() -> str:
@@ -53,7 +49,7 @@ def _machine_key() -> str:
 
 def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
     """The compiled kernel (compiled now, or found from an earlier build), or None."""
-    lib_path = (cache_dir or _cache_dir()) / f"decode_attention-{_machine_key()}.so"
+    lib_path = (cache_dir or paths.cache_dir("native")) / f"decode_attention-{_machine_key()}.so"
     cc = os.environ.get("CC", "cc")
     try:
         lib = ctypes.CDLL(str(compile_once(lib_path, lambda tmp: [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], 120)))

@@ -6,7 +6,7 @@ a build) and need ninja; these kernels take plain pointers and a stream, so a ~5
 call and ctypes do. The CUDA runtime is linked statically, and kernels are launched on
 the stream the caller passes (PyTorch's current stream, CUDA graph capture included).
 
-Where the library goes: $STRATA_KERNEL_CACHE, else ~/.cache/strata/kernels, built once
+Where the library goes: $STRATA_CACHE/kernels (strata/paths.py), built once
 (strata.build.compile_once: processes building at once never load half a file). nvcc
 comes from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin. Without nvcc or on a
 failed build, `load` returns None (logged once) and callers keep their other path.
@@ -25,6 +25,7 @@ import shutil
 import subprocess
 from typing import Callable
 
+from strata import paths
 from strata.build import compile_once
 
 LOG = logging.getLogger("strata.kernels")
@@ -39,10 +40,6 @@ def nvcc() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("STRATA_KERNEL_CACHE") or pathlib.Path.home() / ".cache" / "strata" / "kernels")
-
-
 def library_path(name: str, arch: str, compiler: str) -> pathlib.Path:
     """Where `name`.cu built for `arch` (e.g. "90") by `compiler` lives."""
     h = hashlib.sha256((HERE / f"{name}.cu").read_bytes())
@@ -50,7 +47,7 @@ def library_path(name: str, arch: str, compiler: str) -> pathlib.Path:
         h.update(header.read_bytes())
     h.update(arch.encode())
     h.update(os.path.realpath(compiler).encode())
-    return cache_dir() / f"{name}-sm{arch}-{h.hexdigest()[:16]}.so"
+    return paths.cache_dir("kernels") / f"{name}-sm{arch}-{h.hexdigest()[:16]}.so"
 
 
 def build(name: str, arch: str, compiler: str) -> pathlib.Path:

@@ -19,17 +19,17 @@ HAVE_NVCC = cuda_build.nvcc() is not None
 @pytest.mark.parametrize("name, arch, symbol", [("w4a16_mma", "90", "strata_w4a16_m64"),
                                                 ("w4a16_wgmma", "90a", "strata_w4a16_wgmma")])
 def test_source_builds_and_exports_its_entry_point(tmp_path, monkeypatch, name, arch, symbol):
-    monkeypatch.setenv("STRATA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
     path = cuda_build.build(name, arch, cuda_build.nvcc())
-    assert path.parent == tmp_path and path.exists()
+    assert path.parent == tmp_path / "kernels" and path.exists()
     assert cuda_build.build(name, arch, cuda_build.nvcc()) == path  # built once
     assert hasattr(ctypes.CDLL(str(path)), symbol)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
 @pytest.mark.skipif(not HAVE_NVCC, reason="needs nvcc")
 def test_launcher_is_typed_and_looked_up_once_per_device(tmp_path, monkeypatch):
-    monkeypatch.setenv("STRATA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
     caps = {0: (9, 0), 1: (8, 0)}
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or caps[i])
