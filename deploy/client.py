@@ -6,7 +6,8 @@ import dataclasses
 
 import grpc
 
-from strata.errors import from_rpc_error
+from strata import rpc
+from strata.errors import ErrorKind, StrataError, from_rpc_error
 from strata.wire import generate_pb2, generate_pb2_grpc
 
 OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
@@ -37,11 +38,13 @@ def request_for(prompts: list[str | list[int]], max_new_tokens: int, greedy: boo
 
 
 def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: float | None = None, on_step=None,
-             stop_after: int | None = None) -> Result | None:
+             stop_after: int | None = None, api_key: str = "", tls_ca: str = "") -> Result | None:
     """Runs one Generate call; `on_step(step, tokens)` sees each streamed step.
-    `stop_after`: cancel the call once that many steps have arrived (returns None)."""
+    `stop_after`: cancel the call once that many steps have arrived (returns None).
+    `api_key` is sent as `authorization: Bearer KEY`; `tls_ca` (a PEM file) makes the
+    channel TLS with that root certificate."""
     tokens: list[list[int]] = [[] for _ in request.prompts]
-    with grpc.insecure_channel(endpoint, options=OPTIONS) as channel:
+    with rpc.channel(endpoint, api_key=api_key, tls_ca=tls_ca, options=OPTIONS) as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
         try:
             for resp in stub.Generate(request, timeout=timeout):
@@ -56,5 +59,8 @@ def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: floa
                 if stop_after is not None and resp.step + 1 >= stop_after:
                     return None  # leaving the channel cancels the call
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
+                raise StrataError(ErrorKind.INVALID_ARGUMENT, f"compute node at {endpoint}: the request is larger than "
+                                  f"the server takes (--max-request-bytes): {e.details()}") from None
             raise from_rpc_error(e, f"compute node at {endpoint}") from None
     raise RuntimeError("stream ended without a final response")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 if TYPE_CHECKING:  # grpc is imported where codes are made, so torch-free policy code stays grpc-free
@@ -24,6 +25,7 @@ class ErrorKind(enum.Enum):
     DEADLINE_EXCEEDED = "deadline exceeded"
     FAILED_PRECONDITION = "failed precondition"
     PERMISSION_DENIED = "permission denied"
+    UNAUTHENTICATED = "unauthenticated"
     INTERNAL = "internal"
 
 
@@ -49,6 +51,7 @@ def to_status_code(kind: ErrorKind) -> "grpc.StatusCode":
         ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
         ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
         ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+        ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
         ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
     }[kind]
 
@@ -72,6 +75,18 @@ def invalid(message: str) -> StrataError:
 
 
 F = TypeVar("F", bound=Callable)
+log = logging.getLogger("strata.rpc")
+
+
+def _refuse(fn: Callable, context, e: Exception) -> None:
+    """Ends the call with `e`'s status. A StrataError (the caller's or a peer's fault)
+    is one log line naming the method, the peer and the reason; anything else is a bug,
+    logged with its traceback and sent as INTERNAL."""
+    if isinstance(e, StrataError):
+        log.warning("%s from %s: %s", fn.__name__, context.peer(), e)
+        context.abort(to_status_code(e.kind), e.message)
+    log.exception("%s from %s failed", fn.__name__, context.peer())
+    context.abort(to_status_code(ErrorKind.INTERNAL), f"{type(e).__name__}: {e}")
 
 
 def grpc_method(fn: F) -> F:
@@ -83,10 +98,8 @@ def grpc_method(fn: F) -> F:
     def wrapper(self, request, context):
         try:
             return fn(self, request, context)
-        except StrataError as e:
-            context.abort(to_status_code(e.kind), e.message)
         except Exception as e:  # noqa: BLE001 - the boundary of the service
-            context.abort(to_status_code(ErrorKind.INTERNAL), f"{type(e).__name__}: {e}")
+            _refuse(fn, context, e)
 
     return wrapper  # type: ignore[return-value]
 
@@ -98,9 +111,7 @@ def grpc_stream_method(fn: F) -> F:
     def wrapper(self, request, context):
         try:
             yield from fn(self, request, context)
-        except StrataError as e:
-            context.abort(to_status_code(e.kind), e.message)
         except Exception as e:  # noqa: BLE001
-            context.abort(to_status_code(ErrorKind.INTERNAL), f"{type(e).__name__}: {e}")
+            _refuse(fn, context, e)
 
     return wrapper  # type: ignore[return-value]
