@@ -23,12 +23,13 @@
 #include <string.h>
 
 /* Software prefetch of the bfloat16 rows, PF_TOKENS cached vectors ahead of the loads
- * (0: none, the hardware prefetchers alone). Run 77-78 (16 threads, 80 sequences of 544
- * tokens, one layer): 82-89 GB/s without, 97-102 with 16 vectors ahead into L1
- * (prefetcht0); prefetchnta was slower than none (58-73). Run 81 (8 layers a step, 10
- * GB): 88-93 without, 98-104 with, 107 with the next row's first keys too; 32 or 64
- * vectors ahead, or into L2, no better. -DPF_TOKENS=0 through STRATA_KV_CFLAGS turns
- * it off, for comparison. */
+ * (0: none, the hardware prefetchers alone), with PF_NEXT_ROW also the next row's first
+ * keys. Why: a key or value row is one long stream, and the hardware prefetchers stop
+ * at every 4 KB page boundary of it; 16 vectors (4 KB at head_dim 128) ahead into L1
+ * keeps the loads fed, raising the kernel's read rate 15-20% on the T1 call shape.
+ * Non-temporal prefetch (PF_HINT 0) is slower than none; more vectors ahead, or into
+ * L2, gain nothing (BENCHMARKS.md, "The KV store's bf16 kernel with software
+ * prefetch"). -DPF_TOKENS=0 through STRATA_KV_CFLAGS builds it without, for comparison. */
 #ifndef PF_TOKENS
 #define PF_TOKENS 16
 #endif

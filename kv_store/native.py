@@ -4,10 +4,11 @@ claim (sequence, key/value head) rows a chunk at a time from one shared counter.
 releases the GIL for the call, so the threads run in parallel; no OpenMP runtime is
 involved.
 
-Why not PyTorch's CPU SDPA: on a working set far beyond the L3 cache it read a
-bfloat16 cache at 67-77 GB/s against 85-99 GB/s of DRAM read (bench/attn_sweep.py,
-run 24). Where the compiler is missing or the build fails, `build()` returns None and
-the KV store keeps SDPA."""
+Why not PyTorch's CPU SDPA: it needs an INT8/INT4 cache dequantized into a float copy
+first, while these kernels read the codes in place; on a bfloat16 cache far beyond the
+L3 cache they read at least as fast as SDPA, near DRAM bandwidth with their software
+prefetch (bench/attn_sweep.py; figures in BENCHMARKS.md). Where the compiler is
+missing or the build fails, `build()` returns None and the KV store keeps SDPA."""
 
 from __future__ import annotations
 

@@ -194,12 +194,10 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
         cfg["MMA"] = m <= 64
         # 64-row tiles, 128 output columns, nibbles unpacked by PTX into bf16x2/f16x2 FMAs;
         # 64-column steps split 2 ways, or for a long K (fc2) 128-column steps with two
-        # groups joined into one dot, split to fill a wave. Per-call times at 64 rows on
-        # H100s vary 1.5-3x between hosts and runs (bench/results 2026-11-26-run4[3-9]*);
-        # in run 47 (one process) these took 0.052 / 0.103 / 0.142 / 0.153 ms on OPT-30B's
-        # four shapes against 0.122 / 0.133 / 0.176 / 0.164 for the earlier narrow split-8
-        # tiles. End to end (T2 decode at 64 rows) the step moved ~1 ms: 46.3 -> 45.6 and
-        # 44.8 ms (runs 48, 49).
+        # groups joined into one dot, split to fill a wave. On each of OPT-30B's four
+        # shapes at 64 rows these take 7-57% less time a call than the narrow split-8
+        # tiles below, measured in one process (per-call times vary 1.5-3x between H100
+        # hosts; BENCHMARKS.md, sixth session).
         cfg.update(BLOCK_M=64, BLOCK_N=128, JOIN=True, ASM=True)
         if k < 2 * n:
             return dict(cfg, BLOCK_K=64, SPLIT_K=2, num_warps=8)
@@ -208,8 +206,8 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     wide = block_m < 64
     # Above 32 rows (shapes the table above does not take), narrow tiles split 8 ways
-    # along K: the greedy sweep's best on OPT-30B's shapes at 64 rows before the joined
-    # steps (bench/results/2026-11-26-run26-w4sweep.txt).
+    # along K: among the plain tiles, the best of a greedy sweep on OPT-30B's four shapes
+    # at 64 rows (bench/bench_w4a16.py).
     block_n = 128 if n >= 128 and wide else 64
     block_k = 128 if k % 128 == 0 and wide else 64
     # Fill about one wave of SMs (8 splits above 32 rows); keep at least 4 K steps per split.

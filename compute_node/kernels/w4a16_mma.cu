@@ -1,7 +1,7 @@
 // W4A16 linear at decode sizes, register-fed: Y[M, N] = X[M, K] @ W^T (+ bias), M <= 64.
 //
 // Why not Triton: the Triton kernel (w4a16.py) is bound by shared memory, not DRAM
-// (ncu, bench/results/2026-11-26-run46*): the dequantized weights are written to and
+// (ncu: shared-memory throughput ~76%, DRAM ~23%): the dequantized weights are written to and
 // read back from shared memory to reach the tensor cores. Here they never are: each
 // thread dequantizes exactly the weights of its own mma.sync B fragments in registers.
 //
@@ -26,9 +26,9 @@
 // each writes fp32 partials [split, M, N] that a second kernel sums (plus bias, cast):
 // deterministic, no atomics.
 //
-// Measured limit (ncu, bench/results/2026-11-27-run56*): at 64 rows mma.sync's issue rate
-// binds (64 HMMA among ~410 instructions a group a warp; tensor pipe 41% busy, DRAM 29%).
-// The next step is wgmma, with these dequantized weights as its register A operand.
+// Its limit (ncu): at 64 rows mma.sync's issue rate binds (64 HMMA among ~410
+// instructions a group a warp; the tensor pipe ~41% busy, DRAM ~29%). w4a16_wgmma.cu
+// goes past it on Hopper, with these dequantized weights as wgmma's register A operand.
 #include "w4a16_common.cuh"
 
 namespace {

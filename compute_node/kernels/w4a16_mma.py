@@ -66,9 +66,9 @@ def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: t
 
 # Split-K: about 4.5 blocks per SM, each at least 2 chunks (16 K steps) long, so the
 # pipeline's fill and the partials' write are spread over enough work. On OPT-30B's four
-# shapes at 64 rows (H100, bench/results/2026-11-27-run57-w4mma-grid.jsonl) this picks
-# the best of run 57's 14 (stages, split) pairs on three shapes and one within 10% on the
-# fourth (21504 x 7168: 5 splits 0.113 ms, 2 splits 0.103 ms).
+# shapes at 64 rows (H100) this picks the fastest of a grid of 14 (stages, split) pairs
+# on three shapes and one within 10% of it on the fourth, 21504 x 7168 (5 splits where
+# 2 are best; bench/bench_w4a16.py, BENCHMARKS.md seventh session).
 BLOCKS_PER_SM_TARGET = 4.5
 MIN_CHUNKS_PER_SPLIT = 2
 

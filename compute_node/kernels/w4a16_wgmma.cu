@@ -1,10 +1,10 @@
 // W4A16 linear at decode sizes on Hopper's wgmma: Y[M, N] = X[M, K] @ W^T (+ bias), M <= 64.
 //
-// Why (ncu, bench/results/2026-11-27-run56*): w4a16_mma.cu is bound by mma.sync's issue
-// rate at 64 rows: 64 HMMA among ~410 instructions a group a warp, most of the rest
-// loading X's fragments. Here the product is transposed, Y^T = W X^T, so that the weights
-// are wgmma's A operand, dequantized in registers (as in w4a16_mma.cu), and X^T is its B
-// operand, read by the tensor cores from shared memory with no instruction per fragment.
+// Why (ncu): w4a16_mma.cu is bound by mma.sync's issue rate at 64 rows: 64 HMMA among
+// ~410 instructions a group a warp, most of the rest loading X's fragments. Here the
+// product is transposed, Y^T = W X^T, so that the weights are wgmma's A operand,
+// dequantized in registers (as in w4a16_mma.cu), and X^T is its B operand, read by the
+// tensor cores from shared memory with no instruction per fragment.
 // wgmma is asynchronous: a warpgroup dequantizes group i+1 while group i multiplies.
 //
 // Layout (strata.quant's format, read as stored): W [N, K/2] uint8, even k in the high
@@ -16,10 +16,12 @@
 // which are bytes 8s+t and 8s+t+4 of the row's 32-byte group: every fourth byte, from t.
 // It reads the row's 32 bytes and gathers its 8 with prmt, so the k order is wgmma's own
 // and nothing is reshuffled in memory.
-// Runs 62-66 (bench/cuda/w4_time.cu): staging X through registers cost ~40% of the time,
-// 16-byte cp.async copies of it were slower still (every block reads X from L2); with TMA
-// the four OPT-30B shapes at 64 rows take 0.030 / 0.070 / 0.077 / 0.082 ms (1.0-1.5 TB/s
-// of packed weights; the mma.sync kernel: 0.042 / 0.113 / 0.124 / 0.129).
+//
+// Why TMA for X: every block reads X's tile from L2 each group; staged through registers
+// it cost ~40% of the time, and as many 16-byte cp.async copies it was slower still. One
+// bulk copy a group takes it off the threads: on OPT-30B's four shapes at 64 rows the
+// kernel reads 1.0-1.5 TB/s of packed weights, about 1.4-1.6x the mma.sync kernel's rate
+// (bench/cuda/w4_time.cu; BENCHMARKS.md, eighth session).
 //
 // Block: WG warpgroups, each TM m64 tiles of output columns (BN = 64 * TM * WG), by all 64
 // rows of X (wgmma's n = 64; rows past M are zero-filled). K is walked one group at a
