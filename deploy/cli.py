@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deploy.bench_cli import add_bench_parser  # noqa: PLC0415
 
     add_bench_parser(sub)
+    from deploy.batch import add_batch_parser
+
+    add_batch_parser(sub)
     from deploy.plan_cli import add_plan_parser
     add_plan_parser(sub)
     return p
