@@ -99,6 +99,8 @@ def _generate(a) -> int:
     req = request_for(prompts, a.max_new_tokens, greedy=a.greedy or a.temperature == 0, temperature=a.temperature,
                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)
     try:
+        if len(prompts) == 1 and not a.ids and a.tokenizer:  # one text, printed as it streams
+            return _stream_text(a, prompts[0])
         result = generate(a.endpoint, req, timeout=a.timeout)
     except StrataError as e:
         print(f"strata generate: {e}", file=sys.stderr)
@@ -107,6 +109,20 @@ def _generate(a) -> int:
         print(" ".join(str(t) for t in toks) if a.ids else text.replace("\n", " "))
     return 0
 
+
+
+def _stream_text(a, prompt) -> int:
+    """One prompt's text, decoded here with the model's tokenizer (--tokenizer), printed as it streams."""
+    from strata.client import Client, Retry
+
+    sampling = dict(greedy=a.greedy or a.temperature == 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)
+    with Client(a.endpoint, timeout=a.timeout or None, api_key=getattr(a, "api_key", None) or None,
+                tls_ca=getattr(a, "tls_ca", None) or None, retry=Retry(attempts=1), tokenizer=a.tokenizer) as c:
+        for d in c.stream([prompt], a.max_new_tokens, **sampling):
+            print(d.texts[0].replace("\n", " "), end="", flush=True)
+    print()
+    return 0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="strata", description="Strata: big models on one GPU, fast.")
@@ -138,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ids", action="store_true", help="print generated token ids instead of text")
+    g.add_argument("--tokenizer", default="", metavar="DIR",
+                   help="the model's directory: a single prompt's text is decoded here and printed as it streams")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); not included in the text")
     g.add_argument("--timeout", type=float, default=None)

@@ -97,7 +97,11 @@ def load_tokenizer(source):
     from tokenizers import Tokenizer
 
     path = pathlib.Path(source)
-    return Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    path = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+        raise StrataError(ErrorKind.NOT_FOUND, f"no readable tokenizer at {path}: {e}") from None
 
 
 def build_request(prompts: Sequence[Prompt], max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,

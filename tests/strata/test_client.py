@@ -16,7 +16,7 @@ import tiny_models
 from strata.client import AsyncClient, CallError, Client, Retry, TextStream
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "deploy"))
-from serving import Server  # noqa: E402
+from serving import Server, strata  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250]]
 
@@ -74,6 +74,16 @@ def test_stream_deltas_add_up_to_the_result_and_async_agrees(late_server):
 
     with Client(address, timeout=120) as c:
         assert asyncio.run(run()).tokens == c.generate(PROMPTS, 6, greedy=True, stop_at_eos=False).tokens
+
+
+@pytest.mark.slow
+def test_strata_generate_with_a_tokenizer_prints_the_same_text_as_it_streams(late_server):
+    address, thread, shards = late_server
+    thread.join()
+    args = ["generate", "--endpoint", address, "--prompt", "hello world", "--max-new-tokens", "8", "--greedy"]
+    plain, streamed = strata(*args), strata(*args, "--tokenizer", str(shards))
+    assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout and plain.stdout.strip()
 
 
 def test_the_deadline_ends_retries_with_unavailable():
