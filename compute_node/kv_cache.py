@@ -78,12 +78,32 @@ class _PlainLayers:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k + self.v
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         copy_rows(self.k[layer][:, :, start : start + k.shape[2]], k)
         copy_rows(self.v[layer][:, :, start : start + v.shape[2]], v)
 
     def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    # Slot access (compute_node/slot_kv.py): one row per sequence, each its own length.
+    def write_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A prompt's k, v [1, kv_heads, n, head_dim] into columns [0, n) of `row`."""
+        n = k.shape[2]
+        copy_rows(self.k[layer][row : row + 1, :, :n], k)
+        copy_rows(self.v[layer][row : row + 1, :, :n], v)
+
+    def write_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> None:
+        """One token per listed row: k[r] [kv_heads, 1, head_dim] at column cols[i] of
+        row r = rows[i]."""
+        self.k[layer][rows, :, cols] = k[rows, :, 0]
+        self.v[layer][rows, :, cols] = v[rows, :, 0]
+
+    def read_rows(self, layer: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:rows, :, :n], self.v[layer][:rows, :, :n]
 
 
 class _QuantLayers:
@@ -109,6 +129,9 @@ class _QuantLayers:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for parts in self.k + self.v for t in parts)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for parts in self.k + self.v for t in parts]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for parts, x in ((self.k[layer], k), (self.v[layer], v)):
             end = start + x.shape[2]
@@ -117,6 +140,23 @@ class _QuantLayers:
 
     def read(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._dequantize(self.k[layer], n), self._dequantize(self.v[layer], n)
+
+    # Slot access (compute_node/slot_kv.py): one row per sequence, each its own length.
+    def write_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for parts, x in ((self.k[layer], k), (self.v[layer], v)):
+            n = x.shape[2]
+            for plane, q in zip(parts, self.fmt.quantize(x.permute(2, 0, 1, 3))):
+                plane[:n, row : row + 1] = q
+
+    def write_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> None:
+        for parts, x in ((self.k[layer], k), (self.v[layer], v)):
+            for plane, q in zip(parts, self.fmt.quantize(x[rows].permute(2, 0, 1, 3))):
+                plane[cols, rows] = q[0]
+
+    def read_rows(self, layer: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self._dequantize(tuple(p[:, :rows] for p in self.k[layer]), n),
+                self._dequantize(tuple(p[:, :rows] for p in self.v[layer]), n))
 
     def _dequantize(self, parts, n: int) -> torch.Tensor:
         codes, scale, w_min = (p[:n] for p in parts)

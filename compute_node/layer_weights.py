@@ -226,6 +226,15 @@ class LayerWeights:
         self.top_up()
         return loaded  # type: ignore[return-value]
 
+    def get_pair(self, i: int, prefill_rows: int, decode_rows: int) -> tuple[dict, dict]:
+        """Layer i's weights for a pass that prefills `prefill_rows` tokens at once and
+        decodes `decode_rows`: a resident packed layer in both forms (dequantized for the
+        prefill, fused for decode where it is small enough); any other layer loaded once."""
+        if i in self._resident and self.packed_resident and prefill_rows and decode_rows:
+            return self.get(i, prefill_rows), self.get(i, decode_rows)
+        w = self.get(i, max(prefill_rows, decode_rows))
+        return w, w
+
     def prefetch(self, i: int) -> None:
         """Compatibility with the engine's loop: the ring runs ahead on its own."""
         self.top_up()

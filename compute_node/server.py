@@ -6,33 +6,45 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import torch
 
-from compute_node.engine import Engine, local_kv_factory, remote_kv_factory
 from compute_node.exchange import Exchange
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
+from compute_node.batch import validate
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
 from strata.placement import resident_layers
+from compute_node.model import family_for
+from compute_node.runner import Runner
 from compute_node.sampling import Sampling
+from compute_node.scheduler import Request, Scheduler
+from compute_node.slot_kv import LocalSlots, RemoteSlots, SlotShape
+from compute_node.slots import Limits, default_max_queue, even_groups
 from compute_node.stops import StopWatch
 from compute_node.tokenizer import TextCodec
-from compute_node.validation import check_generate
+from compute_node.validation import RequestLimits, check_generate
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
+from strata.arch import dims_for
 from strata.manifest import layer_shard
-from strata import logs
+from strata import logs, rpc
 from strata.config import ComputeNodeConfig
 from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
 from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger("strata.compute_node")
+SPARE_WORKERS = 32  # gRPC threads beyond the running and waiting calls (health, stats, refusals)
+DEFAULT_MAX_SEQ_LEN = 2048  # tokens a sequence slot holds unless --max-seq-len (and the model's positions) say less
 
 
 def compute_dtype(config: ComputeNodeConfig) -> torch.dtype:
@@ -72,16 +84,51 @@ class ComputeNode:
         self.exchange = None
         if self.kv is not None:
             self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)
-            factory = remote_kv_factory(self.dtype, self.device, self.kv, self.exchange, config.kv_bits)
-        else:
-            factory = local_kv_factory(self.dtype, self.device, config.kv_bits)
-        self.engine = Engine(self.layers, factory, config.micro_batches, config.max_batch, config.decode_graphs)
         self.codec = TextCodec(self.host.tokenizer_json)
         self.metrics = Metrics()
         self.model_name = manifest.config.get("_name_or_path") or "strata-model"
-        self.lock = threading.Lock()
+        self.dims = dims_for(manifest.config)
+        self.batch_limits = self._batch_limits(config)
+        self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
+                                              self.batch_limits.capacity, self.codec.has_tokenizer)
+        self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
+                                              self.batch_limits.capacity, self.codec.has_tokenizer)
+        self.scheduler = Scheduler(self._runner(config), self.batch_limits, self.dims.eos_token_id,
+                                   self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes)
+
+    def _batch_limits(self, config: ComputeNodeConfig) -> Limits:
+        """The running batch: slots in micro-batch groups, tokens per slot, wait queue."""
+        capacity = min(config.max_seq_len or DEFAULT_MAX_SEQ_LEN, self.dims.max_positions)
+        slots = max(1, config.max_batch)
+        return Limits(even_groups(slots, config.micro_batches), capacity, config.max_queue or default_max_queue(slots))
+
+    def _runner(self, config: ComputeNodeConfig) -> Runner:
+        d, family = self.dims, family_for(self.host.manifest.config, self.dims)
+        groups = []
+        for rows in self.batch_limits.groups:
+            shape = SlotShape(d.num_layers, d.num_heads, d.kv_heads, d.head_dim, rows, self.batch_limits.capacity,
+                              family.scale, family.alibi)
+            if self.kv is not None:
+                groups.append(RemoteSlots(shape, self.dtype, self.device, self.kv, self.exchange, config.kv_bits))
+            else:
+                groups.append(LocalSlots(shape, self.dtype, self.device, config.kv_bits))
+        self.kv_groups = groups
+        for home in ("gpu", "kv_store"):
+            used = sum(g.nbytes for g in groups) if (home == "gpu") == (self.kv is None) else 0
+            self.metrics.set(f"kv_bytes_capacity:{home}", used)
+        chunk = config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
+        return Runner(self.layers, family, d.num_layers, groups, chunk)
+
+    def peak_gpu_bytes(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     def close(self) -> None:
+        self.scheduler.stop()
+        for g in getattr(self, "kv_groups", []):
+            try:
+                g.free()
+            except StrataError:
+                pass  # the KV store is gone
         if self.exchange is not None:
             self.exchange.close()
         self.host.close()
@@ -102,65 +149,68 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
     @grpc_stream_method
     def Generate(self, request, context):
         node = self.node
-        check_generate(request)
+        check_generate(request, getattr(node, "limits", None))
         prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
+        validate(prompts, request.max_new_tokens, node.dims, node.batch_limits.slots)
         s = request.sampling
         sampling = Sampling(
             greedy=s.greedy, temperature=s.temperature or 1.0, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed
         )
-        generated: list[list[int]] = [[] for _ in prompts]
         stops = StopWatch(list(request.stop), node.codec.decode, len(prompts))
-        with node.lock:
-            steps = node.engine.generate(prompts, request.max_new_tokens, sampling, request.stop_at_eos)
-            try:
-                for step, tokens in enumerate(steps):
-                    tokens = [-1 if stops.stopped[i] else t for i, t in enumerate(tokens)]
-                    for i, t in enumerate(tokens):
-                        if t >= 0:
-                            generated[i].append(t)
-                            stops.check(i, generated[i])
-                    if not context.is_active():
-                        return
-                    yield generate_pb2.GenerateResponse(step=step, tokens=tokens)
-                    if all(stops.stopped):
-                        break
-            finally:
-                steps.close()  # frees the KV cache now, also when stopped early
-            stats = node.engine.last_stats
-            log.info("generate: %d prompts, %s", len(prompts), {k: round(v, 3) for k, v in stats.items()})
-        peak = torch.cuda.max_memory_allocated(node.device) if node.device.type == "cuda" else 0
-        yield generate_pb2.GenerateResponse(
-            step=len(generated[0]), done=True,
-            texts=[stops.text(g) for g in generated],
-            stats=generate_pb2.GenerateStats(
-                prefill_s=stats.get("prefill_s", 0.0), decode_s=stats.get("decode_s", 0.0),
-                generated_tokens=sum(len(g) for g in generated), peak_gpu_bytes=peak,
-            ),
-        )
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        job = node.scheduler.submit(
+            Request(prompts, request.max_new_tokens, sampling, request.stop_at_eos, stops, deadline))
+        context.add_callback(lambda: node.scheduler.cancel(job))  # at the call's end: a no-op once it is done
+        while True:
+            message = job.outbox.get()
+            if isinstance(message, StrataError):
+                raise message
+            yield message
+            if message.done:
+                log.info("generate: %d prompts, %d tokens, queued %.3f s, first token %.3f s, decode %.3f s",
+                         len(prompts), message.stats.generated_tokens, message.stats.queued_s,
+                         message.stats.first_token_s, message.stats.decode_s)
+                return
 
     def _prompt_ids(self, i: int, prompt) -> list[int]:
+        """Prompt i's token ids; a text is tokenized in bounded memory and refused once
+        it is past --max-prompt-tokens (check_generate has checked its characters)."""
         kind = prompt.WhichOneof("input")
         if kind == "ids":
             return list(prompt.ids.ids)
-        if kind == "text":
-            if not prompt.text:
-                raise invalid(f"prompt {i} is empty")
-            return self.node.codec.encode(prompt.text)
+        if kind == "text" and prompt.text:
+            return self.node.codec.encode(prompt.text, self.node.limits.max_prompt_tokens, what=f"prompt {i}")
         raise invalid(f"prompt {i} is empty")
 
 
 def serve(config: ComputeNodeConfig, transport: str = "shm"):
+    """Builds the node and serves it on `config.listen` (TLS with a certificate; every
+    call needs the API key where one is set) and, for the launcher, on
+    `config.control_listen`. A used address fails before the model is loaded."""
+    rpc.check_free(config.listen)
+    security = rpc.ServerSecurity(config.api_key, config.tls_cert, config.tls_key)
+    credentials = security.credentials()
     node = ComputeNode(config, transport)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
-    generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(node), server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0 and not config.listen.startswith("unix:"):
-        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {config.listen}")
-    server.start()
-    bound = config.listen
-    if not bound.startswith("unix:") and bound.rsplit(":", 1)[-1] == "0":
-        bound = f"{bound.rsplit(':', 1)[0]}:{port}"
-    return server, node, bound
+    try:
+        # a streaming Generate call holds a worker thread while it runs or waits: enough for
+        # every slot and queue place, plus spare ones so health and stats always find one
+        workers = node.batch_limits.slots + node.batch_limits.max_queue + SPARE_WORKERS
+        server = rpc.server(workers, config.max_request_bytes, name="compute_node", public=True,
+                            api_key=config.api_key)
+        generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(node), server)
+        health = grpc_health.HealthServicer()  # grpc.health.v1: the standard check, never behind generation
+        health.set("", health_pb2.HealthCheckResponse.SERVING)
+        health.set("strata.wire.Generator", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = rpc.bind(server, config.listen, credentials)
+        if config.control_listen:
+            rpc.bind(server, config.control_listen)
+        server.start()
+    except BaseException:
+        node.close()
+        raise
+    return server, node, rpc.bound_address(config.listen, port)
 
 
 def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
@@ -181,6 +231,38 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--exchange-bytes", type=int, default=ComputeNodeConfig.exchange_bytes,
                    help="bytes of each exchange half (KV store transfers), registered at start; grows on demand")
     p.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly (no CUDA graph replay)")
+    p.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
+                   help="largest Generate request in bytes (the gRPC receive limit)")
+    p.add_argument("--max-prompt-tokens", type=int, default=0,
+                   help="tokens of one prompt, at most (0 = what a sequence may hold, less one)")
+    p.add_argument("--max-prompt-chars", type=int, default=0,
+                   help="characters of one text prompt, at most (0 = 16 per allowed token)")
+    p.add_argument("--api-key", default=os.environ.get(rpc.API_KEY_ENV, ""),
+                   help=f"every call must carry 'authorization: Bearer KEY' (default ${rpc.API_KEY_ENV}; none = open)")
+    p.add_argument("--tls-cert", default="", help="PEM certificate file: serve --listen over TLS (with --tls-key)")
+    p.add_argument("--tls-key", default="", help="PEM private key file of --tls-cert")
+    p.add_argument("--control-listen", default="",
+                   help="a second address without TLS, for the launcher's health checks (unix:///path)")
+    p.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
+                   help="largest Generate request in bytes (the gRPC receive limit)")
+    p.add_argument("--max-prompt-tokens", type=int, default=0,
+                   help="tokens of one prompt, at most (0 = what a sequence may hold, less one)")
+    p.add_argument("--max-prompt-chars", type=int, default=0,
+                   help="characters of one text prompt, at most (0 = 16 per allowed token)")
+    p.add_argument("--api-key", default=os.environ.get(rpc.API_KEY_ENV, ""),
+                   help=f"every call must carry 'authorization: Bearer KEY' (default ${rpc.API_KEY_ENV}; none = open)")
+    p.add_argument("--tls-cert", default="", help="PEM certificate file: serve --listen over TLS (with --tls-key)")
+    p.add_argument("--tls-key", default="", help="PEM private key file of --tls-cert")
+    p.add_argument("--control-listen", default="",
+                   help="a second address without TLS, for the launcher's health checks (unix:///path)")
+    p.add_argument("--max-batch", type=int, default=ComputeNodeConfig.max_batch,
+                   help="sequences running at once (the scheduler's slots)")
+    p.add_argument("--max-seq-len", type=int, default=0,
+                   help="tokens a sequence slot holds, prompt plus generated (0 = 2048 or the model's positions)")
+    p.add_argument("--max-queue", type=int, default=0,
+                   help="sequences waiting for a slot before calls get RESOURCE_EXHAUSTED (0 = max(64, 8 x max-batch))")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=0,
+                   help="prompt tokens through a layer at once (0 = a micro-batch's slots x max-seq-len)")
     a = p.parse_args(argv)
     if a.kv_offload and not a.kv_store:
         p.error("--kv-offload needs --kv-store")
@@ -188,7 +270,14 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
         listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
         dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, kv_bits=a.kv_bits, exchange_bytes=a.exchange_bytes,
-        decode_graphs=not a.no_decode_graphs,
+        max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
+        max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        control_listen=a.control_listen,
+        max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
+        max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        control_listen=a.control_listen,
+        decode_graphs=not a.no_decode_graphs, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
+        max_queue=a.max_queue, prefill_chunk_tokens=a.prefill_chunk_tokens,
     )
     return cfg, a.transport
 
@@ -198,12 +287,14 @@ def main(argv=None) -> int:
     try:
         server, node, bound = serve(config, transport)
     except StrataError as e:
-        print(f"compute node: {e}", file=sys.stderr, flush=True)
+        log.error("%s", e)
+        print(f"FAILED {e}", flush=True)  # the launcher's line
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"READY {bound}", flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # all else to stderr: stdout was the launcher's pipe
     stop.wait()
     server.stop(grace=2).wait()
     node.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from strata.errors import invalid
+from strata.errors import ErrorKind, StrataError, invalid
 
 CHARS_PER_TOKEN = 16  # a text prompt may have this many characters per allowed token (--max-prompt-chars 0)
 MAX_PROMPTS = 1024  # prompts in one request
@@ -56,6 +56,8 @@ def check_generate(request, limits: RequestLimits | None = None) -> None:
         raise invalid("no prompts given")
     if lim.max_prompts and n > lim.max_prompts:
         raise invalid(f"{n} prompts exceed the limit of {lim.max_prompts} per request")
+    for i, prompt in enumerate(request.prompts):  # first: what a prompt is, then the other fields
+        _check_input(i, prompt, lim)
     new = request.max_new_tokens
     if new < 1:
         raise invalid("max_new_tokens must be at least 1")
@@ -86,18 +88,26 @@ def _check_stops(stops: list[str], lim: RequestLimits) -> None:
         raise invalid("stop sequences need text, and the model has no tokenizer.json")
 
 
+def _check_input(i: int, prompt, lim: RequestLimits) -> None:
+    """A prompt is a text or ids, not empty; a text needs the model's tokenizer. This
+    is checked before any other field, so a request of a text prompt and no new tokens
+    tells a client whether the model has a tokenizer (deploy/client.has_tokenizer)."""
+    kind = prompt.WhichOneof("input")
+    if kind is None or (kind == "text" and not prompt.text) or (kind == "ids" and not prompt.ids.ids):
+        raise invalid(f"prompt {i} is empty")
+    if kind == "text" and not lim.has_tokenizer:
+        raise StrataError(ErrorKind.FAILED_PRECONDITION,
+                          f"prompt {i} is text, and the model has no tokenizer.json: send token ids")
+
+
 def _check_prompt(i: int, prompt, new: int, lim: RequestLimits) -> None:
     kind = prompt.WhichOneof("input")
     if kind == "text":
-        if not prompt.text:
-            raise invalid(f"prompt {i} is empty")
         if lim.max_prompt_chars and len(prompt.text) > lim.max_prompt_chars:
             raise invalid(f"prompt {i} has {len(prompt.text)} characters; the limit is {lim.max_prompt_chars} "
                           "(--max-prompt-chars)")
         return
-    ids = prompt.ids.ids if kind == "ids" else ()
-    if not ids:
-        raise invalid(f"prompt {i} is empty")
+    ids = prompt.ids.ids
     if lim.max_prompt_tokens and len(ids) > lim.max_prompt_tokens:
         raise invalid(f"prompt {i} has {len(ids)} tokens; the limit is {lim.max_prompt_tokens} (--max-prompt-tokens)")
     if lim.vocab:

@@ -185,7 +185,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
         gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30), kv_bits=a.kv_bits,
-        decode_graphs=a.decode_graphs,
+        decode_graphs=a.decode_graphs, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
     )
     services = Services(opts)
     t_start = time.perf_counter()

@@ -2,14 +2,21 @@
 is healthy, and stops them cleanly.
 
 Peers talk over Unix sockets in a private run directory; the compute node listens
-where the user asked. Children get SIGTERM if the launcher dies (strata/lifetime.py),
-and after they stop the launcher removes every shared-memory region of its session,
-so nothing is left in /dev/shm even when a service was killed."""
+where the user asked (and on a Unix socket there, for the launcher's health checks).
+Children get SIGTERM if the launcher dies (strata/lifetime.py), and after they stop
+the launcher removes every shared-memory region of its session, so nothing is left in
+/dev/shm even when a service was killed; a run directory left by a launcher that was
+killed is removed by the next one. While serving, `unresponsive()` names a service
+that has answered no health check for `health_timeout_s` (a hung one, not only a dead
+one). A service's stdout goes to the launcher's stderr: only `strata serve` writes to
+its stdout."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -19,10 +26,10 @@ import time
 
 import grpc
 
-from strata import logs, shm
+from strata import logs, rpc, shm
 from strata.errors import ErrorKind, StrataError
 from strata.lifetime import PARENT_ENV
-from strata.wire import common_pb2, kv_store_pb2_grpc, weight_store_pb2_grpc
+from strata.wire import common_pb2, generate_pb2_grpc, kv_store_pb2_grpc, weight_store_pb2_grpc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,9 @@ class ServeOptions:
     exchange_bytes: int = 64 << 20  # each of the compute node's two exchange halves, registered at start
     gpu_weight_share: float = 1.0
     micro_batches: int = 1
+    max_batch: int = 16  # sequences the compute node runs at once (its scheduler's slots)
+    max_seq_len: int = 0  # tokens a sequence slot holds; 0 = the compute node's default
+    max_queue: int = 0  # sequences waiting for a slot; 0 = the compute node's default
     decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
     dtype: str = ""
     rpc_timeout_s: float = 30.0
@@ -49,6 +59,20 @@ class ServeOptions:
     disk_offload: bool = False  # streamed layers read from disk every pass
     host_budget_bytes: int = 0  # weights' host tier + staging slots; 0 = no limit
     http: str = ""  # HOST:PORT of the OpenAI-compatible HTTP gateway (a fourth process); "" = none
+    max_request_bytes: int = 64 << 20  # the compute node's largest Generate request
+    max_prompt_tokens: int = 0  # 0 = the compute node's default
+    max_prompt_chars: int = 0  # 0 = the compute node's default
+    api_key: str = dataclasses.field(default="", repr=False)  # every call to the compute node needs it ("" = none)
+    tls_cert: str = ""  # PEM files: the compute node serves --listen over TLS
+    tls_key: str = ""
+    health_timeout_s: float = 60.0  # a service that answers no health check this long is hung; 0 = only exits
+    max_request_bytes: int = 64 << 20  # the compute node's largest Generate request
+    max_prompt_tokens: int = 0  # 0 = the compute node's default
+    max_prompt_chars: int = 0  # 0 = the compute node's default
+    api_key: str = dataclasses.field(default="", repr=False)  # every call to the compute node needs it ("" = none)
+    tls_cert: str = ""  # PEM files: the compute node serves --listen over TLS
+    tls_key: str = ""
+    health_timeout_s: float = 60.0  # a service that answers no health check this long is hung; 0 = only exits
     log_level: str = "info"  # each service's --log-level (strata/logs.py)
     log_json: bool = False  # each service logs one JSON object per line
 
@@ -57,7 +81,11 @@ class Services:
     def __init__(self, opts: ServeOptions):
         self.opts = opts
         self.session = shm.new_session_id()
-        self.rundir = tempfile.mkdtemp(prefix=f"strata-{self.session}-")
+        remove_stale_rundirs()
+        self.rundir = tempfile.mkdtemp(prefix=f"{RUNDIR_PREFIX}{os.getpid()}-{self.session}-")
+        self._health: dict[str, tuple[grpc.Channel, object]] = {}
+        self._answered: dict[str, float] = {}
+        self._next_check = 0.0
         self.procs: dict[str, subprocess.Popen] = {}
         self.address = ""
         self.http_address = ""
@@ -70,14 +98,35 @@ class Services:
     def kv_store_addr(self) -> str:
         return f"unix://{self.rundir}/kv_store.sock"
 
+    @property
+    def control_addr(self) -> str:
+        """The compute node's second address: a Unix socket in the run directory, without
+        TLS (every call still needs the API key where one is set)."""
+        return f"unix://{self.rundir}/compute_node.sock"
+
+    @property
+    def control_addr(self) -> str:
+        """The compute node's second address: a Unix socket in the run directory, without
+        TLS (every call still needs the API key where one is set)."""
+        return f"unix://{self.rundir}/compute_node.sock"
+
     def _spawn(self, name: str, args: list[str], stdout=None) -> None:
         # no preexec_fn: the child asks for its own death signal after exec (strata/lifetime.py)
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        env.pop(rpc.API_KEY_ENV, None)
+        if self.opts.api_key:  # by environment, not argv (which every user can list)
+            env[rpc.API_KEY_ENV] = self.opts.api_key
+        stdout = 2 if stdout is None else stdout  # to our stderr: only `strata serve` writes to its stdout
+        env.pop(rpc.API_KEY_ENV, None)
+        if self.opts.api_key:  # by environment, not argv (which every user can list)
+            env[rpc.API_KEY_ENV] = self.opts.api_key
+        stdout = 2 if stdout is None else stdout  # to our stderr: only `strata serve` writes to its stdout
         args = [*args, *logs.argv_for(self.opts.log_level, self.opts.log_json)]
         self.procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=stdout, env=env)
 
     def start(self) -> str:
         o = self.opts
+        rpc.check_free(o.listen)  # before loading anything
         try:
             ws = ["weight_store", "--model", o.model_dir, "--listen", self.weight_store_addr, "--session", self.session,
                   "--gpu-share", str(o.gpu_weight_share), "--host-budget-gb", str(o.host_budget_bytes / 2**30)]
@@ -107,7 +156,8 @@ class Services:
         args = ["compute_node", "--listen", o.listen, "--session", self.session,
                 "--weight-store", self.weight_store_addr, "--device", o.device,
                 "--rpc-timeout", str(o.rpc_timeout_s), "--gpu-weight-share", str(o.gpu_weight_share),
-                "--micro-batches", str(o.micro_batches), "--transport", o.transport]
+                "--micro-batches", str(o.micro_batches), "--transport", o.transport,
+                "--max-batch", str(o.max_batch), "--max-seq-len", str(o.max_seq_len), "--max-queue", str(o.max_queue)]
         if o.dtype:
             args += ["--dtype", o.dtype]
         args += ["--kv-bits", str(o.kv_bits)]
@@ -115,12 +165,17 @@ class Services:
             args.append("--no-decode-graphs")
         if o.kv_offload:
             args += ["--kv-offload", "--kv-store", self.kv_store_addr, "--exchange-bytes", str(o.exchange_bytes)]
+        args += ["--control-listen", self.control_addr, "--max-request-bytes", str(o.max_request_bytes),
+                 "--max-prompt-tokens", str(o.max_prompt_tokens), "--max-prompt-chars", str(o.max_prompt_chars)]
+        if o.tls_cert:
+            args += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
         self._spawn("compute node", args, stdout=subprocess.PIPE)
         proc = self.procs["compute node"]
         line = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
         if not line.startswith("READY "):
             proc.wait(timeout=30)
-            raise StrataError(ErrorKind.UNAVAILABLE, f"compute node failed to start (exit code {proc.returncode})")
+            why = line.removeprefix("FAILED ") if line.startswith("FAILED ") else f"exit code {proc.returncode}"
+            raise StrataError(ErrorKind.UNAVAILABLE, f"compute node failed to start: {why}")
         return line.split(" ", 1)[1]
 
     def _start_gateway(self) -> str:
@@ -155,6 +210,80 @@ class Services:
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
+    def unresponsive(self) -> list[str]:
+        """The services (weight store, KV store, compute node) that have answered no
+        health check for `health_timeout_s`. Asks all at once at most every quarter of it
+        (0.5 to 5 s), each call with that as its deadline; any answer counts, even an
+        error, but not a deadline or an unreachable service."""
+        timeout = self.opts.health_timeout_s
+        now = time.monotonic()
+        if not timeout or now < self._next_check:
+            return []
+        interval = min(5.0, max(0.5, timeout / 4))
+        self._next_check = now + interval
+        if not self._health:
+            self._health = self._health_stubs()
+            self._answered = dict.fromkeys(self._health, now)
+        calls = {name: stub.Health.future(common_pb2.HealthRequest(), timeout=interval)
+                 for name, (_, stub) in self._health.items() if name in self.procs}
+        for name, call in calls.items():
+            try:
+                call.result()
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    continue
+            self._answered[name] = time.monotonic()
+        return [name for name in calls if time.monotonic() - self._answered[name] > timeout]
+
+    def _health_stubs(self) -> dict[str, tuple[grpc.Channel, object]]:
+        stubs = {}
+        for name, address, stub_cls, key in (
+            ("weight store", self.weight_store_addr, weight_store_pb2_grpc.WeightStoreStub, ""),
+            ("KV store", self.kv_store_addr, kv_store_pb2_grpc.KVStoreStub, ""),
+            ("compute node", self.control_addr, generate_pb2_grpc.GeneratorStub, self.opts.api_key),
+        ):
+            if name in self.procs:
+                channel = rpc.channel(address, api_key=key)
+                stubs[name] = (channel, stub_cls(channel))
+        return stubs
+
+    def unresponsive(self) -> list[str]:
+        """The services (weight store, KV store, compute node) that have answered no
+        health check for `health_timeout_s`. Asks all at once at most every quarter of it
+        (0.5 to 5 s), each call with that as its deadline; any answer counts, even an
+        error, but not a deadline or an unreachable service."""
+        timeout = self.opts.health_timeout_s
+        now = time.monotonic()
+        if not timeout or now < self._next_check:
+            return []
+        interval = min(5.0, max(0.5, timeout / 4))
+        self._next_check = now + interval
+        if not self._health:
+            self._health = self._health_stubs()
+            self._answered = dict.fromkeys(self._health, now)
+        calls = {name: stub.Health.future(common_pb2.HealthRequest(), timeout=interval)
+                 for name, (_, stub) in self._health.items() if name in self.procs}
+        for name, call in calls.items():
+            try:
+                call.result()
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    continue
+            self._answered[name] = time.monotonic()
+        return [name for name in calls if time.monotonic() - self._answered[name] > timeout]
+
+    def _health_stubs(self) -> dict[str, tuple[grpc.Channel, object]]:
+        stubs = {}
+        for name, address, stub_cls, key in (
+            ("weight store", self.weight_store_addr, weight_store_pb2_grpc.WeightStoreStub, ""),
+            ("KV store", self.kv_store_addr, kv_store_pb2_grpc.KVStoreStub, ""),
+            ("compute node", self.control_addr, generate_pb2_grpc.GeneratorStub, self.opts.api_key),
+        ):
+            if name in self.procs:
+                channel = rpc.channel(address, api_key=key)
+                stubs[name] = (channel, stub_cls(channel))
+        return stubs
+
     def stop(self, timeout: float = 15.0) -> None:
         """Gateway, compute node (it holds the peers' regions), then the stores."""
         for name in ("gateway", "compute node", "KV store", "weight store"):
@@ -163,6 +292,7 @@ class Services:
                 continue
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) service acts on it too
                 try:
                     proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -170,5 +300,69 @@ class Services:
                     proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+        for channel, _ in self._health.values():
+            channel.close()
+        self._health = {}
+        for channel, _ in self._health.values():
+            channel.close()
+        self._health = {}
         shm.sweep(self.session)
         shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+RUNDIR_PREFIX = "strata-run-"  # + the launcher's pid + "-" + its session + "-" + a random suffix
+
+
+def remove_stale_rundirs(parent: str | None = None) -> list[str]:
+    """Removes the run directories (ours, under `parent`, default the temporary
+    directory) whose launcher is gone, e.g. killed with SIGKILL; returns them."""
+    removed = []
+    for path in pathlib.Path(parent or tempfile.gettempdir()).glob(f"{RUNDIR_PREFIX}*"):
+        try:
+            pid = int(path.name[len(RUNDIR_PREFIX):].split("-", 1)[0])
+            mine = path.is_dir() and path.stat().st_uid == os.getuid()
+        except (ValueError, OSError):
+            continue
+        if mine and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as e:
+        return e.errno == errno.EPERM  # someone else's process
+    return True
+
+
+RUNDIR_PREFIX = "strata-run-"  # + the launcher's pid + "-" + its session + "-" + a random suffix
+
+
+def remove_stale_rundirs(parent: str | None = None) -> list[str]:
+    """Removes the run directories (ours, under `parent`, default the temporary
+    directory) whose launcher is gone, e.g. killed with SIGKILL; returns them."""
+    removed = []
+    for path in pathlib.Path(parent or tempfile.gettempdir()).glob(f"{RUNDIR_PREFIX}*"):
+        try:
+            pid = int(path.name[len(RUNDIR_PREFIX):].split("-", 1)[0])
+            mine = path.is_dir() and path.stat().st_uid == os.getuid()
+        except (ValueError, OSError):
+            continue
+        if mine and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as e:
+        return e.errno == errno.EPERM  # someone else's process
+    return True

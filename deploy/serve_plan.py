@@ -48,5 +48,6 @@ def planned_options(a, opts):
         raise StrataError(ErrorKind.FAILED_PRECONDITION, "the plan keeps layers on disk; that needs --transport shm")
     return dataclasses.replace(
         opts, gpu_weight_share=pl.gpu_weight_share, kv_offload=pl.kv_on_host, kv_bits=pl.kv_bits,
-        micro_batches=pl.micro_batches,
+        micro_batches=pl.micro_batches, max_batch=a.max_batch or pl.batch_size,
+        max_seq_len=a.max_seq_len or a.plan_prompt_len + a.plan_gen_len,
         kv_capacity_bytes=max(kv_bytes, opts.kv_capacity_bytes), host_budget_bytes=budget)

@@ -175,6 +175,105 @@ class GroupCache:
         gqa = self.spec.kv_heads != self.spec.num_heads
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale, enable_gqa=gqa)
 
+    # Slots (compute_node/slot_kv.py): each row one sequence with its own length, told
+    # by the caller; the layer's shared length is not used.
+    def append_rows(self, layer: int, rows: list[int], lengths: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prompts packed along the token axis, k, v [1, heads, sum(lengths), head_dim]:
+        row rows[i] gets lengths[i] tokens at columns [0, lengths[i])."""
+        self._check_layer(layer)
+        self._check_rows(rows, lengths, k, v)
+        a = 0
+        for r, n in zip(rows, lengths):
+            self._store_row(layer, r, k[:, :, a : a + n], v[:, :, a : a + n])
+            a += n
+
+    def attend_at(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                  positions: list[int], idle: list[int] = ()) -> torch.Tensor:
+        """Rows 0..n-1 (n = len(positions)): row r's new key and value at column
+        positions[r], then its attention over columns [0, positions[r]]. Rows in `idle`
+        store nothing and attend over column 0 (their position must be 0)."""
+        self._check_layer(layer)
+        n = self._check_positions(positions)
+        self._check_slot_step(q, k_new, v_new, n)
+        idle_set = set(idle)
+        if any(r >= n or positions[r] != 0 for r in idle_set):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"idle rows {sorted(idle_set)} must be rows at position 0")
+        active = [r for r in range(n) if r not in idle_set]
+        rows = torch.tensor(active, dtype=torch.long)
+        cols = torch.tensor([positions[r] for r in active], dtype=torch.long)
+        with one_thread(self.native is not None):
+            self._store_columns(layer, rows, cols, k_new, v_new)
+        return self._attend_rows(layer, q, max(positions) + 1, self._slot_mask(positions))
+
+    def _store_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        self.keys[layer][row : row + 1, :, :n].copy_(k)
+        self.values[layer][row : row + 1, :, :n].copy_(v)
+
+    def _store_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> None:
+        self.keys[layer][rows, :, cols] = k[rows, :, 0]
+        self.values[layer][rows, :, cols] = v[rows, :, 0]
+
+    def _attend_rows(self, layer: int, q: torch.Tensor, length: int, mask: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        keys = self.keys[layer][:n, :, :length]
+        values = self.values[layer][:n, :, :length]
+        if self.native is not None and self.native.supports(q, keys):
+            return self.native(q, keys, values, mask, self.spec.scale)
+        gqa = self.spec.kv_heads != self.spec.num_heads
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale, enable_gqa=gqa)
+
+    def _slot_mask(self, positions: list[int]) -> torch.Tensor:
+        """[n, heads or 1, 1, max + 1] float32: -inf past each row's position, plus
+        ALiBi. Every layer of a step has the same positions: built once a step."""
+        key = tuple(positions)
+        cached = getattr(self, "_slot_masks", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        length = max(positions) + 1
+        j = torch.arange(length, dtype=torch.float32).view(1, 1, 1, -1)
+        pos = torch.tensor(positions, dtype=torch.float32).view(-1, 1, 1, 1)
+        mask = torch.zeros(len(positions), 1, 1, length).masked_fill_(j > pos, float("-inf"))
+        if self.spec.alibi:
+            mask = mask + alibi_slopes(self.spec.num_heads).view(1, -1, 1, 1) * j
+        mask = mask.contiguous()
+        self._slot_masks = (key, mask)
+        return mask
+
+    def _check_rows(self, rows: list[int], lengths: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        s = self.spec
+        if len(rows) != len(lengths) or not rows:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{len(rows)} rows for {len(lengths)} lengths")
+        if any(r >= s.batch for r in rows) or len(set(rows)) != len(rows):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"rows {list(rows)} are not distinct rows of [0, {s.batch})")
+        if any(n < 1 or n > s.max_tokens for n in lengths):
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"lengths {list(lengths)} outside [1, {s.max_tokens}]")
+        for t, what in ((k, "key"), (v, "value")):
+            want = (1, s.kv_heads, sum(lengths), s.head_dim)
+            if tuple(t.shape) != want:
+                raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{what} has shape {list(t.shape)}, expected {list(want)}")
+            if t.dtype != s.dtype:
+                raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{what} has dtype {t.dtype}, the cache holds {s.dtype}")
+
+    def _check_positions(self, positions: list[int]) -> int:
+        n = len(positions)
+        if not 0 < n <= self.spec.batch:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{n} positions for a group of {self.spec.batch} rows")
+        if max(positions) >= self.spec.max_tokens:
+            raise StrataError(ErrorKind.RESOURCE_EXHAUSTED,
+                              f"position {max(positions)} is past the {self.spec.max_tokens} tokens a row holds")
+        return n
+
+    def _check_slot_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        s = self.spec
+        for t, what, heads in ((q, "query", s.num_heads), (k, "key", s.kv_heads), (v, "value", s.kv_heads)):
+            if tuple(t.shape) != (n, heads, 1, s.head_dim):
+                raise StrataError(ErrorKind.INVALID_ARGUMENT,
+                                  f"{what} has shape {list(t.shape)}, expected {[n, heads, 1, s.head_dim]}")
+            if t.dtype != s.dtype:
+                raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{what} has dtype {t.dtype}, the cache holds {s.dtype}")
+
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.num_layers:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"layer {layer} outside [0, {self.spec.num_layers})")

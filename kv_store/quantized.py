@@ -54,22 +54,24 @@ class QuantizedGroupCache(GroupCache):
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.codes, self.scale, self.min))
 
-    def _store(self, which: int, layer: int, start: int, x: torch.Tensor) -> None:
-        sl = (which, layer, slice(None), slice(None), slice(start, start + x.shape[2]))
+    def _store(self, which: int, layer: int, start: int, x: torch.Tensor, rows: slice = slice(None)) -> None:
+        sl = (which, layer, rows, slice(None), slice(start, start + x.shape[2]))
         if self.native is not None and self.native.quantize(x, self.codes[sl], self.scale[sl], self.min[sl],
                                                             self.fmt.bits, self.fmt.group):
             return  # in place, on the kernel's threads (PyTorch's ops took 116 s for a T1 prompt, run 28)
         self.codes[sl], self.scale[sl], self.min[sl] = self.fmt.quantize(x)
 
-    def _load(self, which: int, layer: int, a: int, z: int) -> torch.Tensor:
-        """Tokens [a, z), z - a <= CHUNK, dequantized to float32 [b, h, z - a, head_dim]:
-        a view of the group's chunk buffer, valid until the next `_load`."""
+    def _load(self, which: int, layer: int, a: int, z: int, rows: int | None = None) -> torch.Tensor:
+        """Tokens [a, z), z - a <= CHUNK, of the first `rows` rows (default all),
+        dequantized to float32 [rows, h, z - a, head_dim]: a view of the group's chunk
+        buffer, valid until the next `_load`."""
         if self._chunk_buffers is None:
             b, h, d = self.spec.batch, self.spec.kv_heads, self.spec.head_dim
             nibbles = torch.empty(b, h, CHUNK, self.fmt.code_width, dtype=torch.uint8)
             self._chunk_buffers = (torch.empty(b, h, CHUNK, d), nibbles)
-        out, nibbles = (buf[:, :, : z - a] for buf in self._chunk_buffers)
-        sl = (which, layer, slice(None), slice(None), slice(a, z))
+        rows = self.spec.batch if rows is None else rows
+        out, nibbles = (buf[:rows, :, : z - a] for buf in self._chunk_buffers)
+        sl = (which, layer, slice(0, rows), slice(None), slice(a, z))
         return self.fmt.dequantize_into(self.codes[sl], self.scale[sl], self.min[sl], out, nibbles)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -89,16 +91,33 @@ class QuantizedGroupCache(GroupCache):
         with one_thread(self.native is not None):
             length = self.append(layer, k_new, v_new)
         mask = None if self.mask is None else self.mask[..., :length]
+        return self._attend_rows(layer, q, length, mask)
+
+    def _store_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._store(0, layer, 0, k, slice(row, row + 1))
+        self._store(1, layer, 0, v, slice(row, row + 1))
+
+    def _store_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> None:
+        for r, c in zip(rows.tolist(), cols.tolist()):  # one vector a row: few, at decode
+            self._store(0, layer, c, k[r : r + 1], slice(r, r + 1))
+            self._store(1, layer, c, v[r : r + 1], slice(r, r + 1))
+
+    def _attend_rows(self, layer: int, q: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q's rows (the group's first q.shape[0]) over their first
+        `length` tokens."""
+        n = q.shape[0]
         if self.native is not None and self.native.supports(q, self.codes[0, layer], self.fmt.group, self.fmt.bits):
-            parts = [tuple(x[which, layer, :, :, :length] for x in (self.codes, self.scale, self.min)) for which in (0, 1)]
+            parts = [tuple(x[which, layer, :n, :, :length] for x in (self.codes, self.scale, self.min))
+                     for which in (0, 1)]
             return self.native.quantized(q, parts[0], parts[1], mask, self.spec.scale, self.fmt.bits, self.fmt.group)
         b, hq, _, d = q.shape
         hk = self.spec.kv_heads
         qg = q.float().view(b, hk, hq // hk, d) * self.spec.scale
         chunks = [(a, min(a + CHUNK, length)) for a in range(0, length, CHUNK)]
-        scores = torch.cat([qg @ self._load(0, layer, a, z).transpose(-1, -2) for a, z in chunks], dim=-1)
+        scores = torch.cat([qg @ self._load(0, layer, a, z, n).transpose(-1, -2) for a, z in chunks], dim=-1)
         if mask is not None:
             scores = scores + (mask.view(b, hk, hq // hk, length) if mask.shape[1] == hq else mask)
         p = torch.softmax(scores, dim=-1)
-        out = sum(p[..., a:z] @ self._load(1, layer, a, z) for a, z in chunks)
+        out = sum(p[..., a:z] @ self._load(1, layer, a, z, n) for a, z in chunks)
         return out.view(b, hq, 1, d).to(q.dtype)

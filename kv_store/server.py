@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import torch
@@ -26,7 +25,7 @@ from kv_store.attention import huge_page_tensor, one_thread, GroupCache, GroupSp
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
-from strata import logs
+from strata import logs, rpc
 from strata.config import KVStoreConfig
 from strata.dataplane import inline_ref, resolve
 from strata.errors import ErrorKind, StrataError, grpc_method
@@ -178,7 +177,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         group = self._group(request.group)
         with group.lock, resolve(request.key, self.regions) as k, resolve(request.value, self.regions) as v:
             t0 = time.perf_counter()
-            length = self._cpu.submit(group.cache.append, request.layer, k, v).result()
+            if request.rows:  # prompts of slots joining the group's running batch
+                rows, lengths = list(request.rows), list(request.lengths)
+                self._cpu.submit(group.cache.append_rows, request.layer, rows, lengths, k, v).result()
+                length = max(lengths)
+            else:
+                length = self._cpu.submit(group.cache.append, request.layer, k, v).result()
             group.timing["append_s"] += time.perf_counter() - t0
         return kv_store_pb2.AppendResponse(length=length)
 
@@ -189,26 +193,29 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             q, k, v = (refs.enter_context(resolve(r, self.regions)) for r in (request.query, request.key, request.value))
             dst = refs.enter_context(resolve(request.output, self.regions)) if request.output.region else None
             t0 = time.perf_counter()
-            out, compute_s = self._cpu.submit(self._attend, group.cache, request.layer, q, k, v, dst).result()
+            positions = list(request.positions) or None
+            slots = None if positions is None else (positions, list(request.idle_rows))
+            out, compute_s = self._cpu.submit(self._attend, group.cache, request.layer, q, k, v, dst,
+                                              slots).result()
             t1 = time.perf_counter()
             t = group.timing
             t["attend_s"] += t1 - t0
             t["compute_s"] += compute_s
             t["attends"] += 1
             t["span"] = (t["span"][0] if t["span"] else t1, t1)
-            length = group.cache.lengths[request.layer]
+            length = max(positions) + 1 if positions else group.cache.lengths[request.layer]
         if dst is None:
             return kv_store_pb2.AttendResponse(output=inline_ref(out), length=length)
         return kv_store_pb2.AttendResponse(output=request.output, length=length)
 
     @staticmethod
-    def _attend(cache: GroupCache, layer: int, q, k, v, dst) -> tuple[torch.Tensor, float]:
+    def _attend(cache: GroupCache, layer: int, q, k, v, dst, slots=None) -> tuple[torch.Tensor, float]:
         """On the compute thread: attention, then its copy into the caller's output
         region on this thread alone (an OpenMP team started for the copy would keep
         spinning on the cores the next call's kernel threads use). Returns the output
         and the seconds this took."""
         t0 = time.perf_counter()
-        out = cache.attend(layer, q, k, v)
+        out = cache.attend(layer, q, k, v) if slots is None else cache.attend_at(layer, q, k, v, *slots)
         if dst is not None:
             if dst.shape != out.shape or dst.dtype != out.dtype:
                 raise StrataError(
@@ -245,20 +252,9 @@ def serve(config: KVStoreConfig, servicer: KVStoreServicer | None = None) -> grp
     """Start a server on `config.listen` ("unix:///path" or "host:port")."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv_store"),
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+    server = rpc.server(16, MAX_MESSAGE_BYTES, name="kv_store")  # a used address is refused, not shared
     kv_store_pb2_grpc.add_KVStoreServicer_to_server(servicer or KVStoreServicer(config), server)
-    try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as e:
-        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {config.listen!r}: {e}") from None
-    if port == 0:
-        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {config.listen!r}")
+    rpc.bind(server, config.listen)
     server.start()
     return server
 
@@ -290,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("%s", e)
         return 1
     native = servicer.native
-    LOG.info("listening on %s (%d bytes, %d threads, %s attention)", config.listen, config.capacity_bytes,
+    LOG.info("serving on %s (%d bytes, %d threads, %s attention)", config.listen, config.capacity_bytes,
              native.threads if native is not None else torch.get_num_threads(), "native" if native else "SDPA")
     while not stop.wait(1.0):
         pass

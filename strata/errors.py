@@ -27,6 +27,7 @@ class ErrorKind(enum.Enum):
     PERMISSION_DENIED = "permission denied"
     UNAUTHENTICATED = "unauthenticated"
     INTERNAL = "internal"
+    CANCELLED = "cancelled"
 
 
 class StrataError(Exception):
@@ -53,6 +54,7 @@ def to_status_code(kind: ErrorKind) -> "grpc.StatusCode":
         ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
         ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
         ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+        ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
     }[kind]
 
 

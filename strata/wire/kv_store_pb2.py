@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from strata.wire import common_pb2 as strata_dot_wire_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astrata/wire/kv_store.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x97\x02\n\x0f\x41llocateRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x11\n\tnum_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\r\n\x05scale\x18\x08 \x01(\x02\x12\x30\n\rposition_bias\x18\t \x01(\x0e\x32\x19.strata.wire.PositionBias\x12\x0b\n\x03pad\x18\n \x03(\r\x12\x14\n\x0cnum_kv_heads\x18\x0b \x01(\r\x12\x0f\n\x07kv_bits\x18\x0c \x01(\r\x12\x15\n\rkv_group_size\x18\r \x01(\r\">\n\x10\x41llocateResponse\x12\x16\n\x0e\x62ytes_reserved\x18\x01 \x01(\x04\x12\x12\n\nbytes_free\x18\x02 \x01(\x04\"y\n\rAppendRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12#\n\x03key\x18\x03 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12%\n\x05value\x18\x04 \x01(\x0b\x32\x16.strata.wire.TensorRef\" \n\x0e\x41ppendResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"\xc8\x01\n\rAttendRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12%\n\x05query\x18\x03 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12#\n\x03key\x18\x04 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12%\n\x05value\x18\x05 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12&\n\x06output\x18\x06 \x01(\x0b\x32\x16.strata.wire.TensorRef\"H\n\x0e\x41ttendResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12\x0e\n\x06length\x18\x02 \x01(\r\"\x1c\n\x0b\x46reeRequest\x12\r\n\x05group\x18\x01 \x01(\t\"\"\n\x0c\x46reeResponse\x12\x12\n\nbytes_free\x18\x01 \x01(\x04*?\n\x0cPositionBias\x12\x16\n\x12POSITION_BIAS_NONE\x10\x00\x12\x17\n\x13POSITION_BIAS_ALIBI\x10\x01\x32\x94\x04\n\x07KVStore\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12Y\n\x0eRegisterRegion\x12\".strata.wire.RegisterRegionRequest\x1a#.strata.wire.RegisterRegionResponse\x12_\n\x10UnregisterRegion\x12$.strata.wire.UnregisterRegionRequest\x1a%.strata.wire.UnregisterRegionResponse\x12G\n\x08\x41llocate\x12\x1c.strata.wire.AllocateRequest\x1a\x1d.strata.wire.AllocateResponse\x12\x41\n\x06\x41ppend\x12\x1a.strata.wire.AppendRequest\x1a\x1b.strata.wire.AppendResponse\x12\x41\n\x06\x41ttend\x12\x1a.strata.wire.AttendRequest\x1a\x1b.strata.wire.AttendResponse\x12;\n\x04\x46ree\x12\x18.strata.wire.FreeRequest\x1a\x19.strata.wire.FreeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astrata/wire/kv_store.proto\x12\x0bstrata.wire\x1a\x18strata/wire/common.proto\"\x97\x02\n\x0f\x41llocateRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x11\n\tnum_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\r\n\x05scale\x18\x08 \x01(\x02\x12\x30\n\rposition_bias\x18\t \x01(\x0e\x32\x19.strata.wire.PositionBias\x12\x0b\n\x03pad\x18\n \x03(\r\x12\x14\n\x0cnum_kv_heads\x18\x0b \x01(\r\x12\x0f\n\x07kv_bits\x18\x0c \x01(\r\x12\x15\n\rkv_group_size\x18\r \x01(\r\">\n\x10\x41llocateResponse\x12\x16\n\x0e\x62ytes_reserved\x18\x01 \x01(\x04\x12\x12\n\nbytes_free\x18\x02 \x01(\x04\"\x98\x01\n\rAppendRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12#\n\x03key\x18\x03 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12%\n\x05value\x18\x04 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12\x0c\n\x04rows\x18\x05 \x03(\r\x12\x0f\n\x07lengths\x18\x06 \x03(\r\" \n\x0e\x41ppendResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"\xee\x01\n\rAttendRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12%\n\x05query\x18\x03 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12#\n\x03key\x18\x04 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12%\n\x05value\x18\x05 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12&\n\x06output\x18\x06 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12\x11\n\tpositions\x18\x07 \x03(\r\x12\x11\n\tidle_rows\x18\x08 \x03(\r\"H\n\x0e\x41ttendResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.strata.wire.TensorRef\x12\x0e\n\x06length\x18\x02 \x01(\r\"\x1c\n\x0b\x46reeRequest\x12\r\n\x05group\x18\x01 \x01(\t\"\"\n\x0c\x46reeResponse\x12\x12\n\nbytes_free\x18\x01 \x01(\x04*?\n\x0cPositionBias\x12\x16\n\x12POSITION_BIAS_NONE\x10\x00\x12\x17\n\x13POSITION_BIAS_ALIBI\x10\x01\x32\x94\x04\n\x07KVStore\x12\x41\n\x06Health\x12\x1a.strata.wire.HealthRequest\x1a\x1b.strata.wire.HealthResponse\x12Y\n\x0eRegisterRegion\x12\".strata.wire.RegisterRegionRequest\x1a#.strata.wire.RegisterRegionResponse\x12_\n\x10UnregisterRegion\x12$.strata.wire.UnregisterRegionRequest\x1a%.strata.wire.UnregisterRegionResponse\x12G\n\x08\x41llocate\x12\x1c.strata.wire.AllocateRequest\x1a\x1d.strata.wire.AllocateResponse\x12\x41\n\x06\x41ppend\x12\x1a.strata.wire.AppendRequest\x1a\x1b.strata.wire.AppendResponse\x12\x41\n\x06\x41ttend\x12\x1a.strata.wire.AttendRequest\x1a\x1b.strata.wire.AttendResponse\x12;\n\x04\x46ree\x12\x18.strata.wire.FreeRequest\x1a\x19.strata.wire.FreeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.wire.kv_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POSITIONBIAS']._serialized_start=915
-  _globals['_POSITIONBIAS']._serialized_end=978
+  _globals['_POSITIONBIAS']._serialized_start=985
+  _globals['_POSITIONBIAS']._serialized_end=1048
   _globals['_ALLOCATEREQUEST']._serialized_start=70
   _globals['_ALLOCATEREQUEST']._serialized_end=349
   _globals['_ALLOCATERESPONSE']._serialized_start=351
   _globals['_ALLOCATERESPONSE']._serialized_end=413
-  _globals['_APPENDREQUEST']._serialized_start=415
-  _globals['_APPENDREQUEST']._serialized_end=536
-  _globals['_APPENDRESPONSE']._serialized_start=538
-  _globals['_APPENDRESPONSE']._serialized_end=570
-  _globals['_ATTENDREQUEST']._serialized_start=573
-  _globals['_ATTENDREQUEST']._serialized_end=773
-  _globals['_ATTENDRESPONSE']._serialized_start=775
-  _globals['_ATTENDRESPONSE']._serialized_end=847
-  _globals['_FREEREQUEST']._serialized_start=849
-  _globals['_FREEREQUEST']._serialized_end=877
-  _globals['_FREERESPONSE']._serialized_start=879
-  _globals['_FREERESPONSE']._serialized_end=913
-  _globals['_KVSTORE']._serialized_start=981
-  _globals['_KVSTORE']._serialized_end=1513
+  _globals['_APPENDREQUEST']._serialized_start=416
+  _globals['_APPENDREQUEST']._serialized_end=568
+  _globals['_APPENDRESPONSE']._serialized_start=570
+  _globals['_APPENDRESPONSE']._serialized_end=602
+  _globals['_ATTENDREQUEST']._serialized_start=605
+  _globals['_ATTENDREQUEST']._serialized_end=843
+  _globals['_ATTENDRESPONSE']._serialized_start=845
+  _globals['_ATTENDRESPONSE']._serialized_end=917
+  _globals['_FREEREQUEST']._serialized_start=919
+  _globals['_FREEREQUEST']._serialized_end=947
+  _globals['_FREERESPONSE']._serialized_start=949
+  _globals['_FREERESPONSE']._serialized_end=983
+  _globals['_KVSTORE']._serialized_start=1051
+  _globals['_KVSTORE']._serialized_end=1583
 # @@protoc_insertion_point(module_scope)

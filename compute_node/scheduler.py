@@ -1,0 +1,280 @@
+"""The compute node's scheduler: turns the requests of any number of concurrent calls
+into the engine's passes (iteration-level batching).
+
+One thread owns the device and loops:
+
+    drop cancelled and expired requests (their slots free at once)
+    admit waiting requests while their sequences fit the free slots (compute_node/slots.py)
+    one pass (compute_node/runner.py): the admitted prompts are prefilled and every
+        running sequence decodes a token, in the same pass over the layers
+    choose each sequence's token (its request's sampling), stream it to its call,
+        end sequences at EOS, a stop string or max tokens; free their slots
+
+Calls (gRPC threads) only enqueue a request and read its outbox: health and stats
+never wait behind generation."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from compute_node.metrics import Metrics
+from compute_node.runner import GroupStep, Join, Runner
+from compute_node.sampling import Sampling, choose
+from compute_node.slots import Limits, SlotPool, WaitQueue, check_fits
+from compute_node.stops import StopWatch
+from strata.errors import ErrorKind, StrataError
+from strata.wire import generate_pb2
+
+log = logging.getLogger("strata.compute_node")
+
+
+class Sequence:
+    def __init__(self, index: int, prompt: list[int], max_new: int):
+        self.index, self.prompt, self.max_new = index, prompt, max_new
+        self.slot: tuple[int, int] | None = None
+        self.generated: list[int] = []
+        self.finish: str | None = None  # "stop" | "length"
+
+    @property
+    def position(self) -> int:
+        """The column the last generated token is written to when fed back."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+class Request:
+    """One Generate call's sequences, admitted together; the call reads `outbox`
+    (GenerateResponse messages, or a StrataError that ends it)."""
+
+    def __init__(self, prompts: list[list[int]], max_new: int, sampling: Sampling, stop_at_eos: bool,
+                 stops: StopWatch, deadline: float | None):
+        self.seqs = [Sequence(i, p, max_new) for i, p in enumerate(prompts)]
+        self.sampling, self.stop_at_eos, self.stops = sampling, stop_at_eos, stops
+        self.deadline = deadline  # time.monotonic() seconds, or None
+        self.generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
+        self.outbox: queue.Queue = queue.Queue()
+        self.cancelled = False
+        self.arrival = time.monotonic()
+        self.admitted = self.first_token = self.last_token = 0.0
+        self.steps = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def live(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.finish is None]
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, limits: Limits, eos_id: int | None, pad_id: int, metrics: Metrics,
+                 peak_bytes=lambda: 0):
+        self.runner, self.limits, self.eos, self.pad = runner, limits, eos_id, pad_id
+        self.metrics, self.peak_bytes = metrics, peak_bytes
+        self.pool = SlotPool(limits.groups)
+        self.waiting = WaitQueue(limits.max_queue)
+        self.running: list[Request] = []
+        self.cv = threading.Condition()
+        self.stopping = False
+        metrics.set("batch_slots", limits.slots)
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.thread.start()
+
+    # -- calls' side -------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises StrataError(RESOURCE_EXHAUSTED) when it can never fit
+        or the wait queue is full."""
+        try:
+            check_fits(self.limits, [(len(s.prompt), s.max_new) for s in request.seqs])
+            with self.cv:
+                if self.stopping:
+                    raise StrataError(ErrorKind.UNAVAILABLE, "the compute node is stopping")
+                self.waiting.push(request, len(request.seqs))
+                self.metrics.set("queue_depth", self.waiting.sequences)
+                self.cv.notify()
+        except StrataError:
+            self.metrics.count("requests_total:rejected")
+            raise
+        return request
+
+    def cancel(self, request: Request) -> None:
+        with self.cv:
+            request.cancel()
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    # -- the device's side -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # a bug here would leave every call waiting forever: end them all
+            log.exception("the scheduler stopped")
+            with self.cv:
+                self.stopping = True
+                self._fail_all(StrataError(ErrorKind.INTERNAL, "the compute node's scheduler stopped"))
+            raise
+
+    def _fail_all(self, error: StrataError) -> None:
+        for r in list(self.running) + self.waiting.remove(lambda r: False):
+            r.outbox.put(error)
+        self.running.clear()
+
+    def _serve(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopping and not self.running and not len(self.waiting):
+                    self.cv.wait()
+                if self.stopping:
+                    break
+                self._drop_ended()
+                admitted = self.waiting.admissible(self.pool.free)
+                joins = self._seat(admitted)
+                self.running.extend(admitted)
+                self.metrics.set("queue_depth", self.waiting.sequences)
+            if not self.running:
+                continue
+            try:
+                self._pass(joins, admitted)
+            except Exception as e:  # noqa: BLE001 - the requests in this pass fail; the service goes on
+                log.exception("pass failed")
+                error = e if isinstance(e, StrataError) else StrataError(ErrorKind.INTERNAL, f"generation failed: {e}")
+                with self.cv:
+                    for r in list(self.running):
+                        self._end(r, error, "error")
+        with self.cv:
+            self._fail_all(StrataError(ErrorKind.UNAVAILABLE, "the compute node is stopping"))
+
+    def _seat(self, admitted: list[Request]) -> list[tuple[Sequence, Join]]:
+        now = time.monotonic()
+        joins = []
+        for r in admitted:
+            r.admitted = now
+            for s in r.seqs:
+                s.slot = self.pool.take()
+                joins.append((s, Join(s.slot[0], s.slot[1], s.prompt)))
+                self.metrics.count("prompt_tokens_total", len(s.prompt))
+        return joins
+
+    def _drop_ended(self) -> None:
+        """Cancelled or expired requests, waiting or running, end now."""
+        now = time.monotonic()
+
+        def expired(r: Request) -> bool:
+            return r.deadline is not None and now > r.deadline
+
+        for r in self.waiting.remove(lambda r: not (r.cancelled or expired(r))):
+            self._end(r, *self._why(r))
+        for r in [r for r in self.running if r.cancelled or expired(r)]:
+            self._end(r, *self._why(r))
+
+    @staticmethod
+    def _why(r: Request) -> tuple[StrataError, str]:
+        if r.cancelled:
+            return StrataError(ErrorKind.CANCELLED, "the call was cancelled"), "cancelled"
+        return StrataError(ErrorKind.DEADLINE_EXCEEDED, "the request's deadline passed"), "deadline"
+
+    def _end(self, r: Request, error: StrataError | None, outcome: str) -> None:
+        """Free r's slots; send its error, or its last message."""
+        for s in r.seqs:
+            if s.slot is not None:
+                self.pool.give(s.slot)
+                s.slot = None
+        if r in self.running:
+            self.running.remove(r)
+        self.metrics.count(f"requests_total:{outcome}")
+        self.metrics.set("running_sequences", sum(len(x.live) for x in self.running))
+        r.outbox.put(error if error is not None else self._final(r))
+
+    def _pass(self, joins: list[tuple[Sequence, Join]], admitted: list[Request]) -> None:
+        joining = {id(s) for s, _ in joins}
+        steps, where = self._group_steps(joining)
+        joined_logits, group_logits = self.runner.step([j for _, j in joins], steps)
+        parts = ([joined_logits] if joined_logits is not None else []) + group_logits
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        greedy = logits.float().argmax(dim=-1).tolist()  # one device sync a pass
+        rows: dict[int, int] = {id(s): i for i, (s, _) in enumerate(joins)}
+        offset = len(joins)
+        for st, logit in zip(steps, group_logits):
+            for row, s in where[st.group].items():
+                rows[id(s)] = offset + row
+            offset += logit.shape[0]
+        now = time.monotonic()
+        with self.cv:
+            for r in list(self.running):
+                live = [s for s in r.live if id(s) in rows]
+                if not live:
+                    continue
+                if r.generator is None:
+                    tokens = [greedy[rows[id(s)]] for s in live]
+                else:
+                    picked = logits[torch.tensor([rows[id(s)] for s in live], device=logits.device)]
+                    tokens = choose(picked, r.sampling, r.generator).tolist()
+                self._advance(r, live, tokens, now)
+            self.metrics.step(sum(len(r.live) for r in self.running), self.limits.slots)
+            self.metrics.set("running_sequences", sum(len(r.live) for r in self.running))
+
+    def _group_steps(self, joining: set[int]) -> tuple[list[GroupStep], dict[int, dict[int, Sequence]]]:
+        """Each group's decode step over its rows in use; rows joining this pass idle."""
+        by_group: dict[int, dict[int, Sequence]] = {}
+        for r in self.running:
+            for s in r.live:
+                if id(s) not in joining:
+                    g, row = s.slot
+                    by_group.setdefault(g, {})[row] = s
+        steps = []
+        for g in sorted(by_group):
+            n = self.pool.rows_in_use(g)
+            ids, positions, idle = [self.pad] * n, [0] * n, set(range(n))
+            for row, s in by_group[g].items():
+                ids[row], positions[row] = s.generated[-1], s.position
+                idle.discard(row)
+            steps.append(GroupStep(g, ids, positions, sorted(idle)))
+        return steps, by_group
+
+    def _advance(self, r: Request, live: list[Sequence], tokens: list[int], now: float) -> None:
+        """Each live sequence's new token; ends those done; streams the step."""
+        out = [-1] * len(r.seqs)
+        for s, t in zip(live, tokens):
+            s.generated.append(t)
+            out[s.index] = t
+            if (r.stop_at_eos and t == self.eos) or r.stops.check(s.index, s.generated):
+                s.finish = "stop"
+            elif len(s.generated) >= s.max_new:
+                s.finish = "length"
+            if s.finish is not None:
+                self.pool.give(s.slot)
+                s.slot = None
+        self.metrics.count("generated_tokens_total", len(tokens))
+        if r.steps == 0:
+            r.first_token = now
+            self.metrics.observe_ttft(now - r.arrival)
+        else:
+            self.metrics.observe_itl(now - r.last_token)
+        r.last_token = now
+        r.outbox.put(generate_pb2.GenerateResponse(step=r.steps, tokens=out))
+        r.steps += 1
+        if not r.live:
+            self._end(r, None, "ok")
+
+    def _final(self, r: Request) -> generate_pb2.GenerateResponse:
+        return generate_pb2.GenerateResponse(
+            step=r.steps, done=True,
+            texts=[r.stops.text(s.generated) for s in r.seqs],
+            finish_reasons=[s.finish or "length" for s in r.seqs],
+            prompt_tokens=[len(s.prompt) for s in r.seqs],
+            stats=generate_pb2.GenerateStats(
+                prefill_s=r.first_token - r.admitted, decode_s=r.last_token - r.first_token,
+                generated_tokens=sum(len(s.generated) for s in r.seqs), peak_gpu_bytes=self.peak_bytes(),
+                prompt_tokens=sum(len(s.prompt) for s in r.seqs), queued_s=r.admitted - r.arrival,
+                first_token_s=r.first_token - r.arrival,
+            ),
+        )
