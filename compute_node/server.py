@@ -91,8 +91,6 @@ class ComputeNode:
         self.batch_limits = self._batch_limits(config)
         self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
                                               self.batch_limits.capacity, self.codec.has_tokenizer)
-        self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
-                                              self.batch_limits.capacity, self.codec.has_tokenizer)
         self.scheduler = Scheduler(self._runner(config), self.batch_limits, self.dims.eos_token_id,
                                    self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes)
 
@@ -243,18 +241,6 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--tls-key", default="", help="PEM private key file of --tls-cert")
     p.add_argument("--control-listen", default="",
                    help="a second address without TLS, for the launcher's health checks (unix:///path)")
-    p.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
-                   help="largest Generate request in bytes (the gRPC receive limit)")
-    p.add_argument("--max-prompt-tokens", type=int, default=0,
-                   help="tokens of one prompt, at most (0 = what a sequence may hold, less one)")
-    p.add_argument("--max-prompt-chars", type=int, default=0,
-                   help="characters of one text prompt, at most (0 = 16 per allowed token)")
-    p.add_argument("--api-key", default=os.environ.get(rpc.API_KEY_ENV, ""),
-                   help=f"every call must carry 'authorization: Bearer KEY' (default ${rpc.API_KEY_ENV}; none = open)")
-    p.add_argument("--tls-cert", default="", help="PEM certificate file: serve --listen over TLS (with --tls-key)")
-    p.add_argument("--tls-key", default="", help="PEM private key file of --tls-cert")
-    p.add_argument("--control-listen", default="",
-                   help="a second address without TLS, for the launcher's health checks (unix:///path)")
     p.add_argument("--max-batch", type=int, default=ComputeNodeConfig.max_batch,
                    help="sequences running at once (the scheduler's slots)")
     p.add_argument("--max-seq-len", type=int, default=0,
@@ -270,9 +256,6 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
         listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
         dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
         micro_batches=a.micro_batches, kv_bits=a.kv_bits, exchange_bytes=a.exchange_bytes,
-        max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
-        max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
-        control_listen=a.control_listen,
         max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
         max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
         control_listen=a.control_listen,

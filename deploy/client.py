@@ -64,3 +64,21 @@ def generate(endpoint: str, request: generate_pb2.GenerateRequest, timeout: floa
                                   f"the server takes (--max-request-bytes): {e.details()}") from None
             raise from_rpc_error(e, f"compute node at {endpoint}") from None
     raise RuntimeError("stream ended without a final response")
+
+
+def has_tokenizer(endpoint: str, timeout: float | None = 30.0, api_key: str = "", tls_ca: str = "") -> bool:
+    """Whether the served model has a tokenizer (can give text), asked without
+    generating: a text prompt with no new tokens is refused either way, but for a model
+    without a tokenizer first, with FAILED_PRECONDITION (compute_node/validation.py)."""
+    probe = generate_pb2.GenerateRequest(prompts=[generate_pb2.Prompt(text="?")], max_new_tokens=0)
+    with rpc.channel(endpoint, api_key=api_key, tls_ca=tls_ca, options=OPTIONS) as channel:
+        try:
+            for _ in generate_pb2_grpc.GeneratorStub(channel).Generate(probe, timeout=timeout):
+                pass
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "tokenizer" in (e.details() or ""):
+                return False
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                return True
+            raise from_rpc_error(e, f"compute node at {endpoint}") from None
+    return True

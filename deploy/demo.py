@@ -21,16 +21,16 @@ def cache_dir() -> pathlib.Path:
 
 def run(args) -> int:
     from deploy.client import generate, request_for
-    from deploy.demo_model import make_opt
+    from deploy.demo_model import make_demo_opt
     from deploy.launcher import ServeOptions, Services
     from weight_store.convert import convert
 
     root = cache_dir()
-    hf, shards = root / "opt-demo-hf", root / "opt-demo-int4"
+    hf, shards = root / "opt-demo-v2-hf", root / "opt-demo-v2-int4"  # v2: the model's vocabulary is its tokenizer's
     print("strata demo: the weights are RANDOM (a small OPT made locally), so the text is gibberish.")
     if not (hf / "config.json").exists():
         print(f"making a random OPT checkpoint in {hf}")
-        make_opt(hf, hidden_size=256, num_attention_heads=8, num_hidden_layers=4, ffn_dim=1024,
+        make_demo_opt(hf, hidden_size=256, num_attention_heads=8, num_hidden_layers=4, ffn_dim=1024,
                  max_position_embeddings=256)
     if not (shards / "manifest.json").exists():
         print(f"converting to INT4 shards in {shards}")

@@ -18,7 +18,9 @@ CORPUS = [
 ] * 20
 
 
-def train_tokenizer(directory: pathlib.Path, vocab_size: int = 300) -> None:
+def train_tokenizer(directory: pathlib.Path, vocab_size: int = 300) -> int:
+    """Trains and saves the tokenizer; returns its vocabulary size (added tokens included),
+    which may be less than `vocab_size` where the corpus has fewer merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -27,16 +29,25 @@ def train_tokenizer(directory: pathlib.Path, vocab_size: int = 300) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     fast.save_pretrained(directory)
+    return tok.get_vocab_size(with_added_tokens=True)
 
 
-def make_opt(directory: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
+def make_demo_opt(directory: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
+    """`strata demo`'s OPT: its vocabulary is its tokenizer's, so every token it
+    generates decodes to text (make_opt's 512 ids are more than its tokenizer's 300)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = train_tokenizer(directory)
+    return make_opt(directory, seed, tokenizer=False, vocab_size=vocab, **overrides)
+
+
+def make_opt(directory: pathlib.Path, seed: int = 0, tokenizer: bool = True, **overrides) -> pathlib.Path:
     from transformers import OPTConfig, OPTForCausalLM
 
     cfg = dict(
@@ -48,7 +59,7 @@ def make_opt(directory: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Pat
     cfg.setdefault("word_embed_proj_dim", cfg["hidden_size"])
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**cfg))
-    _save(model, directory)
+    _save(model, directory, tokenizer)
     return directory
 
 
@@ -82,14 +93,23 @@ def make_llama_family(directory: pathlib.Path, model_type: str = "llama", seed: 
     return directory
 
 
-def _save(model, directory: pathlib.Path) -> None:
+def _save(model, directory: pathlib.Path, tokenizer: bool = True) -> None:
+    from transformers.utils import logging as hf_logging
+
     directory.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():  # larger weights than HF's init: decisive logits, no greedy near-ties
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
-    model.eval().half().save_pretrained(directory, safe_serialization=True)
-    train_tokenizer(directory)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar
+    try:
+        model.eval().half().save_pretrained(directory, safe_serialization=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if tokenizer:
+        train_tokenizer(directory)
 
 
 def load_reference(directory: pathlib.Path):

@@ -66,13 +66,6 @@ class ServeOptions:
     tls_cert: str = ""  # PEM files: the compute node serves --listen over TLS
     tls_key: str = ""
     health_timeout_s: float = 60.0  # a service that answers no health check this long is hung; 0 = only exits
-    max_request_bytes: int = 64 << 20  # the compute node's largest Generate request
-    max_prompt_tokens: int = 0  # 0 = the compute node's default
-    max_prompt_chars: int = 0  # 0 = the compute node's default
-    api_key: str = dataclasses.field(default="", repr=False)  # every call to the compute node needs it ("" = none)
-    tls_cert: str = ""  # PEM files: the compute node serves --listen over TLS
-    tls_key: str = ""
-    health_timeout_s: float = 60.0  # a service that answers no health check this long is hung; 0 = only exits
     log_level: str = "info"  # each service's --log-level (strata/logs.py)
     log_json: bool = False  # each service logs one JSON object per line
 
@@ -104,19 +97,9 @@ class Services:
         TLS (every call still needs the API key where one is set)."""
         return f"unix://{self.rundir}/compute_node.sock"
 
-    @property
-    def control_addr(self) -> str:
-        """The compute node's second address: a Unix socket in the run directory, without
-        TLS (every call still needs the API key where one is set)."""
-        return f"unix://{self.rundir}/compute_node.sock"
-
     def _spawn(self, name: str, args: list[str], stdout=None) -> None:
         # no preexec_fn: the child asks for its own death signal after exec (strata/lifetime.py)
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
-        env.pop(rpc.API_KEY_ENV, None)
-        if self.opts.api_key:  # by environment, not argv (which every user can list)
-            env[rpc.API_KEY_ENV] = self.opts.api_key
-        stdout = 2 if stdout is None else stdout  # to our stderr: only `strata serve` writes to its stdout
         env.pop(rpc.API_KEY_ENV, None)
         if self.opts.api_key:  # by environment, not argv (which every user can list)
             env[rpc.API_KEY_ENV] = self.opts.api_key
@@ -209,43 +192,6 @@ class Services:
 
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]
-
-    def unresponsive(self) -> list[str]:
-        """The services (weight store, KV store, compute node) that have answered no
-        health check for `health_timeout_s`. Asks all at once at most every quarter of it
-        (0.5 to 5 s), each call with that as its deadline; any answer counts, even an
-        error, but not a deadline or an unreachable service."""
-        timeout = self.opts.health_timeout_s
-        now = time.monotonic()
-        if not timeout or now < self._next_check:
-            return []
-        interval = min(5.0, max(0.5, timeout / 4))
-        self._next_check = now + interval
-        if not self._health:
-            self._health = self._health_stubs()
-            self._answered = dict.fromkeys(self._health, now)
-        calls = {name: stub.Health.future(common_pb2.HealthRequest(), timeout=interval)
-                 for name, (_, stub) in self._health.items() if name in self.procs}
-        for name, call in calls.items():
-            try:
-                call.result()
-            except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                    continue
-            self._answered[name] = time.monotonic()
-        return [name for name in calls if time.monotonic() - self._answered[name] > timeout]
-
-    def _health_stubs(self) -> dict[str, tuple[grpc.Channel, object]]:
-        stubs = {}
-        for name, address, stub_cls, key in (
-            ("weight store", self.weight_store_addr, weight_store_pb2_grpc.WeightStoreStub, ""),
-            ("KV store", self.kv_store_addr, kv_store_pb2_grpc.KVStoreStub, ""),
-            ("compute node", self.control_addr, generate_pb2_grpc.GeneratorStub, self.opts.api_key),
-        ):
-            if name in self.procs:
-                channel = rpc.channel(address, api_key=key)
-                stubs[name] = (channel, stub_cls(channel))
-        return stubs
 
     def unresponsive(self) -> list[str]:
         """The services (weight store, KV store, compute node) that have answered no

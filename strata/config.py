@@ -58,15 +58,6 @@ class ComputeNodeConfig:
     tls_cert: str = ""
     tls_key: str = ""
     control_listen: str = ""  # a second, local listener (no TLS) for the launcher's health checks
-    # What one Generate request may be (compute_node/validation.py RequestLimits); 0 = derived from the model
-    max_request_bytes: int = 64 << 20  # also the gRPC receive limit
-    max_prompt_tokens: int = 0  # 0 = the tokens a sequence may hold, less one
-    max_prompt_chars: int = 0  # 0 = 16 characters per allowed prompt token
-    # Who may call (strata/rpc.py): an API key ("" = anyone), TLS certificate and key files
-    api_key: str = dataclasses.field(default="", repr=False)
-    tls_cert: str = ""
-    tls_key: str = ""
-    control_listen: str = ""  # a second, local listener (no TLS) for the launcher's health checks
     max_batch: int = 16  # sequence slots of the running batch (the planner's batch)
     max_seq_len: int = 0  # tokens a slot holds (prompt + generated); 0 = 2048 or the model's positions
     max_queue: int = 0  # sequences waiting for a slot, at most; 0 = max(64, 8 x max_batch)

@@ -4,7 +4,9 @@ Streams tensor by tensor with `safetensors.safe_open` (memory bounded by one ten
 plus its quantized parts), one shard file at a time: "embed", "layer.{i}", "head".
 Every part is 4 KiB aligned in its file and hashed (sha256). Everything is written
 into a temporary directory next to `dst` and renamed into place at the end; on any
-failure the temporary directory is removed, so nothing that looks complete is left.
+failure the temporary directory is removed, so nothing that looks complete is left;
+one left by a conversion that was killed is removed by the next conversion beside it.
+A damaged checkpoint file is DATA_LOSS naming the file.
 Before writing, the output's size is estimated from the checkpoint's headers and
 checked against the destination filesystem's free space; a disk that fills anyway
 (ENOSPC, EFBIG, EDQUOT) is RESOURCE_EXHAUSTED naming the file being written.
@@ -19,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -26,7 +29,7 @@ import shutil
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from strata import arch, manifest, quant
 from strata.errors import ErrorKind, StrataError
@@ -40,6 +43,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("strata.convert")
 MANIFEST_BYTES, PER_TENSOR_BYTES = 1 << 20, 1 << 10  # room kept for manifest.json: fixed + a tensor
 # bytes per element of safetensors dtypes that are stored as they are (floats become 16-bit)
 _ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -122,21 +126,46 @@ def make_policy(
     return QuantPolicy(linears, default, patterns)
 
 
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StrataError(ErrorKind.DATA_LOSS, f"{str(path)!r} is corrupt: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise StrataError(ErrorKind.DATA_LOSS, f"{str(path)!r} is corrupt: not a JSON object")
+    return data
+
+
 def _read_config(src: pathlib.Path) -> dict:
     if not src.is_dir():
         raise StrataError(ErrorKind.NOT_FOUND, f"checkpoint directory {str(src)!r} does not exist")
     path = src / "config.json"
     if not path.is_file():
         raise StrataError(ErrorKind.NOT_FOUND, f"{str(src)!r} has no config.json: not a Hugging Face checkpoint")
-    return json.loads(path.read_text())
+    return _read_json(path)
+
+
+def _corrupt(path: pathlib.Path, e: Exception) -> StrataError:
+    return StrataError(ErrorKind.DATA_LOSS, f"{str(path)!r} is corrupt or truncated: not a valid safetensors file ({e})")
+
+
+def _open_safetensors(path: pathlib.Path):
+    """safe_open, with a damaged file as DATA_LOSS naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise _corrupt(path, e) from None
 
 
 def _weight_files(src: pathlib.Path) -> dict[str, str]:
     """HF tensor name -> safetensors file name (single file or sharded index)."""
     if (src / INDEX_FILE).is_file():
-        return dict(json.loads((src / INDEX_FILE).read_text())["weight_map"])
+        weight_map = _read_json(src / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise StrataError(ErrorKind.DATA_LOSS, f"{str(src / INDEX_FILE)!r} is corrupt: it has no weight_map")
+        return dict(weight_map)
     if (src / SINGLE_FILE).is_file():
-        with safe_open(str(src / SINGLE_FILE), framework="pt") as f:
+        with _open_safetensors(src / SINGLE_FILE) as f:
             return {name: SINGLE_FILE for name in f.keys()}
     raise StrataError(ErrorKind.NOT_FOUND, f"{str(src)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
@@ -262,9 +291,12 @@ def _handles(src: pathlib.Path, files: dict[str, str]) -> Iterator[Callable[[str
         def handle(name: str):
             file = files[name]
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(src / file), framework="pt"))
+                if not (src / file).is_file():
+                    raise StrataError(ErrorKind.NOT_FOUND, f"{str(src / file)!r} (named in {INDEX_FILE}) is missing")
+                handles[file] = stack.enter_context(_open_safetensors(src / file))
             return handles[file]
 
+        handle.path = lambda name: src / files[name]  # type: ignore[attr-defined]
         yield handle
 
 
@@ -327,12 +359,50 @@ def _write_shards(
 ) -> dict[str, manifest.Shard]:
     """Every shard of `plan` into `tmp`, in order, reporting progress after each."""
     shards = {}
-    read = lambda name: handle(name).get_tensor(name)  # noqa: E731
+
+    def read(name: str) -> torch.Tensor:
+        try:
+            return handle(name).get_tensor(name)
+        except SafetensorError as e:
+            raise _corrupt(handle.path(name), e) from None
+
     for done, (name, tensors) in enumerate(plan.items(), start=1):
         shards[name] = write_shard(tmp, name, tensors, read, policy)
         if progress is not None:
             progress(done, len(plan))
     return shards
+
+
+_TMP_SUFFIX = ".tmp-"  # a conversion in progress writes into .DST.tmp-PID beside DST
+
+
+def remove_stale_temporaries(parent: pathlib.Path) -> list[pathlib.Path]:
+    """Removes the temporary directories under `parent` that conversions killed before
+    they finished left behind (their process is gone); returns them. Only a directory
+    named as `convert` names them, ours, holding nothing `convert` does not write."""
+    removed = []
+    for path in parent.glob(f".*{_TMP_SUFFIX}*") if parent.is_dir() else ():
+        pid = path.name.rsplit(_TMP_SUFFIX, 1)[-1]
+        try:
+            ours = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+            names = [p.name for p in path.iterdir()] if ours else []
+        except OSError:
+            continue
+        written = all(n.endswith(".bin") or n == "manifest.json" or n in TOKENIZER_FILES for n in names)
+        if ours and pid.isdigit() and written and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def convert(
@@ -360,7 +430,10 @@ def convert(
     """
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     config = _check_arguments(src, dst, bits, group_size)
+    remove_stale_temporaries(dst.parent)
     spec = arch.spec_for(config)
+    if "tokenizer.json" not in _tokenizer_files(src):
+        log.warning("%s has no tokenizer.json: the converted model takes and gives token ids only", src)
     section = find_weight_quantization(ds_config) if ds_config is not None else None
     policy = make_policy(spec.linears, bits, group_size, section, ds_config is not None)
     files = _weight_files(src)
@@ -369,7 +442,7 @@ def convert(
         needed = estimate_output_bytes(plan, handle, policy)
         needed += sum((src / name).stat().st_size for name in _tokenizer_files(src))
         check_free_space(dst.parent, needed, free_bytes)
-        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+        tmp = dst.parent / f".{dst.name}{_TMP_SUFFIX}{os.getpid()}"
         with writing(tmp):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run with our pid

@@ -14,7 +14,6 @@ StageShard each time the compute node needs them (weight_store/staging.py).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
 import pathlib
 import signal
@@ -23,7 +22,7 @@ import threading
 
 import grpc
 
-from strata import logs, shm
+from strata import logs, rpc, shm
 from strata.config import WeightStoreConfig
 from strata.errors import ErrorKind, StrataError, grpc_method
 from strata.manifest import Manifest, layer_shard
@@ -121,16 +120,6 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
         return weight_store_pb2.ReadShardResponse(data=self.tier.read_bytes(request.shard))
 
 
-def _bind(server: grpc.Server, listen: str) -> int:
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as e:
-        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {listen!r}: {e}") from None
-    if port == 0:
-        raise StrataError(ErrorKind.UNAVAILABLE, f"cannot listen on {listen!r}")
-    return port
-
-
 def load_manifest(config: WeightStoreConfig) -> Manifest:
     """The converted model's manifest, or the dummy shape's."""
     if config.dummy:
@@ -166,13 +155,9 @@ def _populate(config: WeightStoreConfig, manifest: Manifest, tier: HostTier, sto
 
 
 def _grpc_server(servicer: WeightStoreServicer, listen: str) -> grpc.Server:
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16), options=options)
+    server = rpc.server(16, MAX_MESSAGE_BYTES, name="weight_store")  # a used address is refused, not shared
     weight_store_pb2_grpc.add_WeightStoreServicer_to_server(servicer, server)
-    servicer.port = _bind(server, listen)
+    servicer.port = rpc.bind(server, listen)
     return server
 
 
