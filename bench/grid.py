@@ -34,8 +34,7 @@ def coarse(dims, wb, w, profile, kv_choices, batches) -> list[tuple[cm.Placement
                     continue
                 for share in [k / L for k in range(0, L + 1, max(1, L // 8))] + [1.0]:
                     pl = cm.Placement(share, kv, m, b, 4, kv_bits=kv_bits)
-                    gpu, host = cm.memory(dims, wb, w, pl)
-                    if sum(gpu.values()) <= profile.gpu_bytes and sum(host.values()) <= profile.host_bytes:
+                    if cm.fits(dims, wb, w, pl, profile):
                         out.append((pl, cm.predict(dims, wb, w, pl, profile).total_tokens_per_s))
     return out
 

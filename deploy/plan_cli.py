@@ -61,8 +61,8 @@ def _model(model: str, bits: int | None, group_size: int):
         if bits and bits != stored:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{model} is stored in {stored} bits, not {bits}")
         return dims, (lambda b: cm.weight_bytes_from_shards(sizes, dims, b)), stored
-    dims = dims_for(shapes.config_for(model))
-    return dims, (lambda b: cm.estimate_weight_bytes(dims, b, group_size)), bits
+    dims = dims_for(shapes.config_for(model))  # a shape name: run with --dummy weights
+    return dims, (lambda b: cm.estimate_weight_bytes(dims, b, group_size, dummy=True)), bits
 
 
 def load_profile(path: str | None, console=None) -> tuple[hardware.HardwareProfile, str]:

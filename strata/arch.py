@@ -41,6 +41,11 @@ class ModelDims:
     pad_token_id: int | None
     num_kv_heads: int = 0  # grouped-query attention; 0 = num_heads
     mlp_matrices: int = 2  # 3 for gated (SwiGLU) MLPs
+    # layout facts the planner's memory model reads (strata/cost_model.py, memory_model.py)
+    mlp_activation: str = ""  # the MLP's activation (relu is fused into its matmul)
+    fused_qkv: bool = False  # q, k, v stored as one matrix
+    tied_head: bool = True  # the head reuses the token embedding
+    position_rows: int = 0  # rows of a learned position table (0: none)
 
     @property
     def kv_heads(self) -> int:
@@ -206,14 +211,18 @@ class ArchSpec:
         self.check(config)
         k = self.keys
         h, nh = _get(config, k.hidden), _get(config, k.heads)
+        math = self.math_for(config)
+        max_positions = _get(config, k.max_positions,
+                             _REQUIRED if k.max_positions_default is None else k.max_positions_default)
         return ModelDims(
             num_layers=_get(config, k.layers), hidden=h, num_heads=nh,
             head_dim=_get(config, k.head_dim, None) or h // nh, ffn=_get(config, k.ffn, None) or 4 * h,
-            vocab=config["vocab_size"],
-            max_positions=_get(config, k.max_positions,
-                               _REQUIRED if k.max_positions_default is None else k.max_positions_default),
+            vocab=config["vocab_size"], max_positions=max_positions,
             eos_token_id=_first(config.get("eos_token_id")), pad_token_id=config.get("pad_token_id"),
             num_kv_heads=_get(config, k.kv_heads, None) or nh, mlp_matrices=len(self.names.mlp),
+            mlp_activation=math.activation, fused_qkv=math.qkv == "fused",
+            tied_head=bool(config.get("tie_word_embeddings", True)),
+            position_rows=(max_positions + math.position_offset) if math.positions == "learned" else 0,
         )
 
     def check(self, config: dict) -> None:

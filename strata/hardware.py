@@ -33,12 +33,24 @@ class HardwareProfile:
     h2d_pageable: float = 0.0
     d2h_pinned: float = 0.0
     dram_read_bytes_per_s: float = 0.0  # all threads
-    cpu_attention_bytes_per_s: float = 0.0  # KV bytes read per second by the KV store's decode attention
+    # KV bytes read per second by the KV store's decode attention (the kernel it runs,
+    # `cpu_attention_kernel`) over a bfloat16 cache, and over INT8 / INT4 caches (bytes as
+    # stored: codes plus scales and mins; 0: not measured, the cost model derives them)
+    cpu_attention_bytes_per_s: float = 0.0
+    cpu_attention_int8_bytes_per_s: float = 0.0
+    cpu_attention_int4_bytes_per_s: float = 0.0
+    cpu_attention_kernel: str = ""  # "native" (kv_store/native.py) or "sdpa"; "" = not recorded
     disk_read_bytes_per_s: float = 0.0
     dequant_bytes_per_s: float = 0.0  # dense bf16 bytes written by the fused INT4 dequant; 0: unknown
     host_bytes: float = 0.0
     cpu_cores: int = 0
     source: str = ""  # how the numbers were obtained
+
+    def cpu_attention_rate(self, kv_bits: int) -> float:
+        """Stored KV bytes/s of the KV store's attention over a cache of `kv_bits`, as
+        measured; 0 where the profile has no figure for those bits."""
+        return {16: self.cpu_attention_bytes_per_s, 8: self.cpu_attention_int8_bytes_per_s,
+                4: self.cpu_attention_int4_bytes_per_s}[kv_bits]
 
     @property
     def has_gpu(self) -> bool:

@@ -67,8 +67,7 @@ def batch_candidates(limit: int = MAX_BATCH) -> list[int]:
 
 
 def _fits(dims, wb, w, pl, profile) -> bool:
-    gpu, host = cm.memory(dims, wb, w, pl)
-    return sum(gpu.values()) <= profile.gpu_bytes and sum(host.values()) <= profile.host_bytes
+    return cm.fits(dims, wb, w, pl, profile)
 
 
 def _shares(dims: ModelDims, fixed: Fixed) -> list[float]:
@@ -115,7 +114,7 @@ def _least_disk(dims, wb, w, pl: cm.Placement, profile) -> float | None:
     fits; None if not even every layer on disk does."""
     L = dims.num_layers
     for k in range(L + 1):
-        _, host = cm.memory(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L))
+        _, host = cm.memory(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L), profile.gpu_bytes)
         if sum(host.values()) <= profile.host_bytes:
             return k / L
     return None
@@ -193,7 +192,7 @@ def _does_not_fit(dims, wbf: WeightBytesFn, w: cm.Workload, profile: HardwarePro
         m = fixed.micro_batches or 1
         pl = cm.Placement(share, kv, m, max(batch, m), bits,
                           1.0 if fixed.disk_weight_share is None else fixed.disk_weight_share, kv_bits)
-        gpu, host = cm.memory(dims, wb, w, pl)
+        gpu, host = cm.memory(dims, wb, w, pl, profile.gpu_bytes)
         short = max(sum(gpu.values()) - profile.gpu_bytes, 0) + max(sum(host.values()) - profile.host_bytes, 0)
         if best is None or short < best[0]:
             best = (short, pl, gpu, host)

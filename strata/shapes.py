@@ -26,6 +26,10 @@ _LLAMA = {  # name: (model_type, hidden, layers, heads, kv heads, intermediate, 
     "Qwen/Qwen2-7B": ("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, 1000000.0, {}),
     "Qwen/Qwen2-72B": ("qwen2", 8192, 80, 64, 8, 29568, 152064, 32768, 1000000.0, {}),
     "mistralai/Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 14336, 32000, 32768, 10000.0, {"sliding_window": 4096}),
+    "meta-llama/Llama-3.1-405B": ("llama", 16384, 126, 128, 8, 53248, 128256, 131072, 500000.0, {
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}),
 }
 
 

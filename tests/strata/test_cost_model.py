@@ -112,24 +112,44 @@ def test_planner_puts_the_fewest_layers_on_disk_that_make_host_memory_fit(h100):
 def test_memory_counts_what_the_engine_holds(h100):
     dims, wb = opt()
     pl = cm.Placement(0.5, False, 2, 16)
-    gpu, host = cm.memory(dims, wb, W, pl)
+    gpu, host = cm.memory(dims, wb, W, pl, h100.gpu_bytes)
     kv = 16 * (512 + 32) * cm.kv_bytes_per_token_layer(dims) * 48
     assert gpu["KV"] == kv and host["KV"] == 0
     assert gpu["resident weights"] == pytest.approx(24 * wb.layer + wb.other)
-    # three packed slots, and the dense copies of the layer running and the next one
-    assert gpu["layer buffers"] == pytest.approx(3 * wb.layer + 2 * (2 * wb.layer_params))
+    assert gpu["layer ring"] == pytest.approx(3 * wb.layer)  # three packed slots
+    assert gpu["prefill: dense layer copies"] == pytest.approx(2 * (2 * wb.layer_params))  # running and next
     # the weight store holds the streamed layers, not the 24 resident ones (read once
     # through the staging slots)
     assert host["weights"] == pytest.approx(wb.total - 24 * wb.layer)
     assert host["staging"] == pytest.approx(3 * wb.layer)
-    on_host = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_on_host=True))
-    assert on_host[0]["KV"] == 0 and on_host[1]["KV"] == kv
-    # a quantized GPU cache: codes plus scales, and one micro-batch's layer rebuilt in bf16 (two alive)
-    q4 = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_bits=4))[0]["KV"]
-    rebuild = 2 * 8 * (512 + 32) * cm.kv_bytes_per_token_layer(dims)
-    assert q4 == pytest.approx(kv * (0.5 + 4 / 64) / 2 + rebuild)
+    on_host = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_on_host=True), h100.gpu_bytes)
+    assert "KV" not in on_host[0] and on_host[1]["KV"] == kv
+    # a quantized GPU cache: codes plus an fp16 scale and min per group of 64
+    q4 = cm.memory(dims, wb, W, dataclasses.replace(pl, kv_bits=4), h100.gpu_bytes)[0]["KV"]
+    assert q4 == pytest.approx(kv * (0.5 + 4 / 64) / 2)
     pred = cm.predict(dims, wb, W, pl, h100)
     assert pred.gpu_bytes_needed == pytest.approx(sum(gpu.values()))
+
+
+def test_kv_group_size_is_the_placements_not_a_constant():
+    dims, _ = opt()
+    assert cm.kv_bytes_per_token_layer(dims, 4) == cm.kv_bytes_per_token_layer(dims, 4, 64)
+    # groups of 128 (the whole head): half the scales and mins
+    per_vector = {g: cm.kv_bytes_per_token_layer(dims, 4, g) / (2 * dims.kv_heads) for g in (32, 64, 128)}
+    assert per_vector == {32: 64 + 4 * 4, 64: 64 + 4 * 2, 128: 64 + 4}
+    assert cm.default_kv_group(128) == 64 and cm.default_kv_group(80) == 80
+
+
+def test_kv_group_matches_the_kv_quant_format():
+    pytest.importorskip("torch")
+    from strata.kv_quant import KVFormat, default_group
+
+    dims, _ = opt()
+    for head_dim in (64, 80, 128, 256):
+        assert cm.default_kv_group(head_dim) == default_group(head_dim)
+    for bits, group in ((8, 64), (4, 64), (4, 32), (4, 128)):
+        fmt = KVFormat(bits, dims.head_dim, group)
+        assert cm.kv_bytes_per_token_layer(dims, bits, group) == 2 * dims.kv_heads * fmt.vector_bytes
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
@@ -209,11 +229,48 @@ def test_fused_int4_decode_reads_packed_layers_when_turned_on(h100, monkeypatch)
 
 
 def test_host_kv_round_trips_overlap_from_two_micro_batches(h100):
-    """KV in the KV store: with one micro-batch every Attend round trip is exposed;
-    with two (the engine's wavefront) one per layer is, so the control term stops
-    growing with the micro-batch count."""
+    """KV in the KV store: with one micro-batch its whole round trip is exposed; with two
+    or more (the engine's wavefront) one per layer is. The KV store serves one call at a
+    time, so each micro-batch adds its call's fixed cost."""
     dims, wb = opt()
-    over = {m: cm._pass_terms(dims, wb, cm.Placement(1.0, True, m, 128), h100, 1, 528, False)["control overhead"]
-            for m in (1, 2, 4)}
-    assert over[1] == pytest.approx(over[2]) == pytest.approx(over[4])
-    assert over[1] > 0
+    terms = {m: cm._pass_terms(dims, wb, cm.Placement(1.0, True, m, 128), h100, 1, 528, False) for m in (1, 2, 4)}
+    over = {m: t["control overhead"] for m, t in terms.items()}
+    assert over[1] > over[2] > 0 and over[2] == pytest.approx(over[4])
+    calls = {m: t["KV store calls"] for m, t in terms.items()}
+    assert calls[4] == pytest.approx(2 * calls[2]) == pytest.approx(4 * calls[1])
+
+
+def test_t1_keeps_two_micro_batches_with_the_fused_kernels_rate(h100):
+    """Issue 21: with the wgmma kernel's rate at 33-64 rows, T1 (B=159, KV in the KV
+    store) still predicts 2 micro-batches best, as measured (runs 29, 48, 51)."""
+    dims, wb = opt()
+    tps = {m: cm.predict(dims, wb, W, cm.Placement(1.0, True, m, 159), h100).total_tokens_per_s for m in (1, 2, 4, 8)}
+    assert max(tps, key=tps.get) == 2
+
+
+def test_cpu_attention_uses_the_profiles_rate_for_the_caches_bits(h100):
+    """The profile measures the KV store's kernel per cache precision; the cost model
+    reads each, and derives a missing one from the bf16 rate."""
+    dims, wb = opt()
+    pl = cm.Placement(1.0, True, 2, 128, kv_bits=4)
+    derived = cm.predict(dims, wb, W, pl, h100).decode_s
+    measured = dataclasses.replace(h100, cpu_attention_int4_bytes_per_s=200e9)
+    assert cm.cpu_attention_rate(measured, 4) == 200e9
+    assert cm.cpu_attention_rate(h100, 4) == pytest.approx(h100.cpu_attention_bytes_per_s * 1.29 * 0.5625 / 2)
+    assert cm.predict(dims, wb, W, pl, measured).decode_s < derived
+    bf16 = cm.Placement(1.0, True, 2, 128)
+    assert cm.predict(dims, wb, W, bf16, measured).decode_s == cm.predict(dims, wb, W, bf16, h100).decode_s
+
+
+def test_streamed_layers_overlap_resident_layers_work(h100):
+    """Resident layers are spread through the model, so a pass is bound by its busiest
+    chain: PCIe when most layers stream, the GPU's work when few do."""
+    dims, wb = opt("facebook/opt-175b")
+    w = cm.Workload(512, 32, 16)
+    load = wb.layer / (h100.h2d_pinned * cm.STREAM_EFFICIENCY)
+    for share, bound in ((0.0, "PCIe weights"), (0.5, "PCIe weights")):
+        pl = cm.Placement(share, False, 1, 16, kv_bits=4)
+        pred = cm.predict(dims, wb, w, pl, h100)
+        streamed = pl.layer_counts(96)[1]
+        assert pred.decode_binding == bound
+        assert pred.decode_step_s == pytest.approx(streamed * load, rel=0.05)
