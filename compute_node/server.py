@@ -20,7 +20,6 @@ import torch
 
 from compute_node.exchange import Exchange
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
-from compute_node.batch import validate
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
@@ -149,7 +148,6 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         node = self.node
         check_generate(request, getattr(node, "limits", None))
         prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
-        validate(prompts, request.max_new_tokens, node.dims, node.batch_limits.slots)
         s = request.sampling
         sampling = Sampling(
             greedy=s.greedy, temperature=s.temperature or 1.0, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed

@@ -29,6 +29,7 @@ class RequestLimits:
     max_prompt_chars: int = 0
     max_sequence_tokens: int = 0  # prompt + new tokens of one sequence
     sequence_limit: str = ""  # what max_sequence_tokens is, for messages ("the model's 2048 positions")
+    sequence_is_budget: bool = False  # the limit is the serving budget (a slot), not the model: RESOURCE_EXHAUSTED
     vocab: int = 0  # token ids lie in [0, vocab)
     max_stops: int = MAX_STOPS
     max_stop_chars: int = MAX_STOP_CHARS
@@ -45,6 +46,7 @@ class RequestLimits:
         tokens = config.max_prompt_tokens or max(1, seq - 1)
         chars = config.max_prompt_chars or CHARS_PER_TOKEN * tokens
         return cls(max_prompt_tokens=tokens, max_prompt_chars=chars, max_sequence_tokens=seq, sequence_limit=what,
+                   sequence_is_budget=seq < positions,
                    vocab=vocab, has_tokenizer=has_tokenizer)
 
 
@@ -62,11 +64,18 @@ def check_generate(request, limits: RequestLimits | None = None) -> None:
     if new < 1:
         raise invalid("max_new_tokens must be at least 1")
     if lim.max_sequence_tokens and new >= lim.max_sequence_tokens:
-        raise invalid(f"max_new_tokens {new} leaves no room for a prompt: it exceeds {lim.sequence_limit}")
+        raise _over(lim, f"max_new_tokens {new} leaves no room for a prompt: it exceeds {lim.sequence_limit}")
     _check_sampling(request.sampling)
     _check_stops(list(request.stop), lim)
     for i, prompt in enumerate(request.prompts):
         _check_prompt(i, prompt, new, lim)
+
+
+def _over(lim: RequestLimits, message: str) -> StrataError:
+    """A sequence too long: for the model (INVALID_ARGUMENT), or for the serving
+    budget of a sequence slot (RESOURCE_EXHAUSTED: the same request fits a server
+    started with a larger --max-seq-len)."""
+    return StrataError(ErrorKind.RESOURCE_EXHAUSTED if lim.sequence_is_budget else ErrorKind.INVALID_ARGUMENT, message)
 
 
 def _check_sampling(s) -> None:
@@ -115,4 +124,4 @@ def _check_prompt(i: int, prompt, new: int, lim: RequestLimits) -> None:
         if bad is not None:
             raise invalid(f"prompt {i} has token id {bad} outside the vocabulary [0, {lim.vocab})")
     if lim.max_sequence_tokens and len(ids) + new > lim.max_sequence_tokens:
-        raise invalid(f"prompt of {len(ids)} tokens + max_new_tokens {new} exceeds {lim.sequence_limit}")
+        raise _over(lim, f"prompt of {len(ids)} tokens + max_new_tokens {new} exceeds {lim.sequence_limit}")
