@@ -89,11 +89,17 @@ class _PlainLayers:
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     # Slot access (compute_node/slot_kv.py): one row per sequence, each its own length.
-    def write_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A prompt's k, v [1, kv_heads, n, head_dim] into columns [0, n) of `row`."""
+    def write_rows(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prompts of one length, k, v [len(rows), kv_heads, n, head_dim], into columns
+        [0, n) of `rows`."""
         n = k.shape[2]
-        copy_rows(self.k[layer][row : row + 1, :, :n], k)
-        copy_rows(self.v[layer][row : row + 1, :, :n], v)
+        if len(rows) == 1:
+            copy_rows(self.k[layer][rows[0] : rows[0] + 1, :, :n], k)
+            copy_rows(self.v[layer][rows[0] : rows[0] + 1, :, :n], v)
+            return
+        index = torch.tensor(rows, device=k.device)
+        self.k[layer][index, :, :n] = k
+        self.v[layer][index, :, :n] = v
 
     def write_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> None:
@@ -142,11 +148,12 @@ class _QuantLayers:
         return self._dequantize(self.k[layer], n), self._dequantize(self.v[layer], n)
 
     # Slot access (compute_node/slot_kv.py): one row per sequence, each its own length.
-    def write_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_rows(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        index = torch.tensor(rows, device=k.device)
         for parts, x in ((self.k[layer], k), (self.v[layer], v)):
             n = x.shape[2]
             for plane, q in zip(parts, self.fmt.quantize(x.permute(2, 0, 1, 3))):
-                plane[:n, row : row + 1] = q
+                plane[:n, index] = q
 
     def write_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> None:

@@ -66,14 +66,27 @@ def causal_attention(s: SlotShape, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def packed_attention(s: SlotShape, joining: Joining, q, k, v, store) -> torch.Tensor:
     """Per-sequence causal attention over a packed prefill ([1, heads, sum(lengths), hd]);
-    `store(row, k, v)` keeps each sequence's keys and values."""
-    outs, a = [], 0
-    for row, n in zip(joining.rows, joining.lengths):
-        qs, ks, vs = q[:, :, a : a + n], k[:, :, a : a + n], v[:, :, a : a + n]
-        store(row, ks, vs)
-        outs.append(causal_attention(s, qs, ks, vs))
-        a += n
+    `store(rows, k, v)` keeps the keys and values of sequences of one length, stacked
+    [len(rows), kv_heads, n, hd]. Consecutive sequences of equal length run as one batch."""
+    outs, a, i = [], 0, 0
+    rows, lengths = joining.rows, joining.lengths
+    while i < len(rows):
+        n, j = lengths[i], i
+        while j < len(rows) and lengths[j] == n:
+            j += 1
+        m = j - i  # sequences i..j-1, each n tokens
+        qs, ks, vs = (_stacked(x[:, :, a : a + m * n], m, n) for x in (q, k, v))
+        store(rows[i:j], ks, vs)
+        out = causal_attention(s, qs, ks, vs)  # [m, heads, n, hd]
+        outs.append(out.permute(1, 0, 2, 3).reshape(1, out.shape[1], m * n, out.shape[3]))
+        a += m * n
+        i = j
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _stacked(x: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """[1, heads, m*n, hd] -> [m, heads, n, hd] (a view)."""
+    return x[0].unflatten(1, (m, n)).permute(1, 0, 2, 3)
 
 
 class DecodeView:
@@ -125,7 +138,7 @@ class LocalSlots:
 
     def prefill(self, layer: int, joining: Joining, q, k, v) -> torch.Tensor:
         return packed_attention(self.s, joining, q, k, v,
-                                lambda row, ks, vs: self.layers.write_row(layer, row, ks, vs))
+                                lambda rows, ks, vs: self.layers.write_rows(layer, rows, ks, vs))
 
     def decode_start(self, layer: int, view: DecodeView, q, k, v):
         self.layers.write_columns(layer, view.write_rows, view.write_cols, k, v)
@@ -173,7 +186,7 @@ class RemoteSlots:
         return _RemoteView(positions, idle)
 
     def prefill(self, layer: int, joining: Joining, q, k, v) -> torch.Tensor:
-        out = packed_attention(self.s, joining, q, k, v, lambda row, ks, vs: None)
+        out = packed_attention(self.s, joining, q, k, v, lambda rows, ks, vs: None)
         self.exchange.on_layer(layer)
         (kh, kref), (vh, vref) = (self.exchange.alloc(x.shape, self.dtype) for x in (k, v))
         event = None
