@@ -31,7 +31,7 @@ def run(args) -> int:
     if not (hf / "config.json").exists():
         print(f"making a random OPT checkpoint in {hf}")
         make_demo_opt(hf, hidden_size=256, num_attention_heads=8, num_hidden_layers=4, ffn_dim=1024,
-                 max_position_embeddings=256)
+                      max_position_embeddings=256)
     if not (shards / "manifest.json").exists():
         print(f"converting to INT4 shards in {shards}")
         convert(hf, shards, bits=4, group_size=64)

@@ -109,8 +109,8 @@ class Services:
 
     def start(self) -> str:
         o = self.opts
-        rpc.check_free(o.listen)  # before loading anything
         try:
+            rpc.check_free(o.listen)  # before loading anything
             ws = ["weight_store", "--model", o.model_dir, "--listen", self.weight_store_addr, "--session", self.session,
                   "--gpu-share", str(o.gpu_weight_share), "--host-budget-gb", str(o.host_budget_bytes / 2**30)]
             if o.disk_offload:
