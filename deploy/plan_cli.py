@@ -108,6 +108,7 @@ def plan_main(a) -> int:
     fixed = planner.Fixed(
         gpu_weight_share=a.gpu_weight_share, kv_on_host={"auto": None, "gpu": False, "host": True}[a.kv],
         micro_batches=a.micro_batches, batch_size=a.batch_size, quant_bits=bits, kv_bits=a.kv_bits,
+        disk_weight_share=None,  # layers on disk only where host memory cannot hold them (as bench and serve)
     )
     workload = cm.Workload(a.prompt_len, a.gen_len, a.batch_size)
     result = planner.plan(dims, wbf, workload, profile, fixed, max_batch=a.max_batch)

@@ -300,10 +300,13 @@ def memory(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement, gpu_byt
     return mm.gpu(dims, shape, gpu_bytes).breakdown(), mm.host(shape, wb.total)
 
 
-def fits(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement, profile: HardwareProfile) -> bool:
+def fits(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement, profile: HardwareProfile,
+         gpu: bool = True, host: bool = True) -> bool:
+    """Whether the placement fits the profile's GPU and host memory (`gpu`/`host`: check
+    that one)."""
     shape = memory_shape(dims, wb, w, pl)
-    return (mm.gpu(dims, shape, profile.gpu_bytes).total <= profile.gpu_bytes
-            and sum(mm.host(shape, wb.total).values()) <= profile.host_bytes)
+    return ((not gpu or mm.gpu(dims, shape, profile.gpu_bytes).total <= profile.gpu_bytes)
+            and (not host or sum(mm.host(shape, wb.total).values()) <= profile.host_bytes))
 
 
 def predict(dims: ModelDims, weight_bytes: WeightBytes, workload: Workload, placement: Placement,

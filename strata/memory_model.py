@@ -27,7 +27,7 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
 
 Host: the weight store's tier (every layer neither resident on the GPU nor on disk,
 embeddings and head), staging slots where some layer is read from disk, the KV store's
-cache, and HOST_HEADROOM for the processes themselves.
+cache with its spare, and HOST_HEADROOM for the processes themselves.
 """
 
 from __future__ import annotations
@@ -48,9 +48,11 @@ CUDA_CONTEXT_BYTES = 1 * GIB
 # (reserved - allocated), as a share of the peak phase's working set: what is freed and
 # allocated again layer after layer.
 ALLOCATOR_RESERVE_SHARE = 0.10
-# Host memory beyond the tier and the KV cache: the processes' own (CUDA and torch
-# runtimes, pinned exchange buffers) and the KV store's 5% spare: 12.2 GiB at T1, B=150.
-HOST_HEADROOM = 13 * GIB
+# Host memory of the three processes themselves beyond the tier and the KV cache (CUDA
+# and torch runtimes, exchange buffers), and the spare the KV store's ledger keeps: 12.2
+# GiB at T1, B=150, with 104.9 GiB of KV (run 8); 2.3 GB with no KV store (run 10).
+HOST_HEADROOM = 7 * GIB
+KV_STORE_SPARE_SHARE = 0.05
 # Quantizing a key or value element into a GPU cache (strata/quant.py): a contiguous bf16
 # copy, float32 groups, the shifted and the scaled values alive at once.
 QUANTIZE_BYTES_PER_ELEMENT = 14
@@ -210,11 +212,12 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
 def host(s: Shape, total_weight_bytes: float) -> dict[str, float]:
     """Host bytes by item. The weight store holds neither GPU-resident layers (read once
     through the staging slots) nor disk layers (strata/placement.py tier_plan)."""
-    kv = s.batch * (s.prompt_len + s.gen_len) * s.kv_token_layer_bytes
+    kv = s.batch * (s.prompt_len + s.gen_len) * s.kv_token_layer_bytes * _layers(s) if s.kv_on_host else 0.0
     return {
         "weights": total_weight_bytes - (s.resident + s.disk_layers) * s.layer_bytes,
         "staging": STAGING_SLOTS * s.layer_bytes if s.resident + s.disk_layers else 0.0,
-        "KV": kv * _layers(s) if s.kv_on_host else 0.0,
+        "KV": kv,
+        "KV store spare": KV_STORE_SPARE_SHARE * kv,
         "headroom": HOST_HEADROOM,
     }
 

@@ -66,8 +66,8 @@ def batch_candidates(limit: int = MAX_BATCH) -> list[int]:
     return sorted(out)
 
 
-def _fits(dims, wb, w, pl, profile) -> bool:
-    return cm.fits(dims, wb, w, pl, profile)
+def _fits(dims, wb, w, pl, profile, host: bool = True) -> bool:
+    return cm.fits(dims, wb, w, pl, profile, host=host)
 
 
 def _shares(dims: ModelDims, fixed: Fixed) -> list[float]:
@@ -77,13 +77,13 @@ def _shares(dims: ModelDims, fixed: Fixed) -> list[float]:
     return [k / L for k in range(L + 1)]
 
 
-def _largest_share(dims, wb, w, pl: cm.Placement, profile, shares: list[float]) -> float | None:
-    """The largest share that fits. GPU memory grows with the share and host memory
-    shrinks (resident layers are not held by the weight store), so the shares that fit
-    form a range that need not start at 0: scanned from the top."""
+def _largest_share(dims, wb, w, pl: cm.Placement, profile, shares: list[float], host: bool = True) -> float | None:
+    """The largest share that fits (`host` False: the GPU alone). GPU memory grows with
+    the share and host memory shrinks (resident layers are not held by the weight store),
+    so the shares that fit form a range that need not start at 0: scanned from the top."""
     usable = [s for s in shares if s + pl.disk_weight_share <= 1.0 + 1e-9]
     for share in reversed(usable):
-        if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile):
+        if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile, host):
             return share
     return None
 
@@ -110,12 +110,12 @@ def _most_batch(dims, wb, w, pl: cm.Placement, profile, shares: list[float], lim
 
 
 def _least_disk(dims, wb, w, pl: cm.Placement, profile) -> float | None:
-    """The smallest share of layers kept on disk (whole layers) with which host memory
-    fits; None if not even every layer on disk does."""
+    """The smallest share of layers kept on disk (whole layers, of those not resident)
+    with which host memory fits; None if not even every streamed layer on disk does."""
     L = dims.num_layers
-    for k in range(L + 1):
-        _, host = cm.memory(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L), profile.gpu_bytes)
-        if sum(host.values()) <= profile.host_bytes:
+    resident = pl.layer_counts(L)[0]
+    for k in range(L - resident + 1):
+        if cm.fits(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L), profile, gpu=False):
             return k / L
     return None
 
@@ -152,16 +152,23 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
                     if b < m:
                         continue
                     pl = dataclasses.replace(base, batch_size=b)
-                    if auto_disk:  # no disk where some share fits without; else the least at share 0
+                    if auto_disk:  # no disk where some share fits without
                         pl = dataclasses.replace(pl, disk_weight_share=0.0)
                         share = _largest_share(dims, wb, w, pl, profile, shares)
                         if share is not None:
                             yield wb, dataclasses.replace(pl, gpu_weight_share=share)
                             continue
-                        disk = _least_disk(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=0.0), profile)
+                        # else as many layers resident as the GPU holds (the disk share does not
+                        # change GPU memory), and the fewest on disk that host memory needs there:
+                        # fewer resident layers would only put more on disk
+                        share = _largest_share(dims, wb, w, pl, profile, shares, host=False)
+                        if share is None:
+                            continue
+                        disk = _least_disk(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile)
                         if disk is None:
                             continue
-                        pl = dataclasses.replace(pl, disk_weight_share=disk)
+                        yield wb, dataclasses.replace(pl, gpu_weight_share=share, disk_weight_share=disk)
+                        continue
                     share = _largest_share(dims, wb, w, pl, profile, shares)
                     if share is not None:
                         yield wb, dataclasses.replace(pl, gpu_weight_share=share)

@@ -76,7 +76,7 @@ def test_memory_limits_are_respected_with_headroom(h100, name, gpu_gib, host_gib
     for c in (planner.Choice(got.placement, got.prediction), *got.alternatives):
         p = c.prediction
         assert p.gpu_bytes_needed <= prof.gpu_bytes and p.host_bytes_needed <= prof.host_bytes
-        assert p.gpu_breakdown["margin"] >= 0.06 * prof.gpu_bytes and p.host_breakdown["headroom"] >= 8 * GIB
+        assert p.gpu_breakdown["margin"] >= 0.06 * prof.gpu_bytes and p.host_breakdown["headroom"] >= 6 * GIB
         assert p.gpu_breakdown["CUDA context"] > 0 and p.gpu_peak_allocated < p.gpu_bytes_needed
         resident, _, disk = c.placement.layer_counts(dims.num_layers)
         assert p.host_breakdown["weights"] == pytest.approx(wbf(4).total - (resident + disk) * wbf(4).layer)
