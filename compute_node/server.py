@@ -164,7 +164,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                 raise message
             yield message
             if message.done:
-                log.info("generate: %d prompts, %d tokens, queued %.3f s, first token %.3f s, decode %.3f s",
+                log.debug("generate: %d prompts, %d tokens, queued %.3f s, first token %.3f s, decode %.3f s",
                          len(prompts), message.stats.generated_tokens, message.stats.queued_s,
                          message.stats.first_token_s, message.stats.decode_s)
                 return

@@ -19,6 +19,8 @@ import psutil
 
 from compute_node.engine import MIN_TOKENS_FOR_GRAPHS
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
+from deploy import bench_clients
+from strata.errors import ErrorKind, StrataError
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
@@ -51,6 +53,7 @@ class BenchArgs:
     kv_threads: int = 0  # KV store attention threads; 0 = its default
     kv_attention: str = "native"  # KV store decode attention kernel
     decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
+    clients: object = None  # deploy.bench_clients.ClientLoad: also N concurrent single-prompt clients
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -186,6 +189,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
         micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
         disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30), kv_bits=a.kv_bits,
         decode_graphs=a.decode_graphs, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
+        max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0,
     )
     services = Services(opts)
     t_start = time.perf_counter()
@@ -195,17 +199,27 @@ def run(a: BenchArgs, progress: bool) -> dict:
         try:
             if a.warmup != "none":
                 _warm_up(a, address)
-            bar = _progress_bar(a.gen_len) if progress else None
-            on_step = (lambda step, toks: bar.update(1)) if bar else None
-            t0 = time.perf_counter()
-            result = generate(address, request_for(_prompts(a, dims.vocab), a.gen_len, stop_at_eos=False),
-                              timeout=3600, on_step=on_step)
-            wall = time.perf_counter() - t0
-            if bar:
-                bar.close()
+            result, wall = _single_call(a, address, dims.vocab, progress)
+            clients = bench_clients.run(address, a.clients, dims.vocab) if a.clients else None
         finally:
             services.stop()
-    return _report(a, dims, weight_bytes, disk, result, wall, start_s, mem.peak)
+    report = _report(a, dims, weight_bytes, disk, result, wall, start_s, mem.peak)
+    if clients is not None:
+        report["clients"] = clients
+        report["clients"]["over_single_call"] = round(clients["tokens_per_s"] / report["total_tokens_per_s"], 4)
+    return report
+
+
+def _single_call(a: BenchArgs, address: str, vocab: int, progress: bool):
+    """The timed request: batch_size prompts in one call. (result, client wall seconds)."""
+    bar = _progress_bar(a.gen_len) if progress else None
+    on_step = (lambda step, toks: bar.update(1)) if bar else None
+    t0 = time.perf_counter()
+    result = generate(address, request_for(_prompts(a, vocab), a.gen_len, stop_at_eos=False),
+                      timeout=3600, on_step=on_step)
+    if bar:
+        bar.close()
+    return result, time.perf_counter() - t0
 
 
 def _warm_up(a: BenchArgs, address: str) -> None:
@@ -343,6 +357,18 @@ def _placement(ns) -> tuple[dict, dict | None]:
             "batch_size": ns.batch_size or 8, "kv_bits": ns.kv_bits or 16, "disk_layers": 0}, None
 
 
+def _client_load(ns):
+    if not ns.clients:
+        return None
+    for spec, most, flag in ((ns.prompt_len_dist, ns.prompt_len, "--prompt-len"),
+                             (ns.gen_len_dist, ns.gen_len, "--gen-len")):
+        if spec and bench_clients.largest(spec) > most:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT,
+                              f"{spec} draws lengths over {flag} {most}, which sizes the sequence slots")
+    return bench_clients.ClientLoad(ns.clients, ns.prompt_len_dist or str(ns.prompt_len),
+                                    ns.gen_len_dist or str(ns.gen_len), ns.prompts_jsonl or "")
+
+
 def main(ns) -> int:
     fields, prediction = _placement(ns)
     a = BenchArgs(
@@ -353,6 +379,7 @@ def main(ns) -> int:
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
         kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,
+        clients=_client_load(ns),
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

@@ -47,4 +47,13 @@ def add_bench_parser(sub) -> None:
                         "short = 8-token prompts, 4 new tokens (the timed request captures its own graphs)")
     b.add_argument("--no-warmup", dest="warmup", action="store_const", const="none", help="= --warmup none")
     b.add_argument("--output", help="also append the JSON line to this file")
+    b.add_argument("--clients", type=int, default=0,
+                   help="after the single call: this many concurrent clients, one prompt each, through the served "
+                        "endpoint (the JSON gains a 'clients' object)")
+    b.add_argument("--prompt-len-dist", default="",
+                   help="with --clients: prompt lengths, uniform:A:B (tokens; at most --prompt-len); default fixed")
+    b.add_argument("--gen-len-dist", default="",
+                   help="with --clients: new tokens per client, uniform:A:B (at most --gen-len); default fixed")
+    b.add_argument("--prompts-jsonl", default="",
+                   help="with --clients: prompts from a JSONL file ({\"prompt\": ids or text, \"max_tokens\": n})")
     b.set_defaults(fn=lambda ns: __import__("deploy.bench", fromlist=["main"]).main(ns))
