@@ -119,6 +119,33 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
     }
 
 
+# The call `strata profile` times (per KV precision): T1's heads and tokens (OPT-30B, prompt
+# 512 + 32 new), several layers a step so that no step reads what the last left in cache.
+PROFILE_SHAPE = {"batch": 16, "heads": 56, "head_dim": 128, "tokens": 544, "layers": 4}
+QUICK_SHAPE = {"batch": 8, "heads": 56, "head_dim": 128, "tokens": 128, "layers": 1}
+PROFILE_FIELDS = {16: "cpu_attention_bytes_per_s", 8: "cpu_attention_int8_bytes_per_s",
+                  4: "cpu_attention_int4_bytes_per_s"}
+
+
+def profile_rates(threads: int, quick: bool = False, dram: float | None = None) -> dict:
+    """The hardware profile's CPU attention fields: KV bytes as stored read per second by
+    the kernel the KV store runs (its own where it builds, else SDPA, as the service
+    decides), over a bfloat16 cache and over INT8 and INT4 caches; and which kernel ran.
+    `dram`: GB/s measured already (reported beside each rate; default: measured here)."""
+    shape = QUICK_SHAPE if quick else PROFILE_SHAPE
+    dram = dram_read_gbps((256 << 20) if quick else 1 << 30) if dram is None else dram  # GB/s
+    out: dict = {}
+    kernels = set()
+    for bits, field in PROFILE_FIELDS.items():
+        row = bench(shape["batch"], shape["heads"], shape["head_dim"], shape["tokens"], "bfloat16", threads,
+                    steps=5 if quick else 20, kv_bits=bits, dram=dram,
+                    attention="native", layers=shape["layers"])
+        out[field] = row["kv_read_gbps"] * 1e9
+        kernels.add(row["attention"])
+    out["cpu_attention_kernel"] = "/".join(sorted(kernels))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kv_store.bench_attention")
     p.add_argument("--batch", type=int, default=8)

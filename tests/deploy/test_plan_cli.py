@@ -104,6 +104,9 @@ def test_profile_quick_writes_a_valid_profile(tmp_path):
     prof = hardware.load(out)
     assert prof.machine == socket.gethostname() and not prof.is_stale()
     assert prof.dram_read_bytes_per_s > 0 and prof.cpu_attention_bytes_per_s > 0
+    # the KV store's kernel over quantized caches too, and which kernel that was
+    assert prof.cpu_attention_int8_bytes_per_s > 0 and prof.cpu_attention_int4_bytes_per_s > 0
+    assert prof.cpu_attention_kernel in ("native", "sdpa")
     assert prof.disk_read_bytes_per_s > 0 and prof.host_bytes > GIB and prof.cpu_cores >= 1
     import torch
 

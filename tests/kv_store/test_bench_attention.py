@@ -38,3 +38,24 @@ def test_cli_prints_one_json_line_per_precision_against_one_dram_measurement(cap
     assert rows[0]["bytes_per_step"] == rows[0]["bf16_bytes_per_step"]
     assert rows[0]["kv_read_gbps"] == rows[0]["bf16_equiv_gbps"]
     assert rows[0]["bytes_per_step"] > rows[1]["bytes_per_step"] > rows[2]["bytes_per_step"]
+
+
+def test_profile_rates_time_the_kernel_the_kv_store_runs_for_each_precision(monkeypatch):
+    """`strata profile` measures the KV store's own kernel (as the service creates it)
+    over bf16, INT8 and INT4 caches: stored bytes per second, and which kernel ran."""
+    calls = []
+    real = bench_attention.bench
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench_attention, "bench", spy)
+    monkeypatch.setattr(bench_attention, "QUICK_SHAPE",
+                        {"batch": 2, "heads": 2, "head_dim": 64, "tokens": 20, "layers": 2})
+    out = bench_attention.profile_rates(threads=1, quick=True, dram=50.0)
+    assert [c["kv_bits"] for c in calls] == [16, 8, 4]
+    assert all(c["attention"] == "native" and c["layers"] == 2 and c["dram"] == 50.0 for c in calls)
+    for field in ("cpu_attention_bytes_per_s", "cpu_attention_int8_bytes_per_s", "cpu_attention_int4_bytes_per_s"):
+        assert out[field] > 0
+    assert out["cpu_attention_kernel"] in ("native", "sdpa")
