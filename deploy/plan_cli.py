@@ -24,9 +24,12 @@ GIB = 1 << 30
 
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="choose a placement with the cost model; print the prediction")
-    p.add_argument("--model", required=True, help="converted model dir, or a shape name such as facebook/opt-30b")
-    p.add_argument("--prompt-len", type=int, required=True)
-    p.add_argument("--gen-len", type=int, required=True)
+    p.add_argument("--model", help="converted model dir, or a shape name such as facebook/opt-30b")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--gen-len", type=int)
+    p.add_argument("--cases", action="store_true",
+                   help="the planner's choice and prediction for each benchmark case of DESIGN.md (T1-T4), "
+                        "with the bench command that measures it")
     p.add_argument("--batch-size", type=int, default=None, help="fixed batch (default: the planner's choice)")
     p.add_argument("--profile", help="hardware profile JSON (default: this machine's, measured if missing or stale)")
     p.add_argument("--quant-bits", type=int, default=4, choices=[0, 4, 8, 16], help="0: the planner's choice")
@@ -102,6 +105,14 @@ def kv_bits_arg(text: str) -> int | None:
 def plan_main(a) -> int:
     from rich.console import Console
 
+    if a.cases:
+        from deploy.plan_cases import cases_main
+
+        return cases_main(a)
+    missing = [f for f, v in (("--model", a.model), ("--prompt-len", a.prompt_len), ("--gen-len", a.gen_len))
+               if v is None]
+    if missing:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"strata plan needs {', '.join(missing)} (or --cases)")
     console = Console(stderr=True)
     profile, where = load_profile(a.profile, None if a.json else console)
     dims, wbf, bits = _model(a.model, a.quant_bits or None, a.group_size)
@@ -112,7 +123,8 @@ def plan_main(a) -> int:
     )
     workload = cm.Workload(a.prompt_len, a.gen_len, a.batch_size)
     result = planner.plan(dims, wbf, workload, profile, fixed, max_batch=a.max_batch)
-    report = plan_report(a.model, workload, result, profile, where)
+    report = plan_report(a.model, workload, result, profile, where, dims.num_layers)
+    report["bench_command"] = bench_command(a.model, workload, where, fixed)
     if a.json:
         print(json.dumps(report), flush=True)
     else:
@@ -121,14 +133,31 @@ def plan_main(a) -> int:
     return 0
 
 
-def _choice_dict(pl: cm.Placement, pr: cm.Prediction) -> dict:
+def bench_command(model: str, w: cm.Workload, profile_path: str, fixed: planner.Fixed) -> str:
+    """The `strata bench` line that plans this placement itself (same planner, same profile),
+    with the fields the plan was asked to keep."""
+    args = [f"strata bench --model {model} --dummy --prompt-len {w.prompt_len} --gen-len {w.gen_len}",
+            f"--profile {profile_path}"]
+    if fixed.kv_on_host:
+        args.append("--kv-offload")
+    args.append(f"--kv-bits {fixed.kv_bits or 'auto'}")
+    if fixed.batch_size:
+        args.append(f"--batch-size {fixed.batch_size}")
+    return " ".join(args)
+
+
+def _choice_dict(pl: cm.Placement, pr: cm.Prediction, num_layers: int) -> dict:
     flags = [f"--batch-size {pl.batch_size}", f"--gpu-weight-share {pl.gpu_weight_share:.4g}",
              f"--micro-batches {pl.micro_batches}", f"--quant-bits {pl.quant_bits}", f"--kv-bits {pl.kv_bits}"]
     if pl.kv_on_host:  # the KV store's capacity must hold the batch's cache
         flags += ["--kv-offload", f"--kv-capacity-gb {-(-pr.host_breakdown['KV'] // GIB) + 1:.0f}"]
+    resident, host_n, disk_n = pl.layer_counts(num_layers)
     return {
         "placement": dataclasses.asdict(pl),
+        "layers": {"gpu": resident, "host": host_n, "disk": disk_n},
         "kv": "host (KV store, CPU attention)" if pl.kv_on_host else "gpu",
+        # pinned flags; layers on disk come from a host budget that only a planned bench
+        # (bench_command) works out from the shard sizes
         "bench_flags": " ".join(flags),
         "prefill_s": round(pr.prefill_s, 4),
         "decode_step_s": round(pr.decode_step_s, 5),
@@ -136,7 +165,8 @@ def _choice_dict(pl: cm.Placement, pr: cm.Prediction) -> dict:
         "total_tokens_per_s": round(pr.total_tokens_per_s, 2),
         "prefill_binding": pr.prefill_binding,
         "decode_binding": pr.decode_binding,
-        "gpu_bytes_needed": int(pr.gpu_bytes_needed),
+        "gpu_bytes_needed": int(pr.gpu_bytes_needed),  # device bytes, margin included: <= the GPU's
+        "gpu_peak_allocated_bytes": int(pr.gpu_peak_allocated),  # beside the bench's measured peak_gpu_bytes
         "host_bytes_needed": int(pr.host_bytes_needed),
         "gpu_breakdown": {k: int(v) for k, v in pr.gpu_breakdown.items()},
         "host_breakdown": {k: int(v) for k, v in pr.host_breakdown.items()},
@@ -144,16 +174,16 @@ def _choice_dict(pl: cm.Placement, pr: cm.Prediction) -> dict:
 
 
 def plan_report(model: str, w: cm.Workload, result: planner.Plan, profile: hardware.HardwareProfile,
-                where: str) -> dict:
+                where: str, num_layers: int) -> dict:
     return {
         "model": model,
         "prompt_len": w.prompt_len,
         "gen_len": w.gen_len,
         "profile": {"machine": profile.machine, "measured_at": profile.measured_at, "path": where,
-                    "gpu_bytes": profile.gpu_bytes, "host_bytes": profile.host_bytes},
-        **_choice_dict(result.placement, result.prediction),
+                    "gpu_bytes": profile.gpu_bytes, "host_bytes": profile.host_bytes, "source": profile.source},
+        **_choice_dict(result.placement, result.prediction, num_layers),
         "considered": result.considered,
-        "alternatives": [_choice_dict(c.placement, c.prediction) for c in result.alternatives],
+        "alternatives": [_choice_dict(c.placement, c.prediction, num_layers) for c in result.alternatives],
     }
 
 
@@ -163,24 +193,30 @@ def print_plan(report: dict, console) -> None:
     prof = report["profile"]
     t = Table(title=f"strata plan: {report['model']}, prompt {report['prompt_len']}, gen {report['gen_len']} "
                     f"on {prof['machine']} (profile {prof['measured_at'][:10]})")
-    for col in ("", "GPU/host weights", "bits", "KV", "KV bits", "µb", "batch", "prefill s", "step ms", "tok/s",
-                "bound: prefill / decode", "GPU GiB", "host GiB"):
+    for col in ("", "layers GPU/host/disk", "bits", "KV", "KV bits", "µb", "batch", "prefill s", "step ms",
+                "tok/s", "bound: prefill / decode", "peak GiB", "GPU GiB", "host GiB"):
         t.add_column(col, justify="left" if col in ("", "KV", "bound: prefill / decode") else "right",
                      no_wrap=True)
     for i, c in enumerate([report, *report["alternatives"]]):
-        pl = c["placement"]
+        pl, n = c["placement"], c["layers"]
         t.add_row(
-            "chosen" if i == 0 else f"alt {i}", f"{pl['gpu_weight_share']:.2f} / {1 - pl['gpu_weight_share']:.2f}",
+            "chosen" if i == 0 else f"alt {i}", f"{n['gpu']}/{n['host']}/{n['disk']}",
             str(pl["quant_bits"]), "host" if pl["kv_on_host"] else "GPU", str(pl["kv_bits"]), str(pl["micro_batches"]),
             str(pl["batch_size"]), f"{c['prefill_s']:.2f}", f"{c['decode_step_s'] * 1e3:.1f}",
             f"{c['total_tokens_per_s']:.1f}", f"{c['prefill_binding']} / {c['decode_binding']}",
+            f"{c['gpu_peak_allocated_bytes'] / GIB:.1f}",
             f"{c['gpu_bytes_needed'] / GIB:.1f} / {prof['gpu_bytes'] / GIB:.0f}",
             f"{c['host_bytes_needed'] / GIB:.1f} / {prof['host_bytes'] / GIB:.0f}",
             style="bold" if i == 0 else None,
         )
     console.print(t)
-    console.print(f"strata bench --model {report['model']} --dummy --prompt-len {report['prompt_len']} "
-                  f"--gen-len {report['gen_len']} {report['bench_flags']}")
+    console.print("peak GiB: PyTorch's allocated peak predicted (the bench's peak_gpu_bytes); GPU GiB: what the "
+                  "placement asks of the device, margin included")
+    if report.get("bench_command"):
+        console.print(report["bench_command"])
+    if not report["layers"]["disk"]:
+        console.print(f"strata bench --model {report['model']} --dummy --prompt-len {report['prompt_len']} "
+                      f"--gen-len {report['gen_len']} {report['bench_flags']}")
 
 
 # ---- strata profile ----------------------------------------------------------------------------------------

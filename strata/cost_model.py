@@ -117,6 +117,7 @@ class WeightBytes:
     # one buffer, which the packed q, k, v merged for the fused decode kernel do not free
     # (compute_node/weights.py dummy_layer_on_device, layer_weights.merge_qkv)
     resident_extra: float = 0.0
+    dummy: bool = False  # `--dummy`: resident layers made on the GPU, never read through staging slots
 
     @property
     def total(self) -> float:
@@ -140,7 +141,7 @@ def estimate_weight_bytes(dims: ModelDims, quant_bits: int, group_size: int = 64
     extra = 0.0
     if dummy and quant_bits == 4 and not dims.fused_qkv:
         extra = (dims.num_heads + 2 * dims.kv_heads) * dims.head_dim * dims.hidden * per
-    return WeightBytes(p * per + small, other, p, quant_bits < 16, dims.num_layers, extra)
+    return WeightBytes(p * per + small, other, p, quant_bits < 16, dims.num_layers, extra, dummy)
 
 
 def layer_params(d: ModelDims) -> float:
@@ -286,6 +287,7 @@ def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -
         kv_token_layer_bytes=kv_bytes_per_token_layer(dims, pl.kv_bits, pl.kv_group),
         kv_token_layer_bf16=kv_bytes_per_token_layer(dims, 16), quant_bits=pl.quant_bits, layer_bytes=wb.layer,
         other_bytes=wb.other, dense_layer_bytes=2 * wb.layer_params, resident_extra=wb.resident_extra,
+        resident_from_files=not wb.dummy,
     )
 
 

@@ -141,6 +141,7 @@ class Shape:
     other_bytes: float  # embeddings and head
     dense_layer_bytes: float  # one layer's matmul weights in the compute dtype
     resident_extra: float = 0.0  # bytes a resident layer holds beyond its shard (WeightBytes.resident_extra)
+    resident_from_files: bool = True  # resident layers read once through the staging slots (not --dummy)
 
     @property
     def streamed(self) -> int:
@@ -211,11 +212,12 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
 
 def host(s: Shape, total_weight_bytes: float) -> dict[str, float]:
     """Host bytes by item. The weight store holds neither GPU-resident layers (read once
-    through the staging slots) nor disk layers (strata/placement.py tier_plan)."""
+    through the staging slots; dummy ones are made on the GPU) nor disk layers
+    (strata/placement.py tier_plan)."""
     kv = s.batch * (s.prompt_len + s.gen_len) * s.kv_token_layer_bytes * _layers(s) if s.kv_on_host else 0.0
     return {
         "weights": total_weight_bytes - (s.resident + s.disk_layers) * s.layer_bytes,
-        "staging": STAGING_SLOTS * s.layer_bytes if s.resident + s.disk_layers else 0.0,
+        "staging": STAGING_SLOTS * s.layer_bytes if s.disk_layers or (s.resident and s.resident_from_files) else 0.0,
         "KV": kv,
         "KV store spare": KV_STORE_SPARE_SHARE * kv,
         "headroom": HOST_HEADROOM,

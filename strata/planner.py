@@ -36,6 +36,7 @@ class Fixed:
     batch_size: int | None = None
     quant_bits: int | None = None
     disk_weight_share: float | None = 0.0  # None: the least share of layers on disk that fits host memory
+    max_disk_layers: int | None = None  # with disk_weight_share None: at most this many (disk space)
     kv_bits: int | None = 16  # None: the planner's choice among KV_BITS
 
 
@@ -165,7 +166,8 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
                         if share is None:
                             continue
                         disk = _least_disk(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile)
-                        if disk is None:
+                        if disk is None or (fixed.max_disk_layers is not None
+                                            and round(disk * dims.num_layers) > fixed.max_disk_layers):
                             continue
                         yield wb, dataclasses.replace(pl, gpu_weight_share=share, disk_weight_share=disk)
                         continue
@@ -214,5 +216,7 @@ def _does_not_fit(dims, wbf: WeightBytesFn, w: cm.Workload, profile: HardwarePro
     where = (f"batch {pl.batch_size}, GPU weight share {pl.gpu_weight_share:g}, INT{bits}" if bits < 16
              else f"batch {pl.batch_size}, GPU weight share {pl.gpu_weight_share:g}, fp16")
     kv = "KV in host memory" if pl.kv_on_host else "KV on the GPU"
+    if fixed.max_disk_layers is not None:
+        parts.append(f"and at most {fixed.max_disk_layers} layers may stay on disk (its free space)")
     return StrataError(ErrorKind.RESOURCE_EXHAUSTED,
                        f"no placement fits, not even the smallest ({where}, {kv}): " + "; ".join(parts))
