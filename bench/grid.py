@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--kv-bits", default="16", choices=["16", "auto"],
                     help="auto: the planner and the grid may quantize a GPU cache to 8/4 bits")
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--profile", default=str(ROOT / "bench/profiles/nvidia-h100-x1-measured.json"))
+    ap.add_argument("--profile", default=str(ROOT / "bench/profiles/nvidia-h200.json"))  # the benchmark machine
     ap.add_argument("--batches", default="8,16,24,32,48,64,96,128")
     a = ap.parse_args()
     profile = hardware.load(a.profile)

@@ -47,13 +47,15 @@ class BenchArgs:
     disk_offload: bool = False
     host_budget_gb: float = 0.0
     offload_dir: str = ""
-    disk_read_gbps: float = 0.0  # for the floor; 0 = DESIGN.md's measured figure
+    disk_read_gbps: float = 0.0  # for the floor; 0 = the profile's figure
     kv_bits: int = 16  # KV cache precision (GPU or KV store)
     disk_layers: int = 0  # the planner's: streamed layers read from disk every pass (the last ones)
     kv_threads: int = 0  # KV store attention threads; 0 = its default
     kv_attention: str = "native"  # KV store decode attention kernel
     decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
     clients: object = None  # deploy.bench_clients.ClientLoad: also N concurrent single-prompt clients
+    profile: object = None  # strata.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
+    profile_path: str = ""
 
 
 def case_of(a: BenchArgs) -> str | None:
@@ -63,6 +65,8 @@ def case_of(a: BenchArgs) -> str | None:
         return "T1" if a.kv_offload and a.quant_bits == 4 else "T2"
     if a.model == "facebook/opt-175b" and a.quant_bits == 4:
         return "T3"
+    if a.model == "meta-llama/Llama-3.1-405B" and a.quant_bits == 4:
+        return "T4"
     return None
 
 
@@ -135,14 +139,29 @@ def _budget_for_disk_layers(a: BenchArgs, m: Manifest) -> BenchArgs:
     return dataclasses.replace(a, host_budget_gb=budget / 2**30)
 
 
-def _offload_dir(a: BenchArgs) -> str:
-    """Dummy weights for the disk tier: written once per shape into a cache directory."""
+def _offload_base(offload_dir: str) -> pathlib.Path:
+    return pathlib.Path(offload_dir or os.environ.get("STRATA_CACHE", pathlib.Path.home() / ".cache" / "strata"))
+
+
+def _offload_dir(a: BenchArgs, m: Manifest) -> str:
+    """Dummy weights for the disk tier: written once per shape into a cache directory,
+    with their bytes only where read from disk every pass (the rest sparse zeros: the
+    host tier and the GPU's own dummy layers never read those files' bytes as weights)."""
     from weight_store.dummy_files import write_dummy_model
 
-    base = pathlib.Path(a.offload_dir or os.environ.get("STRATA_CACHE", pathlib.Path.home() / ".cache" / "strata"))
-    out = base / "offload" / f"{a.model.replace('/', '--')}-q{a.quant_bits}g{a.group_size}"
-    write_dummy_model(a.model, a.quant_bits, a.group_size, out)
+    out = _offload_base(a.offload_dir) / "offload" / f"{a.model.replace('/', '--')}-q{a.quant_bits}g{a.group_size}"
+    write_dummy_model(a.model, a.quant_bits, a.group_size, out, data=_disk_shards(a, m))
     return str(out)
+
+
+def _disk_shards(a: BenchArgs, m: Manifest) -> set[str]:
+    """The shards the weight store reads from disk every pass under this run's tier plan."""
+    from strata.placement import resident_layers, tier_plan
+    from weight_store.host_tier import shard_sizes
+
+    plan = tier_plan(shard_sizes(m), m.num_layers, a.gpu_weight_share,
+                     int(a.host_budget_gb * 2**30) or None, a.disk_offload)
+    return set(plan.disk) - {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
 
 
 def _kv_bytes_per_token(a: BenchArgs, dims) -> float:
@@ -180,7 +199,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
     disk = _disk_bytes_per_pass(a, m)
     model_dir, dummy = ("", a.model) if a.dummy else (a.model, "")
     if a.dummy and (a.disk_offload or a.host_budget_gb):
-        model_dir, dummy = _offload_dir(a), ""
+        model_dir, dummy = _offload_dir(a, m), ""
     opts = ServeOptions(
         model_dir=model_dir, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
         kv_capacity_bytes=_kv_capacity(a, dims), kv_threads=a.kv_threads, kv_attention=a.kv_attention,
@@ -274,7 +293,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             peak_host: int) -> dict:
     tokens = a.batch_size * a.gen_len
     kvpt = _kv_bytes_per_token(a, dims)
-    hw = fl.Hardware()
+    hw = a.profile.to_hardware() if a.profile is not None and a.profile.has_gpu else fl.Hardware()
     if a.disk_read_gbps:
         hw = dataclasses.replace(hw, disk_bytes_per_s=a.disk_read_gbps * 1e9)
     f = fl.floor(dims, fl.Workload(a.batch_size, a.prompt_len, a.gen_len),
@@ -315,10 +334,54 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
         "floor_decode_s": round(f["decode_s"], 4),
         "measured_over_floor": round(total_tps / f["tokens_per_s"], 3),
         "floor_disk_read_bytes_per_s": hw.disk_bytes_per_s if disk[0] else None,
+        "floor_profile": _profile_record(a),
         "device": _device_name(a.device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "strata " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
     }
+
+
+def _profile_record(a: BenchArgs) -> dict:
+    """Which figures the floor came from."""
+    p = a.profile
+    if p is None or not p.has_gpu:
+        return {"path": None, "machine": fl.Hardware().name, "source": "DESIGN.md's H100 figures (no GPU profile)"}
+    return {"path": a.profile_path, "machine": p.machine, "measured_at": p.measured_at, "source": p.source}
+
+
+def prediction_dict(pr, profile_path: str) -> dict:
+    """The cost model's figures to report beside the measured ones (peak_gpu_bytes: PyTorch's
+    allocated peak, as the compute node measures it)."""
+    return {"profile": profile_path, "total_tokens_per_s": round(pr.total_tokens_per_s, 2),
+            "prefill_s": round(pr.prefill_s, 4), "decode_s": round(pr.decode_s, 4),
+            "binding": [pr.prefill_binding, pr.decode_binding], "peak_gpu_bytes": int(pr.gpu_peak_allocated),
+            "gpu_bytes_needed": int(pr.gpu_bytes_needed), "host_bytes_needed": int(pr.host_bytes_needed),
+            "gpu_breakdown": {k: int(v) for k, v in pr.gpu_breakdown.items()}}
+
+
+def predict_run(run: dict, profile):
+    """The cost model's prediction of a bench JSON line's placement on `profile`."""
+    from deploy.plan_cli import _model
+    from strata import cost_model as cm
+
+    w = run["placement"]["weights"]
+    dims, wbf, _ = _model(run["model"], w["quant_bits"], w["group_size"])
+    disk_share = w.get("disk_layers_per_pass", 0) / dims.num_layers
+    pl = cm.Placement(w["gpu_share"], run["placement"]["kv"].startswith("host"), run["placement"]["micro_batches"],
+                      run["batch_size"], w["quant_bits"], disk_share, run["placement"].get("kv_bits", 16))
+    return cm.predict(dims, wbf(w["quant_bits"]), cm.Workload(run["prompt_len"], run["gen_len"], run["batch_size"]),
+                      pl, profile)
+
+
+def _disk_layers_room(ns, layer_bytes: float) -> int | None:
+    """Dummy runs write their disk layers first: at most as many as the offload directory's
+    free space holds (1 GiB kept free); None where nothing must be written."""
+    if not getattr(ns, "dummy", False):
+        return None
+    from weight_store.diskspace import disk_free_bytes
+
+    free = disk_free_bytes(_offload_base(getattr(ns, "offload_dir", "")))
+    return max(0, int((free - 2**30) // layer_bytes))
 
 
 def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
@@ -331,17 +394,32 @@ def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
     profile, where = load_profile(profile_path or ns.profile)
     dims, wbf, bits = _model(ns.model, ns.quant_bits, ns.group_size)
     fixed = planner.Fixed(kv_on_host=True if ns.kv_offload else None, batch_size=ns.batch_size, quant_bits=bits,
-                          disk_weight_share=None, kv_bits=ns.kv_bits)
+                          disk_weight_share=None, kv_bits=ns.kv_bits,
+                          max_disk_layers=_disk_layers_room(ns, wbf(bits).layer))
     workload = cm.Workload(ns.prompt_len, ns.gen_len, ns.batch_size)
     result = planner.plan(dims, wbf, workload, profile, fixed)
     pl, pr = result.placement, result.prediction
     fields = {"gpu_weight_share": pl.gpu_weight_share, "kv_offload": pl.kv_on_host,
               "micro_batches": pl.micro_batches, "batch_size": pl.batch_size, "kv_bits": pl.kv_bits,
               "disk_layers": pl.layer_counts(dims.num_layers)[2]}
-    prediction = {"profile": where, "total_tokens_per_s": round(pr.total_tokens_per_s, 2),
-                  "prefill_s": round(pr.prefill_s, 4), "decode_s": round(pr.decode_s, 4),
-                  "binding": [pr.prefill_binding, pr.decode_binding]}
-    return fields, prediction
+    return fields, prediction_dict(pr, where)
+
+
+def _floor_profile(ns, prediction: dict | None):
+    """(profile, path) for the floor and the prediction: the planner's; else --profile;
+    else this machine's cached profile where one is fresh (never measured here); else
+    (None, "") and the floor takes DESIGN.md's H100 figures."""
+    from strata import hardware
+
+    path = prediction["profile"] if prediction else ns.profile
+    if path:
+        return hardware.load(path), str(path)
+    default = hardware.default_path()
+    if default.exists():
+        prof = hardware.load(default)
+        if not prof.is_stale():
+            return prof, str(default)
+    return None, ""
 
 
 def _placement(ns) -> tuple[dict, dict | None]:
@@ -371,6 +449,7 @@ def _client_load(ns):
 
 def main(ns) -> int:
     fields, prediction = _placement(ns)
+    profile, profile_path = _floor_profile(ns, prediction)
     a = BenchArgs(
         model=ns.model, dummy=ns.dummy, batch_size=fields["batch_size"], prompt_len=ns.prompt_len,
         gen_len=ns.gen_len, kv_offload=fields["kv_offload"], quant_bits=ns.quant_bits, group_size=ns.group_size,
@@ -379,10 +458,12 @@ def main(ns) -> int:
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
         kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,
-        clients=_client_load(ns),
+        clients=_client_load(ns), profile=profile, profile_path=profile_path,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given
+    if profile is not None and profile.has_gpu and a.device.startswith("cuda"):  # the run's placement, predicted
+        report["predicted"] = prediction_dict(predict_run(report, profile), profile_path)
     line = json.dumps(report)
     print(line, flush=True)
     if ns.output:
