@@ -11,7 +11,8 @@ import os
 import socket
 import sys
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from strata import logs
+from strata.rpc import API_KEY_ENV
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,8 +23,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-name", default="", help="the model id in /v1/models (default: the directory's name)")
     p.add_argument("--tls-ca", default="", help="PEM root certificate of a TLS compute node")
     p.add_argument("--timeout", type=float, default=600.0, help="each request's deadline in seconds (0 = none)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="least severe level logged")
-    p.add_argument("--log-json", action="store_true", help="(accepted for the launcher; logs are text)")
     return p.parse_args(argv)
 
 
@@ -40,16 +39,14 @@ def bind(listen: str) -> socket.socket:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")
+    a = parse_args(logs.setup_from_argv("gateway", argv))  # --log-level, --log-json as every service
     import uvicorn
 
     from gateway.app import GatewayConfig, create_app
     from strata.chat_template import ChatTemplate
 
     config = GatewayConfig(endpoint=a.endpoint, model_dir=a.model_dir, model_name=a.model_name,
-                           api_key=os.environ.get("STRATA_API_KEY", ""), tls_ca=a.tls_ca, timeout_s=a.timeout)
+                           api_key=os.environ.get(API_KEY_ENV, ""), tls_ca=a.tls_ca, timeout_s=a.timeout)
     template = ChatTemplate.load(a.model_dir) if a.model_dir else None
     app = create_app(config, template)
     try:
@@ -60,7 +57,8 @@ def main(argv=None) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     print(f"READY {f'[{host}]' if ':' in host else host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level, access_log=a.log_level == "debug",
-                                           timeout_graceful_shutdown=3, lifespan="on"))
+    debug = logging.getLogger().level <= logging.DEBUG
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=debug, timeout_graceful_shutdown=3,
+                                           lifespan="on"))  # log_config None: uvicorn logs through strata.logs
     server.run(sockets=[sock])
     return 0

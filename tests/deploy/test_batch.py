@@ -4,6 +4,7 @@ custom_id exactly once and equals a clean run's (greedy); bad lines are answered
 the output and never stop the job."""
 
 import json
+import pathlib
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import time
 import pytest
 
 import tiny_models
-from serving import ROOT, Server
+from serving import Server
 
 pytestmark = pytest.mark.slow
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORDS = ["hello world", "the quick brown fox", "a stack of memory", "weights are stored", "attention over"]
 
 

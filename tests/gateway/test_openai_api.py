@@ -4,7 +4,6 @@ prometheus_client's parser."""
 
 import json
 import pathlib
-import sys
 import urllib.request
 
 import openai
@@ -12,8 +11,7 @@ import pytest
 
 import tiny_models
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "deploy"))
-from serving import Server  # noqa: E402
+from serving import Server
 
 pytestmark = pytest.mark.slow
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -4,9 +4,7 @@ final result; the async client gives the same tokens; a deadline ends retries. A
 TextStream alone: stop sequences are never shown, even in part."""
 
 import asyncio
-import pathlib
 import socket
-import sys
 import threading
 import time
 
@@ -15,8 +13,7 @@ import pytest
 import tiny_models
 from strata.client import AsyncClient, CallError, Client, Retry, TextStream
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "deploy"))
-from serving import Server, strata  # noqa: E402
+from serving import Server, strata
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250]]
 
