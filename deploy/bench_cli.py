@@ -21,7 +21,7 @@ def add_bench_parser(sub) -> None:
                    help="where --dummy weights for the disk tier are written (default: $STRATA_CACHE or "
                         "~/.cache/strata, under offload/)")
     b.add_argument("--disk-read-gbps", type=float, default=0.0,
-                   help="disk read speed for the floor (e.g. measured with dd); default DESIGN.md's 1.2 GB/s")
+                   help="disk read speed for the floor (e.g. measured with dd); default: the profile's")
     b.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     b.add_argument("--quant-bits", type=int, default=4, choices=[4, 8, 16])
     b.add_argument("--kv-bits", type=kv_bits_arg, default=16,
@@ -32,7 +32,8 @@ def add_bench_parser(sub) -> None:
                    help="share of layers resident on the GPU (with --micro-batches: a pinned placement; "
                         "without either, on a GPU the planner chooses)")
     b.add_argument("--micro-batches", type=int, default=None, help="micro-batches per loaded layer")
-    b.add_argument("--profile", help="hardware profile for the planner (default: this machine's, measured if missing)")
+    b.add_argument("--profile", help="hardware profile for the planner and the floor (default: this machine's; "
+                                     "measured if missing when the planner needs it)")
     b.add_argument("--device", default="cuda")
     b.add_argument("--kv-capacity-gb", type=float, default=0.0,
                    help="KV store capacity with --kv-offload; 0 = what the batch needs, plus 5%%")
