@@ -72,9 +72,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, runner: Runner, limits: Limits, eos_id: int | None, pad_id: int, metrics: Metrics,
-                 peak_bytes=lambda: 0):
+                 peak_bytes=lambda: 0, kv_gauge: tuple[str, int] = ("", 0)):
+        """`kv_gauge`: (metric name, bytes a cached token takes): the KV bytes in use."""
         self.runner, self.limits, self.eos, self.pad = runner, limits, eos_id, pad_id
-        self.metrics, self.peak_bytes = metrics, peak_bytes
+        self.metrics, self.peak_bytes, self.kv_gauge = metrics, peak_bytes, kv_gauge
         self.pool = SlotPool(limits.groups)
         self.waiting = WaitQueue(limits.max_queue)
         self.running: list[Request] = []
@@ -143,7 +144,7 @@ class Scheduler:
             if not self.running:
                 continue
             try:
-                self._pass(joins, admitted)
+                self._pass_shrinking(joins, admitted)
             except Exception as e:  # noqa: BLE001 - the requests in this pass fail; the service goes on
                 log.exception("pass failed")
                 error = e if isinstance(e, StrataError) else StrataError(ErrorKind.INTERNAL, f"generation failed: {e}")
@@ -152,6 +153,24 @@ class Scheduler:
                         self._end(r, error, "error")
         with self.cv:
             self._fail_all(StrataError(ErrorKind.UNAVAILABLE, "the compute node is stopping"))
+
+    def _pass_shrinking(self, joins: list[tuple[Sequence, Join]], admitted: list[Request]) -> None:
+        """A pass; where the device runs out of memory in it, again with the prefill in
+        smaller chunks (a pass is idempotent: it writes the same KV at the same places),
+        down to one prompt at a time. The smaller chunk size stays; it is logged and
+        counted (`oom_shrinks_total`), and no request is lost."""
+        while True:
+            try:
+                return self._pass(joins, admitted)
+            except torch.OutOfMemoryError:
+                biggest = max((len(s.prompt) for s, _ in joins), default=0)
+                if not joins or self.runner.chunk_tokens <= biggest:
+                    raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, "the device ran out of memory in a decode step")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.runner.chunk_tokens = max(biggest, self.runner.chunk_tokens // 2)
+                self.metrics.count("oom_shrinks_total")
+                log.warning("out of device memory in a pass: prefill chunks shrink to %d tokens", self.runner.chunk_tokens)
 
     def _seat(self, admitted: list[Request]) -> list[tuple[Sequence, Join]]:
         now = time.monotonic()
@@ -219,8 +238,15 @@ class Scheduler:
                     picked = logits[torch.tensor([rows[id(s)] for s in live], device=logits.device)]
                     tokens = choose(picked, r.sampling, r.generator).tolist()
                 self._advance(r, live, tokens, now)
-            self.metrics.step(sum(len(r.live) for r in self.running), self.limits.slots)
-            self.metrics.set("running_sequences", sum(len(r.live) for r in self.running))
+            self._gauges()
+
+    def _gauges(self) -> None:
+        live = [s for r in self.running for s in r.live]
+        self.metrics.step(len(live), self.limits.slots)
+        self.metrics.set("running_sequences", len(live))
+        name, per_token = self.kv_gauge
+        if name:
+            self.metrics.set(name, per_token * sum(s.position + 1 for s in live))
 
     def _group_steps(self, joining: set[int]) -> tuple[list[GroupStep], dict[int, dict[int, Sequence]]]:
         """Each group's decode step over its rows in use; rows joining this pass idle."""

@@ -28,7 +28,7 @@ from compute_node.model import family_for
 from compute_node.runner import Runner
 from compute_node.sampling import Sampling
 from compute_node.scheduler import Request, Scheduler
-from compute_node.slot_kv import LocalSlots, RemoteSlots, SlotShape
+from compute_node.slot_kv import LocalSlots, RemoteSlots, SlotShape, kv_bytes_per_token
 from compute_node.slots import Limits, default_max_queue, even_groups
 from compute_node.stops import StopWatch
 from compute_node.tokenizer import TextCodec
@@ -91,7 +91,8 @@ class ComputeNode:
         self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
                                               self.batch_limits.capacity, self.codec.has_tokenizer)
         self.scheduler = Scheduler(self._runner(config), self.batch_limits, self.dims.eos_token_id,
-                                   self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes)
+                                   self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes,
+                                   kv_gauge=(f"kv_bytes_used:{self.kv_home}", self.kv_token_bytes))
 
     def _batch_limits(self, config: ComputeNodeConfig) -> Limits:
         """The running batch: slots in micro-batch groups, tokens per slot, wait queue."""
@@ -110,9 +111,13 @@ class ComputeNode:
             else:
                 groups.append(LocalSlots(shape, self.dtype, self.device, config.kv_bits))
         self.kv_groups = groups
+        tokens = self.batch_limits.slots * self.batch_limits.capacity
+        per_token = kv_bytes_per_token(d, self.dtype, config.kv_bits)
+        self.kv_home = "gpu" if self.kv is None else "kv_store"
         for home in ("gpu", "kv_store"):
-            used = sum(g.nbytes for g in groups) if (home == "gpu") == (self.kv is None) else 0
-            self.metrics.set(f"kv_bytes_capacity:{home}", used)
+            self.metrics.set(f"kv_bytes_capacity:{home}", tokens * per_token if home == self.kv_home else 0)
+            self.metrics.set(f"kv_bytes_used:{home}", 0)
+        self.kv_token_bytes = per_token
         chunk = config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
         return Runner(self.layers, family, d.num_layers, groups, chunk)
 

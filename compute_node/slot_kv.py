@@ -46,6 +46,15 @@ class SlotShape:
         return alibi_slopes(self.num_heads) if self.alibi else None
 
 
+def kv_bytes_per_token(dims, dtype: torch.dtype, kv_bits: int) -> int:
+    """Bytes one token's keys and values take over all layers (codes plus fp16 scale and
+    min per group when quantized)."""
+    vectors = 2 * dims.num_layers * dims.kv_heads
+    if kv_bits == 16:
+        return vectors * dims.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return vectors * KVFormat(kv_bits, dims.head_dim, default_group(dims.head_dim)).vector_bytes
+
+
 @dataclasses.dataclass
 class Joining:
     """The sequences that join a group in one pass: their rows and prompt lengths, in

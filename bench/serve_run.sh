@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Device steps for the serving scheduler (issue 17) and the before/after comparison of
+# the engine change: the code at .old/ (the session's starting commit, unpacked with
+# `git archive BASE | tar -x -C .old`) against the working tree, same flags, same host.
+# usage: bench/serve_run.sh STEP...   (full logs under $OUT)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RES="$OUT/bench.jsonl"
+export PYTHONUNBUFFERED=1
+new() { PYTHONPATH=$PWD${EXTRA_PATH:+:$EXTRA_PATH} timeout "${BENCH_TIMEOUT:-500}" python3 -m deploy.cli bench --json --output "$RES" "$@" 2>>"$OUT/bench.log" | tail -1 | cut -c1-400; }
+old() { (cd .old && PYTHONPATH=$PWD${EXTRA_PATH:+:$EXTRA_PATH} timeout "${BENCH_TIMEOUT:-500}" python3 -m deploy.cli bench --json --output "$RES.old" "$@" 2>>"$OUT/bench-old.log" | tail -1 | cut -c1-300); }
+T2="--model facebook/opt-30b --dummy --gpu-weight-share 1 --micro-batches 1 --batch-size ${T2_B:-128}"
+T1="--model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 --micro-batches ${T1_M:-4} --batch-size ${T1_B:-159}"
+T3="--model facebook/opt-175b --dummy --kv-bits 4 --gpu-weight-share 0 --micro-batches ${T3_M:-8} --batch-size ${T3_B:-89}"
+for step in "$@"; do
+  echo "== $step $(date -u +%H:%M:%S)"
+  case $step in
+    env) nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python3 -c "import torch,grpc;print(torch.__version__,grpc.__version__)";;
+    cudatest) STRATA_TEST_DEVICE=cuda PYTHONPATH=$PWD:tests${EXTRA_PATH:+:$EXTRA_PATH} timeout ${CT_TIMEOUT:-200} python3 -m pytest -q -x -p no:cacheprovider tests/compute_node/test_scheduler.py -k "concurrent or one_length" > "$OUT/cudatest.txt" 2>&1; tail -3 "$OUT/cudatest.txt";;
+    t2) new $T2 --clients ${S1_N:-256};;
+    t2old) old $T2;;
+    t1) new $T1 --clients ${S2_N:-256};;
+    t1old) old $T1;;
+    t3) new $T3 --clients ${S3_N:-128};;
+    t3old) old $T3;;
+    mixed) new $T2 --prompt-len 1024 --gen-len 256 --batch-size ${MIX_B:-64} --clients 512 --prompt-len-dist uniform:32:1024 --gen-len-dist uniform:16:256;;
+    fixed512) new $T2 --batch-size ${MIX_B:-64} --prompt-len 1024 --gen-len 256 --clients 512 --prompt-len-dist 512 --gen-len-dist 32;;
+    profile) PYTHONPATH=$PWD timeout 300 python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -5;;
+  esac
+done
+echo "== done $(date -u +%H:%M:%S)"
