@@ -62,6 +62,10 @@ def _check_serve_flags(a) -> int:
         print(f"strata serve: --listen {a.listen} can be reached from other hosts: give --api-key (or "
               f"${rpc.API_KEY_ENV}), or --insecure to serve anyone who can connect", file=sys.stderr)
         return 2
+    if a.http and not rpc.is_loopback(a.http) and not a.api_key and not a.insecure:
+        print(f"strata serve: --http {a.http} can be reached from other hosts: give --api-key (or "
+              f"${rpc.API_KEY_ENV}), or --insecure to serve anyone who can connect", file=sys.stderr)
+        return 2
     if bool(a.tls_cert) != bool(a.tls_key):
         print("strata serve: TLS needs both --tls-cert and --tls-key", file=sys.stderr)
         return 2
@@ -92,7 +96,7 @@ def _serve(a) -> int:
         return 1
     print(f"listening on {address}", flush=True)
     if services.http_address:
-        print(f"HTTP API on http://{services.http_address}", flush=True)
+        print(f"HTTP API on {'https' if a.tls_cert else 'http'}://{services.http_address}", flush=True)
     while not stop.wait(0.5):
         dead = services.dead()
         if dead:

@@ -162,11 +162,14 @@ class Services:
         return line.split(" ", 1)[1]
 
     def _start_gateway(self) -> str:
-        """The HTTP gateway (gateway/), once the compute node is healthy; it reads the API
-        key from STRATA_API_KEY in its environment."""
+        """The HTTP gateway (gateway/), once the compute node is healthy. It calls the compute
+        node on its control socket (no TLS there; the API key, from STRATA_API_KEY in its
+        environment, still needed) and serves HTTPS with serve's certificate where one is given."""
         o = self.opts
-        self._spawn("gateway", ["gateway", "--listen", o.http, "--endpoint", self.address, "--model-dir", o.model_dir],
-                    stdout=subprocess.PIPE)
+        args = ["gateway", "--listen", o.http, "--endpoint", self.control_addr, "--model-dir", o.model_dir]
+        if o.tls_cert:
+            args += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
+        self._spawn("gateway", args, stdout=subprocess.PIPE)
         proc = self.procs["gateway"]
         line = proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
         if not line.startswith("READY "):

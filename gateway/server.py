@@ -22,6 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", default="", help="the served model's directory (tokenizer and chat template)")
     p.add_argument("--model-name", default="", help="the model id in /v1/models (default: the directory's name)")
     p.add_argument("--tls-ca", default="", help="PEM root certificate of a TLS compute node")
+    p.add_argument("--tls-cert", default="", help="PEM certificate: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     p.add_argument("--timeout", type=float, default=600.0, help="each request's deadline in seconds (0 = none)")
     return p.parse_args(argv)
 
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
     print(f"READY {f'[{host}]' if ':' in host else host}:{port}", flush=True)
     debug = logging.getLogger().level <= logging.DEBUG
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=debug, timeout_graceful_shutdown=3,
-                                           lifespan="on"))  # log_config None: uvicorn logs through strata.logs
+                                           lifespan="on",  # log_config None: uvicorn logs through strata.logs
+                                           ssl_certfile=a.tls_cert or None, ssl_keyfile=a.tls_key or None))
     server.run(sockets=[sock])
     return 0

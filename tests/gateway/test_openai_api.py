@@ -1,6 +1,6 @@
-"""`strata serve --http`: the real `openai` package against the four processes (a tiny
-OPT whose tokenizer_config.json has a chat template), and /metrics read with
-prometheus_client's parser."""
+"""`strata serve --http --api-key`: the real `openai` package against the four
+processes (a tiny OPT whose tokenizer_config.json has a chat template), and /metrics
+read with prometheus_client's parser."""
 
 import json
 import pathlib
@@ -14,6 +14,7 @@ import tiny_models
 from serving import Server
 
 pytestmark = pytest.mark.slow
+KEY = "sesame"
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -33,7 +34,7 @@ def served(tmp_path_factory):
     with_chat_template(hf)
     shards = hf.parent / "tiny-chat"
     convert(hf, shards, bits=16)
-    server = Server(shards, "--http", "127.0.0.1:0")
+    server = Server(shards, "--http", "127.0.0.1:0", "--api-key", KEY)
     line = server.proc.stdout.readline().strip()
     assert line.startswith("HTTP API on http://"), line
     base = line.split(" on ", 1)[1]
@@ -45,7 +46,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(served):
     _, base, _ = served
-    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def test_models_lists_the_served_model(client):
@@ -126,6 +127,14 @@ def test_metrics_parse_and_request_counters_move(served, client):
         assert (name, ()) in after, name
     assert after[("strata_requests_total", (("outcome", "ok"),))] >= before[("strata_requests_total", (("outcome", "ok"),))]
     assert after[("strata_generated_tokens_total", ())] >= before[("strata_generated_tokens_total", ())]
+
+
+def test_the_servers_api_key_is_needed(served):
+    _, base, _ = served
+    stranger = openai.OpenAI(base_url=base + "/v1", api_key="guess", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        stranger.completions.create(model="tiny-chat", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
 
 
 def test_health_and_ready(served):
