@@ -66,9 +66,9 @@ def test_kv_bits_auto_lets_the_plan_quantize_the_cache_and_a_bad_value_is_refuse
 
 def test_plan_that_cannot_fit_is_a_clear_error():
     r = strata("plan", "--model", "facebook/opt-175b", "--prompt-len", "512", "--gen-len", "32", "--quant-bits",
-               "16", "--profile", str(PROFILE), "--json")
+               "16", "--gpu-weight-share", "1", "--profile", str(PROFILE), "--json")
     assert r.returncode == 1 and r.stdout == ""
-    assert "resource exhausted" in r.stderr and "host memory needs" in r.stderr and "short by" in r.stderr
+    assert "resource exhausted" in r.stderr and "GPU memory needs" in r.stderr and "short by" in r.stderr
 
 
 def test_plan_uses_a_fresh_cached_profile_without_measuring(tmp_path):
@@ -125,3 +125,27 @@ def test_disk_read_is_measured_in_the_given_directory(tmp_path):
     rate, how = measure_disk(quick=True, directory=str(tmp_path))
     assert rate > 0 and how.startswith(("pread", "kvikio"))  # the weight store's reader backend
     assert not list(tmp_path.iterdir())
+
+
+H200 = ROOT / "bench" / "profiles" / "nvidia-h200.json"
+
+
+def test_plan_cases_predicts_each_design_case_with_its_bench_command():
+    r = strata("plan", "--cases", "--profile", str(H200), "--json")
+    assert r.returncode == 0, r.stderr
+    cases = {c["case"]: c for c in map(json.loads, r.stdout.strip().splitlines())}
+    assert list(cases) == ["T1", "T1 INT4 KV", "T2", "T3", "T4"]
+    assert cases["T1"]["placement"]["kv_on_host"] and cases["T1"]["placement"]["kv_bits"] == 16
+    assert cases["T1 INT4 KV"]["placement"]["kv_bits"] == 4
+    assert cases["T4"]["model"] == "meta-llama/Llama-3.1-405B" and cases["T4"]["layers"]["disk"] > 0
+    for c in cases.values():
+        assert c["gpu_peak_allocated_bytes"] < c["gpu_bytes_needed"] <= c["profile"]["gpu_bytes"]
+        assert c["total_tokens_per_s"] > 0
+        assert c["bench_command"].startswith(f"strata bench --model {c['model']} --dummy --prompt-len 512")
+        assert f"--profile {H200}" in c["bench_command"]
+    assert "--kv-offload" in cases["T1"]["bench_command"] and "--kv-bits auto" in cases["T3"]["bench_command"]
+
+
+def test_plan_without_a_model_or_cases_is_a_clear_error():
+    r = strata("plan", "--prompt-len", "512", "--profile", str(H200))
+    assert r.returncode == 1 and "--model" in r.stderr and "--gen-len" in r.stderr

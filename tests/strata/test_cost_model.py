@@ -169,7 +169,8 @@ def test_estimate_weight_bytes_matches_the_dummy_manifest():
     pytest.importorskip("transformers")
     from weight_store.dummy import dummy_manifest
 
-    for name, bits in (("facebook/opt-1.3b", 4), ("facebook/opt-1.3b", 16), ("bigscience/bloom-560m", 8)):
+    for name, bits in (("facebook/opt-1.3b", 4), ("facebook/opt-1.3b", 16), ("bigscience/bloom-560m", 8),
+                       ("meta-llama/Llama-2-7b-hf", 4)):  # an untied head and no position table
         m = dummy_manifest(name, bits, 64)
         dims = dims_for(m.config)
         exact = cm.weight_bytes_from_shards({k: s.size for k, s in m.shards.items()}, dims, bits)

@@ -142,3 +142,32 @@ def test_the_planners_choice_never_asks_for_more_than_the_device(h200, name, kv)
         assert c.prediction.gpu_bytes_needed <= h200.gpu_bytes
         assert c.prediction.gpu_peak_allocated + memory_model.margin(h200.gpu_bytes) <= h200.gpu_bytes
         assert c.prediction.host_bytes_needed <= h200.host_bytes
+
+
+def test_decode_graphs_threshold_is_the_engines():
+    pytest.importorskip("torch")
+    from deploy.bench import MIN_TOKENS_FOR_GRAPHS
+
+    assert memory_model.MIN_TOKENS_FOR_GRAPHS == MIN_TOKENS_FOR_GRAPHS
+
+
+def test_llama_3_1_405b_is_larger_than_the_gpu_and_the_host():
+    dims, wb = dummy("meta-llama/Llama-3.1-405B")
+    assert (dims.num_layers, dims.hidden, dims.ffn, dims.num_heads, dims.kv_heads, dims.vocab) == (
+        126, 16384, 53248, 128, 8, 128256)
+    assert not dims.tied_head and dims.position_rows == 0 and dims.max_positions == 131072
+    assert 230e9 < wb.total < 240e9  # INT4 in groups of 64
+    cfg = shapes.config_for("meta-llama/Llama-3.1-405B")
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_theta"] == 500000.0
+
+
+def test_llama_3_1_405b_plans_layers_on_the_gpu_in_host_memory_and_on_disk(h200):
+    """Neither the H200 nor its 125 GiB of host memory holds the model: the plan keeps
+    what fits on the GPU and in host memory and the fewest layers on disk there."""
+    dims, wb = dummy("meta-llama/Llama-3.1-405B")
+    got = planner.plan(dims, lambda bits: wb, W, h200, planner.Fixed(quant_bits=4, disk_weight_share=None))
+    resident, host, disk = got.placement.layer_counts(dims.num_layers)
+    assert resident > 0 and host > 0 and disk > 0
+    assert got.prediction.fits(h200) and got.prediction.decode_binding == "NVMe weights"
+    fewer = dataclasses.replace(got.placement, disk_weight_share=(disk - 1) / dims.num_layers)
+    assert not cm.fits(dims, wb, W, fewer, h200)  # one layer fewer on disk: host memory short
