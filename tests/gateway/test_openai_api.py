@@ -116,17 +116,24 @@ def test_metrics_parse_and_request_counters_move(served, client):
 
     key = ("strata_http_requests_total", (("route", "/v1/completions"), ("status", "200")))
     before = scrape()
-    client.completions.create(model="tiny-chat", prompt="hello", max_tokens=3, temperature=0)
+    usage = client.completions.create(model="tiny-chat", prompt="hello", max_tokens=3, temperature=0).usage
     after = scrape()
     assert after[key] == before.get(key, 0) + 1
     assert after[("strata_compute_node_up", ())] == 1
     # the compute node's scheduler values (Generator.Stats), as counters, gauges and histograms
-    for name in ("strata_generated_tokens_total", "strata_prompt_tokens_total", "strata_queue_depth",
-                 "strata_running_sequences", "strata_batch_occupancy_ratio", "strata_h2d_gigabytes_per_second",
-                 "strata_time_to_first_token_seconds_count", "strata_inter_token_latency_seconds_count"):
+    for name in ("strata_queue_depth", "strata_running_sequences", "strata_batch_slots",
+                 "strata_batch_occupancy_ratio", "strata_h2d_gigabytes_per_second"):
         assert (name, ()) in after, name
-    assert after[("strata_requests_total", (("outcome", "ok"),))] >= before[("strata_requests_total", (("outcome", "ok"),))]
-    assert after[("strata_generated_tokens_total", ())] >= before[("strata_generated_tokens_total", ())]
+    assert any(name == "strata_kv_capacity_bytes" and dict(labels).get("home") for name, labels in after)
+
+    def moved(name, labels=()):
+        return after[(name, labels)] - before[(name, labels)]
+
+    assert moved("strata_requests_total", (("outcome", "ok"),)) == 1
+    assert moved("strata_generated_tokens_total") == usage.completion_tokens
+    assert moved("strata_prompt_tokens_total") == usage.prompt_tokens
+    assert moved("strata_time_to_first_token_seconds_count") == 1
+    assert moved("strata_inter_token_latency_seconds_count") == usage.completion_tokens - 1
 
 
 def test_the_servers_api_key_is_needed(served):
