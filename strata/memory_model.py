@@ -8,8 +8,8 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
   node keeps the last request's caches only for a request of the same shapes, which
   renews them in place, so they are never held twice);
 - the working set of the larger of two phases:
-    prefill: every micro-batch's hidden states; two dense copies of a layer (the one
-      running and the next, dequantized); one micro-batch's layer activations (q, k, v,
+    prefill: every joining prompt's hidden states; two dense copies of a layer (the one
+      running and the next, dequantized); one prefill chunk's layer activations (q, k, v,
       attention output, residuals, the MLP's intermediates: one ffn-wide tensor where
       relu is fused into the matmul, two for another plain MLP, three gated); quantizing
       its keys and values where a quantized cache is on the GPU; the logits;
@@ -18,10 +18,10 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
       dtype with its attention scores, the logits.
   Held + the larger phase is PyTorch's allocated peak (torch.cuda.max_memory_allocated:
   the bench's peak_gpu_bytes), `GpuMemory.peak_allocated`;
-- outside that peak: the private pools of the decode graphs kept for the next request
-  (compute_node/decode_graph.py KeptDecode: one decode step's working set per
-  micro-batch, reserved between requests); the CUDA context and the kernels' module
-  images; the caching allocator's reserve (cached blocks a later size cannot reuse);
+- outside that peak: the private pools of the decode graphs the compute node keeps
+  for the life of the server (compute_node/slot_graphs.py: one decode step's working set
+  per group of slots); the CUDA context and the kernels' module images; the caching
+  allocator's reserve (cached blocks a later size cannot reuse);
 - the safety margin: GPU_MARGIN_SHARE of the device plus GPU_MARGIN_BYTES, the one
   place it is set.
 
@@ -56,7 +56,6 @@ KV_STORE_SPARE_SHARE = 0.05
 # Quantizing a key or value element into a GPU cache (strata/quant.py): a contiguous bf16
 # copy, float32 groups, the shifted and the scaled values alive at once.
 QUANTIZE_BYTES_PER_ELEMENT = 14
-MIN_TOKENS_FOR_GRAPHS = 4  # compute_node/engine.py: decode graphs only for at least this many new tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,15 +152,22 @@ class Shape:
         return -(-self.batch // self.micro_batches)
 
     @property
+    def chunk_rows(self) -> int:
+        """Prompt tokens through a layer at once: the compute node packs whole prompts into
+        chunks of up to a group's slots x (prompt + generation) tokens (compute_node/
+        runner.py, config prefill_chunk_tokens)."""
+        prompts = max(1, self.mb_rows * (self.prompt_len + self.gen_len) // max(self.prompt_len, 1))
+        return min(prompts, self.batch) * self.prompt_len
+
+    @property
     def fused_decode(self) -> bool:
         """Resident INT4 layers run the fused kernel on their packed bytes at decode."""
         return self.quant_bits == 4 and self.mb_rows <= FUSED_INT4_MAX_ROWS
 
     @property
     def decode_graphs(self) -> bool:
-        """compute_node/decode_graph.py: every layer resident, an unquantized GPU cache."""
-        return (self.streamed == 0 and not self.kv_on_host and self.kv_bits == 16
-                and self.gen_len >= MIN_TOKENS_FOR_GRAPHS)
+        """compute_node/runner.py: every layer resident, an unquantized GPU cache."""
+        return self.streamed == 0 and not self.kv_on_host and self.kv_bits == 16
 
 
 def _decode_step(d: ModelDims, s: Shape, rows: int) -> dict[str, float]:
@@ -188,7 +194,7 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
     }
     if s.resident_extra:
         held["resident q/k/v copies"] = s.resident * s.resident_extra
-    rows = s.mb_rows * s.prompt_len
+    rows = s.chunk_rows
     per_row = activation_bytes_per_row(d)
     if not s.kv_on_host and s.kv_bits < 16:
         per_row = max(per_row, quantize_bytes_per_row(d))
@@ -202,7 +208,7 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
     decode["logits"] = s.batch * d.vocab * 6
     peak = max(sum(prefill.values()), sum(decode.values()))
     outside = {}
-    if s.decode_graphs:  # one private pool per micro-batch's graph
+    if s.decode_graphs:  # one private pool per group's graph
         outside["decode graph pools"] = s.micro_batches * sum(_decode_step(d, s, s.mb_rows).values())
     outside["CUDA context"] = CUDA_CONTEXT_BYTES
     outside["allocator reserve"] = ALLOCATOR_RESERVE_SHARE * peak

@@ -32,7 +32,10 @@ def dummy(name: str, bits: int = 4):
     return dims, cm.estimate_weight_bytes(dims, bits, dummy=True)
 
 
-# strata bench --dummy on nvidia-h100-x1 (runs 48-84): placement, torch's peak allocated GiB
+# strata bench --dummy on nvidia-h100-x1 (runs 48-84): placement, torch's peak allocated GiB.
+# That engine prefilled one micro-batch (slots x prompt tokens) at a time; the scheduler's
+# chunks hold whole prompts up to slots x (prompt + generation) tokens, a few more rows,
+# so the model now sits up to 10% above these peaks.
 MEASURED = [
     ("facebook/opt-30b", cm.Placement(1.0, False, 1, 64), 71.7),  # T2
     ("facebook/opt-30b", cm.Placement(1.0, True, 2, 159), 29.0),  # T1
@@ -49,7 +52,7 @@ MEASURED = [
 def test_peak_allocated_is_at_or_a_little_above_the_measured_peak(h100, name, pl, measured_gib):
     dims, wb = dummy(name)
     mem = cm.gpu_memory(dims, wb, W, pl, h100.gpu_bytes)
-    assert measured_gib <= mem.peak_allocated / GIB <= measured_gib * 1.08
+    assert measured_gib <= mem.peak_allocated / GIB <= measured_gib * 1.10
 
 
 def test_t3_placement_that_ran_out_of_memory_on_the_h200_does_not_fit(h200):
@@ -80,10 +83,14 @@ def test_every_item_adds_up_and_the_margin_is_stated_once(h200):
         memory_model.ALLOCATOR_RESERVE_SHARE * sum(mem.peak_working_set.values()))
 
 
-def test_prefill_working_set_grows_with_the_micro_batch_not_the_batch(h200):
+def test_prefill_working_set_grows_with_the_chunk_not_the_batch(h200):
+    """Prompts are prefilled in chunks of whole prompts, up to a group's slots x (prompt +
+    generation) tokens (compute_node/runner.py)."""
     dims, wb = dummy("facebook/opt-30b")
     one, four = (cm.gpu_memory(dims, wb, W, cm.Placement(1.0, True, m, 128), h200.gpu_bytes) for m in (1, 4))
-    assert one.prefill["activations"] == pytest.approx(4 * four.prefill["activations"])
+    per_row = memory_model.activation_bytes_per_row(dims)
+    assert one.prefill["activations"] == 128 * 512 * per_row  # every prompt: the batch is the cap
+    assert four.prefill["activations"] == 34 * 512 * per_row  # 32 slots x 544 tokens hold 34 prompts
     assert one.prefill["hidden states"] == four.prefill["hidden states"]  # every micro-batch's, alive at once
     assert one.peak_phase == "prefill"
 
@@ -103,7 +110,7 @@ def test_a_quantized_gpu_cache_costs_its_quantizer_at_prefill_and_a_rebuilt_laye
     pl = cm.Placement(0.0, False, 8, 96, kv_bits=4)
     q = cm.gpu_memory(dims, wb, W, pl, h200.gpu_bytes)
     plain = cm.gpu_memory(dims, wb, W, dataclasses.replace(pl, kv_bits=16), h200.gpu_bytes)
-    rows = 12 * 512
+    rows = 12 * 512  # the chunk: 12 prompts, as many as 12 slots x 544 tokens hold
     assert q.prefill["activations"] == rows * max(memory_model.activation_bytes_per_row(dims),
                                                   memory_model.quantize_bytes_per_row(dims))
     assert q.decode["KV layer rebuilt"] == 12 * 544 * cm.kv_bytes_per_token_layer(dims, 16)
@@ -142,13 +149,6 @@ def test_the_planners_choice_never_asks_for_more_than_the_device(h200, name, kv)
         assert c.prediction.gpu_bytes_needed <= h200.gpu_bytes
         assert c.prediction.gpu_peak_allocated + memory_model.margin(h200.gpu_bytes) <= h200.gpu_bytes
         assert c.prediction.host_bytes_needed <= h200.host_bytes
-
-
-def test_decode_graphs_threshold_is_the_engines():
-    pytest.importorskip("torch")
-    from deploy.bench import MIN_TOKENS_FOR_GRAPHS
-
-    assert memory_model.MIN_TOKENS_FOR_GRAPHS == MIN_TOKENS_FOR_GRAPHS
 
 
 def test_llama_3_1_405b_is_larger_than_the_gpu_and_the_host():
