@@ -29,9 +29,13 @@ def planned_options(a, opts):
     m = Manifest.load(a.model)
     dims, wbf, bits = _model(a.model, None, 64)
     profile, where = load_profile(a.profile)
-    fixed = planner.Fixed(kv_on_host=True if a.kv_offload else None, batch_size=a.plan_batch, quant_bits=bits,
+    # the scheduler allocates every slot's KV at start: plan for the slots and slot length
+    # it will have where the user sets them (--max-batch, --max-seq-len)
+    batch = a.plan_batch or a.max_batch or None
+    gen_len = max(a.plan_gen_len, (a.max_seq_len or 0) - a.plan_prompt_len)
+    fixed = planner.Fixed(kv_on_host=True if a.kv_offload else None, batch_size=batch, quant_bits=bits,
                           disk_weight_share=None, kv_bits=a.kv_bits)
-    workload = cm.Workload(a.plan_prompt_len, a.plan_gen_len, a.plan_batch)
+    workload = cm.Workload(a.plan_prompt_len, gen_len, batch)
     result = planner.plan(dims, wbf, workload, profile, fixed)
     pl, pr = result.placement, result.prediction
     disk_n = pl.layer_counts(dims.num_layers)[2]
@@ -42,7 +46,9 @@ def planned_options(a, opts):
     print(f"strata serve: planned for {pl.batch_size} prompts of {a.plan_prompt_len} tokens + {a.plan_gen_len} "
           f"(profile {where}): GPU weight share {pl.gpu_weight_share:.3f}, KV {'host' if pl.kv_on_host else 'GPU'}, "
           f"KV at {pl.kv_bits} bits, {pl.micro_batches} micro-batches, {disk_n} layers on disk; predicted "
-          f"{pr.total_tokens_per_s:.1f} tokens/s (bound by {pr.prefill_binding} / {pr.decode_binding})",
+          f"{pr.total_tokens_per_s:.1f} tokens/s (bound by {pr.prefill_binding} / {pr.decode_binding}), GPU memory "
+          f"{pr.gpu_peak_allocated / 2**30:.1f} GiB at its peak, {pr.gpu_bytes_needed / 2**30:.1f} of "
+          f"{profile.gpu_bytes / 2**30:.1f} GiB with the margin",
           file=sys.stderr, flush=True)
     if disk_n and a.transport != "shm":
         raise StrataError(ErrorKind.FAILED_PRECONDITION, "the plan keeps layers on disk; that needs --transport shm")

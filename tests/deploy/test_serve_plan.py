@@ -65,3 +65,11 @@ def test_decode_graphs_are_on_unless_switched_off_and_survive_the_plan(model):
     for extra, want in (((), True), (("--no-decode-graphs",), False)):
         assert options(model, "--device", "cuda", "--profile", PROFILE, *extra).decode_graphs is want
         assert options(model, "--gpu-weight-share", "1", *extra).decode_graphs is want
+
+
+def test_the_plan_is_for_the_slots_the_scheduler_will_allocate(model, capsys):
+    """--max-batch and --max-seq-len size the scheduler's KV at start: the plan is made for them."""
+    o = options(model, "--device", "cuda", "--profile", PROFILE, "--max-batch", "8", "--max-seq-len", "1024")
+    assert o.max_batch == 8 and o.max_seq_len == 1024
+    err = capsys.readouterr().err
+    assert "planned for 8 prompts" in err and "GiB with the margin" in err
