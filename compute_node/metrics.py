@@ -11,6 +11,8 @@ Names (a label, where there is one, follows a colon):
   steps_total                   engine passes (each a decode step, with any prefill joined to it)
   kv_bytes_used:<home>, kv_bytes_capacity:<home>   home: gpu or kv_store
   weight_bytes_per_pass         bytes of weights copied host-to-device each pass
+  decode_graphs                 1 where decode-only passes replay fixed-shape steps (CUDA graphs)
+  oom_shrinks_total             passes retried with smaller prefill chunks after running out of memory
   h2d_bytes_total, h2d_seconds_total   weight copies host-to-device (GB/s = bytes / seconds)
   ttft_seconds_bucket:<le>, ttft_seconds_sum, ttft_seconds_count     time to first token
   itl_seconds_bucket:<le>, itl_seconds_sum, itl_seconds_count        time between tokens

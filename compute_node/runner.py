@@ -21,6 +21,7 @@ import dataclasses
 import torch
 
 from compute_node.layer_weights import LayerWeights
+from compute_node.slot_graphs import GroupGraphs
 from compute_node.slot_kv import Joining
 
 
@@ -91,12 +92,34 @@ class _Decoding:
 
 
 class Runner:
-    def __init__(self, weights: LayerWeights, family, num_layers: int, groups: list, chunk_tokens: int):
+    def __init__(self, weights: LayerWeights, family, num_layers: int, groups: list, chunk_tokens: int,
+                 graphs: str = "off"):
         """`groups`: the KV cache of each group (compute_node/slot_kv.py). `chunk_tokens`:
-        most prompt tokens prefilled through a layer at once (activation memory)."""
+        most prompt tokens prefilled through a layer at once (activation memory).
+        `graphs`: decode-only passes run each group's step as CUDA graphs ("cuda"), the
+        same fixed-shape steps eagerly ("eager": --device mock-cuda), or not ("off");
+        only where every layer is resident and the KV cache is local and unquantized."""
         self.w, self.family, self.num_layers = weights, family, num_layers
         self.groups = groups
         self.chunk_tokens = max(1, chunk_tokens)
+        fixed = graphs != "off" and not weights.streamed and all(getattr(g, "plain", False) for g in groups)
+        self.graphs = [GroupGraphs(kv, self._fixed_step(kv), graphs == "cuda") for kv in groups] if fixed else None
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.graphs is not None
+
+    def _fixed_step(self, kv):
+        def step(view) -> torch.Tensor:
+            w, fam = self.w, self.family
+            h = fam.embed(w.embed, view.ids, view.pos)
+            for i in range(self.num_layers):
+                wi = w.get(i, view.n)
+                q, k, v = fam.pre_attention(wi, h, view.pos)
+                h = fam.post_attention(wi, h, kv.decode_start(i, view, q, k, v))
+            return fam.logits(w.head, w.embed, h[:, -1])
+
+        return step
 
     def chunks(self, joins: list[Join]) -> list[list[Join]]:
         """Joining prompts in chunks of at most chunk_tokens (a longer prompt alone)."""
@@ -114,6 +137,8 @@ class Runner:
     def step(self, joins: list[Join], steps: list[GroupStep]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """One pass. Returns the joining prompts' logits [len(joins), vocab] (in the
         order given) and each group step's logits [n, vocab]."""
+        if not joins and self.graphs is not None:
+            return None, [self.graphs[s.group].run(s.ids, s.positions, s.idle) for s in steps]
         dev = self.w.device
         chunks = [_Chunk(c, dev) for c in self.chunks(joins)]
         decoding = [_Decoding(s, self.groups[s.group], dev) for s in steps]

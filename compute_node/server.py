@@ -59,7 +59,9 @@ class ComputeNode:
 
     def __init__(self, config: ComputeNodeConfig, transport: str = "shm"):
         self.config = config
-        self.device = torch.device(config.device)
+        # mock-cuda: CPU tensors, with the logic of the CUDA-only paths (fixed-shape decode
+        # steps in buckets, compute_node/slot_graphs.py) run eagerly, so CI covers it
+        self.device = torch.device("cpu" if config.device == "mock-cuda" else config.device)
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
             raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
@@ -119,7 +121,12 @@ class ComputeNode:
             self.metrics.set(f"kv_bytes_used:{home}", 0)
         self.kv_token_bytes = per_token
         chunk = config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
-        return Runner(self.layers, family, d.num_layers, groups, chunk)
+        graphs = "off"
+        if config.decode_graphs:
+            graphs = "cuda" if self.device.type == "cuda" else "eager" if config.device == "mock-cuda" else "off"
+        runner = Runner(self.layers, family, d.num_layers, groups, chunk, graphs)
+        self.metrics.set("decode_graphs", float(runner.uses_graphs))  # what the node does, for bench and tests
+        return runner
 
     def peak_gpu_bytes(self) -> int:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0

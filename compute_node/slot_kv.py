@@ -130,7 +130,8 @@ class LocalSlots:
         check_bits(kv_bits)
         self.s, self.dtype, self.device = s, dtype, device
         pad = torch.zeros(s.slots, dtype=torch.long)  # the layers' constructors read the batch from it
-        shape = _LayersShape(s.num_layers, s.kv_heads, s.capacity, s.head_dim, pad)
+        # one column past the capacity: where idle rows of a fixed-shape step write (slot_graphs.py)
+        shape = _LayersShape(s.num_layers, s.kv_heads, s.capacity + 1, s.head_dim, pad)
         if kv_bits == 16:
             self.layers = _PlainLayers(shape, dtype, device)
         else:
@@ -141,6 +142,11 @@ class LocalSlots:
     @property
     def nbytes(self) -> int:
         return self.layers.nbytes
+
+    @property
+    def plain(self) -> bool:
+        """Stored in the compute dtype (not quantized)."""
+        return isinstance(self.layers, _PlainLayers)
 
     def view(self, positions: list[int], idle: list[int]) -> DecodeView:
         return DecodeView(self.s, positions, idle, self.device, self.dtype)

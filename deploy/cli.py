@@ -270,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--listen", default="127.0.0.1:50551", help="host:port or unix:///path (port 0 = any free port)")
-    s.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N] (default cpu)")
+    s.add_argument("--device", default="cpu",
+                   help="compute device: cpu, cuda[:N], or mock-cuda (CPU tensors through the CUDA paths' logic, "
+                        "for tests) (default cpu)")
     s.add_argument("--kv-offload", action="store_true", help="KV cache in the KV store, attention on its CPU")
     s.add_argument("--kv-capacity-gb", type=float, default=2.0, help="host memory for the KV cache in GiB, faulted in at start (default 2)")
     s.add_argument("--kv-bits", type=kv_bits_arg, default=16,

@@ -13,7 +13,7 @@ from strata.errors import ErrorKind, StrataError
 def pinned(a) -> bool:
     """Whether the user chose the placement (any placement flag given)."""
     return (a.gpu_weight_share is not None or a.micro_batches is not None or a.disk_offload
-            or a.host_budget_gb > 0 or a.device == "cpu")
+            or a.host_budget_gb > 0 or a.device in ("cpu", "mock-cuda"))
 
 
 def planned_options(a, opts):

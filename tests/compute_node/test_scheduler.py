@@ -67,7 +67,8 @@ def _stats(address: str) -> dict[str, float]:
         return dict(generate_pb2_grpc.GeneratorStub(ch).Stats(generate_pb2.StatsRequest(), timeout=5).values)
 
 
-@pytest.mark.parametrize("kv_flags", [[], ["--kv-offload"]], ids=["kv-local", "kv-offload"])
+@pytest.mark.parametrize("kv_flags", [[], ["--kv-offload"], ["--device", "mock-cuda"]],
+                         ids=["kv-local", "kv-offload", "mock-cuda-graph-buckets"])
 def test_concurrent_clients_are_batched_and_each_gets_its_tokens_alone(opt, kv_flags):
     hf, shards = opt
     work = _workload()
@@ -87,6 +88,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_tokens_alone(opt, kv_f
     # one call at a time would take as many passes again; batched, far fewer
     assert stats["steps_total"] - steps_alone < steps_alone / 2
     assert stats["requests_total:ok"] == 2 * CLIENTS
+    assert stats["decode_graphs"] == (1.0 if "mock-cuda" in kv_flags else 0.0)
 
 
 def test_a_cancelled_call_frees_its_slot_and_disturbs_no_other(opt):
