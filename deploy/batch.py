@@ -31,7 +31,8 @@ from strata import openai_format as oai
 from strata.client import AsyncClient, CallError
 
 FSYNC_LINES, FSYNC_SECONDS = 32, 1.0
-BUSY_BACKOFF_S = (0.2, 5.0)  # a full server queue (429): wait and try again, from 0.2 s doubling to 5 s
+BUSY_BACKOFF_S = (0.2, 5.0)  # a full server queue: wait and try again, from 0.2 s doubling to 5 s
+BUSY_WAIT_S = 300.0  # ... for at most this long, then the request is answered 429
 
 
 @dataclasses.dataclass
@@ -107,7 +108,7 @@ def _line_error(n: int, cid, code: str, message: str) -> dict:
 
 async def answer(client: AsyncClient, cid: str, job: oai.Job, timeout: float | None) -> tuple[dict, int]:
     """The output line for one request, and the tokens it generated."""
-    wait = BUSY_BACKOFF_S[0]
+    wait, waited = BUSY_BACKOFF_S[0], 0.0
     while True:
         try:
             result = await client.generate(job.prompts, job.max_new_tokens, timeout=timeout, **job.sampling())
@@ -115,8 +116,10 @@ async def answer(client: AsyncClient, cid: str, job: oai.Job, timeout: float | N
         except CallError as e:
             if e.code == "UNAVAILABLE":
                 raise Stopped(str(e)) from None
-            if e.code == "RESOURCE_EXHAUSTED":  # the server's queue is full: later
+            # a full queue says "retry later"; a request too long for the server's slots does not
+            if e.code == "RESOURCE_EXHAUSTED" and "retry" in e.message and waited < BUSY_WAIT_S:
                 await asyncio.sleep(wait)
+                waited += wait
                 wait = min(wait * 2, BUSY_BACKOFF_S[1])
                 continue
             err = oai.from_call_error(e.code, str(e))
@@ -137,6 +140,8 @@ async def run_batch(src: str, dst: str, client: AsyncClient, *, template=None, c
             pass
         concurrency = 2 * slots if slots else 32
     state = Progress()
+    if progress is not None:
+        progress(state, total)
     work: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)
     out: asyncio.Queue = asyncio.Queue()
     failed: list[BaseException] = []

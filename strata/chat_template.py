@@ -14,8 +14,9 @@ log = logging.getLogger("strata.chat_template")
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context: int | None = None):
         self.tokenizer = tokenizer
+        self.context = context  # the model's positions (prompt + generated tokens), where known
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path) -> "ChatTemplate | None":
@@ -27,9 +28,20 @@ class ChatTemplate:
         except (OSError, ValueError) as e:
             log.warning("no tokenizer in %s (%s): chat requests will be refused", model_dir, e)
             return None
-        return cls(tok) if getattr(tok, "chat_template", None) else None
+        return cls(tok, _positions(model_dir)) if getattr(tok, "chat_template", None) else None
 
     def __call__(self, messages: list[dict]) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in transformers 5, a list before
         return [int(t) for t in ids]
+
+
+def _positions(model_dir) -> int | None:
+    """The converted model's positions (its manifest's config), or None."""
+    from strata import arch
+    from strata.manifest import Manifest
+
+    try:
+        return arch.dims_for(Manifest.load(model_dir).config).max_positions
+    except Exception:  # noqa: BLE001 - a plain HF directory, an unknown family: no cap known
+        return None

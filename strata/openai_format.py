@@ -95,7 +95,8 @@ def completion_job(body: Any) -> Job:
 def chat_job(body: Any, render: Callable[[list[dict]], list[int]] | None,
              default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> Job:
     """`render(messages)`: the prompt's token ids by the model's chat template (None: the
-    model has none, a 400)."""
+    model has none, a 400). Without max_tokens, at most `default_max_tokens`, and no more
+    than the model's positions leave after the prompt (`render.context`, where known)."""
     body = _object(body)
     messages = _messages(body.get("messages"))
     if render is None:
@@ -106,6 +107,9 @@ def chat_job(body: Any, render: Callable[[list[dict]], list[int]] | None,
     except Exception as e:  # noqa: BLE001 - the template's own error (e.g. roles must alternate)
         raise bad("messages", f"the chat template cannot render them: {e}") from None
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    context = getattr(render, "context", None)
+    if context:
+        default_max_tokens = max(1, min(default_max_tokens, context - len(ids)))
     return _job("chat", body, [ids], _max_tokens(body, default_max_tokens, key))
 
 

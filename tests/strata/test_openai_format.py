@@ -46,3 +46,15 @@ def test_responses_carry_usage_and_finish_reasons():
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert oai.from_call_error("RESOURCE_EXHAUSTED", "queue full").status == 429
     assert oai.from_call_error("UNAUTHENTICATED", "no key").status == 401
+
+
+def test_chat_without_max_tokens_ends_within_the_models_positions():
+    class Render:
+        context = 10  # the model's positions
+
+        def __call__(self, messages):
+            return [1] * 7
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert oai.chat_job(body, Render()).max_new_tokens == 3
+    assert oai.chat_job({**body, "max_tokens": 5}, Render()).max_new_tokens == 5  # asked for: the server judges
