@@ -47,10 +47,10 @@ GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # profile measures for its kernel alone (kv_store/bench_attention.py): 83-90 GB/s at T1
 # against 95.5 GB/s alone, bf16 cache (runs 82-84).
 SERVICE_ATTENTION_EFFICIENCY = 0.88
-# Stored-byte rate of the quantized caches against the bf16 one, for profiles that did
-# not measure them (kv_store/bench_attention.py at T1's call shape, 16 threads: 12.47 ms
-# bf16, 13.55 INT8, 9.66 INT4 for the same tokens).
-CPU_QUANT_RATE_FALLBACK = {8: 0.92 * (1 + 4 / 64) / 2, 4: 1.29 * (0.5 + 4 / 64) / 2}
+# The quantized caches' speed against the bf16 one for the same tokens, for profiles that
+# did not measure them (kv_store/bench_attention.py at T1's call shape, 16 threads: 12.47
+# ms bf16, 13.55 INT8, 9.66 INT4).
+CPU_QUANT_SPEED_FALLBACK = {8: 0.92, 4: 1.29}
 # Streamed layers reach about 0.95 of the profile's pinned host-to-GPU copy rate with
 # the packed ring (one copy per layer, dequant on the compute stream): an OPT-175B
 # decode step with every layer streamed took 1.84-1.88 s for 99 GB (runs 16 and 20).
@@ -182,10 +182,14 @@ def _gemm_flops(p: HardwareProfile, rows: float) -> float:
     return p.gpu_flops * GEMM_EFFICIENCY * rows / (rows + GEMM_HALF_M)
 
 
-def cpu_attention_rate(p: HardwareProfile, kv_bits: int) -> float:
-    """Stored KV bytes/s of the KV store's kernel alone over a cache of `kv_bits`: the
-    profile's figure, else derived from its bf16 one."""
-    return p.cpu_attention_rate(kv_bits) or p.cpu_attention_bytes_per_s * CPU_QUANT_RATE_FALLBACK.get(kv_bits, 1.0)
+def cpu_attention_s(p: HardwareProfile, kv_bits: int, stored_bytes: float, bf16_bytes: float) -> float:
+    """Seconds of the KV store's kernel alone over a cache holding `stored_bytes` at
+    `kv_bits` (`bf16_bytes` in bf16): at the profile's rate for those bits, else the bf16
+    rate scaled by CPU_QUANT_SPEED_FALLBACK."""
+    rate = p.cpu_attention_rate(kv_bits)
+    if rate:
+        return stored_bytes / rate
+    return bf16_bytes / (p.cpu_attention_bytes_per_s * CPU_QUANT_SPEED_FALLBACK.get(kv_bits, 1.0))
 
 
 def _load_s(wb: WeightBytes, p: HardwareProfile) -> float:
@@ -216,12 +220,12 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     if fused:  # a resident layer keeps its INT4 packed: each micro-batch's fused matmul reads it
         share = next(s for r, s in FUSED_HBM_SHARE if mb_rows <= r)
         resident_hbm = m * wb.layer / (p.hbm_bytes_per_s * share) + (gpu_kv + act) / p.hbm_bytes_per_s
-    kv_rate = cpu_attention_rate(p, pl.kv_bits) * SERVICE_ATTENTION_EFFICIENCY
     return {
         "HBM": hbm,
         "HBM resident": resident_hbm if fused else hbm,
         "GPU FLOPs": flops / _gemm_flops(p, rows / m),
-        "CPU KV read": kv_layer / kv_rate if cpu_attention else 0.0,
+        "CPU KV read": (cpu_attention_s(p, pl.kv_bits, kv_layer, kv_layer_bf16) / SERVICE_ATTENTION_EFFICIENCY
+                        if cpu_attention else 0.0),
         "KV store calls": m * KV_CALL_S if cpu_attention else 0.0,  # one micro-batch's call at a time
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
         # KV in the KV store: decode runs as a wavefront (compute_node/engine.py), so

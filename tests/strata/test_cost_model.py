@@ -256,8 +256,9 @@ def test_cpu_attention_uses_the_profiles_rate_for_the_caches_bits(h100):
     pl = cm.Placement(1.0, True, 2, 128, kv_bits=4)
     derived = cm.predict(dims, wb, W, pl, h100).decode_s
     measured = dataclasses.replace(h100, cpu_attention_int4_bytes_per_s=200e9)
-    assert cm.cpu_attention_rate(measured, 4) == 200e9
-    assert cm.cpu_attention_rate(h100, 4) == pytest.approx(h100.cpu_attention_bytes_per_s * 1.29 * 0.5625 / 2)
+    assert cm.cpu_attention_s(measured, 4, 1e9, 3.6e9) == pytest.approx(1e9 / 200e9)  # stored bytes, its rate
+    # not measured: the bf16 bytes at the bf16 rate times the quantized kernel's measured speed-up
+    assert cm.cpu_attention_s(h100, 4, 1e9, 3.6e9) == pytest.approx(3.6e9 / (h100.cpu_attention_bytes_per_s * 1.29))
     assert cm.predict(dims, wb, W, pl, measured).decode_s < derived
     bf16 = cm.Placement(1.0, True, 2, 128)
     assert cm.predict(dims, wb, W, bf16, measured).decode_s == cm.predict(dims, wb, W, bf16, h100).decode_s
