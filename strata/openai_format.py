@@ -59,8 +59,13 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANG
 
 
 def from_call_error(code: str, message: str) -> APIError:
-    """A failed Generate call (its gRPC status name) as the HTTP error users see."""
-    return APIError(HTTP_STATUS.get(code, 500), message, code=code.lower())
+    """A failed Generate call (its gRPC status name) as the HTTP error users see. The
+    compute node's RESOURCE_EXHAUSTED is a full queue ("retry later": 429) or a request
+    longer than its sequence slots hold (400: retrying will not help)."""
+    status = HTTP_STATUS.get(code, 500)
+    if code == "RESOURCE_EXHAUSTED" and "retry" not in message:
+        status = 400
+    return APIError(status, message, code=code.lower())
 
 
 @dataclasses.dataclass(frozen=True)

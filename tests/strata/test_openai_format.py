@@ -44,7 +44,8 @@ def test_responses_carry_usage_and_finish_reasons():
     assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "ok"}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert oai.from_call_error("RESOURCE_EXHAUSTED", "queue full").status == 429
+    assert oai.from_call_error("RESOURCE_EXHAUSTED", "the wait queue is full; retry later").status == 429
+    assert oai.from_call_error("RESOURCE_EXHAUSTED", "prompt 0: 900 tokens exceed the slot").status == 400
     assert oai.from_call_error("UNAUTHENTICATED", "no key").status == 401
 
 
