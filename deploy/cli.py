@@ -177,13 +177,13 @@ def _generate(a) -> int:
                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)
     timeout = a.timeout or None
     try:
-        if not a.ids and all(isinstance(p, list) for p in prompts) and not has_tokenizer(
-                a.endpoint, timeout, a.api_key, a.tls_ca):
-            raise StrataError(ErrorKind.FAILED_PRECONDITION, "the model has no tokenizer.json, so it cannot give "
-                              "text: add --ids to print the generated token ids")
         if len(prompts) == 1 and not a.ids and a.tokenizer:  # one text, printed as it streams
             return _stream_text(a, prompts[0])
         result = generate(a.endpoint, req, timeout=timeout, api_key=a.api_key, tls_ca=a.tls_ca)
+        if not a.ids and any(result.tokens) and not any(result.texts) and not has_tokenizer(
+                a.endpoint, timeout, a.api_key, a.tls_ca):  # asked only where no text came back
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, "the model has no tokenizer.json, so it cannot give "
+                              "text: add --ids to print the generated token ids")
     except StrataError as e:
         print(f"strata generate: {e}", file=sys.stderr)
         return 1
