@@ -20,8 +20,9 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
   the bench's peak_gpu_bytes), `GpuMemory.peak_allocated`;
 - outside that peak: the private pools of the decode graphs the compute node keeps
   for the life of the server (compute_node/slot_graphs.py: one decode step's working set
-  per group of slots); the CUDA context and the kernels' module images; the caching
-  allocator's reserve (cached blocks a later size cannot reuse);
+  per group of slots and bucket of rows: 1, 2, 4, ... up to the group's slots); the CUDA
+  context and the kernels' module images; the caching allocator's reserve (cached blocks
+  a later size cannot reuse);
 - the safety margin: GPU_MARGIN_SHARE of the device plus GPU_MARGIN_BYTES, the one
   place it is set.
 
@@ -171,10 +172,10 @@ class Shape:
 
 
 def _decode_step(d: ModelDims, s: Shape, rows: int) -> dict[str, float]:
-    """One decode step's working set over `rows` sequences (one micro-batch or all)."""
+    """One decode step's working set over `rows` sequences (a group's, or a graph's bucket)."""
     tokens = s.prompt_len + s.gen_len
     out = {}
-    if s.streamed or not s.fused_decode:
+    if s.streamed or not (s.quant_bits == 4 and rows <= FUSED_INT4_MAX_ROWS):
         out["dense layer copies"] = 2 * s.dense_layer_bytes
     if not s.kv_on_host:
         if s.kv_bits < 16:  # one layer's keys and values rebuilt in the compute dtype
@@ -183,6 +184,16 @@ def _decode_step(d: ModelDims, s: Shape, rows: int) -> dict[str, float]:
     out["activations"] = rows * activation_bytes_per_row(d)
     out["logits"] = rows * d.vocab * 6  # compute dtype, then float32 to sample
     return out
+
+
+def graph_buckets(slots: int) -> list[int]:
+    """The row counts a group's decode graphs are captured for (compute_node/slot_graphs.py
+    bucket): powers of two below its slots, and its slots."""
+    out, b = [], 1
+    while b < slots:
+        out.append(b)
+        b *= 2
+    return out + [slots]
 
 
 def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
@@ -208,8 +219,9 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
     decode["logits"] = s.batch * d.vocab * 6
     peak = max(sum(prefill.values()), sum(decode.values()))
     outside = {}
-    if s.decode_graphs:  # one private pool per group's graph
-        outside["decode graph pools"] = s.micro_batches * sum(_decode_step(d, s, s.mb_rows).values())
+    if s.decode_graphs:  # a private pool per group and bucket of rows
+        outside["decode graph pools"] = s.micro_batches * sum(
+            sum(_decode_step(d, s, b).values()) for b in graph_buckets(s.mb_rows))
     outside["CUDA context"] = CUDA_CONTEXT_BYTES
     outside["allocator reserve"] = ALLOCATOR_RESERVE_SHARE * peak
     outside["margin"] = margin(gpu_bytes)
