@@ -4,6 +4,7 @@ final result; the async client gives the same tokens; a deadline ends retries. A
 TextStream alone: stop sequences are never shown, even in part."""
 
 import asyncio
+import pathlib
 import socket
 import threading
 import time
@@ -37,8 +38,18 @@ def late_server(tmp_path_factory):
 
     thread = threading.Thread(target=start)
     yield address, thread, shards
+    if thread.is_alive() or box:
+        thread.join()
+        assert box["server"].stop() == 0
+
+
+def up(late_server) -> tuple[str, pathlib.Path]:
+    """The server, started (if this test runs without the first) and listening."""
+    address, thread, shards = late_server
+    if not thread.is_alive() and thread.ident is None:
+        thread.start()
     thread.join()
-    assert box["server"].stop() == 0
+    return address, shards
 
 
 @pytest.mark.slow
@@ -54,8 +65,7 @@ def test_a_call_before_the_server_is_up_is_retried_until_answered(late_server):
 
 @pytest.mark.slow
 def test_stream_deltas_add_up_to_the_result_and_async_agrees(late_server):
-    address, thread, shards = late_server
-    thread.join()
+    address, shards = up(late_server)
     with Client(address, timeout=120, tokenizer=shards) as c:
         deltas = list(c.stream(["hello world", "the fox"], 8, greedy=True, stop_at_eos=False))
         whole = c.generate(["hello world", "the fox"], 8, greedy=True, stop_at_eos=False)
@@ -75,8 +85,7 @@ def test_stream_deltas_add_up_to_the_result_and_async_agrees(late_server):
 
 @pytest.mark.slow
 def test_strata_generate_with_a_tokenizer_prints_the_same_text_as_it_streams(late_server):
-    address, thread, shards = late_server
-    thread.join()
+    address, shards = up(late_server)
     args = ["generate", "--endpoint", address, "--prompt", "hello world", "--max-new-tokens", "8", "--greedy"]
     plain, streamed = strata(*args), strata(*args, "--tokenizer", str(shards))
     assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
