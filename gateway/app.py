@@ -152,11 +152,10 @@ async def _body(request: Request):
 
 
 async def _answer(client: AsyncClient, job: oai.Job):
-    kw = dict(**job.sampling())
     if not job.stream:
-        result = await client.generate(job.prompts, job.max_new_tokens, **kw)
+        result = await client.generate(job.prompts, job.max_new_tokens, **job.sampling())
         return JSONResponse(oai.response_body(job, result))
-    deltas = client.stream(job.prompts, job.max_new_tokens, **kw)
+    deltas = client.stream(job.prompts, job.max_new_tokens, **job.sampling())
     try:
         first = await anext(deltas)  # a refused call is still an HTTP error, not a broken stream
     except BaseException:
