@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def strata(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
