@@ -8,10 +8,7 @@ import torch
 
 import tiny_models
 from compute_node import model as cm
-from compute_node.engine import Engine, local_kv_factory
-from compute_node.layer_weights import LayerWeights
-from compute_node.sampling import Sampling
-from compute_node.weights import HostWeights
+from in_process import InProcess
 from strata import arch
 from strata.arch import ArchSpec, Cfg, ConfigKeys, Math, Names
 from strata.errors import StrataError
@@ -43,18 +40,11 @@ def stablelm_registered():
     arch.unregister(STABLELM)
 
 
-def _engine(shards, micro_batches=1):
-    host = HostWeights.from_directory(shards)
-    lw = LayerWeights(host, torch.device("cpu"), torch.float32, set(range(host.manifest.num_layers)))
-    return Engine(lw, local_kv_factory(torch.float32, torch.device("cpu")), micro_batches=micro_batches)
-
-
-def _greedy_pair(hf, n=8, bits=16, micro_batches=1):
-    """(engine tokens, transformers tokens) for PROMPTS, left-padded together in the engine."""
+def _greedy_pair(hf, n=8, bits=16, groups=(3,)):
+    """(our tokens, transformers tokens) for PROMPTS, run together in one batch of slots."""
     out = hf.parent / f"s{bits}"
     convert(hf, out, bits=bits)
-    steps = list(_engine(out, micro_batches).generate(PROMPTS, n, Sampling(greedy=True)))
-    got = [[s[i] for s in steps] for i in range(len(PROMPTS))]
+    got = InProcess(out, groups=groups).generate(PROMPTS, n)
     ref = tiny_models.load_reference(hf)
     want = [ref.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
                          pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
@@ -65,7 +55,7 @@ def _greedy_pair(hf, n=8, bits=16, micro_batches=1):
                          ids=["parallel", "sequential", "full-rope"])
 def test_gpt_neox_greedy_matches_transformers(tmp_path, overrides):
     hf = tiny_models.make_gpt_neox(tmp_path / "hf", **overrides)
-    got, want = _greedy_pair(hf, micro_batches=2)
+    got, want = _greedy_pair(hf, groups=(2, 1))
     assert got == want
 
 
@@ -88,7 +78,7 @@ def test_a_spec_declared_in_one_place_matches_transformers(tmp_path, stablelm_re
     assert got == want
 
 
-def test_the_declared_spec_is_what_the_converter_and_engine_read(tmp_path, stablelm_registered):
+def test_the_declared_spec_is_what_the_converter_and_runner_read(tmp_path, stablelm_registered):
     hf = tiny_models.make_stablelm(tmp_path / "hf")
     out = tmp_path / "s4"
     m = convert(hf, out, bits=4, group_size=32)
@@ -96,10 +86,10 @@ def test_the_declared_spec_is_what_the_converter_and_engine_read(tmp_path, stabl
     quantized = {name for name, t in m.shards["layer.0"].tensors.items() if t.quant is not None}
     assert quantized == set(STABLELM.linears)
     assert set(m.shards["head"].tensors) == {"norm.weight", "norm.bias", "lm_head.weight"}
-    engine = _engine(out)
-    assert isinstance(engine.family, cm.Decoder) and engine.dims.kv_heads == 2
-    assert engine.family.scale == 32**-0.5 and not engine.family.alibi
-    assert engine.family.rope.dim == 8  # partial_rotary_factor 0.25 of head_dim 32
+    node = InProcess(out)
+    assert isinstance(node.family, cm.Decoder) and node.dims.kv_heads == 2 and node.kvs[0].s.kv_heads == 2
+    assert node.family.scale == 32**-0.5 and not node.family.alibi
+    assert node.family.rope.dim == 8  # partial_rotary_factor 0.25 of head_dim 32
 
 
 def test_a_config_outside_the_spec_is_refused(tmp_path, stablelm_registered):
