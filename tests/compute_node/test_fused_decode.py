@@ -7,12 +7,10 @@ import pytest
 import torch
 
 import tiny_models
-from compute_node.engine import Engine, local_kv_factory
 from compute_node.kernels import MERGED_QKV, PackedInt4
 from compute_node.layer_weights import dense
-from compute_node.layer_weights import LayerWeights
-from compute_node.sampling import Sampling
 from compute_node.weights import HostWeights
+from in_process import InProcess
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19]]
 
@@ -22,16 +20,12 @@ def shards(request, tmp_path_factory):
     return tiny_models.converted(request.param, tmp_path_factory, bits=4, group_size=32)[1]
 
 
-def engine(shards, fused_max_rows: int, micro_batches: int = 1) -> Engine:
-    host = HostWeights.from_directory(shards)
-    n = host.manifest.num_layers
-    lw = LayerWeights(host, torch.device("cpu"), torch.float32, set(range(n)), packed_resident=True,
-                      fused_max_rows=fused_max_rows)
-    return Engine(lw, local_kv_factory(torch.float32, torch.device("cpu")), micro_batches=micro_batches)
+def node(shards, fused_max_rows: int, groups: tuple[int, ...] = (3,)) -> InProcess:
+    return InProcess(shards, groups=groups, packed_resident=True, fused_max_rows=fused_max_rows)
 
 
 def test_packed_only_for_few_rows(shards):
-    lw = engine(shards, fused_max_rows=4).w
+    lw = node(shards, fused_max_rows=4).weights
     packed = [k for k, v in lw.get(0, rows=4).items() if isinstance(v, PackedInt4)]
     assert packed and all(k.endswith(".weight") for k in packed)
     assert not any(isinstance(v, PackedInt4) for v in lw.get(0, rows=5).values())
@@ -42,7 +36,7 @@ def test_q_k_v_run_as_one_merged_matrix_and_the_dense_path_is_unchanged(shards):
     """At decode q, k, v are one packed [Nq + Nk + Nv, K] matrix; the layer's separate
     entries are views into it, so prefill's dequantized weights are what they were."""
     host = HostWeights.from_directory(shards)
-    lw = engine(shards, fused_max_rows=4).w
+    lw = node(shards, fused_max_rows=4).weights
     names = {k for k in lw.get(0) if k.split(".")[-2] in ("q_proj", "k_proj", "v_proj") and k.endswith("weight")}
     assert len(names) == 3
     small = lw.get(0, rows=4)
@@ -57,10 +51,10 @@ def test_q_k_v_run_as_one_merged_matrix_and_the_dense_path_is_unchanged(shards):
     assert (bias is not None) == has_bias
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_fused_decode_gives_the_tokens_of_dequantize_then_linear(shards, micro_batches):
-    plain = list(engine(shards, 0, micro_batches).generate(PROMPTS, 6, Sampling(greedy=True)))
-    e = engine(shards, 4, micro_batches)  # prefill (16-24 rows) dense, decode (1-3 rows) packed
+@pytest.mark.parametrize("groups", [(3,), (2, 1)])
+def test_fused_decode_gives_the_tokens_of_dequantize_then_linear(shards, groups):
+    plain = node(shards, 0, groups).generate(PROMPTS, 6)
+    e = node(shards, 4, groups)  # the packed prefill (17 rows) dense, decode (1-3 rows) packed
     calls = []
     original = PackedInt4.linear
 
@@ -70,9 +64,9 @@ def test_fused_decode_gives_the_tokens_of_dequantize_then_linear(shards, micro_b
 
     PackedInt4.linear = counted
     try:
-        got = list(e.generate(PROMPTS, 6, Sampling(greedy=True)))
+        got = e.generate(PROMPTS, 6)
     finally:
         PackedInt4.linear = original
     assert got == plain
-    # only decode steps (one token per sequence of a micro-batch) took the packed path
-    assert calls and max(calls) <= -(-len(PROMPTS) // micro_batches)
+    # only decode steps (one token per sequence of a group) took the packed path
+    assert calls and max(calls) <= max(groups)
