@@ -1,0 +1,76 @@
+"""Decode-only passes as fixed-shape steps per bucket of rows (compute_node/slot_graphs.py;
+on CUDA, captured and replayed as CUDA graphs). On the CPU (`graphs="eager"`, what
+--device mock-cuda runs) the same fixed-shape steps run eagerly and must give the
+plain steps' logits and tokens: learned positions, ALiBi and rotary positions, two
+groups, idle rows, smaller buckets, and slots holding an earlier request's keys. On
+CUDA the replayed graphs must give the tokens of the eager runner."""
+
+import pytest
+import torch
+
+import tiny_models
+from compute_node.runner import GroupStep, Join
+from in_process import InProcess
+
+PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+OTHER = [[9, 8, 7, 6], [300, 301, 302, 303, 304, 305, 306, 307], [1, 2]]
+
+
+@pytest.fixture(scope="module", params=["opt", "bloom", "llama"])
+def shards(request, tmp_path_factory):
+    return tiny_models.converted(request.param, tmp_path_factory)[1]
+
+
+def test_fixed_shape_steps_give_the_plain_tokens_request_after_request(shards):
+    """Two groups (buckets of 2 and 1 rows); the second request's slots hold the first
+    one's keys past its own lengths, masked."""
+    plain = InProcess(shards, groups=(2, 2))
+    fixed = InProcess(shards, groups=(2, 2), graphs="eager")
+    assert fixed.runner.uses_graphs and not plain.runner.uses_graphs
+    for prompts in (PROMPTS, OTHER):
+        assert fixed.generate(prompts, 7) == plain.generate(prompts, 7)
+    assert [sorted(g.views) for g in fixed.runner.graphs] == [[2], [1]]
+
+
+# a group of 4 slots: (rows that step, idle rows among them); later rows have finished
+STEPS = [(4, []), (4, [0]), (3, [0, 1]), (2, [0]), (2, []), (1, [])]
+
+
+def test_idle_rows_and_smaller_buckets_give_the_plain_logits(shards):
+    """Runner passes driven directly: four prompts join a group of 4 slots, then decode
+    steps of 4, 3 (in the bucket of 4), 2 and 1 rows, some rows idle (their sequence
+    gone, or joining): the running rows' logits are those of the plain steps."""
+    nodes = [InProcess(shards, groups=(4,), graphs=g) for g in ("off", "eager")]
+    prompts = PROMPTS + [[7, 300, 41, 8]]
+    joins = [Join(0, r, p) for r, p in enumerate(prompts)]
+    logits = [n.runner.step(joins, [])[0] for n in nodes]
+    torch.testing.assert_close(logits[1], logits[0])
+    last = logits[0].argmax(-1).tolist()
+    lengths = [len(p) for p in prompts]
+    for rows, idle in STEPS:
+        running = [r for r in range(rows) if r not in idle]
+        ids = [0 if r in idle else last[r] for r in range(rows)]
+        positions = [0 if r in idle else lengths[r] for r in range(rows)]
+        out = [n.runner.step([], [GroupStep(0, ids, positions, idle)])[1][0] for n in nodes]
+        torch.testing.assert_close(out[1][running], out[0][running], rtol=1e-4, atol=1e-4)
+        for r in running:
+            last[r] = out[0][r].argmax().item()
+            lengths[r] += 1
+    assert sorted(nodes[1].runner.graphs[0].views) == [1, 2, 4]
+
+
+def test_fixed_shapes_only_over_resident_layers_and_a_plain_cache(shards):
+    assert not InProcess(shards, graphs="eager", kv_bits=8).runner.uses_graphs
+    assert not InProcess(shards, graphs="eager", resident={0}).runner.uses_graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_replayed_graphs_give_the_eager_tokens_and_serve_the_next_request(shards):
+    cuda = torch.device("cuda")
+    eager = InProcess(shards, groups=(2, 2), device=cuda, dtype=torch.float16)
+    e = InProcess(shards, groups=(2, 2), device=cuda, dtype=torch.float16, graphs="cuda")
+    assert e.generate(PROMPTS, 9) == eager.generate(PROMPTS, 9)
+    captured = [dict(g.graphs) for g in e.runner.graphs]
+    assert all(isinstance(entry[0], torch.cuda.CUDAGraph) for c in captured for entry in c.values())
+    assert e.generate(OTHER, 9) == eager.generate(OTHER, 9)
+    assert [dict(g.graphs) for g in e.runner.graphs] == captured  # the same buckets, not captured again
