@@ -84,3 +84,12 @@ def collect(r: Request, timeout: float = 120) -> list[list[int]]:
 
 def columns(steps: list[list[int]]) -> list[list[int]]:
     return [[t for t in seq if t != -1] for seq in zip(*steps)] if steps else []
+
+
+def finishing_prompts(node: InProcess, prompt: list[int], n: int, offsets: list[int]):
+    """Prompts that reach one token, taken as EOS, at different steps: `prompt` extended
+    by j of its own greedy tokens for each j in `offsets` (it finishes j steps earlier).
+    (prompts, eos, the step each one finishes at)."""
+    g = node.generate([prompt], n)[0]
+    k = next(k for k in range(max(offsets) + 1, n) if g[k] not in g[:k])
+    return [prompt + g[:j] for j in offsets], g[k], [k - j for j in offsets]
