@@ -30,7 +30,7 @@ from compute_node.sampling import Sampling
 from compute_node.scheduler import Request, Scheduler
 from compute_node.slot_kv import LocalSlots, RemoteSlots, SlotShape, kv_bytes_per_token
 from compute_node.slots import Limits, default_max_queue, even_groups
-from compute_node.stops import StopWatch
+from compute_node.stops import StopWatch, TextStream
 from compute_node.tokenizer import TextCodec
 from compute_node.validation import RequestLimits, check_generate
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
@@ -170,10 +170,13 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         job = node.scheduler.submit(
             Request(prompts, request.max_new_tokens, sampling, request.stop_at_eos, stops, deadline))
         context.add_callback(lambda: node.scheduler.cancel(job))  # at the call's end: a no-op once it is done
+        text = TextStream(stops, len(prompts)) if node.codec.has_tokenizer else None
         while True:
             message = job.outbox.get()
             if isinstance(message, StrataError):
                 raise message
+            if text is not None and not message.done:  # decoded here, on the call's thread
+                message.text_deltas.extend(text.step(list(message.tokens)))
             yield message
             if message.done:
                 log.debug("generate: %d prompts, %d tokens, queued %.3f s, first token %.3f s, decode %.3f s",

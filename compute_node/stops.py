@@ -34,3 +34,30 @@ class StopWatch:
         text = self.decode(ids)
         cut = self._cut(text) if self.stops else None
         return text if cut is None else text[:cut]
+
+
+class TextStream:
+    """Each sequence's new text per step, for streaming: its tokens decoded, cut before a
+    stop, less what may still be the start of a stop (the stops' longest length - 1
+    characters) and a trailing incomplete character, until the final text says the rest."""
+
+    def __init__(self, stops: StopWatch, n: int):
+        self.stops = stops
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.sent = [0] * n
+        self.hold = max((len(x) for x in stops.stops), default=1) - 1
+
+    def step(self, tokens: list[int]) -> list[str]:
+        out = []
+        for i, t in enumerate(tokens):
+            if t < 0:
+                out.append("")
+                continue
+            self.ids[i].append(t)
+            text = self.stops.text(self.ids[i])
+            end = len(text) - self.hold
+            while end > self.sent[i] and text[end - 1] == "\ufffd":  # a character cut between tokens
+                end -= 1
+            out.append(text[self.sent[i] : end] if end > self.sent[i] else "")
+            self.sent[i] = max(self.sent[i], end)
+        return out

@@ -177,7 +177,7 @@ def _generate(a) -> int:
                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)
     timeout = a.timeout or None
     try:
-        if len(prompts) == 1 and not a.ids and a.tokenizer:  # one text, printed as it streams
+        if len(prompts) == 1 and not a.ids:  # one text, printed as it streams
             return _stream_text(a, prompts[0])
         result = generate(a.endpoint, req, timeout=timeout, api_key=a.api_key, tls_ca=a.tls_ca)
         if not a.ids and any(result.tokens) and not any(result.texts) and not has_tokenizer(
@@ -194,15 +194,24 @@ def _generate(a) -> int:
 
 
 def _stream_text(a, prompt) -> int:
-    """One prompt's text, decoded here with the model's tokenizer (--tokenizer), printed as it streams."""
+    """One prompt's text, printed as it streams: the server's text deltas, or decoded here
+    with the model's tokenizer (--tokenizer)."""
     from strata.client import Client, Retry
 
     sampling = dict(greedy=a.greedy or a.temperature == 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)
+    result = None
     with Client(a.endpoint, timeout=a.timeout or None, api_key=getattr(a, "api_key", None) or None,
-                tls_ca=getattr(a, "tls_ca", None) or None, retry=Retry(attempts=1), tokenizer=a.tokenizer) as c:
+                tls_ca=getattr(a, "tls_ca", None) or None, retry=Retry(attempts=1), tokenizer=a.tokenizer or None) as c:
         for d in c.stream([prompt], a.max_new_tokens, **sampling):
             print(d.texts[0].replace("\n", " "), end="", flush=True)
+            result = d.result
+    if result is not None and any(result.tokens) and not any(result.texts):
+        from deploy.client import has_tokenizer
+
+        if not has_tokenizer(a.endpoint, a.timeout or None, a.api_key, a.tls_ca):
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, "the model has no tokenizer.json, so it cannot give "
+                              "text: add --ids to print the generated token ids")
     print()
     return 0
 

@@ -158,17 +158,26 @@ class _Call:
         self.tokenizer = tokenizer
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.texts = [TextStream(tokenizer.decode, request.stop) for _ in range(n)] if tokenizer is not None else None
+        self.sent = [0] * n  # characters of the server's text deltas given out (no local tokenizer)
 
     def delta(self, resp: generate_pb2.GenerateResponse) -> Delta:
         if resp.done:
             result = self.result(resp)
-            texts = [t.finish(f) for t, f in zip(self.texts, result.texts)] if self.texts else list(result.texts)
+            if self.texts:
+                texts = [t.finish(f) for t, f in zip(self.texts, result.texts)]
+            else:  # the rest of each text past what the server's deltas said
+                texts = [f[k:] for f, k in zip(result.texts, self.sent)]
             return Delta(resp.step, [-1] * len(texts), texts, result)
         texts = []
         for i, t in enumerate(resp.tokens):
             if t >= 0:
                 self.tokens[i].append(t)
-            texts.append(self.texts[i].push(t) if self.texts and t >= 0 else "")
+            if self.texts:
+                texts.append(self.texts[i].push(t) if t >= 0 else "")
+            else:  # the server's decoded text (compute node's text_deltas), where it sends them
+                d = resp.text_deltas[i] if i < len(resp.text_deltas) else ""
+                self.sent[i] += len(d)
+                texts.append(d)
         return Delta(resp.step, list(resp.tokens), texts)
 
     def result(self, resp: generate_pb2.GenerateResponse) -> Result:
