@@ -1,7 +1,8 @@
 """Logit error of a quantized KV cache against the float cache, on the tiny random
-models (OPT, BLOOM, Llama): the engine in one process with the KV store's cache
-classes (kv_store/attention.py, kv_store/quantized.py) standing where the KV store
-would be. Prints one JSON line per model and precision.
+models (OPT, BLOOM, Llama): the compute node's Runner and scheduler in one process
+(tests/in_process.py) with the KV store's cache classes (kv_store/attention.py,
+kv_store/quantized.py) standing where the KV store would be. Prints one JSON line per
+model and precision.
 
     PYTHONPATH=. python3 bench/kv_quant_error.py
 """
@@ -18,11 +19,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 import tiny_models  # noqa: E402
-from compute_node.engine import Engine  # noqa: E402
-from compute_node.layer_weights import LayerWeights  # noqa: E402
-from compute_node.model import attend, attention_bias  # noqa: E402
-from compute_node.sampling import Sampling  # noqa: E402
-from compute_node.weights import HostWeights  # noqa: E402
+from compute_node.slot_kv import packed_attention  # noqa: E402
+from in_process import InProcess  # noqa: E402
 from kv_store.attention import GroupCache, GroupSpec  # noqa: E402
 from kv_store.quantized import QuantizedGroupCache  # noqa: E402
 from weight_store.convert import convert  # noqa: E402
@@ -30,44 +28,47 @@ from weight_store.convert import convert  # noqa: E402
 PROMPTS = [[5, 17, 33, 100, 7, 9] * 4, [44, 3, 250] * 5, list(range(12, 40))]
 
 
-class StoreKV:
-    """The KVCache protocol over the KV store's cache classes, in process."""
+class _View:
+    def __init__(self, positions, idle):
+        self.n, self.positions, self.idle = len(positions), positions, idle
 
-    def __init__(self, shape, bits: int):
-        spec = GroupSpec(num_layers=shape.num_layers, batch=shape.pad.numel(), num_heads=shape.num_heads,
-                         head_dim=shape.head_dim, max_tokens=shape.max_tokens, dtype=torch.float32,
-                         scale=shape.scale, alibi=shape.slopes is not None, pad=tuple(shape.pad.tolist()),
-                         num_kv_heads=shape.num_kv_heads, kv_bits=bits)
-        self.s, self.c = shape, (QuantizedGroupCache if bits < 16 else GroupCache)(spec)
 
-    def prefill(self, layer, q, k, v):
-        t = k.shape[2]
-        self.c.append(layer, k.contiguous(), v.contiguous())
-        return attend(q, k, v, attention_bias(self.s.pad, t, t, self.s.slopes, q.dtype), self.s.scale)
+class StoreSlots:
+    """A group's slots (compute_node/slot_kv.py's interface) over the KV store's cache
+    classes, in process: prefill attends on the "device", decode in the store's cache."""
 
-    def decode_start(self, layer, q, k, v):
-        return self.c.attend(layer, q.contiguous(), k.contiguous(), v.contiguous())
+    def __init__(self, s, bits: int):
+        spec = GroupSpec(num_layers=s.num_layers, batch=s.slots, num_heads=s.num_heads, head_dim=s.head_dim,
+                         max_tokens=s.capacity, dtype=torch.float32, scale=s.scale, alibi=s.alibi,
+                         num_kv_heads=s.kv_heads, kv_bits=bits)
+        self.s, self.c = s, (QuantizedGroupCache if bits < 16 else GroupCache)(spec)
+
+    def view(self, positions, idle):
+        return _View(positions, idle)
+
+    def prefill(self, layer, joining, q, k, v):
+        out = packed_attention(self.s, joining, q, k, v, lambda rows, ks, vs: None)
+        self.c.append_rows(layer, joining.rows, joining.lengths, k.contiguous(), v.contiguous())
+        return out
+
+    def decode_start(self, layer, view, q, k, v):
+        return self.c.attend_at(layer, q.contiguous(), k.contiguous(), v.contiguous(), view.positions, view.idle)
 
     def decode_finish(self, handle):
         return handle
 
-    def free(self):
-        pass
 
-
-def logits_of(shards, bits: int, steps: int = 8) -> torch.Tensor:
-    host = HostWeights.from_directory(shards)
-    lw = LayerWeights(host, torch.device("cpu"), torch.float32, set(range(host.manifest.num_layers)))
-    engine = Engine(lw, lambda shape: StoreKV(shape, bits))
-    seen, original = [], engine.family.logits
+def logits_of(shards, bits: int, steps: int = 8) -> tuple[torch.Tensor, list[list[int]]]:
+    node = InProcess(shards, capacity=64, slots=lambda s: StoreSlots(s, bits))
+    seen, original = [], node.family.logits
 
     def record(*args):
         out = original(*args)
         seen.append(out.detach().clone())
         return out
 
-    engine.family.logits = record
-    tokens = [list(s) for s in engine.generate(PROMPTS, steps, Sampling(greedy=True))]
+    node.family.logits = record
+    tokens = node.generate(PROMPTS, steps)
     return torch.cat(seen), tokens
 
 

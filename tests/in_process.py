@@ -28,18 +28,20 @@ GREEDY = Sampling(greedy=True)
 
 class InProcess:
     """A model's runner: `groups` of slots (rows per group, the micro-batches) of
-    `capacity` tokens each, every layer resident unless `resident` says which."""
+    `capacity` tokens each, every layer resident unless `resident` says which.
+    `slots(shape) -> a group's KV cache` stands in for LocalSlots where given."""
 
     def __init__(self, shards, groups: tuple[int, ...] = (3,), capacity: int = 48, kv_bits: int = 16,
                  graphs: str = "off", resident: set[int] | None = None, device: torch.device = CPU,
-                 dtype: torch.dtype = torch.float32, **weights_kw):
+                 dtype: torch.dtype = torch.float32, slots=None, **weights_kw):
         host = HostWeights.from_directory(shards)
         self.dims = d = dims_for(host.manifest.config)
         self.family = family = family_for(host.manifest.config, d)
         layers = set(range(d.num_layers)) if resident is None else resident
         self.weights = LayerWeights(host, device, dtype, layers, **weights_kw)
-        self.kvs = [LocalSlots(SlotShape(d.num_layers, d.num_heads, d.kv_heads, d.head_dim, rows, capacity,
-                                         family.scale, family.alibi), dtype, device, kv_bits) for rows in groups]
+        slots = slots or (lambda shape: LocalSlots(shape, dtype, device, kv_bits))
+        self.kvs = [slots(SlotShape(d.num_layers, d.num_heads, d.kv_heads, d.head_dim, rows, capacity, family.scale,
+                                    family.alibi)) for rows in groups]
         self.limits = Limits(tuple(groups), capacity, max_queue=64)
         self.runner = Runner(self.weights, family, d.num_layers, self.kvs, max(groups) * capacity, graphs)
         self.eos = d.eos_token_id
