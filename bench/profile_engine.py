@@ -1,7 +1,9 @@
-"""Profile the engine in one process on the GPU (no services): a dummy model's host
-tier in this process's memory, local KV, one prefill and a few decode steps under
-torch.profiler. Prints step times and the top kernels. For finding where time goes;
-the figures that count come from `strata bench`."""
+"""Profile the compute node's passes in one process on the GPU (no services): a dummy
+model's host tier in this process's memory, the scheduler's sequence slots on the
+device (LocalSlots groups and a Runner, as compute_node/server.py builds them), one
+prefill pass of the batch and a few decode passes under torch.profiler. Prints pass
+times and the top kernels. For finding where time goes; the figures that count come
+from `strata bench`. `--device cpu --model facebook/opt-125m` runs it off a GPU."""
 
 from __future__ import annotations
 
@@ -10,13 +12,44 @@ import time
 
 import torch
 
-from compute_node.engine import Engine, local_kv_factory
 from compute_node.layer_weights import LayerWeights
-from strata.placement import resident_layers
-from compute_node.sampling import Sampling
+from compute_node.model import family_for
+from compute_node.runner import GroupStep, Join, Runner
+from compute_node.slot_kv import LocalSlots, SlotShape
+from compute_node.slots import even_groups
 from compute_node.weights import HostWeights
+from strata.arch import dims_for
 from strata.dummy_fill import fill
+from strata.placement import resident_layers
 from weight_store.dummy import dummy_manifest
+
+
+class Passes:
+    """A batch of prompts through the runner: the prefill pass, then decode passes,
+    each sequence in its own slot (rows of the groups in order), greedy tokens fed back."""
+
+    def __init__(self, runner: Runner, groups: tuple[int, ...], sync):
+        self.runner, self.groups, self.sync = runner, groups, sync
+
+    def run(self, prompts: list[list[int]], passes: int):
+        """Yields after each pass, the device synchronized."""
+        seats = [(g, r) for g, rows in enumerate(self.groups) for r in range(rows)][: len(prompts)]
+        joined, _ = self.runner.step([Join(g, r, p) for (g, r), p in zip(seats, prompts)], [])
+        tokens = joined.argmax(-1).tolist()
+        self.sync()
+        yield
+        for t in range(1, passes):
+            steps, order = [], []
+            for g in range(len(self.groups)):
+                mine = [i for i, (h, _) in enumerate(seats) if h == g]  # rows 0..len(mine)-1 of group g
+                if mine:
+                    steps.append(GroupStep(g, [tokens[i] for i in mine], [len(prompts[i]) + t - 1 for i in mine]))
+                    order += mine
+            _, logits = self.runner.step([], steps)
+            for i, x in zip(order, torch.cat(logits).argmax(-1).tolist()):
+                tokens[i] = x
+            self.sync()
+            yield
 
 
 def main() -> None:
@@ -28,41 +61,51 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--share", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--graphs", choices=["cuda", "eager", "off"], default="cuda", help="decode-only passes (runner.py)")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--prefill", action="store_true", help="profile the full-length prefill instead of decode")
     p.add_argument("--decode-prompt", type=int, default=8, help="prompt length of the profiled decode")
     a = p.parse_args()
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    cuda = dev.type == "cuda"
     m = dummy_manifest(a.model, 4, 64)
-    raw = {n: torch.empty(s.size, dtype=torch.uint8).pin_memory() for n, s in m.shards.items()}
+    raw = {n: torch.empty(s.size, dtype=torch.uint8) for n, s in m.shards.items()}
+    if cuda:
+        raw = {n: t.pin_memory() for n, t in raw.items()}
     fill(raw, m, threads=16)
     host = HostWeights(m, "", raw, [])
-    dev, dtype = torch.device("cuda"), getattr(torch, a.dtype)
+    dims = dims_for(m.config)
+    family = family_for(m.config, dims)
     lw = LayerWeights(host, dev, dtype, resident_layers(m.num_layers, a.share))
-    engine = Engine(lw, local_kv_factory(dtype, dev), micro_batches=a.micro_batches)
+    groups = even_groups(a.batch, a.micro_batches)
+    capacity = max(a.prompt, a.decode_prompt) + a.gen
+    kvs = [LocalSlots(SlotShape(dims.num_layers, dims.num_heads, dims.kv_heads, dims.head_dim, rows, capacity,
+                                family.scale, family.alibi), dtype, dev) for rows in groups]
+    graphs = a.graphs if cuda or a.graphs == "off" else "eager"  # off CUDA: the same fixed-shape steps, eagerly
+    runner = Runner(lw, family, dims.num_layers, kvs, max(groups) * capacity, graphs)
+    passes = Passes(runner, groups, torch.cuda.synchronize if cuda else lambda: None)
+    for _ in passes.run([[5] * 8] * a.batch, 2):  # warm up (and capture the full batch's decode graphs)
+        pass
     prompts = [[7] * a.prompt for _ in range(a.batch)]
-    list(engine.generate([[5] * 8], 2, Sampling()))  # warm up
-    torch.cuda.synchronize()
     times = []
     t = time.perf_counter()
-    gen = engine.generate(prompts, a.gen, Sampling())
-    for _ in gen:
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    for _ in passes.run(prompts, a.gen):
+        times.append(round(time.perf_counter() - t, 4))
         t = time.perf_counter()
-    step_times = [round(x, 4) for x in times]
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    if a.prefill:  # one token: the step is the prefill
-        steps = engine.generate(prompts, 1, Sampling())
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    if a.prefill:  # one pass: the prefill
+        steps = passes.run(prompts, 1)
     else:  # decode only: the prefill (prompts of --decode-prompt tokens) runs before profiling
-        steps = engine.generate([[7] * a.decode_prompt for _ in range(a.batch)], a.gen, Sampling())
+        steps = passes.run([[7] * a.decode_prompt for _ in range(a.batch)], a.gen)
         next(steps)
-        torch.cuda.synchronize()
     with torch.profiler.profile(activities=acts) as prof:
         for _ in steps:
             pass
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
-    print("step times (s):", step_times)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    if cuda:
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    print("pass times (s):", times)
 
 
 if __name__ == "__main__":
