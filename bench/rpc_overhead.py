@@ -4,10 +4,11 @@ attention itself (issue 3: under 5% of a decode step).
     python3 bench/rpc_overhead.py [--calls 500] [--step-s S --calls-per-step N]
 
 Starts a real KV store process and drives it through the compute node's own client
-path (`RemoteKV`: staging q/k/v in the exchange region, the Attend RPC, the reply),
+path (`RemoteSlots`: staging q/k/v in the exchange region, the Attend RPC, the reply),
 on a cache so small that the attention is negligible: one sequence, one head of 64,
-one cached token. The mean time per call is the per-call control overhead (gRPC,
-shared-memory staging, request handling, queueing on the store's compute thread).
+one cached token and the new one. The mean time per call is the per-call control
+overhead (gRPC, shared-memory staging, request handling, queueing on the store's
+compute thread).
 With --step-s and --calls-per-step (a measured decode step and its Attend calls,
 layers x micro-batches) it also prints the overhead's share of that step.
 """
@@ -29,8 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compute_node.exchange import Exchange  # noqa: E402
-from compute_node.kv_cache import RemoteKV, _Shape  # noqa: E402
 from compute_node.peers import KVStoreClient  # noqa: E402
+from compute_node.slot_kv import Joining, RemoteSlots, SlotShape  # noqa: E402
 from strata import shm  # noqa: E402
 
 
@@ -55,15 +56,16 @@ def measure(calls: int, layers: int = 1) -> dict:
     client = KVStoreClient(address, 30.0)
     exchange = Exchange(client, session, 16 << 20)
     try:
-        shape = _Shape(layers, 1, 64, calls + 8, torch.zeros(1, dtype=torch.long), 0.125, False)
-        kv = RemoteKV(shape, torch.float32, torch.device("cpu"), client, exchange)
+        shape = SlotShape(layers, 1, 1, 64, slots=1, capacity=8, scale=0.125, alibi=False)
+        kv = RemoteSlots(shape, torch.float32, torch.device("cpu"), client, exchange)
         q = torch.randn(1, 1, 1, 64)
-        kv.prefill(0, q, q, q)
+        kv.prefill(0, Joining([0], [1]), q, q, q)
+        view = kv.view([1], [])  # every call writes column 1 and attends over the two cached tokens
         for _ in range(5):  # warm up the channel and the store's thread
-            kv.decode_finish(kv.decode_start(0, q, q, q))
+            kv.decode_finish(kv.decode_start(0, view, q, q, q))
         t0 = time.perf_counter()
         for _ in range(calls):
-            kv.decode_finish(kv.decode_start(0, q, q, q))
+            kv.decode_finish(kv.decode_start(0, view, q, q, q))
         per_call = (time.perf_counter() - t0) / calls
         kv.free()
     finally:
