@@ -17,7 +17,6 @@ import time
 
 import psutil
 
-from compute_node.engine import MIN_TOKENS_FOR_GRAPHS
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from deploy import bench_clients
 from strata.errors import ErrorKind, StrataError
@@ -241,36 +240,22 @@ def _single_call(a: BenchArgs, address: str, vocab: int, progress: bool):
     return result, time.perf_counter() - t0
 
 
+WARMUP_TOKENS = 4  # new tokens of the warm-up request
+
+
 def _warm_up(a: BenchArgs, address: str) -> None:
-    """One request with short prompts before the timed one: kernels compiled and
-    configured for its micro-batch sizes. 'same KV shape' (where decode graphs run): the
-    timed request's KV length (8-token prompts, the rest new tokens), stopped after
-    MIN_TOKENS_FOR_GRAPHS steps; the compute node keeps those caches and graphs for the
-    next request of these shapes (decode_graph.KeptDecode), as a server does for
-    repeated requests, and the timed request replays them from its first decode step.
-    'short': MIN_TOKENS_FOR_GRAPHS new tokens."""
+    """One short request of the timed request's batch size before it (8-token prompts,
+    WARMUP_TOKENS new tokens): kernels compiled and configured for its groups' sizes and,
+    where decode graphs run, the graphs of its full groups' bucket captured. The compute
+    node keeps its slot caches and per-bucket graphs for its whole life, so the timed
+    request replays them from its first decode step."""
     short = min(8, a.prompt_len)
-    prompts = [[5] * short] * a.batch_size
-    if _warmup_kind(a) == "same KV shape":
-        generate(address, request_for(prompts, a.prompt_len + a.gen_len - short, stop_at_eos=False), timeout=600,
-                 stop_after=MIN_TOKENS_FOR_GRAPHS)
-    else:
-        generate(address, request_for(prompts, MIN_TOKENS_FOR_GRAPHS, stop_at_eos=False), timeout=600)
+    generate(address, request_for([[5] * short] * a.batch_size, WARMUP_TOKENS, stop_at_eos=False), timeout=600)
 
 
 def _warmup_kind(a: BenchArgs) -> str:
-    """What ran before the timed request: 'same KV shape' (its decode graphs kept for the
-    timed request), 'short' or 'none'."""
-    if a.warmup == "auto":
-        return "same KV shape" if _decode_graphs_apply(a) else "short"
-    return a.warmup
-
-
-def _decode_graphs_apply(a: BenchArgs) -> bool:
-    """Decode graphs run for this placement (compute_node/decode_graph.py: on CUDA, every
-    layer resident, an unquantized KV cache on the device)."""
-    return (a.decode_graphs and a.device.startswith("cuda") and a.gpu_weight_share >= 1 and not a.kv_offload
-            and not a.disk_offload and a.kv_bits == 16 and a.gen_len >= MIN_TOKENS_FOR_GRAPHS)
+    """What ran before the timed request: 'short' (--warmup auto or short) or 'none'."""
+    return "none" if a.warmup == "none" else "short"
 
 
 def _progress_bar(total: int):

@@ -1,5 +1,5 @@
 """Cost model: predicted prefill time, decode step times and tokens/s of a placement
-on a profiled machine, modelled on how the engine runs (compute_node/engine.py,
+on a profiled machine, modelled on how the compute node runs (compute_node/runner.py,
 layer_weights.py), not on an idealised system. No torch, no grpc.
 
 A pass over the layers is bound by the busiest of four chains that run side by side:
@@ -228,7 +228,7 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
                         if cpu_attention else 0.0),
         "KV store calls": m * KV_CALL_S if cpu_attention else 0.0,  # one micro-batch's call at a time
         "KV to host": kv_layer / p.d2h_pinned if (pl.kv_on_host and prefill) else 0.0,
-        # KV in the KV store: decode runs as a wavefront (compute_node/engine.py), so
+        # KV in the KV store: decode runs as a wavefront (compute_node/runner.py), so
         # with 2+ micro-batches one micro-batch's round trip overlaps another's
         # attention; one stays exposed per layer
         "control overhead": ((RPC_OVERHEAD_S + (ONE_MICRO_BATCH_EXPOSED_S if m == 1 else 0.0)) if cpu_attention

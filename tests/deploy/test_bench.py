@@ -103,20 +103,18 @@ def test_the_planners_disk_layers_become_a_host_budget_that_leaves_exactly_them_
     assert layers == 4 and nbytes == 4 * m.shards["layer.11"].size  # the last 4 streamed layers, all alike
 
 
-def test_the_warm_up_takes_the_timed_kv_length_only_where_decode_graphs_run():
+def test_the_warm_up_is_one_short_request_unless_switched_off():
+    """The compute node keeps its slot caches and decode graphs for its life: a short
+    request of the timed batch warms every placement up alike."""
     import dataclasses
 
-    from deploy.bench import BenchArgs, _decode_graphs_apply
+    from deploy.bench import BenchArgs, _warmup_kind
 
     base = dict(model="facebook/opt-30b", dummy=True, batch_size=64, prompt_len=512, gen_len=32, quant_bits=4,
                 group_size=64, micro_batches=1, kv_capacity_gb=0)
     t2 = BenchArgs(kv_offload=False, gpu_weight_share=1.0, device="cuda", **base)
-    assert _decode_graphs_apply(t2)
-    assert not _decode_graphs_apply(dataclasses.replace(t2, device="cpu"))
-    assert not _decode_graphs_apply(dataclasses.replace(t2, kv_offload=True))  # T1: KV in the KV store
-    assert not _decode_graphs_apply(dataclasses.replace(t2, gpu_weight_share=0.0))  # T3: layers streamed
-    assert not _decode_graphs_apply(dataclasses.replace(t2, kv_bits=4))
-    assert not _decode_graphs_apply(dataclasses.replace(t2, decode_graphs=False))
+    assert _warmup_kind(t2) == _warmup_kind(dataclasses.replace(t2, kv_offload=True)) == "short"
+    assert _warmup_kind(dataclasses.replace(t2, warmup="none")) == "none"
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
