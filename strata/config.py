@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from strata.run_plan import RunPlan
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightStoreConfig:
@@ -22,6 +24,9 @@ class WeightStoreConfig:
     gpu_share: float = 0.0
     host_budget_bytes: int = 0  # 0 = no limit; else host tier + staging slots fit in it, other layers on disk
     disk_offload: bool = False  # streamed layers on disk (cached in the host tier within the budget)
+    # The run plan (strata/run_plan.py), where the launcher gives one: its resident and disk
+    # layers replace gpu_share, host_budget_bytes and disk_offload
+    plan: RunPlan | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ StageShard each time the compute node needs them (weight_store/staging.py).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import signal
@@ -26,7 +27,8 @@ from strata import logs, rpc, shm
 from strata.config import WeightStoreConfig
 from strata.errors import ErrorKind, StrataError, grpc_method
 from strata.manifest import Manifest, layer_shard
-from strata.placement import TierPlan, resident_layers, tier_plan
+from strata.placement import STAGING_SLOTS, TierPlan, resident_layers, tier_plan
+from strata.run_plan import RunPlan
 from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
 from weight_store.host_tier import HostTier, shard_bytes, shard_sizes
 from weight_store.reader import make_reader
@@ -37,6 +39,7 @@ log = logging.getLogger("weight_store")
 MAX_MESSAGE_BYTES = 1 << 30
 SERVICE = "weight_store"
 TOKENIZER = "tokenizer.json"
+TIERS = "layers "  # Health's detail ends with this and the layers' tiers as JSON (WeightStoreServicer.tiers)
 
 
 class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
@@ -52,6 +55,17 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
         tokenizer = pathlib.Path(config.model_dir) / TOKENIZER if config.model_dir else None
         self._tokenizer_json = tokenizer.read_text() if tokenizer and tokenizer.is_file() else ""
         self.port = 0  # the bound TCP port (0 for a unix socket until bound)
+        self.tiers_json = json.dumps(self.tiers(), separators=(",", ":"))
+
+    def tiers(self) -> dict:
+        """Where each layer is, by index: `device` (resident on the compute node: read once
+        from disk, or made there when dummy), `host` (the host tier), `disk` (read from disk
+        every pass)."""
+        c, n = self.config, self.manifest.num_layers
+        device = set(c.plan.resident_layers if c.plan is not None else resident_layers(n, c.gpu_share))
+        host = set(self.tier.shard_names)
+        return {"device": sorted(device), "host": [i for i in range(n) if layer_shard(i) in host],
+                "disk": [i for i in range(n) if self._on_disk(layer_shard(i)) and i not in device]}
 
     @grpc_method
     def Health(self, request, context):
@@ -60,7 +74,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
         on_disk = f", {len(self.staging.shards)} on disk" if self.staging else ""
         return common_pb2.HealthResponse(
             ready=ready, service=SERVICE,
-            detail=f"{loaded}/{total} shards loaded in {self.tier.region_name}{on_disk}",
+            detail=f"{loaded}/{total} shards loaded in {self.tier.region_name}{on_disk}; {TIERS}{self.tiers_json}",
         )
 
     @grpc_method
@@ -131,16 +145,40 @@ def load_manifest(config: WeightStoreConfig) -> Manifest:
 
 def plan_tiers(config: WeightStoreConfig, manifest: Manifest) -> TierPlan:
     """Which shards the host tier holds. Dummy runs have no files: they hold every
-    shard except the layers the compute node makes on the GPU itself."""
+    shard except the layers the compute node makes on the GPU itself. With a run plan,
+    its layers decide; else the flags (strata/placement.py `tier_plan`)."""
+    if config.plan is not None:
+        return _plan_tiers(config.plan, manifest, bool(config.dummy))
     if config.dummy:
         if config.disk_offload or config.host_budget_bytes:
-            raise StrataError(ErrorKind.FAILED_PRECONDITION,
-                              "dummy weights have no files to read from disk; write them to a directory first "
-                              "(strata bench --dummy --disk-offload does)")
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, DUMMY_ON_DISK)
         on_gpu = {layer_shard(i) for i in resident_layers(manifest.num_layers, config.gpu_share)}
         return TierPlan(frozenset(set(manifest.shards) - on_gpu), frozenset(), 0, 0)
     return tier_plan(shard_sizes(manifest), manifest.num_layers, config.gpu_share, config.host_budget_bytes or None,
                      config.disk_offload)
+
+
+DUMMY_ON_DISK = ("dummy weights have no files to read from disk; write them to a directory first "
+                 "(strata bench --dummy --disk-offload does)")
+
+
+def _plan_tiers(plan: RunPlan, manifest: Manifest, dummy: bool) -> TierPlan:
+    """The plan's tiers: resident layers never in the host tier (read once from disk
+    through the staging slots, or made on the GPU when dummy), its disk layers read from
+    disk every pass, every other shard in the host tier."""
+    plan.check_model(manifest.num_layers)
+    resident = {layer_shard(i) for i in plan.resident_layers}
+    every_pass = {layer_shard(i) for i in plan.disk_layers}
+    if dummy:
+        if every_pass:
+            raise StrataError(ErrorKind.FAILED_PRECONDITION, DUMMY_ON_DISK)
+        return TierPlan(frozenset(set(manifest.shards) - resident), frozenset(), 0, 0)
+    disk = resident | every_pass
+    if not disk:
+        return TierPlan(frozenset(manifest.shards), frozenset(), 0, 0)
+    sizes = shard_sizes(manifest)
+    slot_bytes = max(sizes[layer_shard(i)] for i in range(manifest.num_layers))
+    return TierPlan(frozenset(set(manifest.shards) - disk), frozenset(disk), STAGING_SLOTS, slot_bytes)
 
 
 def _populate(config: WeightStoreConfig, manifest: Manifest, tier: HostTier, stop: threading.Event | None) -> None:
@@ -209,6 +247,9 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
                    help="host memory for the host tier and staging slots; layers beyond it stay on disk")
     p.add_argument("--disk-offload", action="store_true",
                    help="streamed layers stay on disk (the host tier caches some within --host-budget-gb)")
+    p.add_argument("--plan", default="", metavar="FILE",
+                   help="run plan JSON (strata/run_plan.py): its resident and disk layers place the shards "
+                        "(instead of --gpu-share, --host-budget-gb, --disk-offload)")
     p.add_argument("--listen", required=True, help='"unix:///path/to.sock" or "host:port"')
     p.add_argument("--session", default="", help="shared-memory name prefix (default: a new one)")
     p.add_argument("--reader-threads", type=int, default=8)
@@ -217,18 +258,26 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
     a = p.parse_args(argv)
     if bool(a.model) == bool(a.dummy):
         p.error("give exactly one of --model DIR or --dummy SHAPE")
+    if a.plan and (a.gpu_share or a.host_budget_gb or a.disk_offload):
+        p.error("--plan places the shards: give no --gpu-share, --host-budget-gb or --disk-offload with it")
     return WeightStoreConfig(
         model_dir=a.model, listen=a.listen, session=a.session or shm.new_session_id(),
         reader_threads=a.reader_threads, preload=not a.no_preload, verify=not a.no_verify, dummy=a.dummy,
         dummy_bits=a.quant_bits, dummy_group_size=a.group_size, gpu_share=a.gpu_share,
         host_budget_bytes=int(a.host_budget_gb * 2**30), disk_offload=a.disk_offload,
+        plan=RunPlan.load(a.plan) if a.plan else None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. Exit 0 on a clean stop, 2 on a bad model directory or
     manifest, 1 on any other start failure (e.g. a corrupt shard during preload)."""
-    config = parse_args(logs.setup_from_argv("weight_store", argv))
+    argv = logs.setup_from_argv("weight_store", argv)
+    try:
+        config = parse_args(argv)
+    except StrataError as e:  # a bad run plan
+        print(f"weight_store: error: {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -90,3 +90,51 @@ def test_a_budget_below_embeddings_and_staging_is_refused_with_the_shortfall(mod
     _, err = svc.stop()
     assert code == 1
     assert "host budget" in err and "short" in err
+
+
+def tiers(svc) -> dict:
+    """The layers' tiers the weight store reports at the end of its health detail."""
+    import json
+
+    from strata.wire import common_pb2
+
+    return json.loads(svc.stub.Health(common_pb2.HealthRequest(), timeout=10).detail.split("; layers ", 1)[1])
+
+
+def test_a_run_plan_places_the_layers_and_the_store_reports_them(model, tmp_path):
+    """--plan: the resident layer is read once from disk (never in the host tier), the
+    plan's disk layer every pass; Health says so by index."""
+    from strata.run_plan import RunPlan
+
+    directory, _ = model
+    path = tmp_path / "plan.json"
+    RunPlan(num_layers=2, resident_layers=(0,)).save(path)
+    svc = Service(directory, "--plan", str(path))
+    try:
+        svc.wait_ready()
+        assert {loc.shard: loc.on_disk for loc in locate(svc).locations} == {
+            "embed": False, "head": False, "layer.0": True, "layer.1": False}
+        assert tiers(svc) == {"device": [0], "host": [1], "disk": []}
+    finally:
+        svc.stop()
+    RunPlan(num_layers=2, disk_layers=(1,)).save(path)
+    svc = Service(directory, "--plan", str(path))
+    try:
+        svc.wait_ready()
+        assert tiers(svc) == {"device": [], "host": [0], "disk": [1]}
+    finally:
+        svc.stop()
+
+
+def test_a_plan_for_another_model_or_with_placement_flags_is_refused(model, tmp_path):
+    from strata.run_plan import RunPlan
+
+    directory, _ = model
+    path = tmp_path / "plan.json"
+    RunPlan(num_layers=3).save(path)
+    svc = Service(directory, "--plan", str(path))
+    assert svc.proc.wait(timeout=60) == 1
+    assert "run plan: num_layers the plan is for 3 layers, the model has 2" in svc.stop()[1]
+    svc = Service(directory, "--plan", str(path), "--disk-offload")
+    assert svc.proc.wait(timeout=60) == 2
+    assert "--plan places the shards" in svc.stop()[1]
