@@ -12,6 +12,10 @@ Names (a label, where there is one, follows a colon):
   kv_bytes_used:<home>, kv_bytes_capacity:<home>   home: gpu or kv_store
   weight_bytes_per_pass         bytes of weights copied host-to-device each pass
   decode_graphs                 1 where decode-only passes replay fixed-shape steps (CUDA graphs)
+  plan_resident_layers          layers resident on the device (the run plan's, as the node holds them)
+  resident_layer:<i>            1 for each resident layer, by index
+  plan_micro_batches            groups of the running batch
+  plan_kv_bits                  the KV cache's bits (16, 8 or 4)
   oom_shrinks_total             passes retried with smaller prefill chunks after running out of memory
   h2d_bytes_total, h2d_seconds_total   weight copies host-to-device (GB/s = bytes / seconds)
   ttft_seconds_bucket:<le>, ttft_seconds_sum, ttft_seconds_count     time to first token

@@ -23,7 +23,6 @@ from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
 from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
-from strata.placement import resident_layers
 from compute_node.model import family_for
 from compute_node.runner import Runner
 from compute_node.sampling import Sampling
@@ -38,6 +37,8 @@ from strata.arch import dims_for
 from strata.manifest import layer_shard
 from strata import logs, rpc
 from strata.config import ComputeNodeConfig
+from strata.kv_quant import default_group
+from strata.run_plan import RunPlan
 from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
 from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
 
@@ -46,12 +47,33 @@ SPARE_WORKERS = 32  # gRPC threads beyond the running and waiting calls (health,
 DEFAULT_MAX_SEQ_LEN = 2048  # tokens a sequence slot holds unless --max-seq-len (and the model's positions) say less
 
 
-def compute_dtype(config: ComputeNodeConfig) -> torch.dtype:
-    if config.dtype:
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
+def compute_dtype(device: str, dtype: str) -> torch.dtype:
+    if dtype:
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     # bf16 on the GPU: as fast as fp16 there, and the KV store's CPU attention reads bf16 at
     # DRAM speed (AMX) but fp16 at half of it (bench/results/2026-11-26-run1-attn.jsonl)
-    return torch.bfloat16 if config.device.startswith("cuda") else torch.float32
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def run_plan(config: ComputeNodeConfig, dims) -> RunPlan:
+    """The launcher's run plan (checked against the model), or, for direct use, one made
+    from the config's own placement flags."""
+    group = default_group(dims.head_dim)
+    plan = config.plan
+    if plan is None:
+        return RunPlan.with_share(
+            dims.num_layers, config.gpu_weight_share, kv_home="kv_store" if config.kv_offload else "gpu",
+            kv_bits=config.kv_bits, kv_group_size=group if config.kv_bits != 16 else 0,
+            micro_batches=config.micro_batches, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
+            max_queue=config.max_queue, dtype=config.dtype, decode_graphs=config.decode_graphs)
+    plan.check_model(dims.num_layers)
+    if plan.kv_bits != 16 and plan.kv_group_size != group:
+        raise StrataError(ErrorKind.INVALID_ARGUMENT, f"run plan: kv_group_size {plan.kv_group_size} is not the "
+                          f"{group} values per group this model's KV caches take (head_dim {dims.head_dim})")
+    if plan.kv_offload and not config.kv_store:
+        raise StrataError(ErrorKind.FAILED_PRECONDITION, "the run plan keeps the KV cache in the KV store: give "
+                          "--kv-store")
+    return plan
 
 
 class ComputeNode:
@@ -65,19 +87,21 @@ class ComputeNode:
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
             raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
-        self.dtype = compute_dtype(config)
         if cuda:
             torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
             for kernels in (w4a16_wgmma, w4a16_mma):  # nvcc's first builds (seconds) at startup, not in a request
                 kernels.prepare(self.device)
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
-        self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if config.kv_offload else None
         self.host = HostWeights.from_store(self.ws, transport)
         check_manifest(self.host.manifest)
+        manifest = self.host.manifest
+        self.dims = dims_for(manifest.config)
+        self.plan = run_plan(config, self.dims)  # what this node does; it decides none of it again
+        self.dtype = compute_dtype(config.device, self.plan.dtype)
+        self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if self.plan.kv_offload else None
         if cuda and transport == "shm":
             self.host.pin()
-        manifest = self.host.manifest
-        resident = resident_layers(manifest.num_layers, config.gpu_weight_share)
+        resident = set(self.plan.resident_layers)
         source = None
         if manifest.quantization.get("dummy") and not all(self.host.holds(layer_shard(i)) for i in resident):
             source = lambda i: dummy_layer_on_device(manifest, i, self.device)  # noqa: E731
@@ -88,42 +112,52 @@ class ComputeNode:
         self.codec = TextCodec(self.host.tokenizer_json)
         self.metrics = Metrics()
         self.model_name = manifest.config.get("_name_or_path") or "strata-model"
-        self.dims = dims_for(manifest.config)
-        self.batch_limits = self._batch_limits(config)
+        self.batch_limits = self._batch_limits(self.plan)
+        self._report_plan()
         self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
                                               self.batch_limits.capacity, self.codec.has_tokenizer)
-        self.scheduler = Scheduler(self._runner(config), self.batch_limits, self.dims.eos_token_id,
+        self.scheduler = Scheduler(self._runner(self.plan), self.batch_limits, self.dims.eos_token_id,
                                    self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes,
                                    kv_gauge=(f"kv_bytes_used:{self.kv_home}", self.kv_token_bytes))
 
-    def _batch_limits(self, config: ComputeNodeConfig) -> Limits:
+    def _batch_limits(self, plan: RunPlan) -> Limits:
         """The running batch: slots in micro-batch groups, tokens per slot, wait queue."""
-        capacity = min(config.max_seq_len or DEFAULT_MAX_SEQ_LEN, self.dims.max_positions)
-        slots = max(1, config.max_batch)
-        return Limits(even_groups(slots, config.micro_batches), capacity, config.max_queue or default_max_queue(slots))
+        capacity = min(plan.max_seq_len or DEFAULT_MAX_SEQ_LEN, self.dims.max_positions)
+        slots = plan.max_batch
+        return Limits(even_groups(slots, plan.micro_batches), capacity, plan.max_queue or default_max_queue(slots))
 
-    def _runner(self, config: ComputeNodeConfig) -> Runner:
+    def _report_plan(self) -> None:
+        """What the node runs, in Stats (compute_node/metrics.py): its resident layers, the
+        groups of its batch, its KV cache's bits."""
+        resident = sorted(set(range(self.dims.num_layers)) - set(self.layers.streamed))
+        self.metrics.set("plan_resident_layers", len(resident))
+        for i in resident:
+            self.metrics.set(f"resident_layer:{i}", 1)
+        self.metrics.set("plan_micro_batches", len(self.batch_limits.groups))
+        self.metrics.set("plan_kv_bits", self.plan.kv_bits)
+
+    def _runner(self, plan: RunPlan) -> Runner:
         d, family = self.dims, family_for(self.host.manifest.config, self.dims)
         groups = []
         for rows in self.batch_limits.groups:
             shape = SlotShape(d.num_layers, d.num_heads, d.kv_heads, d.head_dim, rows, self.batch_limits.capacity,
                               family.scale, family.alibi)
             if self.kv is not None:
-                groups.append(RemoteSlots(shape, self.dtype, self.device, self.kv, self.exchange, config.kv_bits))
+                groups.append(RemoteSlots(shape, self.dtype, self.device, self.kv, self.exchange, plan.kv_bits))
             else:
-                groups.append(LocalSlots(shape, self.dtype, self.device, config.kv_bits))
+                groups.append(LocalSlots(shape, self.dtype, self.device, plan.kv_bits))
         self.kv_groups = groups
         tokens = self.batch_limits.slots * self.batch_limits.capacity
-        per_token = kv_bytes_per_token(d, self.dtype, config.kv_bits)
+        per_token = kv_bytes_per_token(d, self.dtype, plan.kv_bits)
         self.kv_home = "gpu" if self.kv is None else "kv_store"
         for home in ("gpu", "kv_store"):
             self.metrics.set(f"kv_bytes_capacity:{home}", tokens * per_token if home == self.kv_home else 0)
             self.metrics.set(f"kv_bytes_used:{home}", 0)
         self.kv_token_bytes = per_token
-        chunk = config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
+        chunk = self.config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
         graphs = "off"
-        if config.decode_graphs:
-            graphs = "cuda" if self.device.type == "cuda" else "eager" if config.device == "mock-cuda" else "off"
+        if plan.decode_graphs:
+            graphs = "cuda" if self.device.type == "cuda" else "eager" if self.config.device == "mock-cuda" else "off"
         runner = Runner(self.layers, family, d.num_layers, groups, chunk, graphs)
         self.metrics.set("decode_graphs", float(runner.uses_graphs))  # what the node does, for bench and tests
         return runner
@@ -231,17 +265,22 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--weight-store", required=True)
     p.add_argument("--kv-store", default="")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="", choices=["", "float16", "bfloat16", "float32"])
-    p.add_argument("--kv-offload", action="store_true")
-    p.add_argument("--kv-bits", type=int, default=16, choices=[4, 8, 16],
-                   help="KV cache precision, on the device or in the KV store")
+    p.add_argument("--plan", default="", metavar="FILE",
+                   help="run plan JSON (strata/run_plan.py): placement, KV, batch and queue, instead of their flags "
+                        "(--dtype, --kv-offload, --kv-bits, --gpu-weight-share, --micro-batches, --no-decode-graphs, "
+                        "--max-batch, --max-seq-len, --max-queue)")
+    p.add_argument("--dtype", default=None, choices=["", "float16", "bfloat16", "float32"])
+    p.add_argument("--kv-offload", action="store_true", default=None)
+    p.add_argument("--kv-bits", type=int, default=None, choices=[4, 8, 16],
+                   help="KV cache precision, on the device or in the KV store (default 16)")
     p.add_argument("--rpc-timeout", type=float, default=30.0)
-    p.add_argument("--gpu-weight-share", type=float, default=1.0)
-    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--gpu-weight-share", type=float, default=None, help="(default 1)")
+    p.add_argument("--micro-batches", type=int, default=None, help="(default 1)")
     p.add_argument("--transport", choices=["shm", "bytes"], default="shm")
     p.add_argument("--exchange-bytes", type=int, default=ComputeNodeConfig.exchange_bytes,
                    help="bytes of each exchange half (KV store transfers), registered at start; grows on demand")
-    p.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly (no CUDA graph replay)")
+    p.add_argument("--no-decode-graphs", action="store_true", default=None,
+                   help="decode eagerly (no CUDA graph replay)")
     p.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
                    help="largest Generate request in bytes (the gRPC receive limit)")
     p.add_argument("--max-prompt-tokens", type=int, default=0,
@@ -254,33 +293,42 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--tls-key", default="", help="PEM private key file of --tls-cert")
     p.add_argument("--control-listen", default="",
                    help="a second address without TLS, for the launcher's health checks (unix:///path)")
-    p.add_argument("--max-batch", type=int, default=ComputeNodeConfig.max_batch,
-                   help="sequences running at once (the scheduler's slots)")
-    p.add_argument("--max-seq-len", type=int, default=0,
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"sequences running at once (the scheduler's slots; default {ComputeNodeConfig.max_batch})")
+    p.add_argument("--max-seq-len", type=int, default=None,
                    help="tokens a sequence slot holds, prompt plus generated (0 = 2048 or the model's positions)")
-    p.add_argument("--max-queue", type=int, default=0,
+    p.add_argument("--max-queue", type=int, default=None,
                    help="sequences waiting for a slot before calls get RESOURCE_EXHAUSTED (0 = max(64, 8 x max-batch))")
     p.add_argument("--prefill-chunk-tokens", type=int, default=0,
                    help="prompt tokens through a layer at once (0 = a micro-batch's slots x max-seq-len)")
     a = p.parse_args(argv)
-    if a.kv_offload and not a.kv_store:
-        p.error("--kv-offload needs --kv-store")
+    placement = {"dtype": a.dtype, "kv_offload": a.kv_offload, "kv_bits": a.kv_bits,
+                 "gpu_weight_share": a.gpu_weight_share, "micro_batches": a.micro_batches,
+                 "decode_graphs": None if a.no_decode_graphs is None else False, "max_batch": a.max_batch,
+                 "max_seq_len": a.max_seq_len, "max_queue": a.max_queue}
+    given = {k: v for k, v in placement.items() if v is not None}
+    plan = None
+    if a.plan:
+        if given:
+            p.error(f"--plan decides {', '.join(sorted(given))}: give none of their flags with it")
+        plan = RunPlan.load(a.plan)
+    if (plan.kv_offload if plan else a.kv_offload) and not a.kv_store:
+        p.error("--kv-offload needs --kv-store" if not plan else "the run plan's KV cache is in the KV store: "
+                "give --kv-store")
     cfg = ComputeNodeConfig(
         listen=a.listen, session=a.session, weight_store=a.weight_store, kv_store=a.kv_store, device=a.device,
-        dtype=a.dtype, kv_offload=a.kv_offload, rpc_timeout_s=a.rpc_timeout, gpu_weight_share=a.gpu_weight_share,
-        micro_batches=a.micro_batches, kv_bits=a.kv_bits, exchange_bytes=a.exchange_bytes,
+        rpc_timeout_s=a.rpc_timeout, exchange_bytes=a.exchange_bytes,
         max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
         max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
-        control_listen=a.control_listen,
-        decode_graphs=not a.no_decode_graphs, max_batch=a.max_batch, max_seq_len=a.max_seq_len,
-        max_queue=a.max_queue, prefill_chunk_tokens=a.prefill_chunk_tokens,
+        control_listen=a.control_listen, prefill_chunk_tokens=a.prefill_chunk_tokens, plan=plan, **given,
     )
     return cfg, a.transport
 
 
 def main(argv=None) -> int:
-    config, transport = parse_args(logs.setup_from_argv("compute_node", argv))
+    argv = logs.setup_from_argv("compute_node", argv)
     try:
+        config, transport = parse_args(argv)
         server, node, bound = serve(config, transport)
     except StrataError as e:
         log.error("%s", e)
