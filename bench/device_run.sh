@@ -29,7 +29,7 @@ for step in "$@"; do
     w4tests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_w4a16_wgmma.py tests/compute_node/test_w4a16_mma.py > "$OUT/w4tests.txt" 2>&1; tail -25 "$OUT/w4tests.txt";;
     t2short) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} --warmup short;;
     t1nopf) STRATA_KV_CFLAGS=-DPF_TOKENS=0 bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
-    graphtests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_decode_graph.py tests/compute_node/test_decode_loop.py "tests/deploy/test_serve_generate.py::test_a_call_cancelled_mid_stream_leaves_the_server_serving_the_same_shapes" > "$OUT/graphtests.txt" 2>&1; tail -4 "$OUT/graphtests.txt";;
+    graphtests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_slot_graphs.py tests/compute_node/test_scheduler_in_process.py "tests/deploy/test_serve_generate.py::test_a_call_cancelled_mid_stream_leaves_the_server_serving_the_same_shapes" > "$OUT/graphtests.txt" 2>&1; tail -4 "$OUT/graphtests.txt";;
     t2mma) STRATA_W4A16_WGMMA=0 bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
     cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-560} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;

@@ -17,8 +17,7 @@ class Sampling:
 
 
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] -> the most likely token ids [B], left on the logits' device (greedy
-    decode feeds them back there, compute_node/decode_loop.py)."""
+    """logits [B, V] -> the most likely token ids [B], left on the logits' device."""
     return logits.float().argmax(dim=-1)
 
 

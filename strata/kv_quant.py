@@ -1,6 +1,6 @@
 """The quantized KV cache format, shared by the KV store's host cache
-(kv_store/quantized.py) and the compute node's device cache (LocalKV in
-compute_node/kv_cache.py).
+(kv_store/quantized.py) and the compute node's device cache (LocalSlots,
+compute_node/slot_kv.py, over compute_node/kv_cache.py's layer stores).
 
 Every cached key or value vector (one token of one head: head_dim numbers) is quantized
 group-wise along head_dim with strata/quant.py's scheme: codes [..., head_dim] uint8
