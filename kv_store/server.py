@@ -27,6 +27,7 @@ from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
 from strata import logs, rpc
 from strata.config import KVStoreConfig
+from strata.run_plan import RunPlan
 from strata.dataplane import inline_ref, resolve
 from strata.errors import ErrorKind, StrataError, grpc_method
 from strata.shm import RegionTable, torch_dtype
@@ -131,6 +132,10 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
     def Health(self, request, context):
         ledger = self.ledger
         detail = f"{ledger.bytes_free} of {ledger.capacity_bytes} bytes free, {len(ledger.groups())} groups"
+        plan = self.config.plan
+        if plan is not None:
+            detail += f"; plan: KV at {plan.kv_bits} bits" + (f" in groups of {plan.kv_group_size}" if plan.kv_group_size
+                                                             else "")
         return common_pb2.HealthResponse(ready=True, service="kv_store", detail=detail)
 
     @grpc_method
@@ -143,11 +148,23 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         self.regions.unregister(request.name)
         return common_pb2.UnregisterRegionResponse()
 
+    def _check_plan(self, spec: GroupSpec) -> None:
+        """A group of other bits or groups than the run plan's is refused (the compute node
+        read the same plan)."""
+        plan = self.config.plan
+        if plan is None:
+            return
+        if spec.kv_bits != plan.kv_bits or (plan.kv_bits != 16 and spec.kv_group != plan.kv_group_size):
+            raise StrataError(ErrorKind.FAILED_PRECONDITION,
+                              f"the run plan's KV cache is at {plan.kv_bits} bits (group {plan.kv_group_size}); "
+                              f"asked for {spec.kv_bits} bits (group {spec.kv_group if spec.kv_bits != 16 else 0})")
+
     @grpc_method
     def Allocate(self, request, context):
         if not request.group:
             raise StrataError(ErrorKind.INVALID_ARGUMENT, "group name is empty")
         spec = spec_from_request(request)
+        self._check_plan(spec)
         quantized = spec.kv_bits in (4, 8)
         if quantized:
             nbytes = quantized_bytes(spec)
@@ -268,14 +285,22 @@ def parse_args(argv: list[str] | None) -> KVStoreConfig:
     p.add_argument("--no-preallocate", action="store_true", help="allocate each group's cache on demand")
     p.add_argument("--attention", choices=["native", "sdpa"], default=KVStoreConfig.attention,
                    help="bfloat16 decode attention: the KV store's own kernel (built at start) or PyTorch SDPA")
+    p.add_argument("--plan", default="", metavar="FILE",
+                   help="run plan JSON (strata/run_plan.py): groups of other KV bits than its are refused")
     a = p.parse_args(argv)
     return KVStoreConfig(listen=a.listen, session=a.session, capacity_bytes=a.capacity_bytes, threads=a.threads,
-                         preallocate=not a.no_preallocate, attention=a.attention)
+                         preallocate=not a.no_preallocate, attention=a.attention,
+                         plan=RunPlan.load(a.plan) if a.plan else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then stop, unmap regions and exit 0."""
-    config = parse_args(logs.setup_from_argv("kv_store", argv))
+    argv = logs.setup_from_argv("kv_store", argv)
+    try:
+        config = parse_args(argv)
+    except StrataError as e:  # a bad run plan
+        LOG.error("%s", e)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

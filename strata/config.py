@@ -37,6 +37,7 @@ class KVStoreConfig:
     threads: int = 0  # CPU threads for attention; 0 = every core
     preallocate: bool = True  # fault in the whole capacity at start (an arena), not per request
     attention: str = "native"  # bfloat16 decode attention: "native" (kv_store/native.py; SDPA if it cannot build) or "sdpa"
+    plan: RunPlan | None = None  # the run plan, where the launcher gives one: its KV bits and group are the only ones taken
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,12 +22,12 @@ SHAPE = dict(num_layers=2, batch=2, num_heads=4, head_dim=8, max_tokens=16)
 class KVProcess:
     """The KV store in its own process, with a stub to it."""
 
-    def __init__(self, capacity: int = CAPACITY):
+    def __init__(self, capacity: int = CAPACITY, *extra: str):
         self.session = "test" + secrets.token_hex(4)
         self.socket = f"/tmp/strata-kv-{self.session}.sock"
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [sys.executable, "-m", "kv_store", "--listen", f"unix://{self.socket}", "--session", self.session,
-               "--capacity-bytes", str(capacity), "--threads", "1"]  # fmt: skip
+               "--capacity-bytes", str(capacity), "--threads", "1", *extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         try:
@@ -209,3 +209,21 @@ def test_sigterm_exits_zero_with_a_region_registered():
         region.close()
     assert not os.path.exists(server.socket)
     assert not list(pathlib.Path("/dev/shm").glob(f"strata-{server.session}-*"))
+
+
+def test_a_run_plan_admits_only_groups_of_its_kv_bits(tmp_path):
+    """--plan: the KV store takes groups at the plan's bits and group size only, and says so."""
+    from strata.run_plan import RunPlan
+
+    path = tmp_path / "plan.json"
+    RunPlan(num_layers=2, kv_home="kv_store", kv_bits=8, kv_group_size=8).save(path)
+    server = KVProcess(CAPACITY, "--plan", str(path))
+    try:
+        assert "plan: KV at 8 bits in groups of 8" in server.stub.Health(common_pb2.HealthRequest()).detail
+        allocate(server, "q8", kv_bits=8, kv_group_size=8, position_bias=kv_store_pb2.POSITION_BIAS_NONE, pad=[])
+        with pytest.raises(grpc.RpcError) as e:
+            allocate(server, "b16")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "the run plan's KV cache is at 8 bits" in e.value.details()
+    finally:
+        assert server.stop() == 0
