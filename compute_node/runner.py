@@ -5,7 +5,7 @@ layers, so a layer streamed from host or disk is loaded once for all of them.
     for layer i:
         w = weights.get(i)                         # the ring loads i+1.. meanwhile
         for each prefill chunk c:  h_c = layer(w, h_c)       # packed prompts, per-sequence attention
-        for each group g (a wavefront, as compute_node/engine.py):
+        for each group g (a wavefront: g's attention in the KV store overlaps the others' GPU work):
             finish g's attention of layer i-1; h_g = post_attention(w_{i-1}, ...)
             q, k, v = pre_attention(w, h_g); start g's attention of layer i
     finish every group's last layer; logits at each sequence's last token

@@ -43,9 +43,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly, without CUDA graph replay")
     b.add_argument("--json", action="store_true", help="no progress bar; only the JSON line")
     b.add_argument("--warmup", choices=["auto", "short", "none"], default="auto",
-                   help="the request before the timed one: auto = of the timed request's KV length where decode "
-                        "graphs run (the timed request then replays them from its first step), else short; "
-                        "short = 8-token prompts, 4 new tokens (the timed request captures its own graphs)")
+                   help="the request before the timed one: short (= auto) is 8-token prompts of the timed batch "
+                        "size, 4 new tokens (kernels built, decode graphs of the batch's buckets captured; the "
+                        "compute node keeps its slots and graphs for its life); none = no warm-up")
     b.add_argument("--no-warmup", dest="warmup", action="store_const", const="none", help="= --warmup none")
     b.add_argument("--output", help="also append the JSON line to this file")
     b.add_argument("--clients", type=int, default=0,
