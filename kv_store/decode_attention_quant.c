@@ -25,8 +25,10 @@ static inline float half_to_float(uint16_t h) { /* normals and subnormals (the s
  * Per value: out += (p * scale_n) * codes_n, and sum_t p * min_n once per group at the
  * end; nothing is dequantized to memory. Query heads of a group go one at a time over
  * the row's tokens (the row's codes stay in L2 for the next one), so a query and an
- * accumulator live in registers across the token loop. scratch: T * (2 + 4 * D/group)
- * + 16 floats (the INT4 path on bfloat16 dot products needs the most). */
+ * accumulator live in registers across the token loop. scratch: the calling thread's,
+ * strata_quant_scratch_floats(T, D, group, bits) floats. Where the compiler targets
+ * AVX512-VNNI and -BF16, formats of whole 64-byte chunks of codes take the kernels of
+ * decode_attention_qx.c instead; these loops are the portable path. */
 typedef struct {
     const uint16_t *q; const uint8_t *kc; const uint16_t *ks, *km; const uint8_t *vc; const uint16_t *vs, *vm;
     const float *mask; uint16_t *out;
@@ -104,7 +106,7 @@ static inline void row_scales(const quant_args *a, int64_t os, int64_t NG, float
         }
 }
 
-#include "decode_attention_q4.c" /* the INT4 path on bfloat16 dot products, where targeted */
+#include "decode_attention_qx.c" /* the whole-chunk formats on VNNI and bfloat16 dot products, where targeted */
 
 static inline __attribute__((always_inline)) void quant_rows(const quant_args *a, const int64_t D, const int64_t group,
                                                              const int64_t bits, int64_t r0, int64_t r1, float *s) {
@@ -121,13 +123,6 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
             const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;
             const float *mask = a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL;
             uint16_t *o = a->out + b * a->so_b + head * a->so_h;
-#ifdef HAVE_Q4_BF16DOT
-            if (bits == 4 && D == Q4_D && group == Q4_GROUP) { /* constants here: decided at compile time */
-                q4_scores(a, qh, kc, ks, km, s);
-                q4_output(a, vc, s, softmax_unnormalized(s, T, mask), vs, vm, (uint32_t *)(vm + T * NG), o);
-                continue;
-            }
-#endif
             if (bits == 8) {
                 for (int64_t d = 0; d < D; d++) qf[d] = bf16_to_f32(qh[d]) * a->scale;
             } else { /* per group: its even elements, then its odd ones (the nibble order) */
@@ -187,6 +182,20 @@ static inline __attribute__((always_inline)) void quant_rows(const quant_args *a
     }
 }
 
+/* The scratch floats a thread needs for strata_decode_attention_quant over T tokens */
+int64_t strata_quant_scratch_floats(int64_t T, int64_t D, int64_t group, int64_t bits) {
+    int64_t n = T * (2 + 4 * D / group) + 16;
+#ifdef HAVE_QX
+    if (qx_supported(D, group, bits)) {
+        const int64_t m = qx_scratch_floats(D, group, bits, T);
+        n = m > n ? m : n;
+    }
+#else
+    (void)bits;
+#endif
+    return n;
+}
+
 void strata_decode_attention_quant(
     const uint16_t *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *km,
     const uint8_t *vc, const uint16_t *vs, const uint16_t *vm, const float *mask, uint16_t *out,
@@ -198,6 +207,12 @@ void strata_decode_attention_quant(
                           ss_b, ss_h, ss_t, sm_b, sm_h, so_b, so_h, scale};
     /* the common shape with constants, so the compiler unrolls the group loops */
     FOR_EACH_CHUNK(next, rows, chunk, r0, r1) {
+#ifdef HAVE_QX
+        if (qx_supported(D, group, bits)) {
+            qx_rows(&a, D, group, bits, r0, r1, scratch);
+            continue;
+        }
+#endif
         if (D == 128 && group == 64 && bits == 8)
             quant_rows(&a, 128, 64, 8, r0, r1, scratch);
         else if (D == 128 && group == 64 && bits == 4)

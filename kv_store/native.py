@@ -65,6 +65,9 @@ def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
     fq = lib.strata_decode_attention_quant
     fq.restype = None
     fq.argtypes = [_PTR] * 9 + [_I64] * 6 + [_I64] * 12 + [ctypes.c_float] + rows + [_PTR]
+    fs = lib.strata_quant_scratch_floats
+    fs.restype = _I64
+    fs.argtypes = [_I64] * 4
     fz = lib.strata_quantize_bf16
     fz.restype = ctypes.c_int
     fz.argtypes = [_PTR] * 4 + [_I64] * 5 + [_I64] * 9 + rows
@@ -95,6 +98,7 @@ class NativeDecodeAttention:
         self.fn = lib.strata_decode_attention_bf16
         self.fn_quant = lib.strata_decode_attention_quant
         self.fn_quantize = lib.strata_quantize_bf16
+        self.fn_quant_scratch = lib.strata_quant_scratch_floats
         self.threads = max(1, threads)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="kv-attend")
         self._scratch = threading.local()
@@ -145,7 +149,7 @@ class NativeDecodeAttention:
                 vm.data_ptr(), m_args[0], out.data_ptr(), q.shape[1], kc.shape[1], kc.shape[2], d, group, bits,
                 q.stride(0), q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *m_args[1:], out.stride(0),
                 out.stride(1), float(scale))
-        self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], kc.shape[2] * (2 + 4 * d // group) + 16)
+        self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], self.fn_quant_scratch(kc.shape[2], d, group, bits))
         return out
 
     def quantize(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, bits: int,

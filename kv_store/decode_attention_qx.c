@@ -1,0 +1,539 @@
+/* Quantized decode attention on integer and bfloat16 dot-product instructions
+ * (AVX512-VNNI, AVX512-BF16), for caches whose code bytes per vector are whole 64-byte
+ * chunks and whose groups number at most 4 a vector: INT4 at head_dim 128 (groups of
+ * 32, 64, 128) or 256 (64 and up), INT8 at 64, 128 or 256 (16 code bytes a group and
+ * up, at most 4 groups). Included by decode_attention_quant.c, whose rows go here
+ * (qx_rows) for those formats where the compiler targets those instructions; others
+ * take its plain loops. Nothing is widened per element, nothing dequantized.
+ *
+ * Keys, exact in integers. The query becomes 16-bit fixed point, q = s_q * q16 with s_q
+ * a power of two and |q16| <= 2^14 (every bfloat16 element within 2^6 of the largest
+ * is exact, smaller ones are off by at most 2^-15 of the largest), split into signed
+ * bytes q16 = 256 * hi + lo. Per key, with codes c as unsigned bytes (INT4 nibbles split
+ * by a shift and a mask), vpdpbusd sums 4 byte products a lane:
+ *     acc = ((c . hi) << 8) + c . lo = c . q16      (int32, exact)
+ * so q_n . k_n = s_q * (scale_n * (c_n . q16_n) + min_n * sum(q16_n)). A 16-byte quarter
+ * of a chunk lies in one group; four keys' accumulators fold into one vector of
+ * (quarter, key) sums (6 shuffles), which one FMA scales by the keys' group scales (read
+ * as float16 in place, and min * sum(q16) added on a group's first quarter); sixteen
+ * keys end as one vector of scores: no horizontal sum per key.
+ *
+ * INT4 values, two tokens at a time on vdpbf16ps: unpacking the 16-bit words of the two
+ * tokens' codes puts the same 4 elements of both in one dword, and a shift and one
+ * ternary logic op make nibble c the bfloat16 128 + c (bits 0x4300 | c) in each half.
+ * One instruction adds w_t (128 + c_t) + w_t+1 (128 + c_t+1) for 16 elements; the 128 is
+ * taken back per group at the end: out = sum_t w_t c_t + sum_t p_t min_t. The weight
+ * w_t = p_t * scale_t is rounded to bfloat16 (relative 2^-9, the output's own
+ * precision; the rounded weights are the ones summed for the correction, so it cancels
+ * exactly); products are exact in float32.
+ *
+ * INT8 values, four tokens at a time on vpdpbusd: a byte transpose of the four tokens'
+ * codes (8 unpacks) puts one element of the 4 tokens in a dword. The weights w_t =
+ * p_t * scale_t become 22-bit fixed point per group (w = d_w * w22, d_w a power of two,
+ * w22 < 2^22, off by at most 2^-23 of the group's largest weight), as three signed-byte
+ * digits w22 = 65536 * a + 256 * b + c, each summed exactly in int32. */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512BF16__) && !defined(STRATA_NO_QX)
+#include <immintrin.h>
+#define HAVE_QX 1
+
+enum { QX_KEYS = 16, QX_MAX_CW = 256, QX_MAX_NC = 4, QX_SPAN = 16384 /* INT8 tokens per int32 sum */ };
+
+/* The format: code bytes per vector CW in NC chunks of 64, NG groups of CG code bytes
+ * (2^gshift elements); Tp: the token count rounded up to QX_KEYS. */
+typedef struct {
+    int64_t D, group, bits, NG, CG, CW, NC, T, Tp, gshift;
+} qx_shape;
+
+static inline int qx_supported(int64_t D, int64_t group, int64_t bits) {
+    const int64_t CW = bits == 8 ? D : D / 2;
+    return (bits == 4 || bits == 8) && (D == 64 || D == 128 || D == 256) && CW % 64 == 0 && group > 0 &&
+           D % group == 0 && D / group <= 4 && (bits == 8 ? group : group / 2) % 16 == 0;
+}
+
+static inline qx_shape qx_shape_of(int64_t D, int64_t group, int64_t bits, int64_t T) {
+    const int64_t CW = bits == 8 ? D : D / 2;
+    return (qx_shape){D, group, bits, D / group, bits == 8 ? group : group / 2, CW, CW / 64, T,
+                      (T + QX_KEYS - 1) / QX_KEYS * QX_KEYS, __builtin_ctzll((unsigned long long)group)};
+}
+
+/* the group of quarter L (16 code bytes) of chunk c */
+static inline int64_t qx_group(const qx_shape *sh, int64_t c, int64_t L) { return (64 * c + 16 * L) / sh->CG; }
+
+/* Scratch (floats) a thread needs for T tokens: scores, then the value weights (INT4:
+ * bfloat16 pairs [Tp/2][NG]; INT8: three digit planes [Tp/4][NG]), then, where a row's
+ * scales and mins are not contiguous [T][NG], contiguous copies of them; with slack. */
+static inline int64_t qx_scratch_floats(int64_t D, int64_t group, int64_t bits, int64_t T) {
+    const qx_shape sh = qx_shape_of(D, group, bits, T);
+    return sh.Tp + 32 + sh.Tp * sh.NG + 64 + 4 * (sh.Tp * sh.NG / 2 + 32);
+}
+
+/* Per shape: index vectors of the permutes below */
+typedef struct {
+    __m512i kidx[QX_MAX_NC]; /* 4 keys' [4][NG] scales -> lane 4L + i: key i, quarter L's group */
+    __m512i widx[QX_MAX_NC]; /* NG per-group values -> lane 4L + i: quarter L's group */
+    __m512 first[QX_MAX_NC]; /* 1 on the first quarter of a group, else 0 */
+    __m512i pidx;            /* 16 (token, group) entries -> their token */
+    __m512i pair_a, pair_b;  /* INT4: 32 (token, group) entries -> (pair, group, token & 1) */
+    __m512i quad;            /* INT8: 16 (token, group) entries -> (4 tokens, group, token & 3) */
+} qx_consts;
+
+static inline void qx_consts_of(const qx_shape *sh, qx_consts *k) {
+    const int NG = (int)sh->NG;
+    for (int64_t c = 0; c < sh->NC; c++) {
+        int32_t ki[16], wi[16];
+        float f[16];
+        for (int L = 0; L < 4; L++)
+            for (int i = 0; i < 4; i++) {
+                ki[4 * L + i] = (int32_t)(i * NG + qx_group(sh, c, L));
+                wi[4 * L + i] = (int32_t)qx_group(sh, c, L);
+                f[4 * L + i] = (64 * c + 16 * L) % sh->CG == 0 ? 1.f : 0.f;
+            }
+        k->kidx[c] = _mm512_loadu_si512(ki);
+        k->widx[c] = _mm512_loadu_si512(wi);
+        k->first[c] = _mm512_loadu_ps(f);
+    }
+    int32_t p[16], a[16], b[16], q[16];
+    for (int l = 0; l < 16; l++) {
+        p[l] = l / NG;
+        const int blk = l / (4 * NG), g = (l / 4) % NG, t = 4 * blk + l % 4;
+        q[l] = t * NG + g;
+    }
+    for (int o = 0; o < 32; o++) {
+        const int pair = o / (2 * NG), g = (o / 2) % NG, t = 2 * pair + (o & 1);
+        (o < 16 ? a : b)[o & 15] = t * NG + g;
+    }
+    k->pidx = _mm512_loadu_si512(p);
+    k->pair_a = _mm512_loadu_si512(a);
+    k->pair_b = _mm512_loadu_si512(b);
+    k->quad = _mm512_loadu_si512(q);
+}
+
+/* 16 float16 at p[i..] as float32, zero from n on */
+static inline __m512 qx_halves(const uint16_t *p, int64_t i, int64_t n) {
+    if (i + 16 <= n) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + i)));
+    const __mmask16 m = i >= n ? 0 : (__mmask16)((1u << (n - i)) - 1);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p + i));
+}
+
+/* A row's scales and mins [T][NG], contiguous (as stored, or copied into `spare`) */
+typedef struct {
+    const uint16_t *ks, *km, *vs, *vm;
+} qx_row;
+
+static inline qx_row qx_row_of(const quant_args *a, int64_t os, const qx_shape *sh, uint16_t *spare) {
+    const uint16_t *src[4] = {a->ks + os, a->km + os, a->vs + os, a->vm + os};
+    if (a->ss_t != sh->NG) {
+        for (int j = 0; j < 4; j++) {
+            uint16_t *dst = spare + j * (sh->Tp * sh->NG + 64);
+            for (int64_t t = 0; t < sh->T; t++)
+                for (int64_t g = 0; g < sh->NG; g++) dst[t * sh->NG + g] = src[j][t * a->ss_t + g];
+            src[j] = dst;
+        }
+    }
+    return (qx_row){src[0], src[1], src[2], src[3]};
+}
+
+/* The query as planes of signed bytes in code-byte order: plane[c][p] for chunk c, p =
+ * 0, 1 the high bytes of (INT4) even and odd elements, 2, 3 their low bytes; INT8: 0
+ * high, 1 low. qsv[c]: lane 4L + i the group's sum(q16) on its first quarter, else 0.
+ * Returns s_q. */
+static inline float qx_query(const uint16_t *qh, const qx_shape *sh, const qx_consts *k, __m512i plane[QX_MAX_NC][4],
+                             __m512 qsv[QX_MAX_NC]) {
+    const int64_t D = sh->D, group = sh->group;
+    float qf[256], mx = 0.f;
+#pragma omp simd reduction(max : mx)
+    for (int64_t d = 0; d < D; d++) {
+        qf[d] = bf16_to_f32(qh[d]);
+        const float m = fabsf(qf[d]);
+        mx = m > mx ? m : mx;
+    }
+    /* mx < 2^e; s_q = 2^(e - 14) (e at least -112: s_q stays a normal float) */
+    uint32_t bits;
+    memcpy(&bits, &mx, sizeof bits);
+    int32_t e = (int32_t)((bits >> 23) & 0xff) - 126;
+    e = e < -112 ? -112 : (e > 127 ? 127 : e);
+    const uint32_t sq_bits = (uint32_t)(e - 14 + 127) << 23, inv_bits = (uint32_t)(14 - e + 127) << 23;
+    float sq, inv;
+    memcpy(&sq, &sq_bits, sizeof sq);
+    memcpy(&inv, &inv_bits, sizeof inv);
+    int32_t q16[256];
+    float gsum[16] = {0.f};
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) q16[d] = (int32_t)nearbyintf(qf[d] * inv); /* |q16| <= 2^14 */
+    for (int64_t n = 0; n < sh->NG; n++) {
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < group; d++) sum += q16[n * group + d];
+        gsum[n] = (float)sum;
+    }
+    int8_t b[QX_MAX_NC][4][64];
+    for (int64_t c = 0; c < sh->NC; c++) {
+        if (sh->bits == 4) {
+            for (int j = 0; j < 64; j++)
+                for (int odd = 0; odd < 2; odd++) {
+                    const int32_t v = q16[128 * c + 2 * j + odd], hi = (v + 128) >> 8;
+                    b[c][odd][j] = (int8_t)hi;
+                    b[c][2 + odd][j] = (int8_t)(v - 256 * hi);
+                }
+        } else {
+            for (int j = 0; j < 64; j++) {
+                const int32_t v = q16[64 * c + j], hi = (v + 128) >> 8;
+                b[c][0][j] = (int8_t)hi;
+                b[c][1][j] = (int8_t)(v - 256 * hi);
+            }
+        }
+    }
+    const __m512 gs = _mm512_loadu_ps(gsum);
+    for (int64_t c = 0; c < sh->NC; c++) {
+        for (int p = 0; p < 4; p++) plane[c][p] = _mm512_loadu_si512(b[c][p]);
+        qsv[c] = _mm512_mul_ps(_mm512_permutexvar_ps(k->widx[c], gs), k->first[c]);
+    }
+    return sq;
+}
+
+/* c . q16 for one key's chunk (64 code bytes), 16 int32 lanes, lane l over code bytes 4l..4l+3 */
+static inline __attribute__((always_inline)) __m512i qx_dot(const uint8_t *ck, const __m512i *pl, const int64_t bits) {
+    const __m512i c = _mm512_loadu_si512(ck);
+    __m512i acc;
+    if (bits == 4) {
+        const __m512i lo4 = _mm512_set1_epi8(15);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), lo4), lo = _mm512_and_si512(c, lo4);
+        acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, pl[0]);
+        acc = _mm512_dpbusd_epi32(acc, lo, pl[1]);
+        acc = _mm512_slli_epi32(acc, 8);
+        acc = _mm512_dpbusd_epi32(acc, hi, pl[2]);
+        acc = _mm512_dpbusd_epi32(acc, lo, pl[3]);
+    } else {
+        acc = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, pl[0]), 8);
+        acc = _mm512_dpbusd_epi32(acc, c, pl[1]);
+    }
+    return acc;
+}
+
+/* 4 keys' lanes -> lane 4L + i = key i's sum over quarter L */
+static inline __m512i qx_fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+/* Scores of QX_KEYS keys (key k's codes at kc + k * stride, the first `valid` real)
+ * before s_q and the softmax scale: sum_n scale_n (c_n . q16_n) + min_n sum(q16_n); ks,
+ * km: their scales and mins [16][NG] */
+static inline __attribute__((always_inline)) __m512 qx_block(const uint8_t *kc, int64_t stride, const uint16_t *ks,
+                                                              const uint16_t *km, int64_t valid, const qx_consts *k,
+                                                              const __m512i plane[QX_MAX_NC][4], const __m512 *qsv,
+                                                              const int64_t NG, const int64_t NC, const int64_t bits) {
+    __m512 f[4];
+    for (int j = 0; j < 4; j++) {
+        const int64_t nk = valid - 4 * j < 0 ? 0 : (valid - 4 * j > 4 ? 4 : valid - 4 * j);
+        const __mmask16 m = (__mmask16)((1u << (nk * NG)) - 1);
+        const __m512 s4 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ks + 4 * j * NG));
+        const __m512 m4 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, km + 4 * j * NG));
+        f[j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < NC; c++) {
+            const uint8_t *k0 = kc + 4 * j * stride + 64 * c;
+            const __m512i u = qx_fold4(qx_dot(k0, plane[c], bits), qx_dot(k0 + stride, plane[c], bits),
+                                       qx_dot(k0 + 2 * stride, plane[c], bits), qx_dot(k0 + 3 * stride, plane[c], bits));
+            const __m512 sc = _mm512_permutexvar_ps(k->kidx[c], s4), mn = _mm512_permutexvar_ps(k->kidx[c], m4);
+            f[j] = _mm512_add_ps(f[j], _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), sc, _mm512_mul_ps(mn, qsv[c])));
+        }
+    }
+    const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(f[0], f[1], 0x88), _mm512_shuffle_f32x4(f[0], f[1], 0xdd));
+    const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(f[2], f[3], 0x88), _mm512_shuffle_f32x4(f[2], f[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xdd));
+}
+
+static inline void qx_prefetch(const uint8_t *p, int64_t n_bytes) {
+    for (int64_t o = 0; o < n_bytes; o += 64) __builtin_prefetch(p + o, 0, PF_HINT);
+}
+
+/* s[0..Tp): scores of one query head (qh) against its row's keys (kc) */
+static inline __attribute__((always_inline)) void qx_scores(const quant_args *a, const qx_shape *sh, const qx_consts *k,
+                                                             const uint16_t *qh, const uint8_t *kc, const qx_row *row,
+                                                             float *s, const int64_t NG, const int64_t NC,
+                                                             const int64_t bits) {
+    __m512i plane[QX_MAX_NC][4];
+    __m512 qsv[QX_MAX_NC];
+    const __m512 mul = _mm512_set1_ps(qx_query(qh, sh, k, plane, qsv) * a->scale);
+    const int64_t T = a->T, st = a->sc_t, CW = 64 * NC;
+    int64_t t = 0;
+    for (; t + QX_KEYS <= T; t += QX_KEYS) {
+        if (PF_TOKENS > 0 && t + 2 * QX_KEYS <= T) {
+            if (st == CW)
+                qx_prefetch(kc + (t + QX_KEYS) * st, QX_KEYS * CW);
+            else
+                for (int j = 0; j < QX_KEYS; j++) qx_prefetch(kc + (t + QX_KEYS + j) * st, CW);
+        }
+        const __m512 z = qx_block(kc + t * st, st, row->ks + t * NG, row->km + t * NG, QX_KEYS, k, plane, qsv, NG, NC, bits);
+        _mm512_storeu_ps(s + t, _mm512_mul_ps(z, mul));
+    }
+    if (t < T) { /* the last keys, copied before zeros */
+        uint8_t tail[QX_KEYS * QX_MAX_CW];
+        memset(tail, 0, (size_t)(QX_KEYS * CW));
+        for (int64_t j = t; j < T; j++) memcpy(tail + (j - t) * CW, kc + j * st, (size_t)CW);
+        const __m512 z = qx_block(tail, CW, row->ks + t * NG, row->km + t * NG, T - t, k, plane, qsv, NG, NC, bits);
+        _mm512_storeu_ps(s + t, _mm512_mul_ps(z, mul));
+    }
+}
+
+/* softmax_unnormalized over s[0..T) with whole vectors (the max too); s[T..Tp + 16) = 0 */
+static inline float qx_softmax(float *s, int64_t T, int64_t Tp, const float *m) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= T; t += 16) {
+        __m512 v = _mm512_loadu_ps(s + t);
+        if (m) v = _mm512_add_ps(v, _mm512_loadu_ps(m + t));
+        _mm512_storeu_ps(s + t, v);
+        mx = _mm512_max_ps(mx, v);
+    }
+    if (t < T) {
+        const __mmask16 k = (__mmask16)((1u << (T - t)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(k, s + t);
+        if (m) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, m + t));
+        _mm512_mask_storeu_ps(s + t, k, v);
+        mx = _mm512_mask_max_ps(mx, k, mx, v);
+    }
+    const float top = _mm512_reduce_max_ps(mx);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < T; i++) {
+        s[i] = exp_nonpositive(s[i] - top);
+        sum += s[i];
+    }
+    for (int64_t i = T; i < Tp + 16; i++) s[i] = 0.f;
+    return 1.f / sum;
+}
+
+/* amin[n] = sum_t p_t min_tn from lanes of [t][NG] order (lane l: group l % NG) */
+static inline void qx_group_sums(__m512 v, int64_t NG, float *out) {
+    float l[16];
+    _mm512_storeu_ps(l, v);
+    for (int64_t g = 0; g < NG; g++) out[g] = 0.f;
+    for (int i = 0; i < 16; i++) out[i & (NG - 1)] += l[i];
+}
+
+/* INT4 value weights: wpair[t/2][n] = (bf16(p_t * vs_tn), bf16(p_t+1 * vs_t+1,n)); wsum[n]
+ * the rounded weights' sum, amin[n] = sum_t p_t vm_tn */
+static inline void qx_weights4(const qx_shape *sh, const qx_consts *k, const qx_row *row, const float *s,
+                               uint32_t *wpair, float *wsum, float *amin) {
+    const int64_t NG = sh->NG, n = sh->T * NG, end = sh->Tp * NG;
+    const int ng_shift = __builtin_ctzll((unsigned long long)NG);
+    __m512 ws = _mm512_setzero_ps(), ms = _mm512_setzero_ps();
+    for (int64_t i = 0; i < end; i += 32) { /* 32 (token, group) entries: 32 / NG tokens from i / NG */
+        const __m512 p0 = _mm512_permutexvar_ps(k->pidx, _mm512_loadu_ps(s + (i >> ng_shift)));
+        const __m512 p1 = _mm512_permutexvar_ps(k->pidx, _mm512_loadu_ps(s + ((i + 16) >> ng_shift)));
+        const __m512 w0 = _mm512_mul_ps(p0, qx_halves(row->vs, i, n)), w1 = _mm512_mul_ps(p1, qx_halves(row->vs, i + 16, n));
+        ms = _mm512_fmadd_ps(p0, qx_halves(row->vm, i, n), ms);
+        ms = _mm512_fmadd_ps(p1, qx_halves(row->vm, i + 16, n), ms);
+        const __m512 a = _mm512_permutex2var_ps(w0, k->pair_a, w1), b = _mm512_permutex2var_ps(w0, k->pair_b, w1);
+        const __m512i wb = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
+        _mm512_storeu_si512(wpair + i / 2, wb);
+        ws = _mm512_add_ps(ws, _mm512_castsi512_ps(_mm512_slli_epi32(wb, 16))); /* the rounded weights, each half */
+        ws = _mm512_add_ps(ws, _mm512_castsi512_ps(_mm512_and_si512(wb, _mm512_set1_epi32((int)0xffff0000u))));
+    }
+    qx_group_sums(ws, NG, wsum); /* dword l: pair-ordered entries 2l, 2l+1, both of group l % NG */
+    qx_group_sums(ms, NG, amin);
+}
+
+/* One chunk's INT4 values weighted by pairs: acc[h][j] for the words unpacked lo / hi
+ * (h) and their nibbles at shift 0, 4, 8, 12 (j) */
+static inline __attribute__((always_inline)) void qx_chunk4(const uint8_t *vc, int64_t st, int64_t T, const uint32_t *wpair,
+                                                             int64_t NG, __m512i widx, __m512 acc[2][4]) {
+    const __mmask16 gm = (__mmask16)((1u << NG) - 1);
+    const __m512i nib = _mm512_set1_epi32(0x000f000f), bias = _mm512_set1_epi32(0x43004300);
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    const int64_t pairs = (T + 1) / 2;
+    for (int64_t pr = 0; pr < pairs; pr++) {
+        const uint8_t *c0 = vc + 2 * pr * st, *c1 = 2 * pr + 1 < T ? c0 + st : c0; /* past the end: weight 0 */
+        if (PF_TOKENS > 0 && 2 * pr + PF_TOKENS + 1 < T) {
+            __builtin_prefetch(c0 + PF_TOKENS * st, 0, PF_HINT);
+            __builtin_prefetch(c0 + (PF_TOKENS + 1) * st, 0, PF_HINT);
+        }
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi32(widx, _mm512_maskz_loadu_epi32(gm, wpair + pr * NG));
+        const __m512i x0 = _mm512_loadu_si512(c0), x1 = _mm512_loadu_si512(c1);
+        const __m512i lo = _mm512_unpacklo_epi16(x0, x1), hi = _mm512_unpackhi_epi16(x0, x1);
+#define QX_NIB(y, n) (__m512bh) _mm512_ternarylogic_epi32(_mm512_srli_epi16(y, n), nib, bias, 0xea) /* (y & nib) | bias */
+        a00 = _mm512_dpbf16_ps(a00, (__m512bh)_mm512_ternarylogic_epi32(lo, nib, bias, 0xea), w);
+        a01 = _mm512_dpbf16_ps(a01, QX_NIB(lo, 4), w);
+        a02 = _mm512_dpbf16_ps(a02, QX_NIB(lo, 8), w);
+        a03 = _mm512_dpbf16_ps(a03, QX_NIB(lo, 12), w);
+        a10 = _mm512_dpbf16_ps(a10, (__m512bh)_mm512_ternarylogic_epi32(hi, nib, bias, 0xea), w);
+        a11 = _mm512_dpbf16_ps(a11, QX_NIB(hi, 4), w);
+        a12 = _mm512_dpbf16_ps(a12, QX_NIB(hi, 8), w);
+        a13 = _mm512_dpbf16_ps(a13, QX_NIB(hi, 12), w);
+#undef QX_NIB
+    }
+    acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
+    acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
+}
+
+/* out = inv * sum_t p_t V_t over INT4 codes (vc), a chunk at a time (a chunk is its own
+ * cache line of each token: nothing is read twice) */
+static inline __attribute__((always_inline)) void qx_values4(const quant_args *a, const qx_shape *sh, const qx_consts *k,
+                                                              const qx_row *row, const uint8_t *vc, const float *s,
+                                                              uint32_t *wpair, float inv, uint16_t *o, const int64_t NC) {
+    float wsum[16], amin[16], base[16];
+    qx_weights4(sh, k, row, s, wpair, wsum, amin);
+    for (int64_t g = 0; g < sh->NG; g++) base[g] = amin[g] - 128.f * wsum[g];
+    static const int nib_elem[4] = {1, 0, 3, 2}; /* shift 0, 4, 8, 12 of word w: element 4w + these */
+    for (int64_t c = 0; c < NC; c++) {
+        __m512 acc[2][4];
+        qx_chunk4(vc + 64 * c, a->sc_t, a->T, wpair, sh->NG, k->widx[c], acc);
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                float part[16];
+                _mm512_storeu_ps(part, acc[h][j]);
+                for (int L = 0; L < 4; L++)
+                    for (int i = 0; i < 4; i++) {
+                        const int64_t w = 8 * L + 4 * h + i, e = 128 * c + 4 * w + nib_elem[j];
+                        o[e] = f32_to_bf16((part[4 * L + i] + base[e >> sh->gshift]) * inv);
+                    }
+            }
+    }
+}
+
+/* INT8 value weights as digit planes: wq[d][t/4][n] = the 4 tokens' digit d (0: units,
+ * 1: 256s, 2: 65536s) of w22 = w / step[n]; amin[n] = sum_t p_t vm_tn */
+static inline void qx_weights8(const qx_shape *sh, const qx_consts *k, const qx_row *row, const float *s, uint8_t *wq[3],
+                               float *step, float *amin) {
+    const int64_t NG = sh->NG, n = sh->T * NG, end = sh->Tp * NG;
+    const int ng_shift = __builtin_ctzll((unsigned long long)NG);
+    __m512 mx = _mm512_setzero_ps(), ms = _mm512_setzero_ps();
+    for (int64_t i = 0; i < end; i += 16) {
+        const __m512 p = _mm512_permutexvar_ps(k->pidx, _mm512_loadu_ps(s + (i >> ng_shift)));
+        mx = _mm512_max_ps(mx, _mm512_mul_ps(p, qx_halves(row->vs, i, n)));
+        ms = _mm512_fmadd_ps(p, qx_halves(row->vm, i, n), ms);
+    }
+    qx_group_sums(ms, NG, amin);
+    float top[16], inv[16];
+    _mm512_storeu_ps(top, mx);
+    for (int64_t g = 0; g < NG; g++)
+        for (int i = (int)g + (int)NG; i < 16; i += (int)NG) top[g] = top[i] > top[g] ? top[i] : top[g];
+    for (int64_t g = 0; g < NG; g++) { /* top < 2^e: step 2^(e - 22), w22 < 2^22 */
+        uint32_t b;
+        memcpy(&b, &top[g], sizeof b);
+        int32_t e = (int32_t)((b >> 23) & 0xff) - 126;
+        e = e < -100 ? -100 : (e > 120 ? 120 : e);
+        const uint32_t sb = (uint32_t)(e - 22 + 127) << 23, ib = (uint32_t)(22 - e + 127) << 23;
+        memcpy(&step[g], &sb, sizeof sb);
+        memcpy(&inv[g], &ib, sizeof ib);
+    }
+    for (int i = (int)NG; i < 16; i++) inv[i] = inv[i & (NG - 1)];
+    const __m512 iv = _mm512_loadu_ps(inv);
+    const __m512i b128 = _mm512_set1_epi32(128), m255 = _mm512_set1_epi32(255);
+    for (int64_t i = 0; i < end; i += 16) { /* 16 entries: 4 / NG blocks of 4 tokens, in (block, group, t & 3) order */
+        const __m512 p = _mm512_permutexvar_ps(k->pidx, _mm512_loadu_ps(s + (i >> ng_shift)));
+        const __m512i w = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p, qx_halves(row->vs, i, n)), iv));
+        const __m512i v = _mm512_permutexvar_epi32(k->quad, w);
+        const __m512i d0 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, b128), m255), b128);
+        const __m512i r = _mm512_srai_epi32(_mm512_sub_epi32(v, d0), 8);
+        const __m512i d1 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(r, b128), m255), b128);
+        const __m512i d2 = _mm512_srai_epi32(_mm512_sub_epi32(r, d1), 8);
+        _mm_storeu_si128((__m128i *)(wq[0] + i), _mm512_cvtepi32_epi8(d0));
+        _mm_storeu_si128((__m128i *)(wq[1] + i), _mm512_cvtepi32_epi8(d1));
+        _mm_storeu_si128((__m128i *)(wq[2] + i), _mm512_cvtepi32_epi8(d2));
+    }
+}
+
+/* out = inv * sum_t p_t V_t over INT8 codes, a chunk at a time: 4 tokens' codes
+ * transposed to one element's 4 tokens a dword, times the three digits' bytes */
+static inline __attribute__((always_inline)) void qx_values8(const quant_args *a, const qx_shape *sh, const qx_consts *k,
+                                                              const qx_row *row, const uint8_t *vc, const float *s,
+                                                              uint32_t *scratch, float inv, uint16_t *o,
+                                                              const int64_t NC) {
+    const int64_t NG = sh->NG, T = a->T, st = a->sc_t, quads = (T + 3) / 4;
+    float step[16], amin[16];
+    uint8_t *wq[3];
+    for (int d = 0; d < 3; d++) wq[d] = (uint8_t *)(scratch + d * (sh->Tp * NG / 4 + 16));
+    qx_weights8(sh, k, row, s, wq, step, amin);
+    const __mmask16 gm = (__mmask16)((1u << NG) - 1);
+    static const uint8_t zeros[64];
+    for (int64_t c = 0; c < NC; c++) {
+        float total[64] = {0.f};
+        for (int64_t t0 = 0; t0 < quads; t0 += QX_SPAN / 4) { /* int32 sums below 2^31 */
+            const int64_t t1 = t0 + QX_SPAN / 4 < quads ? t0 + QX_SPAN / 4 : quads;
+            __m512i acc[4][3];
+            for (int m = 0; m < 4; m++)
+                for (int d = 0; d < 3; d++) acc[m][d] = _mm512_setzero_si512();
+            for (int64_t q = t0; q < t1; q++) {
+                const uint8_t *r[4];
+                for (int j = 0; j < 4; j++) r[j] = 4 * q + j < T ? vc + (4 * q + j) * st + 64 * c : zeros;
+                if (PF_TOKENS > 0 && 4 * q + PF_TOKENS + 4 <= T)
+                    for (int j = 0; j < 4; j++) __builtin_prefetch(r[j] + PF_TOKENS * st, 0, PF_HINT);
+                const __m512i x0 = _mm512_loadu_si512(r[0]), x1 = _mm512_loadu_si512(r[1]);
+                const __m512i x2 = _mm512_loadu_si512(r[2]), x3 = _mm512_loadu_si512(r[3]);
+                const __m512i u0 = _mm512_unpacklo_epi8(x0, x1), u1 = _mm512_unpackhi_epi8(x0, x1);
+                const __m512i u2 = _mm512_unpacklo_epi8(x2, x3), u3 = _mm512_unpackhi_epi8(x2, x3);
+                const __m512i e[4] = {_mm512_unpacklo_epi16(u0, u2), _mm512_unpackhi_epi16(u0, u2),
+                                      _mm512_unpacklo_epi16(u1, u3), _mm512_unpackhi_epi16(u1, u3)};
+                for (int d = 0; d < 3; d++) {
+                    const __m512i w = _mm512_permutexvar_epi32(
+                        k->widx[c], _mm512_maskz_loadu_epi32(gm, (const uint32_t *)wq[d] + q * NG));
+                    for (int m = 0; m < 4; m++) acc[m][d] = _mm512_dpbusd_epi32(acc[m][d], e[m], w);
+                }
+            }
+            for (int m = 0; m < 4; m++) { /* e[m] lane 4L + i: byte 16L + 4m + i of the chunk */
+                const __m512 v = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(acc[m][2]), _mm512_set1_ps(65536.f),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(acc[m][0])));
+                float part[16];
+                _mm512_storeu_ps(part, v);
+                for (int L = 0; L < 4; L++)
+                    for (int i = 0; i < 4; i++) total[16 * L + 4 * m + i] += part[4 * L + i];
+            }
+        }
+        for (int64_t j = 0; j < 64; j++) {
+            const int64_t e = 64 * c + j, g = e >> sh->gshift;
+            o[e] = f32_to_bf16((total[j] * step[g] + amin[g]) * inv);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void qx_rows_shape(const quant_args *a, const int64_t D, const int64_t group,
+                                                                 const int64_t bits, int64_t r0, int64_t r1, float *scratch) {
+    const qx_shape sh = qx_shape_of(D, group, bits, a->T);
+    const int64_t G = a->H / a->Hkv, NG = sh.NG, NC = sh.NC;
+    qx_consts k;
+    qx_consts_of(&sh, &k);
+    float *s = scratch;
+    uint32_t *weights = (uint32_t *)(s + sh.Tp + 32);
+    uint16_t *spare = (uint16_t *)(weights + sh.Tp * NG + 64);
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / a->Hkv, h = r % a->Hkv;
+        const uint8_t *kc = a->kc + b * a->sc_b + h * a->sc_h, *vc = a->vc + b * a->sc_b + h * a->sc_h;
+        const qx_row row = qx_row_of(a, b * a->ss_b + h * a->ss_h, &sh, spare);
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t head = h * G + g;
+            const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;
+            const float *mask = a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL;
+            uint16_t *o = a->out + b * a->so_b + head * a->so_h;
+            qx_scores(a, &sh, &k, qh, kc, &row, s, NG, NC, bits);
+            if (PF_TOKENS > 0) qx_prefetch(vc, (a->T < PF_TOKENS ? a->T : PF_TOKENS) * a->sc_t);
+#if PF_NEXT_ROW
+            if (g == G - 1 && r + 1 < r1) { /* the next row's first keys, during this row's values */
+                const int64_t b1 = (r + 1) / a->Hkv, h1 = (r + 1) % a->Hkv;
+                qx_prefetch(a->kc + b1 * a->sc_b + h1 * a->sc_h, (a->T < PF_TOKENS ? a->T : PF_TOKENS) * a->sc_t);
+            }
+#endif
+            const float inv = qx_softmax(s, a->T, sh.Tp, mask);
+            if (bits == 4)
+                qx_values4(a, &sh, &k, &row, vc, s, weights, inv, o, NC);
+            else
+                qx_values8(a, &sh, &k, &row, vc, s, weights, inv, o, NC);
+        }
+    }
+}
+
+/* The rows r0..r1, with this format's constants where they are common (loops unroll) */
+static void qx_rows(const quant_args *a, int64_t D, int64_t group, int64_t bits, int64_t r0, int64_t r1, float *s) {
+    if (bits == 4 && D == 128 && group == 64)
+        qx_rows_shape(a, 128, 64, 4, r0, r1, s);
+    else if (bits == 8 && D == 128 && group == 64)
+        qx_rows_shape(a, 128, 64, 8, r0, r1, s);
+    else
+        qx_rows_shape(a, D, group, bits, r0, r1, s);
+}
+#endif
