@@ -18,14 +18,15 @@ import time
 import psutil
 
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
-from deploy import bench_clients
+from deploy import bench_clients, serve_plan
 from strata.errors import ErrorKind, StrataError
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
 from strata import floor as fl
 from strata.arch import dims_for
 from strata.cost_model import kv_bytes_per_token_layer
-from strata.manifest import Manifest
+from strata.manifest import Manifest, layer_shard
+from strata.run_plan import RunPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,54 +114,39 @@ def _manifest(a: BenchArgs) -> Manifest:
     return Manifest.load(a.model)
 
 
-def _disk_bytes_per_pass(a: BenchArgs, m: Manifest) -> tuple[int, float]:
-    """(layers read from disk every pass, their bytes) under the weight store's tier plan."""
-    if not (a.disk_offload or a.host_budget_gb):
-        return 0, 0.0
-    from strata.placement import resident_layers, tier_plan
-    from weight_store.host_tier import shard_sizes
-
-    plan = tier_plan(shard_sizes(m), m.num_layers, a.gpu_weight_share,
-                     int(a.host_budget_gb * 2**30) or None, a.disk_offload)
-    resident = {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
-    every_pass = plan.disk - resident
-    return len(every_pass), float(sum(m.shards[n].size for n in every_pass))
+def _run_plan(a: BenchArgs, m: Manifest) -> RunPlan:
+    """The run's plan, resolved once (deploy/serve_plan.py): the planner's disk layers,
+    or those the host budget / --disk-offload leave on disk."""
+    return serve_plan.resolve(
+        m, gpu_weight_share=a.gpu_weight_share, disk_layers=a.disk_layers, disk_offload=a.disk_offload,
+        host_budget_bytes=int(a.host_budget_gb * 2**30), kv_offload=a.kv_offload, kv_bits=a.kv_bits,
+        micro_batches=a.micro_batches, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
+        max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0, decode_graphs=a.decode_graphs)
 
 
-def _budget_for_disk_layers(a: BenchArgs, m: Manifest) -> BenchArgs:
-    """The planner's disk layers as the weight store's host budget."""
-    if not a.disk_layers or a.disk_offload or a.host_budget_gb:
-        return a
-    from strata.placement import host_budget_for
-    from weight_store.host_tier import shard_sizes
-
-    budget = host_budget_for(shard_sizes(m), m.num_layers, a.gpu_weight_share, a.disk_layers)
-    return dataclasses.replace(a, host_budget_gb=budget / 2**30)
+def _disk_bytes_per_pass(plan: RunPlan, m: Manifest) -> tuple[int, float]:
+    """(layers read from disk every pass, their bytes) under the run plan."""
+    return len(plan.disk_layers), float(sum(m.shards[layer_shard(i)].size for i in plan.disk_layers))
 
 
 def _offload_base(offload_dir: str) -> pathlib.Path:
     return pathlib.Path(offload_dir or os.environ.get("STRATA_CACHE", pathlib.Path.home() / ".cache" / "strata"))
 
 
-def _offload_dir(a: BenchArgs, m: Manifest) -> str:
+def _offload_dir(a: BenchArgs, plan: RunPlan) -> str:
     """Dummy weights for the disk tier: written once per shape into a cache directory,
     with their bytes only where read from disk every pass (the rest sparse zeros: the
     host tier and the GPU's own dummy layers never read those files' bytes as weights)."""
     from weight_store.dummy_files import write_dummy_model
 
     out = _offload_base(a.offload_dir) / "offload" / f"{a.model.replace('/', '--')}-q{a.quant_bits}g{a.group_size}"
-    write_dummy_model(a.model, a.quant_bits, a.group_size, out, data=_disk_shards(a, m))
+    write_dummy_model(a.model, a.quant_bits, a.group_size, out, data=_disk_shards(plan))
     return str(out)
 
 
-def _disk_shards(a: BenchArgs, m: Manifest) -> set[str]:
-    """The shards the weight store reads from disk every pass under this run's tier plan."""
-    from strata.placement import resident_layers, tier_plan
-    from weight_store.host_tier import shard_sizes
-
-    plan = tier_plan(shard_sizes(m), m.num_layers, a.gpu_weight_share,
-                     int(a.host_budget_gb * 2**30) or None, a.disk_offload)
-    return set(plan.disk) - {f"layer.{i}" for i in resident_layers(m.num_layers, a.gpu_weight_share)}
+def _disk_shards(plan: RunPlan) -> set[str]:
+    """The shards the weight store reads from disk every pass under the run plan."""
+    return {layer_shard(i) for i in plan.disk_layers}
 
 
 def _kv_bytes_per_token(a: BenchArgs, dims) -> float:
@@ -192,22 +178,18 @@ def _prompts(a: BenchArgs, vocab: int) -> list[list[int]]:
 
 def run(a: BenchArgs, progress: bool) -> dict:
     m = _manifest(a)  # an unknown shape is a clear error before anything starts
-    a = _budget_for_disk_layers(a, m)
+    plan = _run_plan(a, m)
     dims = dims_for(m.config)
     weight_bytes = float(sum(s.size for s in m.shards.values()))
-    disk = _disk_bytes_per_pass(a, m)
+    disk = _disk_bytes_per_pass(plan, m)
     model_dir, dummy = ("", a.model) if a.dummy else (a.model, "")
-    if a.dummy and (a.disk_offload or a.host_budget_gb):
-        model_dir, dummy = _offload_dir(a, m), ""
+    if a.dummy and plan.disk_layers:
+        model_dir, dummy = _offload_dir(a, plan), ""
     opts = ServeOptions(
-        model_dir=model_dir, listen="127.0.0.1:0", device=a.device, kv_offload=a.kv_offload,
+        model_dir=model_dir, plan=plan, listen="127.0.0.1:0", device=a.device,
         kv_capacity_bytes=_kv_capacity(a, dims), kv_threads=a.kv_threads, kv_attention=a.kv_attention,
         exchange_bytes=_exchange_bytes(a, dims) if a.kv_offload else ServeOptions.exchange_bytes,
-        gpu_weight_share=a.gpu_weight_share,
-        micro_batches=a.micro_batches, dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
-        disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * 2**30), kv_bits=a.kv_bits,
-        decode_graphs=a.decode_graphs, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
-        max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0,
+        dummy=dummy, quant_bits=a.quant_bits, group_size=a.group_size,
     )
     services = Services(opts)
     t_start = time.perf_counter()
@@ -219,13 +201,25 @@ def run(a: BenchArgs, progress: bool) -> dict:
                 _warm_up(a, address)
             result, wall = _single_call(a, address, dims.vocab, progress)
             clients = bench_clients.run(address, a.clients, dims.vocab) if a.clients else None
+            node = _node_stats(address)
         finally:
             services.stop()
     report = _report(a, dims, weight_bytes, disk, result, wall, start_s, mem.peak)
+    report["run_plan"] = plan.to_dict()
+    report["placement"]["resident_layers"] = int(node.get("plan_resident_layers", 0))
+    report["decode_graphs"] = bool(node.get("decode_graphs", 0))  # what the compute node ran, from its Stats
     if clients is not None:
         report["clients"] = clients
         report["clients"]["over_single_call"] = round(clients["tokens_per_s"] / report["total_tokens_per_s"], 4)
     return report
+
+
+def _node_stats(address: str) -> dict[str, float]:
+    """What the compute node reports it runs (Generator.Stats, compute_node/metrics.py)."""
+    from strata.client import Client
+
+    with Client(address, timeout=30) as c:
+        return c.stats()[0]
 
 
 def _single_call(a: BenchArgs, address: str, vocab: int, progress: bool):
@@ -300,7 +294,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "kv_bits": a.kv_bits,
             "micro_batches": a.micro_batches,
         },
-        "decode_graphs": a.decode_graphs,  # asked for; used where the placement allows (all resident, KV on GPU)
+        "decode_graphs": a.decode_graphs,  # asked for; run() puts what the compute node ran in its place
         "warmup": _warmup_kind(a),
         # the decode matmul at 33-64 rows: the CUDA kernels where they build, unless switched
         # off (the services inherit this environment)
@@ -408,15 +402,10 @@ def _floor_profile(ns, prediction: dict | None):
 
 
 def _placement(ns) -> tuple[dict, dict | None]:
-    """Pinned by flags, planned (GPU and no placement flags), or the plain default."""
-    pinned = (ns.gpu_weight_share is not None or ns.micro_batches is not None or ns.cpu_offload
-              or ns.disk_offload or ns.host_budget_gb)
-    if not pinned and ns.device.startswith("cuda"):
+    """Pinned by flags (or no GPU to plan for), else planned: serve's rule (deploy/serve_plan.py)."""
+    if not serve_plan.pinned(ns):
         return planned(ns)
-    offloaded = ns.cpu_offload or ns.disk_offload or ns.host_budget_gb
-    share = 0.0 if ns.cpu_offload else ((0.0 if offloaded else 1.0) if ns.gpu_weight_share is None
-                                         else ns.gpu_weight_share)
-    return {"gpu_weight_share": share, "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
+    return {"gpu_weight_share": serve_plan.pinned_share(ns), "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
             "batch_size": ns.batch_size or 8, "kv_bits": ns.kv_bits or 16, "disk_layers": 0}, None
 
 

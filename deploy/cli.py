@@ -36,24 +36,20 @@ def _convert(a) -> int:
 
 
 def serve_options(a):
-    """The services' options from the flags; on a GPU with no placement flag, the
-    planner's placement (deploy/serve_plan.py)."""
+    """The services' options from the flags, with the run plan resolved once: pinned by
+    the placement flags, or on a GPU with none, the planner's (deploy/serve_plan.py)."""
     from deploy import serve_plan
     from deploy.launcher import ServeOptions
 
-    opts = ServeOptions(
-        model_dir=a.model, listen=a.listen, device=a.device, kv_offload=a.kv_offload, kv_bits=a.kv_bits or 16,
-        kv_capacity_bytes=int(a.kv_capacity_gb * (1 << 30)),
+    plan, kv_bytes = serve_plan.serve_plan(a)
+    return ServeOptions(
+        model_dir=a.model, plan=plan, listen=a.listen, device=a.device,
+        kv_capacity_bytes=max(kv_bytes, int(a.kv_capacity_gb * (1 << 30))),
         max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
         max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
-        health_timeout_s=a.health_timeout,
-        gpu_weight_share=1.0 if a.gpu_weight_share is None else a.gpu_weight_share,
-        micro_batches=a.micro_batches or 1, dtype=a.dtype, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
-        disk_offload=a.disk_offload, host_budget_bytes=int(a.host_budget_gb * (1 << 30)),
-        decode_graphs=not a.no_decode_graphs, max_batch=a.max_batch or 16, max_seq_len=a.max_seq_len or 0,
-        max_queue=a.max_queue, http=a.http, log_level=a.log_level, log_json=a.log_json,
+        health_timeout_s=a.health_timeout, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
+        http=a.http, log_level=a.log_level, log_json=a.log_json,
     )
-    return opts if serve_plan.pinned(a) else serve_plan.planned_options(a, opts)
 
 
 def _check_serve_flags(a) -> int:

@@ -23,6 +23,8 @@ def run(args) -> int:
     from deploy.client import generate, request_for
     from deploy.demo_model import make_demo_opt
     from deploy.launcher import ServeOptions, Services
+    from deploy.serve_plan import resolve
+    from strata.manifest import Manifest
     from weight_store.convert import convert
 
     root = cache_dir()
@@ -36,8 +38,9 @@ def run(args) -> int:
         print(f"converting to INT4 shards in {shards}")
         convert(hf, shards, bits=4, group_size=64)
     kv_offload = not args.kv_local
-    services = Services(ServeOptions(model_dir=str(shards), listen="127.0.0.1:0", device=args.device,
-                                     kv_offload=kv_offload, kv_capacity_bytes=256 << 20))
+    plan = resolve(Manifest.load(shards), gpu_weight_share=1.0, kv_offload=kv_offload)
+    services = Services(ServeOptions(model_dir=str(shards), plan=plan, listen="127.0.0.1:0", device=args.device,
+                                     kv_capacity_bytes=256 << 20))
     address = services.start()
     names = "weight store, KV store, compute node" if kv_offload else "weight store, compute node (KV local)"
     print(f"services up ({names}); listening on {address}")

@@ -29,35 +29,26 @@ import grpc
 from strata import logs, rpc, shm
 from strata.errors import ErrorKind, StrataError
 from strata.lifetime import PARENT_ENV
+from strata.run_plan import RunPlan
 from strata.wire import common_pb2, generate_pb2_grpc, kv_store_pb2_grpc, weight_store_pb2_grpc
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
     model_dir: str
+    plan: RunPlan  # placement, KV, batch: resolved once (deploy/serve_plan.py), read by every service
     listen: str = "127.0.0.1:50551"
     device: str = "cpu"
-    kv_offload: bool = False
-    kv_bits: int = 16
     kv_capacity_bytes: int = 2 << 30
     kv_threads: int = 0  # KV store attention threads; 0 = its default
     kv_attention: str = "native"  # KV store decode attention kernel: native or sdpa
     exchange_bytes: int = 64 << 20  # each of the compute node's two exchange halves, registered at start
-    gpu_weight_share: float = 1.0
-    micro_batches: int = 1
-    max_batch: int = 16  # sequences the compute node runs at once (its scheduler's slots)
-    max_seq_len: int = 0  # tokens a sequence slot holds; 0 = the compute node's default
-    max_queue: int = 0  # sequences waiting for a slot; 0 = the compute node's default
-    decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
-    dtype: str = ""
     rpc_timeout_s: float = 30.0
     transport: str = "shm"
     start_timeout_s: float = 600.0
     dummy: str = ""  # weight store makes random weights of this shape (bench)
     quant_bits: int = 4
     group_size: int = 64
-    disk_offload: bool = False  # streamed layers read from disk every pass
-    host_budget_bytes: int = 0  # weights' host tier + staging slots; 0 = no limit
     http: str = ""  # HOST:PORT of the OpenAI-compatible HTTP gateway (a fourth process); "" = none
     max_request_bytes: int = 64 << 20  # the compute node's largest Generate request
     max_prompt_tokens: int = 0  # 0 = the compute node's default
@@ -92,6 +83,11 @@ class Services:
         return f"unix://{self.rundir}/kv_store.sock"
 
     @property
+    def plan_path(self) -> str:
+        """The run plan every service reads (`--plan`)."""
+        return f"{self.rundir}/plan.json"
+
+    @property
     def control_addr(self) -> str:
         """The compute node's second address: a Unix socket in the run directory, without
         TLS (every call still needs the API key where one is set)."""
@@ -111,20 +107,20 @@ class Services:
         o = self.opts
         try:
             rpc.check_free(o.listen)  # before loading anything
-            ws = ["weight_store", "--model", o.model_dir, "--listen", self.weight_store_addr, "--session", self.session,
-                  "--gpu-share", str(o.gpu_weight_share), "--host-budget-gb", str(o.host_budget_bytes / 2**30)]
-            if o.disk_offload:
-                ws.append("--disk-offload")
+            o.plan.save(self.plan_path)
+            ws = ["weight_store", "--listen", self.weight_store_addr, "--session", self.session, "--plan", self.plan_path]
             if o.dummy:
                 ws += ["--dummy", o.dummy, "--quant-bits", str(o.quant_bits), "--group-size", str(o.group_size)]
+            else:
+                ws += ["--model", o.model_dir]
             self._spawn("weight store", ws)
-            if o.kv_offload:
-                kv = ["kv_store", "--listen", self.kv_store_addr, "--session", self.session,
+            if o.plan.kv_offload:
+                kv = ["kv_store", "--listen", self.kv_store_addr, "--session", self.session, "--plan", self.plan_path,
                       "--capacity-bytes", str(o.kv_capacity_bytes)]
                 kv += ["--attention", o.kv_attention] + (["--threads", str(o.kv_threads)] if o.kv_threads else [])
                 self._spawn("KV store", kv)
             self._wait_healthy("weight store", weight_store_pb2_grpc.WeightStoreStub, self.weight_store_addr)
-            if o.kv_offload:
+            if o.plan.kv_offload:
                 self._wait_healthy("KV store", kv_store_pb2_grpc.KVStoreStub, self.kv_store_addr)
             self.address = self._start_compute_node()
             if o.http:
@@ -136,18 +132,11 @@ class Services:
 
     def _start_compute_node(self) -> str:
         o = self.opts
-        args = ["compute_node", "--listen", o.listen, "--session", self.session,
+        args = ["compute_node", "--listen", o.listen, "--session", self.session, "--plan", self.plan_path,
                 "--weight-store", self.weight_store_addr, "--device", o.device,
-                "--rpc-timeout", str(o.rpc_timeout_s), "--gpu-weight-share", str(o.gpu_weight_share),
-                "--micro-batches", str(o.micro_batches), "--transport", o.transport,
-                "--max-batch", str(o.max_batch), "--max-seq-len", str(o.max_seq_len), "--max-queue", str(o.max_queue)]
-        if o.dtype:
-            args += ["--dtype", o.dtype]
-        args += ["--kv-bits", str(o.kv_bits)]
-        if not o.decode_graphs:
-            args.append("--no-decode-graphs")
-        if o.kv_offload:
-            args += ["--kv-offload", "--kv-store", self.kv_store_addr, "--exchange-bytes", str(o.exchange_bytes)]
+                "--rpc-timeout", str(o.rpc_timeout_s), "--transport", o.transport]
+        if o.plan.kv_offload:
+            args += ["--kv-store", self.kv_store_addr, "--exchange-bytes", str(o.exchange_bytes)]
         args += ["--control-listen", self.control_addr, "--max-request-bytes", str(o.max_request_bytes),
                  "--max-prompt-tokens", str(o.max_prompt_tokens), "--max-prompt-chars", str(o.max_prompt_chars)]
         if o.tls_cert:
@@ -252,40 +241,8 @@ class Services:
         for channel, _ in self._health.values():
             channel.close()
         self._health = {}
-        for channel, _ in self._health.values():
-            channel.close()
-        self._health = {}
         shm.sweep(self.session)
         shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-RUNDIR_PREFIX = "strata-run-"  # + the launcher's pid + "-" + its session + "-" + a random suffix
-
-
-def remove_stale_rundirs(parent: str | None = None) -> list[str]:
-    """Removes the run directories (ours, under `parent`, default the temporary
-    directory) whose launcher is gone, e.g. killed with SIGKILL; returns them."""
-    removed = []
-    for path in pathlib.Path(parent or tempfile.gettempdir()).glob(f"{RUNDIR_PREFIX}*"):
-        try:
-            pid = int(path.name[len(RUNDIR_PREFIX):].split("-", 1)[0])
-            mine = path.is_dir() and path.stat().st_uid == os.getuid()
-        except (ValueError, OSError):
-            continue
-        if mine and not _alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(str(path))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError as e:
-        return e.errno == errno.EPERM  # someone else's process
-    return True
 
 
 RUNDIR_PREFIX = "strata-run-"  # + the launcher's pid + "-" + its session + "-" + a random suffix

@@ -27,6 +27,9 @@ def test_bench_prints_one_json_line_with_the_design_fields(flags):
     assert r["total_tokens_per_s"] == pytest.approx(3 * 4 / (r["prefill_s"] + r["decode_s"]), rel=0.02)
     assert r["peak_host_bytes"] > 0
     assert r["placement"]["weights"]["gpu_share"] == (0.5 if flags else 1.0)
+    # what the compute node reports it ran (its Stats), beside the run plan the services read
+    assert r["placement"]["resident_layers"] == (6 if flags else 12) == len(r["run_plan"]["resident_layers"])
+    assert r["run_plan"]["kv_home"] == ("kv_store" if flags else "gpu") and r["decode_graphs"] is False  # on the CPU
 
 
 def test_bench_names_the_design_cases():
@@ -90,16 +93,16 @@ def test_bench_disk_offload_writes_dummy_shards_once_and_reports_the_disk_floor(
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5])
-def test_the_planners_disk_layers_become_a_host_budget_that_leaves_exactly_them_on_disk(share):
-    from deploy.bench import BenchArgs, _budget_for_disk_layers, _disk_bytes_per_pass, _manifest
+def test_the_planners_disk_layers_are_the_last_streamed_ones_in_the_run_plan(share):
+    from deploy.bench import BenchArgs, _disk_bytes_per_pass, _manifest, _run_plan
 
     a = BenchArgs(model="facebook/opt-125m", dummy=True, batch_size=2, prompt_len=8, gen_len=2, kv_offload=False,
                   quant_bits=4, group_size=64, gpu_weight_share=share, micro_batches=1, device="cpu",
                   kv_capacity_gb=0, disk_layers=4)
     m = _manifest(a)
-    planned = _budget_for_disk_layers(a, m)
-    assert planned.host_budget_gb > 0
-    layers, nbytes = _disk_bytes_per_pass(planned, m)
+    plan = _run_plan(a, m)
+    assert plan.disk_layers == plan.streamed_layers[-4:] and not set(plan.disk_layers) & set(plan.resident_layers)
+    layers, nbytes = _disk_bytes_per_pass(plan, m)
     assert layers == 4 and nbytes == 4 * m.shards["layer.11"].size  # the last 4 streamed layers, all alike
 
 
@@ -188,11 +191,11 @@ def test_a_run_is_predicted_for_the_placement_it_ran():
 
 
 def test_only_the_shards_read_from_disk_every_pass_are_written_with_their_bytes():
-    from deploy.bench import BenchArgs, _budget_for_disk_layers, _disk_shards, _manifest
+    from deploy.bench import BenchArgs, _disk_shards, _manifest, _run_plan
 
     a = BenchArgs(model="facebook/opt-125m", dummy=True, batch_size=2, prompt_len=8, gen_len=2, kv_offload=False,
                   quant_bits=4, group_size=64, gpu_weight_share=0.5, micro_batches=1, device="cpu",
                   kv_capacity_gb=0, disk_layers=3)
     m = _manifest(a)
-    shards = _disk_shards(_budget_for_disk_layers(a, m), m)
+    shards = _disk_shards(_run_plan(a, m))
     assert len(shards) == 3 and all(s.startswith("layer.") for s in shards)  # not the resident layers

@@ -178,7 +178,7 @@ def test_serve_of_unconverted_directory_exits_quickly_naming_it(hf_opt):
     assert code != 0
     assert elapsed < 30
     assert str(hf_opt) in err and "manifest.json" in err
-    assert "strata serve:" in err and "weight store" in err
+    assert "strata serve:" in err  # the run plan is resolved from the manifest before any service starts
     assert "Traceback" not in err
 
 
