@@ -40,6 +40,17 @@
 
 enum { QX_KEYS = 16, QX_MAX_CW = 256, QX_MAX_NC = 4, QX_SPAN = 16384 /* INT8 tokens per int32 sum */ };
 
+/* Software prefetch QX_PF_BYTES of codes ahead of the loads (0: none), as the bf16
+ * kernel does 16 of its vectors (4 KB at head_dim 128) ahead: a row is one long stream
+ * that the hardware prefetchers drop at every 4 KB page. In tokens, a multiple of 16. */
+#ifndef QX_PF_BYTES
+#define QX_PF_BYTES 4096
+#endif
+static inline int64_t qx_pf_tokens(int64_t st) {
+    const int64_t n = QX_PF_BYTES / (st > 0 ? st : 1);
+    return PF_TOKENS == 0 || QX_PF_BYTES == 0 ? 0 : (n < 16 ? 16 : n / 16 * 16);
+}
+
 /* The format: code bytes per vector CW in NC chunks of 64, NG groups of CG code bytes
  * (2^gshift elements); Tp: the token count rounded up to QX_KEYS. */
 typedef struct {
@@ -258,14 +269,16 @@ static inline __attribute__((always_inline)) void qx_scores(const quant_args *a,
     __m512i plane[QX_MAX_NC][4];
     __m512 qsv[QX_MAX_NC];
     const __m512 mul = _mm512_set1_ps(qx_query(qh, sh, k, plane, qsv) * a->scale);
-    const int64_t T = a->T, st = a->sc_t, CW = 64 * NC;
+    const int64_t T = a->T, st = a->sc_t, CW = 64 * NC, ahead = qx_pf_tokens(st);
     int64_t t = 0;
     for (; t + QX_KEYS <= T; t += QX_KEYS) {
-        if (PF_TOKENS > 0 && t + 2 * QX_KEYS <= T) {
+        if (ahead > 0 && t + ahead + QX_KEYS <= T) {
             if (st == CW)
-                qx_prefetch(kc + (t + QX_KEYS) * st, QX_KEYS * CW);
+                qx_prefetch(kc + (t + ahead) * st, QX_KEYS * CW);
             else
-                for (int j = 0; j < QX_KEYS; j++) qx_prefetch(kc + (t + QX_KEYS + j) * st, CW);
+                for (int j = 0; j < QX_KEYS; j++) qx_prefetch(kc + (t + ahead + j) * st, CW);
+            __builtin_prefetch(row->ks + (t + ahead) * NG, 0, PF_HINT);
+            __builtin_prefetch(row->km + (t + ahead) * NG, 0, PF_HINT);
         }
         const __m512 z = qx_block(kc + t * st, st, row->ks + t * NG, row->km + t * NG, QX_KEYS, k, plane, qsv, NG, NC, bits);
         _mm512_storeu_ps(s + t, _mm512_mul_ps(z, mul));
@@ -345,12 +358,12 @@ static inline __attribute__((always_inline)) void qx_chunk4(const uint8_t *vc, i
     const __mmask16 gm = (__mmask16)((1u << NG) - 1);
     const __m512i nib = _mm512_set1_epi32(0x000f000f), bias = _mm512_set1_epi32(0x43004300);
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    const int64_t pairs = (T + 1) / 2;
+    const int64_t pairs = (T + 1) / 2, ahead = qx_pf_tokens(st);
     for (int64_t pr = 0; pr < pairs; pr++) {
         const uint8_t *c0 = vc + 2 * pr * st, *c1 = 2 * pr + 1 < T ? c0 + st : c0; /* past the end: weight 0 */
-        if (PF_TOKENS > 0 && 2 * pr + PF_TOKENS + 1 < T) {
-            __builtin_prefetch(c0 + PF_TOKENS * st, 0, PF_HINT);
-            __builtin_prefetch(c0 + (PF_TOKENS + 1) * st, 0, PF_HINT);
+        if (ahead > 0 && 2 * pr + ahead + 1 < T) {
+            __builtin_prefetch(c0 + ahead * st, 0, PF_HINT);
+            __builtin_prefetch(c0 + (ahead + 1) * st, 0, PF_HINT);
         }
         const __m512bh w = (__m512bh)_mm512_permutexvar_epi32(widx, _mm512_maskz_loadu_epi32(gm, wpair + pr * NG));
         const __m512i x0 = _mm512_loadu_si512(c0), x1 = _mm512_loadu_si512(c1);
@@ -444,7 +457,7 @@ static inline __attribute__((always_inline)) void qx_values8(const quant_args *a
                                                               const qx_row *row, const uint8_t *vc, const float *s,
                                                               uint32_t *scratch, float inv, uint16_t *o,
                                                               const int64_t NC) {
-    const int64_t NG = sh->NG, T = a->T, st = a->sc_t, quads = (T + 3) / 4;
+    const int64_t NG = sh->NG, T = a->T, st = a->sc_t, quads = (T + 3) / 4, ahead = qx_pf_tokens(st);
     float step[16], amin[16];
     uint8_t *wq[3];
     for (int d = 0; d < 3; d++) wq[d] = (uint8_t *)(scratch + d * (sh->Tp * NG / 4 + 16));
@@ -461,8 +474,8 @@ static inline __attribute__((always_inline)) void qx_values8(const quant_args *a
             for (int64_t q = t0; q < t1; q++) {
                 const uint8_t *r[4];
                 for (int j = 0; j < 4; j++) r[j] = 4 * q + j < T ? vc + (4 * q + j) * st + 64 * c : zeros;
-                if (PF_TOKENS > 0 && 4 * q + PF_TOKENS + 4 <= T)
-                    for (int j = 0; j < 4; j++) __builtin_prefetch(r[j] + PF_TOKENS * st, 0, PF_HINT);
+                if (ahead > 0 && 4 * q + ahead + 4 <= T)
+                    for (int j = 0; j < 4; j++) __builtin_prefetch(r[j] + ahead * st, 0, PF_HINT);
                 const __m512i x0 = _mm512_loadu_si512(r[0]), x1 = _mm512_loadu_si512(r[1]);
                 const __m512i x2 = _mm512_loadu_si512(r[2]), x3 = _mm512_loadu_si512(r[3]);
                 const __m512i u0 = _mm512_unpacklo_epi8(x0, x1), u1 = _mm512_unpackhi_epi8(x0, x1);
@@ -495,7 +508,7 @@ static inline __attribute__((always_inline)) void qx_values8(const quant_args *a
 static inline __attribute__((always_inline)) void qx_rows_shape(const quant_args *a, const int64_t D, const int64_t group,
                                                                  const int64_t bits, int64_t r0, int64_t r1, float *scratch) {
     const qx_shape sh = qx_shape_of(D, group, bits, a->T);
-    const int64_t G = a->H / a->Hkv, NG = sh.NG, NC = sh.NC;
+    const int64_t G = a->H / a->Hkv, NG = sh.NG, NC = sh.NC, ahead = qx_pf_tokens(a->sc_t);
     qx_consts k;
     qx_consts_of(&sh, &k);
     float *s = scratch;
@@ -511,11 +524,12 @@ static inline __attribute__((always_inline)) void qx_rows_shape(const quant_args
             const float *mask = a->mask ? a->mask + b * a->sm_b + (a->sm_h ? head * a->sm_h : 0) : NULL;
             uint16_t *o = a->out + b * a->so_b + head * a->so_h;
             qx_scores(a, &sh, &k, qh, kc, &row, s, NG, NC, bits);
-            if (PF_TOKENS > 0) qx_prefetch(vc, (a->T < PF_TOKENS ? a->T : PF_TOKENS) * a->sc_t);
+            const int64_t first = a->T < ahead ? a->T : ahead;
+            qx_prefetch(vc, first * a->sc_t); /* V's first codes, during the softmax */
 #if PF_NEXT_ROW
             if (g == G - 1 && r + 1 < r1) { /* the next row's first keys, during this row's values */
                 const int64_t b1 = (r + 1) / a->Hkv, h1 = (r + 1) % a->Hkv;
-                qx_prefetch(a->kc + b1 * a->sc_b + h1 * a->sc_h, (a->T < PF_TOKENS ? a->T : PF_TOKENS) * a->sc_t);
+                qx_prefetch(a->kc + b1 * a->sc_b + h1 * a->sc_h, first * a->sc_t);
             }
 #endif
             const float inv = qx_softmax(s, a->T, sh.Tp, mask);

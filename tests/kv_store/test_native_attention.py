@@ -151,3 +151,90 @@ def test_rows_claimed_in_chunks_cover_every_row():
         assert torch.allclose(got.float(), reference(q, k, v, None, d**-0.5), atol=1e-2, rtol=1e-2)
     finally:
         k2.close()
+
+
+def _quantized_reference(q, parts, mask, scale, fmt):
+    """float64 attention over the dequantized cache: what the codes mean exactly."""
+    k, v = (fmt.dequantize(*p, torch.float64) for p in parts)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.double()
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _strided_parts(fmt, x, pad_tokens, widen):
+    """x quantized into a cache slice: codes and scales with rows of `widen` times their
+    width (strides as a wider layout would give), `pad_tokens` more tokens in the cache."""
+    codes, scale, w_min = fmt.quantize(x)
+    b, h, t, _ = x.shape
+    out = []
+    for part in (codes, scale, w_min):
+        full = torch.zeros(b, h, t + pad_tokens, part.shape[-1] * widen, dtype=part.dtype)
+        full[:, :, :t, : part.shape[-1]] = part
+        out.append(full[:, :, :t, : part.shape[-1]])
+    return tuple(out)
+
+
+@pytest.mark.parametrize("bits,dim,group", [(4, 128, 64), (4, 128, 32), (4, 128, 128), (4, 256, 64), (4, 64, 32),
+                                            (8, 128, 64), (8, 64, 16), (8, 128, 32), (8, 256, 128)])
+@pytest.mark.parametrize("heads,kv_heads,tokens", [(4, 4, 70), (8, 2, 17), (6, 3, 1), (2, 2, 16), (4, 1, 33)])
+def test_quantized_kernel_matches_the_dequantized_cache(kernel, bits, dim, group, heads, kv_heads, tokens):
+    """Every format the kernels take, against float64 attention over the dequantized
+    cache: grouped heads, token counts around the 16-key blocks, a per-head mask with
+    -inf (left padding, one masked key inside), strided codes and scales. Within the
+    output's bfloat16 rounding and INT4's bfloat16 value weights."""
+    from strata.kv_quant import KVFormat
+
+    fmt = KVFormat(bits, dim, group)
+    torch.manual_seed(bits * 1000 + dim + group + heads * 10 + tokens)
+    b = 3
+    x_k, x_v = (torch.randn(b, kv_heads, tokens, dim) * 2 for _ in range(2))
+    widen = 1 if tokens % 2 else 2  # half the cases with scale rows wider than their groups
+    k_parts = _strided_parts(fmt, x_k, 5, widen)
+    v_parts = _strided_parts(fmt, x_v, 5, widen)
+    q = (torch.randn(b, heads, 1, dim) * 3).to(torch.bfloat16)
+    mask = torch.randn(b, heads, 1, tokens) * 0.5
+    mask[1, :, :, : tokens // 3] = float("-inf")
+    if tokens > 2:
+        mask[2, 0, 0, tokens // 2] = float("-inf")
+    got = kernel.quantized(q, k_parts, v_parts, mask, dim**-0.5, bits, group)
+    want = _quantized_reference(q, (k_parts, v_parts), mask, dim**-0.5, fmt)
+    assert got.shape == (b, heads, 1, dim) and got.dtype == torch.bfloat16
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1.5e-2 * want.abs().max().item(), err
+
+
+def test_quantized_int8_kernel_over_many_tokens(kernel):
+    """More tokens than the INT8 value path sums in int32 at once (16384), a peaked
+    softmax: the same as float64 over the dequantized cache."""
+    from strata.kv_quant import KVFormat
+
+    fmt = KVFormat(8, 64, 32)
+    torch.manual_seed(3)
+    t = 16384 + 37
+    x_k, x_v = torch.randn(1, 1, t, 64), torch.randn(1, 1, t, 64)
+    x_k[0, 0, 5000] = x_k[0, 0, 5000] * 4  # a key the query picks out
+    k_parts, v_parts = fmt.quantize(x_k), fmt.quantize(x_v)
+    q = x_k[:, :, 5000:5001].to(torch.bfloat16)
+    got = kernel.quantized(q, k_parts, v_parts, None, 64**-0.5, 8, 32)
+    want = _quantized_reference(q, (k_parts, v_parts), None, 64**-0.5, fmt)
+    assert (got.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+def test_quantized_kernel_keeps_tiny_and_zero_queries_finite(kernel):
+    """A zero query (uniform attention) and one of 1e-30 (below the fixed-point query's
+    range): finite, the mean of the values."""
+    from strata.kv_quant import KVFormat
+
+    for bits in (4, 8):
+        fmt = KVFormat(bits, 128, 64)
+        x = torch.randn(2, 2, 21, 128)
+        parts = fmt.quantize(x), fmt.quantize(-x)
+        q = torch.zeros(2, 2, 1, 128)
+        q[1] = 1e-30
+        got = kernel.quantized(q.to(torch.bfloat16), parts[0], parts[1], None, 128**-0.5, bits, 64)
+        want = _quantized_reference(q.to(torch.bfloat16), parts, None, 128**-0.5, fmt)
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
