@@ -388,22 +388,21 @@ static inline __attribute__((always_inline)) void qx_chunk4(const uint8_t *vc, i
 static inline __attribute__((always_inline)) void qx_values4(const quant_args *a, const qx_shape *sh, const qx_consts *k,
                                                               const qx_row *row, const uint8_t *vc, const float *s,
                                                               uint32_t *wpair, float inv, uint16_t *o, const int64_t NC) {
-    float wsum[16], amin[16], base[16];
+    float wsum[16], amin[16], base[16] = {0.f};
     qx_weights4(sh, k, row, s, wpair, wsum, amin);
     for (int64_t g = 0; g < sh->NG; g++) base[g] = amin[g] - 128.f * wsum[g];
     static const int nib_elem[4] = {1, 0, 3, 2}; /* shift 0, 4, 8, 12 of word w: element 4w + these */
+    const __m512 bv = _mm512_loadu_ps(base), iv = _mm512_set1_ps(inv);
     for (int64_t c = 0; c < NC; c++) {
         __m512 acc[2][4];
         qx_chunk4(vc + 64 * c, a->sc_t, a->T, wpair, sh->NG, k->widx[c], acc);
+        const __m512 bc = _mm512_permutexvar_ps(k->widx[c], bv); /* lane 4L + i: quarter L's group (32 elements) */
         for (int h = 0; h < 2; h++)
             for (int j = 0; j < 4; j++) {
-                float part[16];
-                _mm512_storeu_ps(part, acc[h][j]);
+                uint16_t part[16];
+                _mm256_storeu_si256((__m256i *)part, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_add_ps(acc[h][j], bc), iv)));
                 for (int L = 0; L < 4; L++)
-                    for (int i = 0; i < 4; i++) {
-                        const int64_t w = 8 * L + 4 * h + i, e = 128 * c + 4 * w + nib_elem[j];
-                        o[e] = f32_to_bf16((part[4 * L + i] + base[e >> sh->gshift]) * inv);
-                    }
+                    for (int i = 0; i < 4; i++) o[128 * c + 4 * (8 * L + 4 * h + i) + nib_elem[j]] = part[4 * L + i];
             }
     }
 }
@@ -472,8 +471,11 @@ static inline __attribute__((always_inline)) void qx_values8(const quant_args *a
             for (int m = 0; m < 4; m++)
                 for (int d = 0; d < 3; d++) acc[m][d] = _mm512_setzero_si512();
             for (int64_t q = t0; q < t1; q++) {
-                const uint8_t *r[4];
-                for (int j = 0; j < 4; j++) r[j] = 4 * q + j < T ? vc + (4 * q + j) * st + 64 * c : zeros;
+                const uint8_t *r[4], *r0 = vc + 4 * q * st + 64 * c;
+                if (4 * q + 4 <= T)
+                    for (int j = 0; j < 4; j++) r[j] = r0 + j * st;
+                else /* the last tokens, then zeros */
+                    for (int j = 0; j < 4; j++) r[j] = 4 * q + j < T ? r0 + j * st : zeros;
                 if (ahead > 0 && 4 * q + ahead + 4 <= T)
                     for (int j = 0; j < 4; j++) __builtin_prefetch(r[j] + ahead * st, 0, PF_HINT);
                 const __m512i x0 = _mm512_loadu_si512(r[0]), x1 = _mm512_loadu_si512(r[1]);
@@ -498,9 +500,10 @@ static inline __attribute__((always_inline)) void qx_values8(const quant_args *a
                     for (int i = 0; i < 4; i++) total[16 * L + 4 * m + i] += part[4 * L + i];
             }
         }
-        for (int64_t j = 0; j < 64; j++) {
-            const int64_t e = 64 * c + j, g = e >> sh->gshift;
-            o[e] = f32_to_bf16((total[j] * step[g] + amin[g]) * inv);
+        for (int L = 0; L < 4; L++) { /* bytes 16L.. of the chunk: one group */
+            const int64_t g = (64 * c + 16 * L) >> sh->gshift;
+            const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(total + 16 * L), _mm512_set1_ps(step[g]), _mm512_set1_ps(amin[g]));
+            _mm256_storeu_si256((__m256i *)(o + 64 * c + 16 * L), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(inv))));
         }
     }
 }
