@@ -16,6 +16,7 @@ Names (a label, where there is one, follows a colon):
   resident_layer:<i>            1 for each resident layer, by index
   plan_micro_batches            groups of the running batch
   plan_kv_bits                  the KV cache's bits (16, 8 or 4)
+  kernel:<name>                 1 where the CUDA kernel (w4a16_wgmma, w4a16_mma) is built and switched on
   oom_shrinks_total             passes retried with smaller prefill chunks after running out of memory
   h2d_bytes_total, h2d_seconds_total   weight copies host-to-device (GB/s = bytes / seconds)
   ttft_seconds_bucket:<le>, ttft_seconds_sum, ttft_seconds_count     time to first token

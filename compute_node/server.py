@@ -44,6 +44,7 @@ from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger("strata.compute_node")
 SPARE_WORKERS = 32  # gRPC threads beyond the running and waiting calls (health, stats, refusals)
+KERNELS = {"w4a16_wgmma": w4a16_wgmma, "w4a16_mma": w4a16_mma}  # decode matmuls at 33-64 rows, where built
 DEFAULT_MAX_SEQ_LEN = 2048  # tokens a sequence slot holds unless --max-seq-len (and the model's positions) say less
 
 
@@ -87,10 +88,11 @@ class ComputeNode:
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
             raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
+        self.kernels = dict.fromkeys(KERNELS, False)  # the CUDA kernels built for this device and switched on
         if cuda:
             torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
-            for kernels in (w4a16_wgmma, w4a16_mma):  # nvcc's first builds (seconds) at startup, not in a request
-                kernels.prepare(self.device)
+            for name, kernels in KERNELS.items():  # nvcc's first builds (seconds) at startup, not in a request
+                self.kernels[name] = kernels.prepare(self.device) and kernels.enabled()
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
         self.host = HostWeights.from_store(self.ws, transport)
         check_manifest(self.host.manifest)
@@ -135,6 +137,8 @@ class ComputeNode:
             self.metrics.set(f"resident_layer:{i}", 1)
         self.metrics.set("plan_micro_batches", len(self.batch_limits.groups))
         self.metrics.set("plan_kv_bits", self.plan.kv_bits)
+        for name, on in self.kernels.items():
+            self.metrics.set(f"kernel:{name}", float(on))
 
     def _runner(self, plan: RunPlan) -> Runner:
         d, family = self.dims, family_for(self.host.manifest.config, self.dims)

@@ -17,7 +17,6 @@ import time
 
 import psutil
 
-from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from deploy import bench_clients, serve_plan
 from strata.errors import ErrorKind, StrataError
 from deploy.client import generate, request_for
@@ -208,6 +207,8 @@ def run(a: BenchArgs, progress: bool) -> dict:
     report["run_plan"] = plan.to_dict()
     report["placement"]["resident_layers"] = int(node.get("plan_resident_layers", 0))
     report["decode_graphs"] = bool(node.get("decode_graphs", 0))  # what the compute node ran, from its Stats
+    for name in ("w4a16_mma", "w4a16_wgmma"):  # the decode matmul at 33-64 rows: built and switched on there
+        report[name] = bool(node.get(f"kernel:{name}", 0))
     if clients is not None:
         report["clients"] = clients
         report["clients"]["over_single_call"] = round(clients["tokens_per_s"] / report["total_tokens_per_s"], 4)
@@ -296,10 +297,10 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
         },
         "decode_graphs": a.decode_graphs,  # asked for; run() puts what the compute node ran in its place
         "warmup": _warmup_kind(a),
-        # the decode matmul at 33-64 rows: the CUDA kernels where they build, unless switched
-        # off (the services inherit this environment)
-        "w4a16_mma": w4a16_mma.enabled(),
-        "w4a16_wgmma": w4a16_wgmma.enabled(),
+        # the decode matmul at 33-64 rows: run() puts whether the compute node built and uses
+        # the CUDA kernels (its Stats) here
+        "w4a16_mma": None,
+        "w4a16_wgmma": None,
         "prefill_s": round(result.prefill_s, 4),
         "decode_s": round(result.decode_s, 4),
         "total_tokens_per_s": round(total_tps, 2),

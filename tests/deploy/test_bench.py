@@ -30,6 +30,7 @@ def test_bench_prints_one_json_line_with_the_design_fields(flags):
     # what the compute node reports it ran (its Stats), beside the run plan the services read
     assert r["placement"]["resident_layers"] == (6 if flags else 12) == len(r["run_plan"]["resident_layers"])
     assert r["run_plan"]["kv_home"] == ("kv_store" if flags else "gpu") and r["decode_graphs"] is False  # on the CPU
+    assert r["w4a16_mma"] is False and r["w4a16_wgmma"] is False  # no CUDA kernel built on the CPU
 
 
 def test_bench_names_the_design_cases():
