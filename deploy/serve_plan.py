@@ -66,8 +66,13 @@ def serve_plan(a) -> tuple[RunPlan, int]:
                        host_budget_bytes=int(a.host_budget_gb * 2**30), kv_offload=a.kv_offload,
                        kv_bits=a.kv_bits or 16, micro_batches=a.micro_batches or 1, max_batch=a.max_batch or 16,
                        max_seq_len=a.max_seq_len or 0, **batch)
-        return plan, 0
-    return _planned(a, m, batch)
+        kv_bytes = 0
+    else:
+        plan, kv_bytes = _planned(a, m, batch)
+    if plan.disk_layers and a.transport != "shm":
+        raise StrataError(ErrorKind.FAILED_PRECONDITION, f"the plan keeps {len(plan.disk_layers)} layers on disk; "
+                          "that needs --transport shm")
+    return plan, kv_bytes
 
 
 def _planned(a, m: Manifest, batch: dict) -> tuple[RunPlan, int]:
@@ -95,8 +100,6 @@ def _planned(a, m: Manifest, batch: dict) -> tuple[RunPlan, int]:
           f"{pr.gpu_peak_allocated / 2**30:.1f} GiB at its peak, {pr.gpu_bytes_needed / 2**30:.1f} of "
           f"{profile.gpu_bytes / 2**30:.1f} GiB with the margin",
           file=sys.stderr, flush=True)
-    if disk_n and a.transport != "shm":
-        raise StrataError(ErrorKind.FAILED_PRECONDITION, "the plan keeps layers on disk; that needs --transport shm")
     plan = resolve(m, gpu_weight_share=pl.gpu_weight_share, disk_layers=disk_n, kv_offload=pl.kv_on_host,
                    kv_bits=pl.kv_bits, micro_batches=pl.micro_batches, max_batch=a.max_batch or pl.batch_size,
                    max_seq_len=a.max_seq_len or a.plan_prompt_len + a.plan_gen_len, **batch)

@@ -79,11 +79,13 @@ def test_offloaded_weights_without_a_share_stream_every_layer_and_a_budget_leave
     assert o.plan.disk_layers == tuple(range(4, 12))
 
 
-def test_a_host_budget_too_small_is_refused_before_anything_starts(model):
+def test_a_host_budget_too_small_or_disk_layers_over_bytes_are_refused_before_anything_starts(model):
     from strata.errors import StrataError
 
     with pytest.raises(StrataError, match="host budget of .* short"):
         options(model, "--host-budget-gb", "0.00001")
+    with pytest.raises(StrataError, match="keeps 12 layers on disk; that needs --transport shm"):
+        options(model, "--disk-offload", "--transport", "bytes")
 
 
 def test_decode_graphs_are_on_unless_switched_off_and_survive_the_plan(model):
