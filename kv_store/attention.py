@@ -212,8 +212,15 @@ class GroupCache:
 
     def _store_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> None:
-        self.keys[layer][rows, :, cols] = k[rows, :, 0]
-        self.values[layer][rows, :, cols] = v[rows, :, 0]
+        """Row r's new vector of each head at column cols[r]: one index_copy_ of
+        head_dim-long rows over the layer viewed as [batch * heads * max_tokens,
+        head_dim] (advanced-index assignment into the 4-d layer ran element by element,
+        on this one thread, while the kernel's threads waited)."""
+        s = self.spec
+        heads = torch.arange(s.kv_heads)
+        index = ((rows[:, None] * s.kv_heads + heads[None, :]) * s.max_tokens + cols[:, None]).reshape(-1)
+        for cache, x in ((self.keys[layer], k), (self.values[layer], v)):
+            cache.view(-1, s.head_dim).index_copy_(0, index, x[rows, :, 0].reshape(-1, s.head_dim))
 
     def _attend_rows(self, layer: int, q: torch.Tensor, length: int, mask: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
