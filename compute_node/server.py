@@ -11,9 +11,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 
-import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import torch
@@ -22,7 +20,7 @@ from compute_node.exchange import Exchange
 from compute_node.kernels import w4a16_mma, w4a16_wgmma
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
-from compute_node.peers import CHANNEL_OPTIONS, KVStoreClient, WeightStoreClient
+from compute_node.peers import KVStoreClient, WeightStoreClient
 from compute_node.model import family_for
 from compute_node.runner import Runner
 from compute_node.sampling import Sampling

@@ -14,7 +14,6 @@ its stdout."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import pathlib
 import shutil
@@ -28,7 +27,7 @@ import grpc
 
 from strata import logs, rpc, shm
 from strata.errors import ErrorKind, StrataError
-from strata.lifetime import PARENT_ENV
+from strata.lifetime import PARENT_ENV, process_alive
 from strata.run_plan import RunPlan
 from strata.wire import common_pb2, generate_pb2_grpc, kv_store_pb2_grpc, weight_store_pb2_grpc
 
@@ -258,17 +257,9 @@ def remove_stale_rundirs(parent: str | None = None) -> list[str]:
             mine = path.is_dir() and path.stat().st_uid == os.getuid()
         except (ValueError, OSError):
             continue
-        if mine and not _alive(pid):
+        if mine and not process_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError as e:
-        return e.errno == errno.EPERM  # someone else's process
-    return True

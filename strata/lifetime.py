@@ -31,3 +31,14 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(parent):  # the launcher died before the request took effect
         sys.exit(1)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

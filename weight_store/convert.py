@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from strata.lifetime import process_alive
 from strata import arch, manifest, quant
 from strata.errors import ErrorKind, StrataError
 from weight_store.diskspace import FreeBytes, check_free_space, writing
@@ -389,20 +390,10 @@ def remove_stale_temporaries(parent: pathlib.Path) -> list[pathlib.Path]:
         except OSError:
             continue
         written = all(n.endswith(".bin") or n == "manifest.json" or n in TOKENIZER_FILES for n in names)
-        if ours and pid.isdigit() and written and not _alive(int(pid)):
+        if ours and pid.isdigit() and written and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def convert(
