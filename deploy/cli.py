@@ -332,9 +332,9 @@ def main(argv=None) -> int:
     except StrataError as e:
         print(f"strata {args.command}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # exit 2, as for the other usage-level endings (issue 18)
         print(f"strata {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 2
 
 
 if __name__ == "__main__":
