@@ -198,12 +198,22 @@ class GroupCache:
         idle_set = set(idle)
         if any(r >= n or positions[r] != 0 for r in idle_set):
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"idle rows {sorted(idle_set)} must be rows at position 0")
+        first = positions[0]
+        if not idle_set and all(p == first for p in positions):  # one column for all: as a shared length
+            with one_thread(self.native is not None):
+                self._store_row_block(layer, n, first, k_new, v_new)
+            return self._attend_rows(layer, q, first + 1, None if self.mask is None else self._slot_mask(positions))
         active = [r for r in range(n) if r not in idle_set]
         rows = torch.tensor(active, dtype=torch.long)
         cols = torch.tensor([positions[r] for r in active], dtype=torch.long)
         with one_thread(self.native is not None):
             self._store_columns(layer, rows, cols, k_new, v_new)
         return self._attend_rows(layer, q, max(positions) + 1, self._slot_mask(positions))
+
+    def _store_row_block(self, layer: int, n: int, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows 0..n-1's new vectors, all at column `col`."""
+        self.keys[layer][:n, :, col : col + 1].copy_(k)
+        self.values[layer][:n, :, col : col + 1].copy_(v)
 
     def _store_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[2]

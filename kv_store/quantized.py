@@ -97,6 +97,10 @@ class QuantizedGroupCache(GroupCache):
         self._store(0, layer, 0, k, slice(row, row + 1))
         self._store(1, layer, 0, v, slice(row, row + 1))
 
+    def _store_row_block(self, layer: int, n: int, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._store(0, layer, col, k, slice(0, n))
+        self._store(1, layer, col, v, slice(0, n))
+
     def _store_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> None:
         for r, c in zip(rows.tolist(), cols.tolist()):  # one vector a row: few, at decode

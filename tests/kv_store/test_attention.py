@@ -154,3 +154,32 @@ def test_bad_specs_are_invalid(change):
     with pytest.raises(StrataError) as e:
         GroupCache(make_spec(**change))
     assert e.value.kind is ErrorKind.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_slot_steps_at_one_position_equal_those_at_mixed_positions(alibi):
+    """attend_at takes a shortcut where every row writes the same column (one block copy,
+    no mask without ALiBi): its output equals the general per-row path's."""
+    import torch
+
+    from kv_store.attention import GroupCache, GroupSpec
+
+    spec = GroupSpec(num_layers=1, batch=3, num_heads=4, head_dim=16, max_tokens=12, dtype=torch.float32,
+                     scale=0.25, alibi=alibi)
+    torch.manual_seed(0)
+    prompt = torch.randn(1, 4, 3 * 5, 16)
+    q, k, v = (torch.randn(3, 4, 1, 16) for _ in range(3))
+    same, mixed = GroupCache(spec), GroupCache(spec)
+    for c in (same, mixed):
+        c.append_rows(0, [0, 1, 2], [5, 5, 5], prompt, prompt)
+    out_same = same.attend_at(0, q, k, v, [5, 5, 5])
+    mixed_rows = mixed.attend_at(0, q, k, v, [5, 5, 0], [2])  # the general path: row 2 idle
+    torch.testing.assert_close(out_same[:2], mixed_rows[:2])
+    torch.testing.assert_close(same.keys[0][:2, :, :6], mixed.keys[0][:2, :, :6])
+    bias = None
+    if alibi:
+        from strata.alibi import alibi_slopes
+        bias = alibi_slopes(4).view(1, 4, 1, 1) * torch.arange(6).float().view(1, 1, 1, 6)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, same.keys[0][:, :, :6], same.values[0][:, :, :6],
+                                                           attn_mask=bias, scale=0.25)
+    torch.testing.assert_close(out_same, ref)
