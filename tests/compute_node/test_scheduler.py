@@ -188,3 +188,28 @@ def test_prompts_of_one_length_prefilled_together_give_transformers_tokens(opt, 
         assert [g[0] for g in got] == [e[0] for e in expected]
     else:
         assert got == expected
+
+
+def test_a_waiting_request_past_its_deadline_leaves_the_queue(opt):
+    _, shards = opt
+    server = Server(shards, "--max-batch", "1", "--max-seq-len", "128")
+    long_request = request_for([[5, 6, 7]], 120, stop_at_eos=False)
+    ahead = [threading.Thread(target=lambda: generate(server.address, long_request, timeout=120)) for _ in range(6)]
+    try:
+        for t in ahead:
+            t.start()
+        deadline = time.monotonic() + 30
+        while _stats(server.address)["queue_depth"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        with pytest.raises(StrataError) as e:  # waits behind 4+ requests of 120 steps
+            generate(server.address, request_for([[8, 9]], 4), timeout=0.3)
+        assert e.value.kind is ErrorKind.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
+        for t in ahead:
+            t.join(timeout=120)
+        stats = _stats(server.address)
+        assert stats["requests_total:ok"] == 6  # the others all ran
+        assert stats["requests_total:deadline"] + stats["requests_total:cancelled"] == 1
+        assert stats["queue_depth"] == 0 and stats["running_sequences"] == 0
+    finally:
+        server.stop()
