@@ -66,6 +66,15 @@ class _PlainLayers:
     def read_rows(self, layer: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:rows, :, :n], self.v[layer][:rows, :, :n]
 
+    def write_piece(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A prompt's later piece, k, v [1, kv_heads, n, head_dim], at columns [start, start + n) of `row`."""
+        n = k.shape[2]
+        copy_rows(self.k[layer][row : row + 1, :, start : start + n], k)
+        copy_rows(self.v[layer][row : row + 1, :, start : start + n], v)
+
+    def read_row(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][row : row + 1, :, :n], self.v[layer][row : row + 1, :, :n]
+
 
 class _QuantLayers:
     """K and V of every layer group-wise quantized (strata/kv_quant.py), token-major:
@@ -110,6 +119,16 @@ class _QuantLayers:
     def read_rows(self, layer: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self._dequantize(tuple(p[:, :rows] for p in self.k[layer]), n),
                 self._dequantize(tuple(p[:, :rows] for p in self.v[layer]), n))
+
+    def write_piece(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for parts, x in ((self.k[layer], k), (self.v[layer], v)):
+            n = x.shape[2]
+            for plane, q in zip(parts, self.fmt.quantize(x.permute(2, 0, 1, 3))):
+                plane[start : start + n, row : row + 1] = q
+
+    def read_row(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self._dequantize(tuple(p[:, row : row + 1] for p in self.k[layer]), n),
+                self._dequantize(tuple(p[:, row : row + 1] for p in self.v[layer]), n))
 
     def _dequantize(self, parts, n: int) -> torch.Tensor:
         codes, scale, w_min = (p[:n] for p in parts)

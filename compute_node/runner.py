@@ -32,6 +32,7 @@ class Join:
     group: int
     row: int
     ids: list[int]
+    start: int = 0  # where these ids begin in the prompt: > 0 for a long prompt's later pieces
 
 
 @dataclasses.dataclass
@@ -52,7 +53,7 @@ class _Chunk:
         joins = sorted(joins, key=lambda j: j.group)
         self.order = joins
         ids = [t for j in joins for t in j.ids]
-        pos = [p for j in joins for p in range(len(j.ids))]
+        pos = [p for j in joins for p in range(j.start, j.start + len(j.ids))]
         self.ids = torch.tensor([ids], dtype=torch.long, device=device)
         self.pos = torch.tensor([pos], dtype=torch.long, device=device)
         self.tokens = len(ids)
@@ -64,9 +65,10 @@ class _Chunk:
                 g, start, _, joining = self.parts[-1]
                 joining.rows.append(j.row)
                 joining.lengths.append(n)
+                joining.starts.append(j.start)
                 self.parts[-1] = (g, start, a + n, joining)
             else:
-                self.parts.append((j.group, a, a + n, Joining([j.row], [n])))
+                self.parts.append((j.group, a, a + n, Joining([j.row], [n], [j.start])))
             a += n
         ends = torch.tensor(_cumsum([len(j.ids) for j in joins]), dtype=torch.long)
         self.last = (ends - 1).to(device)  # each prompt's last token

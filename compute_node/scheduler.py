@@ -37,6 +37,7 @@ class Sequence:
     def __init__(self, index: int, prompt: list[int], max_new: int):
         self.index, self.prompt, self.max_new = index, prompt, max_new
         self.slot: tuple[int, int] | None = None
+        self.prefilled = 0  # prompt tokens in the KV cache (a long prompt goes in over several passes)
         self.generated: list[int] = []
         self.finish: str | None = None  # "stop" | "length"
 
@@ -72,8 +73,12 @@ class Request:
 
 class Scheduler:
     def __init__(self, runner: Runner, limits: Limits, eos_id: int | None, pad_id: int, metrics: Metrics,
-                 peak_bytes=lambda: 0, kv_gauge: tuple[str, int] = ("", 0)):
-        """`kv_gauge`: (metric name, bytes a cached token takes): the KV bytes in use."""
+                 peak_bytes=lambda: 0, kv_gauge: tuple[str, int] = ("", 0), prompt_pieces: bool = False):
+        """`kv_gauge`: (metric name, bytes a cached token takes): the KV bytes in use.
+        `prompt_pieces`: a prompt longer than the runner's chunk goes in over several
+        passes, a chunk each, while the running sequences decode (the KV cache must be
+        on the device: the pieces attend over the earlier ones there)."""
+        self.prompt_pieces = prompt_pieces
         self.runner, self.limits, self.eos, self.pad = runner, limits, eos_id, pad_id
         self.metrics, self.peak_bytes, self.kv_gauge = metrics, peak_bytes, kv_gauge
         self.pool = SlotPool(limits.groups)
@@ -138,7 +143,7 @@ class Scheduler:
                     break
                 self._drop_ended()
                 admitted = self.waiting.admissible(self.pool.free)
-                joins = self._seat(admitted)
+                joins = self._continuing() + self._seat(admitted)
                 self.running.extend(admitted)
                 self.metrics.set("queue_depth", self.waiting.sequences)
             if not self.running:
@@ -179,9 +184,24 @@ class Scheduler:
             r.admitted = now
             for s in r.seqs:
                 s.slot = self.pool.take()
-                joins.append((s, Join(s.slot[0], s.slot[1], s.prompt)))
+                joins.append((s, self._piece(s)))
                 self.metrics.count("prompt_tokens_total", len(s.prompt))
         return joins
+
+    def _piece(self, s: Sequence) -> Join:
+        """The next part of s's prompt to prefill: all of it, or with prompt_pieces at
+        most a chunk."""
+        end = len(s.prompt)
+        if self.prompt_pieces:
+            end = min(end, s.prefilled + max(1, self.runner.chunk_tokens))
+        join = Join(s.slot[0], s.slot[1], s.prompt[s.prefilled : end], s.prefilled)
+        s.prefilled = end
+        return join
+
+    def _continuing(self) -> list[tuple[Sequence, Join]]:
+        """The next piece of every prompt partly prefilled."""
+        return [(s, self._piece(s)) for r in self.running for s in r.live
+                if s.slot is not None and 0 < s.prefilled < len(s.prompt)]
 
     def _drop_ended(self) -> None:
         """Cancelled or expired requests, waiting or running, end now."""
@@ -220,7 +240,8 @@ class Scheduler:
         parts = ([joined_logits] if joined_logits is not None else []) + group_logits
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         greedy = logits.float().argmax(dim=-1).tolist()  # one device sync a pass
-        rows: dict[int, int] = {id(s): i for i, (s, _) in enumerate(joins)}
+        # a join's logits choose a token where its piece ends the prompt
+        rows: dict[int, int] = {id(s): i for i, (s, j) in enumerate(joins) if s.prefilled == len(s.prompt)}
         offset = len(joins)
         for st, logit in zip(steps, group_logits):
             for row, s in where[st.group].items():

@@ -118,7 +118,8 @@ class ComputeNode:
                                               self.batch_limits.capacity, self.codec.has_tokenizer)
         self.scheduler = Scheduler(self._runner(self.plan), self.batch_limits, self.dims.eos_token_id,
                                    self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes,
-                                   kv_gauge=(f"kv_bytes_used:{self.kv_home}", self.kv_token_bytes))
+                                   kv_gauge=(f"kv_bytes_used:{self.kv_home}", self.kv_token_bytes),
+                                   prompt_pieces=self.kv is None)
 
     def _batch_limits(self, plan: RunPlan) -> Limits:
         """The running batch: slots in micro-batch groups, tokens per slot, wait queue."""

@@ -62,6 +62,12 @@ class Joining:
 
     rows: list[int]
     lengths: list[int]
+    starts: list[int] = dataclasses.field(default_factory=list)  # per sequence, where its ids begin (0: all)
+
+    @property
+    def continues(self) -> bool:
+        """Some sequence continues a prompt already partly in the cache."""
+        return any(self.starts)
 
 
 def causal_attention(s: SlotShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -152,8 +158,30 @@ class LocalSlots:
         return DecodeView(self.s, positions, idle, self.device, self.dtype)
 
     def prefill(self, layer: int, joining: Joining, q, k, v) -> torch.Tensor:
+        if joining.continues:
+            return self._pieces(layer, joining, q, k, v)
         return packed_attention(self.s, joining, q, k, v,
                                 lambda rows, ks, vs: self.layers.write_rows(layer, rows, ks, vs))
+
+    def _pieces(self, layer: int, joining: Joining, q, k, v) -> torch.Tensor:
+        """Prompts in pieces (a long prompt over several passes): each piece's keys and
+        values go to its columns [start, start + n), and its queries attend causally over
+        the row's first start + n columns (the earlier pieces from the cache)."""
+        outs, a = [], 0
+        dev = q.device
+        for row, n, start in zip(joining.rows, joining.lengths, joining.starts):
+            qs, ks, vs = q[:, :, a : a + n], k[:, :, a : a + n], v[:, :, a : a + n]
+            if start == 0:
+                self.layers.write_rows(layer, [row], ks, vs)
+                outs.append(causal_attention(self.s, qs, ks, vs))
+            else:
+                self.layers.write_piece(layer, row, start, ks, vs)
+                keys, values = self.layers.read_row(layer, row, start + n)
+                pad = torch.zeros(1, dtype=torch.long, device=dev)
+                bias = attention_bias(pad, n, start + n, self.s.slopes, qs.dtype)
+                outs.append(attend(qs, keys, values, bias, self.s.scale))
+            a += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def decode_start(self, layer: int, view: DecodeView, q, k, v):
         self.layers.write_columns(layer, view.write_rows, view.write_cols, k, v)

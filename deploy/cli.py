@@ -46,7 +46,7 @@ def serve_options(a):
         model_dir=a.model, plan=plan, listen=a.listen, device=a.device,
         kv_capacity_bytes=max(kv_bytes, int(a.kv_capacity_gb * (1 << 30))),
         max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
-        max_prompt_chars=a.max_prompt_chars, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
+        max_prompt_chars=a.max_prompt_chars, prefill_chunk_tokens=a.prefill_chunk_tokens, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
         health_timeout_s=a.health_timeout, rpc_timeout_s=a.rpc_timeout, transport=a.transport,
         http=a.http, log_level=a.log_level, log_json=a.log_json,
     )
@@ -320,6 +320,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-seq-len", type=int, default=None,
                    help="tokens (prompt + generated) a sequence may hold (default: the planned prompt + generation "
                         "lengths, or 2048 capped by the model's positions)")
+    s.add_argument("--prefill-chunk-tokens", type=int, default=0,
+                   help="prompt tokens through a layer at once (0 = a micro-batch's slots x max-seq-len); with the "
+                        "KV cache on the device a longer prompt goes in a chunk a pass while the others decode")
     s.add_argument("--max-queue", type=int, default=0,
                    help="sequences waiting for a slot before calls get RESOURCE_EXHAUSTED (0 = max(64, 8 x batch))")
     logs.add_arguments(s)  # passed on to the three services

@@ -52,6 +52,7 @@ class ServeOptions:
     max_request_bytes: int = 64 << 20  # the compute node's largest Generate request
     max_prompt_tokens: int = 0  # 0 = the compute node's default
     max_prompt_chars: int = 0  # 0 = the compute node's default
+    prefill_chunk_tokens: int = 0  # prompt tokens through a layer at once; 0 = the compute node's default
     api_key: str = dataclasses.field(default="", repr=False)  # every call to the compute node needs it ("" = none)
     tls_cert: str = ""  # PEM files: the compute node serves --listen over TLS
     tls_key: str = ""
@@ -137,7 +138,8 @@ class Services:
         if o.plan.kv_offload:
             args += ["--kv-store", self.kv_store_addr, "--exchange-bytes", str(o.exchange_bytes)]
         args += ["--control-listen", self.control_addr, "--max-request-bytes", str(o.max_request_bytes),
-                 "--max-prompt-tokens", str(o.max_prompt_tokens), "--max-prompt-chars", str(o.max_prompt_chars)]
+                 "--max-prompt-tokens", str(o.max_prompt_tokens), "--max-prompt-chars", str(o.max_prompt_chars),
+                 "--prefill-chunk-tokens", str(o.prefill_chunk_tokens)]
         if o.tls_cert:
             args += ["--tls-cert", o.tls_cert, "--tls-key", o.tls_key]
         self._spawn("compute node", args, stdout=subprocess.PIPE)

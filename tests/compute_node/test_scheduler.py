@@ -213,3 +213,27 @@ def test_a_waiting_request_past_its_deadline_leaves_the_queue(opt):
         assert stats["queue_depth"] == 0 and stats["running_sequences"] == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kv_bits", ["16", "8"])
+def test_a_long_prompt_goes_in_chunks_while_another_sequence_decodes(opt, kv_bits):
+    """--prefill-chunk-tokens 8: a 60-token prompt is prefilled 8 tokens a pass (each
+    piece attending over the earlier ones in the cache); its tokens are transformers'
+    (the first of them with an 8-bit cache), and a short request beside it runs on."""
+    hf, shards = opt
+    long_prompt = [(7 * i + 3) % 500 + 3 for i in range(60)]
+    short = [11, 12, 13]
+    expected = tiny_models.greedy_reference(hf, [long_prompt, short], 6)
+    server = Server(shards, "--max-batch", "2", "--max-seq-len", "80", "--prefill-chunk-tokens", "8",
+                    "--kv-bits", kv_bits)
+    try:
+        both = _concurrently(lambda p: generate(server.address, request_for([p], 6, stop_at_eos=False),
+                                                timeout=60).tokens[0], [long_prompt, short])
+        stats = _stats(server.address)
+    finally:
+        server.stop()
+    if kv_bits == "16":
+        assert both == expected
+    else:
+        assert [b[0] for b in both] == [e[0] for e in expected]
+    assert stats["steps_total"] >= 8 + 5  # 8 pieces of the prompt, a pass each, then 5 decode passes
