@@ -24,13 +24,13 @@ for step in "$@"; do
     e2e) STRATA_TEST_DEVICE=cuda timeout 500 python3 -m pytest -q -x tests/deploy/test_serve_generate.py tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
     e2e-disk) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
-    t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} ${T3Q_FLAGS:-};;
-    t1p) bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    t3q) bench --model facebook/opt-175b --dummy --kv-bits ${T3Q_BITS:-auto} --profile ${PROFILE:-bench/profiles/nvidia-h200.json} ${T3Q_FLAGS:-};;
+    t1p) bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     w4tests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_w4a16_wgmma.py tests/compute_node/test_w4a16_mma.py > "$OUT/w4tests.txt" 2>&1; tail -25 "$OUT/w4tests.txt";;
-    t2short) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} --warmup short;;
-    t1nopf) STRATA_KV_CFLAGS=-DPF_TOKENS=0 bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    t2short) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json} --warmup short;;
+    t1nopf) STRATA_KV_CFLAGS=-DPF_TOKENS=0 bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     graphtests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_slot_graphs.py tests/compute_node/test_scheduler_in_process.py "tests/deploy/test_serve_generate.py::test_a_call_cancelled_mid_stream_leaves_the_server_serving_the_same_shapes" > "$OUT/graphtests.txt" 2>&1; tail -4 "$OUT/graphtests.txt";;
-    t2mma) STRATA_W4A16_WGMMA=0 bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    t2mma) STRATA_W4A16_WGMMA=0 bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-560} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;
     w4grid) python3 bench/bench_w4a16.py --grid --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} --grid-log "$OUT/w4grid.jsonl" ${W4_KNOBS:+--grid-knobs "$W4_KNOBS"} > "$OUT/w4grid.txt" 2>"$OUT/w4grid.err"; tail -6 "$OUT/w4grid.txt";;
@@ -38,10 +38,10 @@ for step in "$@"; do
     profdec) python3 bench/profile_engine.py --batch ${P_B:-64} --micro-batches 1 --gen 8 --decode-prompt 512 > "$OUT/decode-prof.txt" 2>&1; tail -1 "$OUT/decode-prof.txt";;
     profpre) python3 bench/profile_engine.py --batch ${P_B:-64} --micro-batches 1 --prefill --gen 2 > "$OUT/prefill-prof.txt" 2>&1; tail -1 "$OUT/prefill-prof.txt";;
     w4sweep) python3 bench/bench_w4a16.py --sweep --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} > "$OUT/w4sweep.txt" 2>"$OUT/w4sweep.err"; tail -8 "$OUT/w4sweep.txt";;
-    t2p) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
-    t2g) for f in --no-decode-graphs ""; do bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json} $f; done;;
-    t1q4) bench --model facebook/opt-30b --dummy --kv-offload --kv-bits 4 --batch-size ${T1_B:-192} --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
-    t1auto) bench --model facebook/opt-30b --dummy --kv-offload --kv-bits auto --profile ${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json};;
+    t2p) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
+    t2g) for f in --no-decode-graphs ""; do bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json} $f; done;;
+    t1q4) bench --model facebook/opt-30b --dummy --kv-offload --kv-bits 4 --batch-size ${T1_B:-192} --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
+    t1auto) bench --model facebook/opt-30b --dummy --kv-offload --kv-bits auto --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     t2) bench --model facebook/opt-30b --dummy --batch-size ${T2_B:-56} --micro-batches ${T2_M:-1};;
     t3) bench --model facebook/opt-175b --dummy --kv-offload --batch-size ${T3_B:-24} --gpu-weight-share ${T3_S:-0.45} --micro-batches ${T3_M:-2} --kv-capacity-gb ${T3_KV:-58};;
     bloom) bench --model bigscience/bloom-7b1 --dummy --batch-size 32 --micro-batches 1;;
@@ -66,7 +66,7 @@ for step in "$@"; do
     profile) python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -20;;
     grid30|grid175)
       m=facebook/opt-30b; extra=""; [ $step = grid175 ] && { m=facebook/opt-175b; extra="--batches 8,16,24,32,48"; }
-      P=${PROFILE:-bench/profiles/nvidia-h100-x1-measured.json}
+      P=${PROFILE:-bench/profiles/nvidia-h200.json}
       python3 bench/grid.py $m --profile "$P" $extra | tee -a "$OUT/grid.txt" | sed -n "${GRID_FROM:-1},${GRID_TO:-8}p" |
         while read -r line; do bench --model $m --dummy --profile "$P" ${line%%#*} </dev/null; done;;
     fp16) bench --model facebook/opt-30b --dummy --quant-bits 16 --kv-offload --gpu-weight-share 0.5 --batch-size 16 --micro-batches 2 --kv-capacity-gb 14;;

@@ -6,11 +6,11 @@ values is ever dequantized (to fp32) at a time, never the whole cache, into a fl
 buffer of CHUNK tokens the group keeps (fresh tensors for each 128-token chunk measured
 10x slower, likely first-touch page faults).
 
-Measured on the GPU machine's host (H200 machine, 16 threads, B=8, 56 heads, head_dim
-128, 544 tokens): 7-8 ms a decode step at INT8 and 11 ms at INT4 (bfloat16-equivalent
-16 and 11 GB/s), against about 80 ms with fresh 128-token chunks and 0.9 ms for
-bfloat16 SDPA (147 GB/s): compute bound, not DRAM bound. `python -m
-kv_store.bench_attention` prints all three."""
+The PyTorch path is compute bound (it rebuilds float32 values); the native kernel
+works on the codes directly (kv_store/decode_attention_qx.c: integer dot products for
+the scores, per-group scale and min applied once), so it reads the cache nearer DRAM
+speed. `python -m kv_store.bench_attention --kv-bits 16,8,4` compares them; the figures
+are in BENCHMARKS.md."""
 
 from __future__ import annotations
 
