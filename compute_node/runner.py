@@ -70,17 +70,9 @@ class _Chunk:
             else:
                 self.parts.append((j.group, a, a + n, Joining([j.row], [n], [j.start])))
             a += n
-        ends = torch.tensor(_cumsum([len(j.ids) for j in joins]), dtype=torch.long)
+        ends = torch.tensor([len(j.ids) for j in joins], dtype=torch.long).cumsum(0)
         self.last = (ends - 1).to(device)  # each prompt's last token
         self.h: torch.Tensor | None = None
-
-
-def _cumsum(xs: list[int]) -> list[int]:
-    out, a = [], 0
-    for x in xs:
-        a += x
-        out.append(a)
-    return out
 
 
 class _Decoding:

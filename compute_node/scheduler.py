@@ -162,13 +162,13 @@ class Scheduler:
     def _pass_shrinking(self, joins: list[tuple[Sequence, Join]], admitted: list[Request]) -> None:
         """A pass; where the device runs out of memory in it, again with the prefill in
         smaller chunks (a pass is idempotent: it writes the same KV at the same places),
-        down to one prompt at a time. The smaller chunk size stays; it is logged and
+        down to one prompt (or piece of one) at a time. The smaller chunk size stays; it is logged and
         counted (`oom_shrinks_total`), and no request is lost."""
         while True:
             try:
                 return self._pass(joins, admitted)
             except torch.OutOfMemoryError:
-                biggest = max((len(s.prompt) for s, _ in joins), default=0)
+                biggest = max((len(j.ids) for _, j in joins), default=0)  # a piece runs alone at least
                 if not joins or self.runner.chunk_tokens <= biggest:
                     raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, "the device ran out of memory in a decode step")
                 if torch.cuda.is_available():

@@ -29,7 +29,7 @@ from compute_node.slot_kv import LocalSlots, RemoteSlots, SlotShape, kv_bytes_pe
 from compute_node.slots import Limits, default_max_queue, even_groups
 from compute_node.stops import StopWatch, TextStream
 from compute_node.tokenizer import TextCodec
-from compute_node.validation import RequestLimits, check_generate
+from compute_node.validation import RequestLimits, add_request_limit_flags, check_generate
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
 from strata.arch import dims_for
 from strata.manifest import layer_shard
@@ -284,14 +284,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
                    help="bytes of each exchange half (KV store transfers), registered at start; grows on demand")
     p.add_argument("--no-decode-graphs", action="store_true", default=None,
                    help="decode eagerly (no CUDA graph replay)")
-    p.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
-                   help="largest Generate request in bytes (the gRPC receive limit)")
-    p.add_argument("--max-prompt-tokens", type=int, default=0,
-                   help="tokens of one prompt, at most (0 = what a sequence may hold, less one)")
-    p.add_argument("--max-prompt-chars", type=int, default=0,
-                   help="characters of one text prompt, at most (0 = 16 per allowed token)")
-    p.add_argument("--api-key", default=os.environ.get(rpc.API_KEY_ENV, ""),
-                   help=f"every call must carry 'authorization: Bearer KEY' (default ${rpc.API_KEY_ENV}; none = open)")
+    add_request_limit_flags(p)
     p.add_argument("--tls-cert", default="", help="PEM certificate file: serve --listen over TLS (with --tls-key)")
     p.add_argument("--tls-key", default="", help="PEM private key file of --tls-cert")
     p.add_argument("--control-listen", default="",

@@ -125,3 +125,22 @@ def _check_prompt(i: int, prompt, new: int, lim: RequestLimits) -> None:
             raise invalid(f"prompt {i} has token id {bad} outside the vocabulary [0, {lim.vocab})")
     if lim.max_sequence_tokens and len(ids) + new > lim.max_sequence_tokens:
         raise _over(lim, f"prompt of {len(ids)} tokens + max_new_tokens {new} exceeds {lim.sequence_limit}")
+
+
+def add_request_limit_flags(parser) -> None:
+    """The request limits and access flags `strata serve` and the compute node both take."""
+    import os
+
+    from strata import rpc
+    from strata.config import ComputeNodeConfig
+
+    parser.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
+                        help="largest Generate request the compute node takes, in bytes (default 64 MiB; also the "
+                             "gRPC receive limit)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=0,
+                        help="tokens of one prompt, at most (0 = what a sequence may hold, less one)")
+    parser.add_argument("--max-prompt-chars", type=int, default=0,
+                        help="characters of one text prompt, at most (0 = 16 per allowed token)")
+    parser.add_argument("--api-key", default=os.environ.get(rpc.API_KEY_ENV, ""),
+                        help=f"every call must carry 'authorization: Bearer KEY' (default ${rpc.API_KEY_ENV}; "
+                             "none = open)")

@@ -301,14 +301,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--transport", choices=["shm", "bytes"], default="shm",
                    help="weights over shared memory, or as bytes (a store on another host)")
     s.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly (no CUDA graph replay)")
-    s.add_argument("--max-request-bytes", type=int, default=64 << 20,
-                   help="largest Generate request the compute node takes, in bytes (default 64 MiB)")
-    s.add_argument("--max-prompt-tokens", type=int, default=0,
-                   help="tokens of one prompt, at most (0 = what a sequence may hold, less one)")
-    s.add_argument("--max-prompt-chars", type=int, default=0,
-                   help="characters of one text prompt, at most (0 = 16 per allowed token)")
-    s.add_argument("--api-key", default=os.environ.get(rpc.API_KEY_ENV, ""),
-                   help=f"every call must carry 'authorization: Bearer KEY' (default ${rpc.API_KEY_ENV}; none = open)")
+    from compute_node.validation import add_request_limit_flags
+
+    add_request_limit_flags(s)
     s.add_argument("--insecure", action="store_true",
                    help="allow a --listen address other hosts can reach without an --api-key")
     s.add_argument("--tls-cert", default="", help="PEM certificate file: serve over TLS (with --tls-key)")

@@ -140,6 +140,7 @@ class GroupCache:
         self.values = list(layers[1].unbind(0))
         self.lengths = [0] * spec.num_layers
         self.mask = build_mask(spec)
+        self._slot_masks: tuple[tuple[int, ...], torch.Tensor] | None = None  # (positions, mask) of the last step
 
     @property
     def nbytes(self) -> int:
@@ -245,7 +246,7 @@ class GroupCache:
         """[n, heads or 1, 1, max + 1] float32: -inf past each row's position, plus
         ALiBi. Every layer of a step has the same positions: built once a step."""
         key = tuple(positions)
-        cached = getattr(self, "_slot_masks", None)
+        cached = self._slot_masks
         if cached is not None and cached[0] == key:
             return cached[1]
         length = max(positions) + 1

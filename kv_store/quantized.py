@@ -48,6 +48,7 @@ class QuantizedGroupCache(GroupCache):
         self.min = side[n_side:].view(2, spec.num_layers, b, h, t, groups)
         self.lengths = [0] * spec.num_layers
         self.mask = build_mask(spec)
+        self._slot_masks = None  # (positions, mask) of the last slot step (GroupCache._slot_mask)
         self._chunk_buffers = None  # (float32 [b, h, CHUNK, head_dim], uint8 nibbles), made at the first attend
 
     @property
