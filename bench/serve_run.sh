@@ -25,8 +25,12 @@ for step in "$@"; do
     t1old) old $T1;;
     t3) new $T3 --clients ${S3_N:-128};;
     t3old) old $T3;;
-    mixed) new $T2 --prompt-len 1024 --gen-len 256 --batch-size ${MIX_B:-64} --clients 512 --prompt-len-dist uniform:32:1024 --gen-len-dist uniform:16:256;;
-    fixed512) new $T2 --batch-size ${MIX_B:-64} --prompt-len 1024 --gen-len 256 --clients 512 --prompt-len-dist 512 --gen-len-dist 32;;
+    mixed) new $T2 --prompt-len 1024 --gen-len 256 --batch-size ${MIX_B:-48} --clients 512 --prompt-len-dist uniform:32:1024 --gen-len-dist uniform:16:256;;
+    fixed512) new $T2 --batch-size ${MIX_B:-48} --prompt-len 1024 --gen-len 256 --clients 512 --prompt-len-dist 512 --gen-len-dist 32;;
+    t1q) new --model facebook/opt-30b --dummy --kv-offload --kv-bits 4 --gpu-weight-share 1 --micro-batches ${T1Q_M:-2} --batch-size ${T1Q_B:-256};;
+    batch) new $T2 --batch-requests ${BATCH_N:-2000};;
+    cpu) lscpu | grep -E "Model name|Socket|NUMA node\(s\)|L3"; grep -o -w 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+         PYTHONPATH=$PWD timeout 200 python3 -m kv_store.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads 16 --layers 8 --kv-bits 16,8,4 2>&1 | tee "$OUT/kernel.jsonl" | cut -c1-300;;
     profile) PYTHONPATH=$PWD timeout 300 python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -5;;
   esac
 done

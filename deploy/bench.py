@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from deploy import bench_clients, serve_plan
+from deploy import bench_batch, bench_clients, serve_plan
 from strata.errors import ErrorKind, StrataError
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
@@ -53,6 +53,7 @@ class BenchArgs:
     kv_attention: str = "native"  # KV store decode attention kernel
     decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
     clients: object = None  # deploy.bench_clients.ClientLoad: also N concurrent single-prompt clients
+    batch_requests: int = 0  # also this many requests through `strata batch` (deploy/bench_batch.py)
     profile: object = None  # strata.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
     profile_path: str = ""
 
@@ -200,6 +201,8 @@ def run(a: BenchArgs, progress: bool) -> dict:
                 _warm_up(a, address)
             result, wall = _single_call(a, address, dims.vocab, progress)
             clients = bench_clients.run(address, a.clients, dims.vocab) if a.clients else None
+            batch = (bench_batch.run(address, a.batch_requests, a.prompt_len, a.gen_len, dims.vocab)
+                     if a.batch_requests else None)
             node = _node_stats(address)
         finally:
             services.stop()
@@ -212,6 +215,9 @@ def run(a: BenchArgs, progress: bool) -> dict:
     if clients is not None:
         report["clients"] = clients
         report["clients"]["over_single_call"] = round(clients["tokens_per_s"] / report["total_tokens_per_s"], 4)
+    if batch is not None:
+        report["batch"] = batch
+        report["batch"]["over_single_call"] = round(batch["tokens_per_s"] / report["total_tokens_per_s"], 4)
     return report
 
 
@@ -433,7 +439,7 @@ def main(ns) -> int:
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
         kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,
-        clients=_client_load(ns), profile=profile, profile_path=profile_path,
+        clients=_client_load(ns), batch_requests=ns.batch_requests, profile=profile, profile_path=profile_path,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

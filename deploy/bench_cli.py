@@ -57,4 +57,7 @@ def add_bench_parser(sub) -> None:
                    help="with --clients: new tokens per client, uniform:A:B (at most --gen-len); default fixed")
     b.add_argument("--prompts-jsonl", default="",
                    help="with --clients: prompts from a JSONL file ({\"prompt\": ids or text, \"max_tokens\": n})")
+    b.add_argument("--batch-requests", type=int, default=0,
+                   help="after the single call: this many --prompt-len/--gen-len requests through `strata batch` "
+                        "(its own process, against the served endpoint; the JSON gains a 'batch' object)")
     b.set_defaults(fn=lambda ns: __import__("deploy.bench", fromlist=["main"]).main(ns))

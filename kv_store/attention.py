@@ -25,6 +25,17 @@ from strata.kv_quant import default_group
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _runs(rows: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, count, length) of each run of consecutive rows with one length."""
+    out: list[list[int]] = []
+    for r, n in zip(rows, lengths):
+        if out and out[-1][2] == n and out[-1][0] + out[-1][1] == r:
+            out[-1][1] += 1
+        else:
+            out.append([r, 1, n])
+    return [tuple(x) for x in out]
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupSpec:
     """Shape and attention settings of one group, as Allocate gave them."""
@@ -184,9 +195,10 @@ class GroupCache:
         self._check_layer(layer)
         self._check_rows(rows, lengths, k, v)
         a = 0
-        for r, n in zip(rows, lengths):
-            self._store_row(layer, r, k[:, :, a : a + n], v[:, :, a : a + n])
-            a += n
+        for r0, count, n in _runs(rows, lengths):  # one store per run: a call per row cost ~1 ms of overhead
+            z = a + count * n
+            self._store_rows(layer, r0, *(x[0, :, a:z].unflatten(1, (count, n)).transpose(0, 1) for x in (k, v)))
+            a = z
 
     def attend_at(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                   positions: list[int], idle: list[int] = ()) -> torch.Tensor:
@@ -216,10 +228,11 @@ class GroupCache:
         self.keys[layer][:n, :, col : col + 1].copy_(k)
         self.values[layer][:n, :, col : col + 1].copy_(v)
 
-    def _store_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = k.shape[2]
-        self.keys[layer][row : row + 1, :, :n].copy_(k)
-        self.values[layer][row : row + 1, :, :n].copy_(v)
+    def _store_rows(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [count, heads, n, head_dim] (strided views) into rows row.. at columns [0, n)."""
+        count, n = k.shape[0], k.shape[2]
+        self.keys[layer][row : row + count, :, :n].copy_(k)
+        self.values[layer][row : row + count, :, :n].copy_(v)
 
     def _store_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> None:

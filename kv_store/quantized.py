@@ -94,9 +94,9 @@ class QuantizedGroupCache(GroupCache):
         mask = None if self.mask is None else self.mask[..., :length]
         return self._attend_rows(layer, q, length, mask)
 
-    def _store_row(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._store(0, layer, 0, k, slice(row, row + 1))
-        self._store(1, layer, 0, v, slice(row, row + 1))
+    def _store_rows(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._store(0, layer, 0, k, slice(row, row + k.shape[0]))
+        self._store(1, layer, 0, v, slice(row, row + v.shape[0]))
 
     def _store_row_block(self, layer: int, n: int, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._store(0, layer, col, k, slice(0, n))

@@ -16,7 +16,8 @@ FIELDS = {"case", "model", "batch_size", "placement", "prefill_s", "decode_s", "
                          ids=["resident-kv-local", "streamed-kv-offload"])
 def test_bench_prints_one_json_line_with_the_design_fields(flags):
     out = strata("bench", "--model", "facebook/opt-125m", "--dummy", "--batch-size", "3", "--prompt-len", "16",
-                 "--gen-len", "4", "--device", "cpu", "--json", "--no-warmup", *flags, timeout=600)
+                 "--gen-len", "4", "--device", "cpu", "--json", "--no-warmup", "--batch-requests", "5", *flags,
+                 timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(lines) == 1
@@ -31,6 +32,10 @@ def test_bench_prints_one_json_line_with_the_design_fields(flags):
     assert r["placement"]["resident_layers"] == (6 if flags else 12) == len(r["run_plan"]["resident_layers"])
     assert r["run_plan"]["kv_home"] == ("kv_store" if flags else "gpu") and r["decode_graphs"] is False  # on the CPU
     assert r["w4a16_mma"] is False and r["w4a16_wgmma"] is False  # no CUDA kernel built on the CPU
+    # the offline job through the real `strata batch` process: every request answered in full
+    b = r["batch"]
+    assert (b["requests"], b["answered"], b["errors"], b["generated_tokens"]) == (5, 5, 0, 5 * 4)
+    assert b["tokens_per_s"] == pytest.approx(20 / b["wall_s"], rel=0.02) and "5 answered" in b["summary"]
 
 
 def test_bench_names_the_design_cases():

@@ -183,3 +183,37 @@ def test_slot_steps_at_one_position_equal_those_at_mixed_positions(alibi):
     ref = torch.nn.functional.scaled_dot_product_attention(q, same.keys[0][:, :, :6], same.values[0][:, :, :6],
                                                            attn_mask=bias, scale=0.25)
     torch.testing.assert_close(out_same, ref)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_packed_prompts_land_in_their_rows_in_runs(bits):
+    """append_rows stores runs of consecutive rows with one length in one store each:
+    every row still gets exactly its own slice of the packed prompts, at columns from 0,
+    and rows outside the call are untouched."""
+    import torch
+
+    from kv_store.attention import GroupCache, GroupSpec, _runs
+    from kv_store.quantized import QuantizedGroupCache
+    from strata.kv_quant import KVFormat
+
+    rows, lengths = [3, 4, 0, 1, 5, 6], [4, 4, 4, 2, 2, 3]
+    assert _runs(rows, lengths) == [(3, 2, 4), (0, 1, 4), (1, 1, 2), (5, 1, 2), (6, 1, 3)]
+    spec = GroupSpec(num_layers=2, batch=8, num_heads=2, head_dim=64, max_tokens=6, dtype=torch.bfloat16,
+                     scale=0.125, kv_bits=bits)
+    cache = GroupCache(spec) if bits == 16 else QuantizedGroupCache(spec)
+    torch.manual_seed(0)
+    k, v = (torch.randn(1, 2, sum(lengths), 64).bfloat16() for _ in range(2))
+    cache.append_rows(1, rows, lengths, k, v)
+    a = 0
+    for r, n in zip(rows, lengths):
+        for which, x in ((0, k), (1, v)):
+            want = x[0, :, a : a + n]
+            if bits == 16:
+                got = (cache.keys if which == 0 else cache.values)[1][r, :, :n]
+                assert torch.equal(got, want)
+            else:
+                codes, _, _ = KVFormat(4, 64, 64).quantize(want.float())
+                assert torch.equal(cache.codes[which, 1, r, :, :n], codes)
+        a += n
+    untouched = cache.keys[1][2] if bits == 16 else cache.codes[0, 1, 2]
+    assert torch.count_nonzero(untouched) == 0
