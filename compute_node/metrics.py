@@ -19,6 +19,9 @@ Names (a label, where there is one, follows a colon):
   kernel:<name>                 1 where the CUDA kernel (w4a16_wgmma, w4a16_mma) is built and switched on
   oom_shrinks_total             passes retried with smaller prefill chunks after running out of memory
   h2d_bytes_total, h2d_seconds_total   weight copies host-to-device (GB/s = bytes / seconds)
+  pass_issue_seconds_total      the scheduler's thread issuing passes (until the runner returns)
+  pass_wait_seconds_total       ... then waiting for the pass's logits on the host (the device's rest)
+  pass_host_seconds_total       ... and between passes (tokens to calls, the next pass's inputs)
   ttft_seconds_bucket:<le>, ttft_seconds_sum, ttft_seconds_count     time to first token
   itl_seconds_bucket:<le>, itl_seconds_sum, itl_seconds_count        time between tokens
 Histogram buckets are cumulative (Prometheus' convention); `le` is the upper bound in
@@ -61,7 +64,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._counters: dict[str, float] = {f"requests_total:{o}": 0.0 for o in OUTCOMES}
         self._counters.update(prompt_tokens_total=0.0, generated_tokens_total=0.0, steps_total=0.0,
-                              h2d_bytes_total=0.0, h2d_seconds_total=0.0)
+                              h2d_bytes_total=0.0, h2d_seconds_total=0.0, pass_issue_seconds_total=0.0,
+                              pass_wait_seconds_total=0.0, pass_host_seconds_total=0.0)
         self._gauges: dict[str, float] = {"queue_depth": 0.0, "running_sequences": 0.0, "batch_slots": 0.0,
                                           "weight_bytes_per_pass": 0.0}
         self._occupancy = [0.0, 0]  # sum of running/slots over steps, steps

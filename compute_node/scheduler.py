@@ -86,6 +86,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.cv = threading.Condition()
         self.stopping = False
+        self._pass_end: float | None = None  # when the last pass's host work ended (None: idle since)
         metrics.set("batch_slots", limits.slots)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -138,6 +139,7 @@ class Scheduler:
         while True:
             with self.cv:
                 while not self.stopping and not self.running and not len(self.waiting):
+                    self._pass_end = None
                     self.cv.wait()
                 if self.stopping:
                     break
@@ -234,12 +236,19 @@ class Scheduler:
         r.outbox.put(error if error is not None else self._final(r))
 
     def _pass(self, joins: list[tuple[Sequence, Join]], admitted: list[Request]) -> None:
+        t0 = time.perf_counter()
         joining = {id(s) for s, _ in joins}
         steps, where = self._group_steps(joining)
         joined_logits, group_logits = self.runner.step([j for _, j in joins], steps)
+        t1 = time.perf_counter()
         parts = ([joined_logits] if joined_logits is not None else []) + group_logits
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         greedy = logits.float().argmax(dim=-1).tolist()  # one device sync a pass
+        t2 = time.perf_counter()
+        self.metrics.count("pass_issue_seconds_total", t1 - t0)
+        self.metrics.count("pass_wait_seconds_total", t2 - t1)
+        if self._pass_end is not None:
+            self.metrics.count("pass_host_seconds_total", t0 - self._pass_end)
         # a join's logits choose a token where its piece ends the prompt
         rows: dict[int, int] = {id(s): i for i, (s, j) in enumerate(joins) if s.prefilled == len(s.prompt)}
         offset = len(joins)
@@ -260,6 +269,8 @@ class Scheduler:
                     tokens = choose(picked, r.sampling, r.generator).tolist()
                 self._advance(r, live, tokens, now)
             self._gauges()
+        self.metrics.count("pass_host_seconds_total", time.perf_counter() - t2)
+        self._pass_end = time.perf_counter()
 
     def _gauges(self) -> None:
         live = [s for r in self.running for s in r.live]

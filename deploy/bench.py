@@ -199,7 +199,9 @@ def run(a: BenchArgs, progress: bool) -> dict:
         try:
             if a.warmup != "none":
                 _warm_up(a, address)
+            before = _node_stats(address)
             result, wall = _single_call(a, address, dims.vocab, progress)
+            passes = _pass_times(before, _node_stats(address))
             clients = bench_clients.run(address, a.clients, dims.vocab) if a.clients else None
             batch = (bench_batch.run(address, a.batch_requests, a.prompt_len, a.gen_len, dims.vocab)
                      if a.batch_requests else None)
@@ -208,6 +210,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
             services.stop()
     report = _report(a, dims, weight_bytes, disk, result, wall, start_s, mem.peak)
     report["run_plan"] = plan.to_dict()
+    report["passes"] = passes
     report["placement"]["resident_layers"] = int(node.get("plan_resident_layers", 0))
     report["decode_graphs"] = bool(node.get("decode_graphs", 0))  # what the compute node ran, from its Stats
     for name in ("w4a16_mma", "w4a16_wgmma"):  # the decode matmul at 33-64 rows: built and switched on there
@@ -227,6 +230,16 @@ def _node_stats(address: str) -> dict[str, float]:
 
     with Client(address, timeout=30) as c:
         return c.stats()[0]
+
+
+def _pass_times(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The single call's passes from the compute node's counters: how many, and the
+    scheduler thread's seconds issuing them, waiting for the device, and on the host
+    between them (compute_node/metrics.py)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in
+         ("steps_total", "pass_issue_seconds_total", "pass_wait_seconds_total", "pass_host_seconds_total")}
+    return {"passes": int(d["steps_total"]), "issue_s": round(d["pass_issue_seconds_total"], 4),
+            "wait_s": round(d["pass_wait_seconds_total"], 4), "host_s": round(d["pass_host_seconds_total"], 4)}
 
 
 def _single_call(a: BenchArgs, address: str, vocab: int, progress: bool):

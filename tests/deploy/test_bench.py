@@ -32,6 +32,10 @@ def test_bench_prints_one_json_line_with_the_design_fields(flags):
     assert r["placement"]["resident_layers"] == (6 if flags else 12) == len(r["run_plan"]["resident_layers"])
     assert r["run_plan"]["kv_home"] == ("kv_store" if flags else "gpu") and r["decode_graphs"] is False  # on the CPU
     assert r["w4a16_mma"] is False and r["w4a16_wgmma"] is False  # no CUDA kernel built on the CPU
+    # the single call's passes as the compute node counted them: prefill, then 3 decode steps
+    p = r["passes"]
+    assert p["passes"] == 4 and p["issue_s"] > 0 and p["wait_s"] >= 0 and p["host_s"] >= 0
+    assert p["issue_s"] + p["wait_s"] + p["host_s"] <= r["client_wall_s"]
     # the offline job through the real `strata batch` process: every request answered in full
     b = r["batch"]
     assert (b["requests"], b["answered"], b["errors"], b["generated_tokens"]) == (5, 5, 0, 5 * 4)
