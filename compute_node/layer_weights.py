@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from compute_node.kernels import MERGED_QKV, PackedInt4, dequantize
+from compute_node.kernels.choice import DEFAULT as DEFAULT_KERNELS, KernelChoice
 from compute_node.weights import HostWeights, StoredTensor, shard_views
 from strata import arch
 from strata.manifest import Shard, layer_shard
@@ -47,7 +48,7 @@ def dense(packed: Packed, dtype: torch.dtype, copy: bool = False) -> dict[str, t
     return {name: _dense(st, dtype, copy) for name, st in packed.items()}
 
 
-def merge_qkv(packed: Packed, names: tuple[str, ...]) -> PackedInt4 | None:
+def merge_qkv(packed: Packed, names: tuple[str, ...], kernels: KernelChoice = DEFAULT_KERNELS) -> PackedInt4 | None:
     """A packed INT4 layer's separate q, k, v matrices as one [Nq + Nk + Nv, K] matrix
     for the fused kernel (one launch, one pass over the rows instead of three). The
     three entries become views into it, so the layer holds no second copy. None where
@@ -65,14 +66,15 @@ def merge_qkv(packed: Packed, names: tuple[str, ...]) -> PackedInt4 | None:
         rows = p.parts["data"].shape[0]  # type: ignore[union-attr]
         p.parts.update({key: t[start : start + rows] for key, t in merged.items()})  # type: ignore[union-attr]
         start += rows
-    return PackedInt4(merged["data"], merged["scale"], merged["min"], groups.pop())
+    return PackedInt4(merged["data"], merged["scale"], merged["min"], groups.pop(), kernels)
 
 
-def fused(packed: Packed, dtype: torch.dtype, qkv: tuple[PackedInt4, tuple[str, ...]] | None = None
-          ) -> dict[str, torch.Tensor | PackedInt4]:
-    """INT4 matrices left packed for the fused kernel (the model's linear dispatches on
-    the type); everything else dense in `dtype`. With `qkv` (merge_qkv's matrix and the
-    three names), q, k and v are one entry, MERGED_QKV: (matrix, joined bias or None)."""
+def fused(packed: Packed, dtype: torch.dtype, qkv: tuple[PackedInt4, tuple[str, ...]] | None = None,
+          kernels: KernelChoice = DEFAULT_KERNELS) -> dict[str, torch.Tensor | PackedInt4]:
+    """INT4 matrices left packed for the fused kernel under `kernels` (the model's linear
+    dispatches on the type); everything else dense in `dtype`. With `qkv` (merge_qkv's
+    matrix and the three names), q, k and v are one entry, MERGED_QKV: (matrix, joined
+    bias or None)."""
     out: dict = {}
     if qkv is not None:
         matrix, names = qkv
@@ -83,7 +85,7 @@ def fused(packed: Packed, dtype: torch.dtype, qkv: tuple[PackedInt4, tuple[str, 
     for name, st in packed.items():
         q = st.entry.quant
         if q is not None and q.bits == 4 and st.parts["data"].dim() == 2:
-            out[name] = PackedInt4(st.parts["data"], st.parts["scale"], st.parts["min"], q.group_size)
+            out[name] = PackedInt4(st.parts["data"], st.parts["scale"], st.parts["min"], q.group_size, kernels)
         else:
             out[name] = _dense(st, dtype)
     return out
@@ -138,12 +140,13 @@ class DeviceRing:
 class LayerWeights:
     def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int],
                  packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None,
-                 fused_max_rows: int | None = None):
+                 fused_max_rows: int | None = None, kernels: KernelChoice = DEFAULT_KERNELS):
         """`resident_source(i) -> Packed on device` makes resident layers without the
         host tier (dummy weights generated on the GPU); default: copy from the host.
         `fused_max_rows`: packed resident INT4 layers asked for with at most this many
         rows run the fused kernel (default FUSED_INT4_MAX_ROWS on CUDA in fp16/bf16,
-        else 0: always dequantize)."""
+        else 0: always dequantize). `kernels`: the CUDA W4A16 kernels those may run (the
+        compute node's choice, made once at its start: compute_node/kernels/choice.py)."""
         self.host, self.device, self.dtype = host, device, dtype
         self.cuda = device.type == "cuda"
         self.packed_resident = self.cuda if packed_resident is None else packed_resident
@@ -168,8 +171,8 @@ class LayerWeights:
             self._resident[i] = packed if self.packed_resident else dense(packed, dtype)
             if self.fused_max_rows and _all_matrices_int4(packed):
                 names = _separate_qkv(host.manifest.config)
-                merged = merge_qkv(packed, names)
-                self._decode[i] = fused(packed, dtype, None if merged is None else (merged, names))
+                merged = merge_qkv(packed, names, kernels)
+                self._decode[i] = fused(packed, dtype, None if merged is None else (merged, names), kernels)
         if host.stager is not None:  # from now on, the disk reads run ahead of the passes
             host.stager.start([layer_shard(i) for i in self.streamed if layer_shard(i) in host.disk])
 

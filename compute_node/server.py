@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import torch
 
 from compute_node.exchange import Exchange
-from compute_node.kernels import w4a16_mma, w4a16_wgmma
+from compute_node.kernels.choice import KernelChoice
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
 from compute_node.peers import KVStoreClient, WeightStoreClient
@@ -42,7 +42,6 @@ from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger("strata.compute_node")
 SPARE_WORKERS = 32  # gRPC threads beyond the running and waiting calls (health, stats, refusals)
-KERNELS = {"w4a16_wgmma": w4a16_wgmma, "w4a16_mma": w4a16_mma}  # decode matmuls at 33-64 rows, where built
 DEFAULT_MAX_SEQ_LEN = 2048  # tokens a sequence slot holds unless --max-seq-len (and the model's positions) say less
 
 
@@ -86,11 +85,8 @@ class ComputeNode:
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
             raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
-        self.kernels = dict.fromkeys(KERNELS, False)  # the CUDA kernels built for this device and switched on
         if cuda:
             torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
-            for name, kernels in KERNELS.items():  # nvcc's first builds (seconds) at startup, not in a request
-                self.kernels[name] = kernels.prepare(self.device) and kernels.enabled()
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
         self.host = HostWeights.from_store(self.ws, transport)
         check_manifest(self.host.manifest)
@@ -98,6 +94,9 @@ class ComputeNode:
         self.dims = dims_for(manifest.config)
         self.plan = run_plan(config, self.dims)  # what this node does; it decides none of it again
         self.dtype = compute_dtype(config.device, self.plan.dtype)
+        # the decode matmuls' CUDA kernels (33-64 rows): the plan's, built for this device
+        # now (nvcc's first builds take seconds: at startup, not in a request), kept for life
+        self.kernels = KernelChoice.from_plan(self.plan).on_device(self.device)
         self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if self.plan.kv_offload else None
         if cuda and transport == "shm":
             self.host.pin()
@@ -105,7 +104,8 @@ class ComputeNode:
         source = None
         if manifest.quantization.get("dummy") and not all(self.host.holds(layer_shard(i)) for i in resident):
             source = lambda i: dummy_layer_on_device(manifest, i, self.device)  # noqa: E731
-        self.layers = LayerWeights(self.host, self.device, self.dtype, resident, resident_source=source)
+        self.layers = LayerWeights(self.host, self.device, self.dtype, resident, resident_source=source,
+                                   kernels=self.kernels)
         self.exchange = None
         if self.kv is not None:
             self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)
@@ -136,7 +136,7 @@ class ComputeNode:
             self.metrics.set(f"resident_layer:{i}", 1)
         self.metrics.set("plan_micro_batches", len(self.batch_limits.groups))
         self.metrics.set("plan_kv_bits", self.plan.kv_bits)
-        for name, on in self.kernels.items():
+        for name, on in self.kernels.report().items():  # the CUDA kernels the decode matmuls may run
             self.metrics.set(f"kernel:{name}", float(on))
 
     def _runner(self, plan: RunPlan) -> Runner:

@@ -29,7 +29,8 @@
  * keeps the loads fed, raising the kernel's read rate 15-20% on the T1 call shape.
  * Non-temporal prefetch (PF_HINT 0) is slower than none; more vectors ahead, or into
  * L2, gain nothing (BENCHMARKS.md, "The KV store's bf16 kernel with software
- * prefetch"). -DPF_TOKENS=0 through STRATA_KV_CFLAGS builds it without, for comparison. */
+ * prefetch"). These macros come from the run plan's kv_kernel_defines (kv_store/native.py):
+ * PF_TOKENS 0 there builds it without, for comparison. */
 #ifndef PF_TOKENS
 #define PF_TOKENS 16
 #endif

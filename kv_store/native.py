@@ -8,7 +8,12 @@ Why not PyTorch's CPU SDPA: it needs an INT8/INT4 cache dequantized into a float
 first, while these kernels read the codes in place; on a bfloat16 cache far beyond the
 L3 cache they read at least as fast as SDPA, near DRAM bandwidth with their software
 prefetch (bench/attn_sweep.py; figures in BENCHMARKS.md). Where the compiler is
-missing or the build fails, `build()` returns None and the KV store keeps SDPA."""
+missing or the build fails, `build()` returns None and the KV store keeps SDPA.
+
+The build's options beyond FLAGS are the kernels' prefetch macros (PF_TOKENS, PF_HINT,
+PF_NEXT_ROW, QX_PF_BYTES), given by the KV store's configuration: the run plan's
+`kv_kernel_defines` (strata/run_plan.py; bench configuration), never the environment.
+Each set of macros is its own library in the cache."""
 
 from __future__ import annotations
 
@@ -21,26 +26,36 @@ import pathlib
 import platform
 import subprocess
 import threading
+from typing import Iterable, Mapping
 
 import torch
 
 from strata import paths
 from strata.build import compile_once
+from strata.run_plan import check_kv_kernel_defines
 
 LOG = logging.getLogger("strata.kv_store")
 SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
          "-fno-signed-zeros", "-shared", "-fPIC"]  # no -ffast-math: masked keys are -inf
-FLAGS += os.environ.get("STRATA_KV_CFLAGS", "").split()  # experiments, e.g. -DPF_TOKENS=8
 MAX_HEAD_DIM = 256  # the kernels' stack buffers
 CLAIMS_PER_THREAD = 16  # rows are claimed in chunks of 1/16 of a thread's even share
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
-def _machine_key() -> str:
+Defines = Mapping[str, int] | Iterable[tuple[str, int]]
+
+
+def flags(defines: Defines = ()) -> list[str]:
+    """FLAGS plus -DNAME=VALUE for each macro (checked as the run plan checks them)."""
+    pairs = check_kv_kernel_defines(dict(defines) if isinstance(defines, Mapping) else tuple(defines))
+    return FLAGS + [f"-D{name}={value}" for name, value in pairs]
+
+
+def _machine_key(build_flags: list[str]) -> str:
     """Source, flags, compiler and CPU: -march=native code is for this CPU only."""
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("decode_attention*.c")))
-    h = hashlib.sha256(sources + " ".join(FLAGS).encode() + platform.node().encode())
+    h = hashlib.sha256(sources + " ".join(build_flags).encode() + platform.node().encode())
     try:
         h.update(pathlib.Path("/proc/cpuinfo").read_bytes().split(b"\n\n")[0])
     except OSError:
@@ -48,12 +63,15 @@ def _machine_key() -> str:
     return h.hexdigest()[:16]
 
 
-def build(cache_dir: pathlib.Path | None = None) -> ctypes.CDLL | None:
-    """The compiled kernel (compiled now, or found from an earlier build), or None."""
-    lib_path = (cache_dir or paths.cache_dir("native")) / f"decode_attention-{_machine_key()}.so"
+def build(cache_dir: pathlib.Path | None = None, defines: Defines = ()) -> ctypes.CDLL | None:
+    """The compiled kernel (compiled now, or found from an earlier build) with these
+    prefetch macros (`flags`; none: the sources' defaults), or None."""
+    build_flags = flags(defines)
+    lib_path = (cache_dir or paths.cache_dir("native")) / f"decode_attention-{_machine_key(build_flags)}.so"
     cc = os.environ.get("CC", "cc")
     try:
-        lib = ctypes.CDLL(str(compile_once(lib_path, lambda tmp: [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], 120)))
+        lib = ctypes.CDLL(str(compile_once(lib_path, lambda tmp: [cc, *build_flags, "-o", tmp, str(SOURCE), "-lm"],
+                                           120)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         LOG.warning("native decode attention unavailable (%s %s); using PyTorch SDPA", e, detail.decode()[-300:])
@@ -104,8 +122,10 @@ class NativeDecodeAttention:
         self._scratch = threading.local()
 
     @classmethod
-    def create(cls, threads: int) -> NativeDecodeAttention | None:
-        lib = build()
+    def create(cls, threads: int, defines: Defines = ()) -> NativeDecodeAttention | None:
+        """The kernel built with `defines` (the run plan's kv_kernel_defines) on `threads`
+        threads, or None where it cannot be built."""
+        lib = build(defines=defines)
         return None if lib is None else cls(lib, threads)
 
     def supports(self, q: torch.Tensor, keys: torch.Tensor, group: int = 0, bits: int = 16) -> bool:

@@ -93,7 +93,9 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         # stall the call: by default it takes every core (T1 on one host, run 4 of
         # 2026-11-26 evening: 86.7 tokens/s with 14 threads, 90.2 with 16).
         kernel_threads = config.threads or os.cpu_count() or 1
-        self.native = NativeDecodeAttention.create(kernel_threads) if config.attention == "native" else None
+        # built with the run plan's prefetch macros (bench configuration), else the sources' defaults
+        defines = config.plan.kv_kernel_defines if config.plan is not None else ()
+        self.native = NativeDecodeAttention.create(kernel_threads, defines) if config.attention == "native" else None
         self.arena = self.arena_bytes = None
         if config.preallocate and config.capacity_bytes > 0:
             # The whole capacity, faulted in once at start by every core: a request's
@@ -286,7 +288,8 @@ def parse_args(argv: list[str] | None) -> KVStoreConfig:
     p.add_argument("--attention", choices=["native", "sdpa"], default=KVStoreConfig.attention,
                    help="bfloat16 decode attention: the KV store's own kernel (built at start) or PyTorch SDPA")
     p.add_argument("--plan", default="", metavar="FILE",
-                   help="run plan JSON (strata/run_plan.py): groups of other KV bits than its are refused")
+                   help="run plan JSON (strata/run_plan.py): groups of other KV bits than its are refused; its "
+                        "kv_kernel_defines are the attention kernel's prefetch macros")
     a = p.parse_args(argv)
     return KVStoreConfig(listen=a.listen, session=a.session, capacity_bytes=a.capacity_bytes, threads=a.threads,
                          preallocate=not a.no_preallocate, attention=a.attention,

@@ -12,6 +12,7 @@ import os
 import pathlib
 import socket
 
+from strata import paths
 from strata.errors import ErrorKind, StrataError
 from strata.floor import Hardware
 
@@ -111,9 +112,8 @@ def save(profile: HardwareProfile, path: str | os.PathLike) -> pathlib.Path:
 
 
 def default_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """~/.cache/strata/profile-<hostname>.json (XDG_CACHE_HOME respected)."""
-    base = pathlib.Path(cache_dir) if cache_dir else pathlib.Path(
-        os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "strata"
+    """profile-<hostname>.json in `cache_dir`, else at the cache root (strata/paths.py)."""
+    base = pathlib.Path(cache_dir) if cache_dir else paths.cache_root()
     return base / f"profile-{socket.gethostname()}.json"
 
 

@@ -1,6 +1,10 @@
 """The run plan (no torch, no grpc): one placement decision, resolved once by `strata
-serve` or `strata bench` (deploy/run_plans.py) from the flags or the planner, written as
-JSON into the run directory and read by all three services (`--plan FILE`).
+serve` or `strata bench` (deploy/serve_plan.py) from the flags or the planner, written as
+JSON into the run directory and read by all three services (`--plan FILE`). It also
+carries the kernel choices that used to be environment switches: which CUDA W4A16
+kernels the compute node may run (`w4a16_wgmma`, `w4a16_mma`; it keeps those built for
+its device, compute_node/kernels/choice.py) and the KV store attention kernel's
+prefetch macros (`kv_kernel_defines`, its build options: kv_store/native.py).
 
 Every field is checked here, once, when a plan is made or read; a bad one is an
 INVALID_ARGUMENT error naming the field. The services decide nothing of it again:
@@ -10,9 +14,11 @@ node keeps `resident_layers` on its device and sizes its scheduler from the rest
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import pathlib
+import re
 
 from strata.errors import ErrorKind, StrataError
 from strata.placement import resident_layers as spread_layers
@@ -20,6 +26,11 @@ from strata.placement import resident_layers as spread_layers
 KV_HOMES = ("gpu", "kv_store")  # gpu: the compute device (the CPU with --device cpu); kv_store: host memory
 KV_BITS = (4, 8, 16)
 DTYPES = ("", "float16", "bfloat16", "float32")  # "": bfloat16 on a GPU, float32 on the CPU
+# The KV store kernel's compile-time macros a plan may set (kv_store/decode_attention*.c),
+# with their allowed values: prefetch distance in cached vectors (0: no software
+# prefetch), __builtin_prefetch's locality hint, the next row's keys during this row's
+# values, and the quantized kernels' prefetch distance in bytes.
+KV_KERNEL_DEFINES = {"PF_TOKENS": (0, 4096), "PF_HINT": (0, 3), "PF_NEXT_ROW": (0, 1), "QX_PF_BYTES": (0, 1 << 20)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +47,13 @@ class RunPlan:
     max_queue: int = 0  # sequences waiting for a slot; 0 = the compute node's default
     dtype: str = ""
     decode_graphs: bool = True  # decode-only passes replayed as fixed-shape steps where the placement allows
+    # Kernels (bench configuration; the defaults are what runs otherwise): the CUDA W4A16
+    # kernels the compute node may run at 33-64 rows where built (wgmma on sm_90, else
+    # mma.sync; with neither, Triton), and macros for the KV store kernel's build,
+    # {name: value} of KV_KERNEL_DEFINES (kept as sorted (name, value) pairs; JSON: an object)
+    w4a16_wgmma: bool = True
+    w4a16_mma: bool = True
+    kv_kernel_defines: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         _whole(self, "num_layers", low=1)
@@ -59,8 +77,10 @@ class RunPlan:
         _whole(self, "max_seq_len", low=0)
         _whole(self, "max_queue", low=0)
         _choice(self, "dtype", DTYPES)
-        if not isinstance(self.decode_graphs, bool):
-            _bad("decode_graphs", f"must be true or false, got {self.decode_graphs!r}")
+        for flag in ("decode_graphs", "w4a16_wgmma", "w4a16_mma"):
+            if not isinstance(getattr(self, flag), bool):
+                _bad(flag, f"must be true or false, got {getattr(self, flag)!r}")
+        object.__setattr__(self, "kv_kernel_defines", check_kv_kernel_defines(self.kv_kernel_defines))
 
     @classmethod
     def with_share(cls, num_layers: int, gpu_weight_share: float, **fields) -> RunPlan:
@@ -95,6 +115,7 @@ class RunPlan:
         d = dataclasses.asdict(self)
         d["resident_layers"] = list(self.resident_layers)
         d["disk_layers"] = list(self.disk_layers)
+        d["kv_kernel_defines"] = dict(self.kv_kernel_defines)
         return d
 
     def to_json(self) -> str:
@@ -154,6 +175,43 @@ def _choice(plan: RunPlan, field: str, allowed: tuple) -> None:
     value = getattr(plan, field)
     if isinstance(value, bool) or value not in allowed:
         _bad(field, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def check_kv_kernel_defines(value) -> tuple[tuple[str, int], ...]:
+    """kv_kernel_defines as sorted (name, value) pairs, from a mapping or pairs."""
+    field = "kv_kernel_defines"
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        _bad(field, f"must be an object of macro names to whole numbers, got {value!r}")
+    for name, v in pairs:
+        if not isinstance(name, str) or name not in KV_KERNEL_DEFINES:
+            _bad(field, f"has {name!r}, not one of {', '.join(KV_KERNEL_DEFINES)}")
+        low, high = KV_KERNEL_DEFINES[name]
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            _bad(field, f"{name} must be a whole number from {low} to {high}, got {v!r}")
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        _bad(field, f"repeats macros: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return tuple(sorted(pairs))
+
+
+def parse_kv_kernel_defines(text: str) -> dict[str, int]:
+    """A command line's KV kernel macros, "PF_TOKENS=0 PF_HINT=2" (a leading -D on each is
+    taken too, as compiler flags are written): for argparse's `type=`, checked as a plan's."""
+    out: dict[str, int] = {}
+    for item in text.replace(",", " ").split():
+        m = re.fullmatch(r"(?:-D)?([A-Za-z_][A-Za-z0-9_]*)=(-?[0-9]+)", item)
+        if m is None:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=VALUE (NAME one of {', '.join(KV_KERNEL_DEFINES)})")
+        out[m.group(1)] = int(m.group(2))
+    try:
+        check_kv_kernel_defines(out)
+    except StrataError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return out
 
 
 def _layers(plan: RunPlan, field: str, num_layers: int) -> tuple[int, ...]:

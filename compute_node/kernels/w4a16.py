@@ -36,11 +36,16 @@ Design (decode sizes, M = 1..256):
   adds the bias and casts (deterministic, no atomics).
 * Block sizes come from a small heuristic table (`pick_config`), not autotuning, so a
   shape always runs the same kernel; `int4_linear(..., config=...)` overrides it
-  (bench/bench_w4a16.py --sweep / --grid measure alternatives).
+  (bench/bench_w4a16.py --sweep / --grid measure alternatives). `decide` caches the
+  table's answer per (bucket of rows, N, K, group size, SMs, kernel choice): a matmul
+  looks its decision up, it does not make it again.
 * The device functions (operands, steps, the dot) are in w4a16_tiles.py.
 
-At 33-64 rows on CUDA a register-fed CUDA kernel runs instead where it is built and
-takes the problem (w4a16_mma.cu / w4a16_mma.py: no dequantized weight in shared memory).
+At 33-64 rows on CUDA a register-fed CUDA kernel runs instead where the kernel choice
+allows it, it is built and it takes the problem (w4a16_wgmma.cu on sm_90, else
+w4a16_mma.cu: no dequantized weight in shared memory). The choice (choice.py) is made
+once at the compute node's start from its run plan and device; direct callers get
+`choice.DEFAULT` (both, where built).
 
 On CPU (or without Triton) `int4_linear` falls back to `strata.quant.dequantize` +
 `torch.nn.functional.linear`; with TRITON_INTERPRET=1 the kernel itself runs on CPU
@@ -51,11 +56,14 @@ from __future__ import annotations
 
 import functools
 import os
+import types
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from compute_node.kernels import w4a16_mma, w4a16_wgmma
+from compute_node.kernels import choice as kernel_choice
+from compute_node.kernels.choice import KernelChoice
 from strata import quant
 
 try:  # Triton ships with CUDA builds of PyTorch only
@@ -164,8 +172,13 @@ if triton is not None:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# Triton's interpreter switch, read once: Triton itself reads it when the kernels above are
+# decorated, at import, so a later change would not reach them anyway.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 @functools.lru_cache(maxsize=16)
@@ -213,6 +226,24 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     # Fill about one wave of SMs (8 splits above 32 rows); keep at least 4 K steps per split.
     split = split_to_fill(-(-m // block_m) * -(-n // block_n), k // block_k, num_sms, 1 if wide else 8)
     return dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
+
+
+def rows_bucket(m: int) -> int:
+    """The row counts `pick_config` tells apart: 16, 32 or 64 up to 64 rows (its block
+    rows), above that whole 64-row tiles. pick_config(rows_bucket(m), ...) ==
+    pick_config(m, ...)."""
+    return 16 if m <= 16 else 32 if m <= 32 else -(-m // 64) * 64
+
+
+@functools.lru_cache(maxsize=4096)
+def decide(bucket: int, n: int, k: int, group_size: int, num_sms: int,
+           kernels: KernelChoice = kernel_choice.DEFAULT) -> Mapping:
+    """One shape's decision, made at its first matmul and kept (read-only): `pick_config`
+    for the bucket of rows (`rows_bucket`), with MMA only where an allowed CUDA kernel
+    takes the shape (else the Triton kernel, without a per-call look at the CUDA ones)."""
+    cfg = pick_config(bucket, n, k, group_size, num_sms)
+    cfg["MMA"] = bool(cfg["MMA"]) and kernels.takes_shape(n, k, group_size)
+    return types.MappingProxyType(cfg)
 
 
 def wide_order(x: torch.Tensor, block_k: int, ks: int) -> torch.Tensor:
@@ -274,22 +305,30 @@ def _check(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torc
 
 
 def _cuda_linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None, num_sms: int, cfg: dict) -> torch.Tensor | None:
-    """The CUDA kernels' result, or None where neither takes the problem."""
+                 bias: torch.Tensor | None, num_sms: int, cfg: Mapping,
+                 kernels: KernelChoice = kernel_choice.DEFAULT) -> torch.Tensor | None:
+    """The result of the first CUDA kernel `kernels` allows (MMA_KERNEL: only that one)
+    that takes the problem, or None where none does."""
     kernel = cfg["MMA_KERNEL"]
-    if kernel not in ("", "wgmma", "mma"):
+    if kernel not in ("", *kernel_choice.MODULES):
         raise ValueError(f"int4_linear: MMA_KERNEL is '', 'wgmma' or 'mma', got {kernel!r}")
-    if kernel != "mma" and w4a16_wgmma.supports(x2, data, scale, w_min, group_size, bias):
-        return w4a16_wgmma.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WG"], cfg["MMA_TM"],
-                                  cfg["MMA_STAGES"], cfg["MMA_SPLIT"])
-    if kernel != "wgmma" and w4a16_mma.supports(x2, data, scale, w_min, group_size, bias):
-        return w4a16_mma.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WARPS"], cfg["MMA_SPLIT"],
-                                cfg["MMA_STAGES"])
+    for name in kernels.names:
+        if kernel and name != kernel:
+            continue
+        module = kernel_choice.MODULES[name]
+        if not module.supports(x2, data, scale, w_min, group_size, bias):
+            continue
+        if name == "wgmma":
+            return module.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WG"], cfg["MMA_TM"],
+                                 cfg["MMA_STAGES"], cfg["MMA_SPLIT"])
+        return module.linear(x2, data, scale, w_min, bias, num_sms, cfg["MMA_WARPS"], cfg["MMA_SPLIT"],
+                             cfg["MMA_STAGES"])
     return None
 
 
 def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
-                bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, config: dict | None = None,
+                kernels: KernelChoice | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for the INT4 weight W [N, K] given as its packed parts
     (data uint8 [N, K//2], scale and w_min fp16 [N, K//group_size]).
 
@@ -297,7 +336,8 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
     overrides keys of `pick_config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, ALGEBRAIC,
     SWAP, num_warps, num_stages; MMA to take or skip the CUDA kernels, MMA_KERNEL to pick
     one, MMA_WARPS (mma.sync), MMA_WG and MMA_TM (wgmma), MMA_STAGES and MMA_SPLIT for
-    their launch). Raises ValueError when the parts do not agree."""
+    their launch). `kernels`: the CUDA kernels that may run (compute_node/kernels/choice.py;
+    None: choice.DEFAULT). Raises ValueError when the parts do not agree."""
     n, k = _check(x, data, scale, w_min, group_size, bias)
     if not kernel_supported(x, k, group_size):
         w = quant.dequantize(data, scale, w_min, 4, group_size, out_dtype=x.dtype)
@@ -310,14 +350,15 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
         return torch.empty((*lead, n), dtype=x.dtype, device=x.device)
     num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 4
-    cfg = pick_config(m, n, k, group_size, num_sms)
+    kernels = kernel_choice.DEFAULT if kernels is None else kernels
+    cfg = decide(rows_bucket(m), n, k, group_size, num_sms, kernels)
     if config:
         unknown = set(config) - set(cfg)
         if unknown:
             raise ValueError(f"int4_linear: unknown config keys {sorted(unknown)}")
-        cfg.update(config)
+        cfg = {**cfg, **config}
     if cfg["MMA"]:
-        y = _cuda_linear(x2, data, scale, w_min, group_size, bias, num_sms, cfg)
+        y = _cuda_linear(x2, data, scale, w_min, group_size, bias, num_sms, cfg, kernels)
         if y is not None:
             return y.reshape(*lead, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -365,11 +406,14 @@ MERGED_QKV = "qkv.merged"  # a layer's (PackedInt4, bias or None) for q, k, v as
 
 
 class PackedInt4:
-    """An INT4 weight [N, K] kept packed on the device; `linear` runs the fused kernel.
-    The model calls it where it would call F.linear on a dense weight."""
+    """An INT4 weight [N, K] kept packed on the device; `linear` runs the fused kernel
+    under the compute node's kernel choice (`kernels`, made once at its start). The model
+    calls it where it would call F.linear on a dense weight."""
 
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int):
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
+                 kernels: KernelChoice = kernel_choice.DEFAULT):
         self.data, self.scale, self.w_min, self.group_size = data, scale, w_min, group_size
+        self.kernels = kernels
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return int4_linear(x, self.data, self.scale, self.w_min, self.group_size, bias)
+        return int4_linear(x, self.data, self.scale, self.w_min, self.group_size, bias, kernels=self.kernels)

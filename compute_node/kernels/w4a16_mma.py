@@ -1,12 +1,11 @@
 """The register-fed W4A16 kernel (w4a16_mma.cu) from Python: which problems it takes,
-its launch shape, and the call. `w4a16.int4_linear` runs it where `pick_config` says
-MMA and `supports` agrees, and its Triton kernel everywhere else. STRATA_W4A16_MMA=0 in
-the environment turns it off (the Triton kernel then runs everywhere)."""
+its launch shape, and the call. `w4a16.int4_linear` runs it where its per-shape decision
+says MMA, the compute node's kernel choice allows it (compute_node/kernels/choice.py:
+the run plan's `w4a16_mma`) and `supports` agrees; its Triton kernel everywhere else."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -28,10 +27,10 @@ def prepare(device: torch.device) -> bool:
     return _KERNEL.on(device) is not None
 
 
-def enabled() -> bool:
-    """Whether the CUDA kernels may run: STRATA_W4A16_MMA is not 0 (else the Triton kernel
-    runs everywhere)."""
-    return os.environ.get("STRATA_W4A16_MMA", "1") != "0"
+def shape_fits(n: int, k: int, group_size: int, n_multiple: int = 128) -> bool:
+    """The shape part of `problem_fits` (both CUDA kernels): groups of 64, K a multiple of
+    512, N of `n_multiple`. Decided once per shape; the tensors' checks come per call."""
+    return group_size == 64 and k % CHUNK_K == 0 and n % n_multiple == 0
 
 
 def _aligned(*ts: torch.Tensor) -> bool:
@@ -45,9 +44,9 @@ def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_mi
     contiguous fp16 scale and min, bias (if any) in x's dtype, 16-byte aligned."""
     m, k = x2.shape
     n = data.shape[0]
-    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= 64 and group_size == 64):
+    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= 64 and shape_fits(n, k, group_size, n_multiple)):
         return False
-    if k % CHUNK_K or n % n_multiple or x2.stride(1) != 1 or x2.stride(0) % 8:
+    if x2.stride(1) != 1 or x2.stride(0) % 8:
         return False
     if scale.dtype != torch.float16 or w_min.dtype != torch.float16:
         return False
@@ -59,9 +58,9 @@ def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_mi
 
 def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
              bias: torch.Tensor | None) -> bool:
-    """Whether this kernel is `enabled`, takes the problem (`problem_fits` with N a
-    multiple of 128) and is built for x2's GPU."""
-    return enabled() and problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _KERNEL.on(x2.device) is not None
+    """Whether this kernel takes the problem (`problem_fits` with N a multiple of 128) and
+    is built for x2's GPU. Whether it may run at all is the caller's kernel choice."""
+    return problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _KERNEL.on(x2.device) is not None
 
 
 # Split-K: about 4.5 blocks per SM, each at least 2 chunks (16 K steps) long, so the

@@ -1,14 +1,13 @@
 """The wgmma W4A16 kernel (w4a16_wgmma.cu, Hopper sm_90a) from Python: which problems it
 takes, its launch shape, and the call. On an sm_90 GPU `w4a16.int4_linear` runs it at
-33-64 rows ahead of w4a16_mma.cu's mma.sync kernel; STRATA_W4A16_WGMMA=0 in the
-environment turns it off (then the mma.sync kernel runs), STRATA_W4A16_MMA=0 turns both
-off (then the Triton kernel runs)."""
+33-64 rows ahead of w4a16_mma.cu's mma.sync kernel, where the compute node's kernel
+choice allows it (compute_node/kernels/choice.py: the run plan's `w4a16_wgmma`; without
+it the mma.sync kernel runs, without both the Triton kernel)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 
@@ -32,18 +31,11 @@ def prepare(device: torch.device) -> bool:
     return _KERNEL.on(device) is not None
 
 
-def enabled() -> bool:
-    """Whether this kernel may run: the CUDA kernels are (w4a16_mma.enabled) and
-    STRATA_W4A16_WGMMA is not 0."""
-    return w4a16_mma.enabled() and os.environ.get("STRATA_W4A16_WGMMA", "1") != "0"
-
-
 def supports(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
              bias: torch.Tensor | None) -> bool:
-    """Whether the kernel is `enabled`, takes this problem (w4a16_mma.problem_fits with N
-    a multiple of 128) and is built for x2's GPU."""
-    return enabled() and w4a16_mma.problem_fits(x2, data, scale, w_min, group_size, bias, 128) \
-        and _KERNEL.on(x2.device) is not None
+    """Whether the kernel takes this problem (w4a16_mma.problem_fits with N a multiple of
+    128) and is built for x2's GPU. Whether it may run at all is the caller's kernel choice."""
+    return w4a16_mma.problem_fits(x2, data, scale, w_min, group_size, bias, 128) and _KERNEL.on(x2.device) is not None
 
 
 def split_for(tiles: int, chunks: int, slots: int, block_n: int, m: int = 64) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from compute_node.kernels import cuda_build, w4a16, w4a16_mma, w4a16_wgmma
+from compute_node.kernels.choice import KernelChoice
 from compute_node.kernels.w4a16 import int4_linear
 from strata import quant
 from test_w4a16 import TOL, assert_matches_reference, cuda_problem, reference
@@ -54,13 +55,14 @@ def test_int4_linear_takes_wgmma_on_sm90_and_agrees_with_the_others(monkeypatch)
     outs = [int4_linear(x, data, scale, w_min, 64)]
     assert calls == [1]
     outs += [int4_linear(x, data, scale, w_min, 64, config={"MMA_KERNEL": "mma"}),
-             int4_linear(x, data, scale, w_min, 64, config={"MMA": False})]
+             int4_linear(x, data, scale, w_min, 64, config={"MMA": False}),
+             int4_linear(x, data, scale, w_min, 64, kernels=KernelChoice(wgmma=False)),  # mma.sync
+             int4_linear(x, data, scale, w_min, 64, kernels=KernelChoice(wgmma=False, mma=False))]  # Triton
     assert calls == [1]
     ref = reference(x.reshape(64, 1024), data, scale, w_min, 64, None).reshape(2, 32, 512)
     for out in outs:
         assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
-    monkeypatch.setenv("STRATA_W4A16_WGMMA", "0")
-    assert not w4a16_wgmma.supports(x.reshape(64, 1024), data, scale, w_min, 64, None)
+    assert KernelChoice().on_device(x.device) == KernelChoice()  # both built on sm_90
 
 
 def test_unsupported_problems_are_declined():
@@ -98,13 +100,3 @@ def test_split_rule_weighs_idle_slots_against_partials():
     assert w4a16_wgmma.split_for(112, 14, 132, 256) == (14, 1)
     assert w4a16_wgmma.split_for(1, 1, 132, 256) == (1, 1)
 
-
-@pytest.mark.parametrize("mma, wgmma, want", [(None, None, (True, True)), ("0", None, (False, False)),
-                                               (None, "0", (True, False)), ("1", "1", (True, True))])
-def test_switches(monkeypatch, mma, wgmma, want):
-    for name, value in (("STRATA_W4A16_MMA", mma), ("STRATA_W4A16_WGMMA", wgmma)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    assert (w4a16_mma.enabled(), w4a16_wgmma.enabled()) == want

@@ -227,3 +227,21 @@ def test_a_run_plan_admits_only_groups_of_its_kv_bits(tmp_path):
         assert "the run plan's KV cache is at 8 bits" in e.value.details()
     finally:
         assert server.stop() == 0
+
+
+def test_the_run_plan_s_kernel_macros_build_the_attention_kernel(monkeypatch):
+    """The KV store's attention kernel is built with the plan's kv_kernel_defines (bench
+    configuration), none without a plan."""
+    from kv_store import server
+    from strata.config import KVStoreConfig
+    from strata.run_plan import RunPlan
+
+    asked = []
+    monkeypatch.setattr(server.NativeDecodeAttention, "create",
+                        classmethod(lambda cls, threads, defines=(): asked.append(defines)))
+    plan = RunPlan(num_layers=2, kv_home="kv_store", kv_kernel_defines={"PF_TOKENS": 0, "PF_HINT": 2})
+    for p in (plan, None):
+        s = server.KVStoreServicer(KVStoreConfig(listen="unix:///unused", session="s", capacity_bytes=CAPACITY,
+                                                 preallocate=False, plan=p))
+        s.close()
+    assert asked == [(("PF_HINT", 2), ("PF_TOKENS", 0)), ()]

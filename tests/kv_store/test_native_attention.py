@@ -238,3 +238,47 @@ def test_quantized_kernel_keeps_tiny_and_zero_queries_finite(kernel):
         want = _quantized_reference(q.to(torch.bfloat16), parts, None, 128**-0.5, fmt)
         assert torch.isfinite(got).all()
         assert (got.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+def test_prefetch_macros_come_from_the_caller_and_are_their_own_build(tmp_path, monkeypatch):
+    """The run plan's kv_kernel_defines reach the compiler as -D flags, each set its own
+    library in the cache; unknown macros or values out of range are refused; the
+    environment is not read for them."""
+    monkeypatch.setenv("STRATA_KV_CFLAGS", "-DPF_TOKENS=8")  # the old switch: no effect
+    asked = []
+
+    def no_compiler(out, command, timeout):
+        asked.append((out, command("tmp")))
+        raise OSError("no compiler in this test")
+
+    monkeypatch.setattr(native, "compile_once", no_compiler)
+    assert native.build(tmp_path) is None
+    assert native.build(tmp_path, {"PF_TOKENS": 0, "PF_HINT": 2}) is None
+    assert native.build(tmp_path, (("PF_HINT", 2), ("PF_TOKENS", 0))) is None
+    (plain, plain_cmd), (pf, pf_cmd), (pairs, _) = asked
+    assert not any(f.startswith("-D") for f in plain_cmd)
+    assert [f for f in pf_cmd if f.startswith("-D")] == ["-DPF_HINT=2", "-DPF_TOKENS=0"]
+    assert plain != pf and pf == pairs
+    from strata.errors import StrataError
+
+    with pytest.raises(StrataError, match="kv_kernel_defines has 'PF_FAR'"):
+        native.flags({"PF_FAR": 1})
+    with pytest.raises(StrataError, match="PF_HINT must be a whole number from 0 to 3"):
+        native.flags({"PF_HINT": 4})
+
+
+def test_a_kernel_built_without_prefetch_gives_the_same_attention(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
+    k = native.NativeDecodeAttention.create(threads=2, defines={"PF_TOKENS": 0, "PF_NEXT_ROW": 0})
+    if k is None:
+        pytest.skip("no C compiler on this machine")
+    try:
+        assert len(list((tmp_path / "native").glob("*.so"))) == 1
+        gen = torch.Generator().manual_seed(2)
+        q = torch.randn(3, 4, 1, 64, generator=gen).to(torch.bfloat16)
+        keys, values = (torch.randn(3, 4, 70, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+        got = k(q, keys, values, None, 0.125)
+        want = reference(q, keys, values, None, 0.125)
+        assert torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
+    finally:
+        k.close()

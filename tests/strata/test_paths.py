@@ -1,19 +1,34 @@
-"""strata/paths.py: one cache root, $STRATA_CACHE (default ~/.cache/strata), a folder per
-kind, and the kernel builders write under it."""
+"""strata/paths.py: one cache root, $STRATA_CACHE (default $XDG_CACHE_HOME/strata, else
+~/.cache/strata), a folder per kind, and the kernel builders and the hardware profile
+write under it."""
 
 import pytest
 
 from strata import paths
 
 
-def test_the_root_is_strata_cache_else_home_cache_strata(monkeypatch, tmp_path):
+def test_the_root_is_strata_cache_else_xdg_cache_home_else_home_cache_strata(monkeypatch, tmp_path):
     monkeypatch.delenv("STRATA_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert paths.cache_root() == tmp_path / "home" / ".cache" / "strata"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert paths.cache_root() == tmp_path / "xdg" / "strata"
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "c"))
     assert paths.cache_root() == tmp_path / "c"
     monkeypatch.setenv("STRATA_CACHE", "")  # empty: as if unset
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
     assert paths.cache_root() == tmp_path / "home" / ".cache" / "strata"
+
+
+def test_the_hardware_profile_is_at_the_root(monkeypatch, tmp_path):
+    import socket
+
+    from strata import hardware
+
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
+    assert hardware.default_path() == tmp_path / f"profile-{socket.gethostname()}.json"
+    assert hardware.default_path(tmp_path / "elsewhere").parent == tmp_path / "elsewhere"
 
 
 def test_each_kind_has_its_folder_under_the_root_and_others_are_refused(monkeypatch, tmp_path):

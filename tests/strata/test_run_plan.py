@@ -1,6 +1,7 @@
 """The run plan alone (no torch, no grpc): JSON round trip, and each field checked once,
 when a plan is made or read, with an error naming the field."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pathlib
 import pytest
 
 from strata.errors import ErrorKind, StrataError
-from strata.run_plan import RunPlan
+from strata.run_plan import RunPlan, parse_kv_kernel_defines
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -17,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def full_plan() -> RunPlan:
     return RunPlan(num_layers=12, resident_layers=(0, 4, 8), disk_layers=(10, 11), kv_home="kv_store", kv_bits=4,
                    kv_group_size=64, micro_batches=2, max_batch=6, max_seq_len=40, max_queue=9, dtype="bfloat16",
-                   decode_graphs=False)
+                   decode_graphs=False, w4a16_wgmma=False, w4a16_mma=True,
+                   kv_kernel_defines={"PF_TOKENS": 0, "PF_HINT": 2})
 
 
 def test_a_plan_survives_its_json_and_a_file(tmp_path):
@@ -25,7 +27,27 @@ def test_a_plan_survives_its_json_and_a_file(tmp_path):
     assert RunPlan.from_json(plan.to_json()) == plan
     plan.save(tmp_path / "plan.json")
     assert RunPlan.load(tmp_path / "plan.json") == plan
-    assert json.loads((tmp_path / "plan.json").read_text())["resident_layers"] == [0, 4, 8]
+    on_disk = json.loads((tmp_path / "plan.json").read_text())
+    assert on_disk["resident_layers"] == [0, 4, 8]
+    assert on_disk["kv_kernel_defines"] == {"PF_HINT": 2, "PF_TOKENS": 0} and on_disk["w4a16_wgmma"] is False
+
+
+def test_kernels_default_to_all_allowed_and_the_sources_macros():
+    plan = RunPlan(num_layers=2)
+    assert plan.w4a16_wgmma and plan.w4a16_mma and plan.kv_kernel_defines == ()
+    assert RunPlan.from_dict({"num_layers": 2}) == plan  # a plan written before these fields reads the same
+    assert full_plan().kv_kernel_defines == (("PF_HINT", 2), ("PF_TOKENS", 0))  # sorted pairs: hashable
+    assert hash(full_plan()) == hash(RunPlan.from_json(full_plan().to_json()))
+
+
+def test_kv_kernel_defines_from_a_command_line():
+    assert parse_kv_kernel_defines("PF_TOKENS=0 PF_HINT=2") == {"PF_TOKENS": 0, "PF_HINT": 2}
+    assert parse_kv_kernel_defines("-DPF_TOKENS=32,-DPF_NEXT_ROW=1") == {"PF_TOKENS": 32, "PF_NEXT_ROW": 1}
+    assert parse_kv_kernel_defines("") == {}
+    for bad, words in (("PF_TOKENS", "not NAME=VALUE"), ("-O2", "not NAME=VALUE"), ("PF_FAR=1", "not one of"),
+                       ("PF_HINT=9", "from 0 to 3")):
+        with pytest.raises(argparse.ArgumentTypeError, match=words):
+            parse_kv_kernel_defines(bad)
 
 
 def test_layer_lists_are_kept_sorted_as_tuples():
@@ -57,6 +79,13 @@ def test_a_share_becomes_layers_spread_through_the_model():
     ("max_queue", None, "whole number >= 0"),
     ("dtype", "float8", "must be one of"),
     ("decode_graphs", 1, "true or false"),
+    ("w4a16_wgmma", "0", "true or false"),
+    ("w4a16_mma", None, "true or false"),
+    ("kv_kernel_defines", "-DPF_TOKENS=0", "object of macro names"),
+    ("kv_kernel_defines", {"PF_FAR": 1}, "not one of"),
+    ("kv_kernel_defines", {"PF_TOKENS": -1}, "whole number from 0"),
+    ("kv_kernel_defines", {"PF_NEXT_ROW": True}, "whole number from 0 to 1"),
+    ("kv_kernel_defines", [["PF_HINT", 1], ["PF_HINT", 2]], "repeats macros"),
 ])
 def test_each_bad_field_is_refused_by_name(field, value, words):
     good = full_plan().to_dict()
