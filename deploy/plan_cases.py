@@ -27,7 +27,8 @@ CASES = (
     Case("T1 INT4 KV", "facebook/opt-30b", True, 4, "OPT-30B INT4, every KV in the KV store, INT4 cache"),
     Case("T2", "facebook/opt-30b", None, 16, "OPT-30B INT4, placement chosen freely"),
     Case("T3", "facebook/opt-175b", None, None, "OPT-175B INT4, placement chosen freely (--kv-bits auto)"),
-    Case("T4", "meta-llama/Llama-3.1-405B", None, 16, "Llama-3.1-405B INT4, larger than the GPU"),
+    Case("T4", "meta-llama/Llama-3.1-405B", None, None,
+         "Llama-3.1-405B INT4, larger than the GPU, placement chosen freely (--kv-bits auto)"),
 )
 PROMPT_LEN, GEN_LEN = 512, 32
 
@@ -59,7 +60,7 @@ def cases_main(a) -> int:
     t = Table(title=f"DESIGN.md's cases on {profile.machine} (profile {profile.measured_at[:10]}: {where}), "
                     f"prompt {PROMPT_LEN}, gen {GEN_LEN}")
     for col in ("case", "model", "layers GPU/host/disk", "KV", "µb", "batch", "prefill s", "decode s", "tok/s",
-                "bound: prefill / decode", "peak GiB", "GPU GiB"):
+                "bound: prefill / decode", "peak GiB", "GPU GiB", "host GiB"):
         t.add_column(col, justify="left" if col in ("case", "model", "KV", "bound: prefill / decode") else "right",
                      no_wrap=True)
     for r in reports:
@@ -68,7 +69,8 @@ def cases_main(a) -> int:
                   f"{'host' if pl['kv_on_host'] else 'GPU'} {pl['kv_bits']}-bit", str(pl["micro_batches"]),
                   str(pl["batch_size"]), f"{r['prefill_s']:.2f}", f"{r['decode_s']:.2f}",
                   f"{r['total_tokens_per_s']:.1f}", f"{r['prefill_binding']} / {r['decode_binding']}",
-                  f"{r['gpu_peak_allocated_bytes'] / GIB:.1f}", f"{r['gpu_bytes_needed'] / GIB:.1f}")
+                  f"{r['gpu_peak_allocated_bytes'] / GIB:.1f}", f"{r['gpu_bytes_needed'] / GIB:.1f}",
+                  f"{r['host_bytes_needed'] / GIB:.1f}")
     out = Console()
     out = out if out.is_terminal else Console(width=200)
     out.print(t)

@@ -31,6 +31,7 @@ from strata.placement import FUSED_INT4_MAX_ROWS
 
 GIB = 1 << 30
 HOST_HEADROOM = mm.HOST_HEADROOM
+HOST_OS_RESERVE = mm.HOST_OS_RESERVE
 RPC_OVERHEAD_S = 1.5e-3  # per layer, KV in the KV store: the Attend round trip left exposed (run 21, 1.4-1.6 ms)
 # The KV store's own cost per Attend call, serial with its attention (request handling,
 # the threads' start, the mask): what makes more micro-batches slower with KV in the KV
@@ -117,7 +118,7 @@ class WeightBytes:
     # one buffer, which the packed q, k, v merged for the fused decode kernel do not free
     # (compute_node/weights.py dummy_layer_on_device, layer_weights.merge_qkv)
     resident_extra: float = 0.0
-    dummy: bool = False  # `--dummy`: resident layers made on the GPU, never read through staging slots
+    dummy: bool = False  # `--dummy`: resident layers made on the GPU where no layer is on disk (memory_shape)
 
     @property
     def total(self) -> float:
@@ -285,13 +286,19 @@ def _decode(dims, wb, w: Workload, pl, p) -> tuple[tuple[float, ...], float, dic
 
 def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> mm.Shape:
     resident, host_n, disk_n = pl.layer_counts(dims.num_layers)
+    # `--dummy` resident layers are made on the GPU (one buffer each, their q/k/v bytes
+    # kept: resident_extra) only where no layer is on disk: with a disk tier the bench
+    # runs a dummy directory (deploy/bench.py _offload_dir), whose resident layers are
+    # read once through the staging slots, a buffer per part, like a converted model's
+    made_on_gpu = wb.dummy and not disk_n
     return mm.Shape(
         batch=pl.batch_size, micro_batches=pl.micro_batches, prompt_len=w.prompt_len, gen_len=w.gen_len,
         resident=resident, host_layers=host_n, disk_layers=disk_n, kv_on_host=pl.kv_on_host, kv_bits=pl.kv_bits,
         kv_token_layer_bytes=kv_bytes_per_token_layer(dims, pl.kv_bits, pl.kv_group),
         kv_token_layer_bf16=kv_bytes_per_token_layer(dims, 16), quant_bits=pl.quant_bits, layer_bytes=wb.layer,
-        other_bytes=wb.other, dense_layer_bytes=2 * wb.layer_params, resident_extra=wb.resident_extra,
-        resident_from_files=not wb.dummy,
+        other_bytes=wb.other, dense_layer_bytes=2 * wb.layer_params,
+        resident_extra=wb.resident_extra if made_on_gpu else 0.0,
+        resident_from_files=not made_on_gpu,
     )
 
 

@@ -28,7 +28,8 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
 
 Host: the weight store's tier (every layer neither resident on the GPU nor on disk,
 embeddings and head), staging slots where some layer is read from disk, the KV store's
-cache with its spare, and HOST_HEADROOM for the processes themselves.
+cache with its spare, HOST_HEADROOM for the processes themselves, and HOST_OS_RESERVE
+left to the operating system (a profile's host_bytes is the machine's whole RAM).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ ALLOCATOR_RESERVE_SHARE = 0.10
 # and torch runtimes, exchange buffers), and the spare the KV store's ledger keeps: 12.2
 # GiB at T1, B=150, with 104.9 GiB of KV (run 8); 2.3 GB with no KV store (run 10).
 HOST_HEADROOM = 7 * GIB
+# Host memory left to the operating system beyond the processes (the kernel, its page
+# tables over the mapped and pinned tiers, the page cache the disk tier reads through,
+# the machine's own daemons): a profile's host_bytes is the whole RAM. T1 on the H200
+# (B=159, run 86) peaked at 123.8 of 125.9 GiB.
+HOST_OS_RESERVE = 2 * GIB
 KV_STORE_SPARE_SHARE = 0.05
 # Quantizing a key or value element into a GPU cache (strata/quant.py): a contiguous bf16
 # copy, float32 groups, the shifted and the scaled values alive at once.
@@ -239,6 +245,7 @@ def host(s: Shape, total_weight_bytes: float) -> dict[str, float]:
         "KV": kv,
         "KV store spare": KV_STORE_SPARE_SHARE * kv,
         "headroom": HOST_HEADROOM,
+        "OS reserve": HOST_OS_RESERVE,
     }
 
 

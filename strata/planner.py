@@ -4,7 +4,7 @@ No torch, no grpc.
 
 Grid: quantization bits (fixed, or 4/8/16), GPU weight share in steps of one layer,
 KV on the GPU or in the KV store, KV precision (16 unless the user allows 8/4: a
-lossy cache is the user's call), 1/2/4/8 micro-batches, batch sizes (powers of two,
+lossy cache is the user's call), 1/2/4/8/16 micro-batches, batch sizes (powers of two,
 1.5x powers of two, and the largest that fits). For a given rest of the placement,
 more resident layers never predict a slower run (the cost model's monotonicity,
 tested), so only the largest share that fits is predicted for each combination."""
@@ -19,7 +19,7 @@ from strata.arch import ModelDims
 from strata.errors import ErrorKind, StrataError
 from strata.hardware import HardwareProfile
 
-MICRO_BATCHES = (1, 2, 4, 8)
+MICRO_BATCHES = (1, 2, 4, 8, 16)
 QUANT_BITS = (4, 8, 16)
 KV_BITS = (16, 8, 4)
 MAX_BATCH = 256  # the compute node's default batch limit (strata/config.py)
@@ -78,13 +78,13 @@ def _shares(dims: ModelDims, fixed: Fixed) -> list[float]:
     return [k / L for k in range(L + 1)]
 
 
-def _largest_share(dims, wb, w, pl: cm.Placement, profile, shares: list[float], host: bool = True) -> float | None:
-    """The largest share that fits (`host` False: the GPU alone). GPU memory grows with
-    the share and host memory shrinks (resident layers are not held by the weight store),
-    so the shares that fit form a range that need not start at 0: scanned from the top."""
+def _largest_share(dims, wb, w, pl: cm.Placement, profile, shares: list[float]) -> float | None:
+    """The largest share that fits. GPU memory grows with the share and host memory
+    shrinks (resident layers are not held by the weight store), so the shares that fit
+    form a range that need not start at 0: scanned from the top."""
     usable = [s for s in shares if s + pl.disk_weight_share <= 1.0 + 1e-9]
     for share in reversed(usable):
-        if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile, host):
+        if _fits(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile):
             return share
     return None
 
@@ -110,13 +110,28 @@ def _most_batch(dims, wb, w, pl: cm.Placement, profile, shares: list[float], lim
     return max((b for b in fits if b), default=None)
 
 
+def _largest_share_with_disk(dims, wb, w, pl: cm.Placement, profile, shares: list[float]) -> float | None:
+    """The largest share that fits the GPU with some streamed layer on disk. GPU memory
+    is the same for any number of disk layers from one up (the count only moves bytes
+    between host memory and disk), but may differ from none: `--dummy` resident layers
+    are made on the GPU only where nothing is on disk (cost_model.memory_shape)."""
+    L = dims.num_layers
+    for share in reversed(shares):
+        resident = round(share * L)
+        if resident < L and _fits(dims, wb, w, dataclasses.replace(
+                pl, gpu_weight_share=share, disk_weight_share=(L - resident) / L), profile, host=False):
+            return share
+    return None
+
+
 def _least_disk(dims, wb, w, pl: cm.Placement, profile) -> float | None:
-    """The smallest share of layers kept on disk (whole layers, of those not resident)
-    with which host memory fits; None if not even every streamed layer on disk does."""
+    """The smallest share of layers kept on disk (whole layers, at least one, of those
+    not resident) with which the placement fits; None if not even every streamed layer
+    on disk does."""
     L = dims.num_layers
     resident = pl.layer_counts(L)[0]
-    for k in range(L - resident + 1):
-        if cm.fits(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L), profile, gpu=False):
+    for k in range(1, L - resident + 1):
+        if cm.fits(dims, wb, w, dataclasses.replace(pl, disk_weight_share=k / L), profile):
             return k / L
     return None
 
@@ -159,10 +174,10 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
                         if share is not None:
                             yield wb, dataclasses.replace(pl, gpu_weight_share=share)
                             continue
-                        # else as many layers resident as the GPU holds (the disk share does not
-                        # change GPU memory), and the fewest on disk that host memory needs there:
-                        # fewer resident layers would only put more on disk
-                        share = _largest_share(dims, wb, w, pl, profile, shares, host=False)
+                        # else as many layers resident as the GPU holds with layers on disk, and
+                        # the fewest on disk that host memory needs there: fewer resident layers
+                        # would only put more on disk
+                        share = _largest_share_with_disk(dims, wb, w, pl, profile, shares)
                         if share is None:
                             continue
                         disk = _least_disk(dims, wb, w, dataclasses.replace(pl, gpu_weight_share=share), profile)

@@ -144,6 +144,35 @@ def test_plan_cases_predicts_each_design_case_with_its_bench_command():
         assert c["bench_command"].startswith(f"strata bench --model {c['model']} --dummy --prompt-len 512")
         assert f"--profile {H200}" in c["bench_command"]
     assert "--kv-offload" in cases["T1"]["bench_command"] and "--kv-bits auto" in cases["T3"]["bench_command"]
+    # T4 leaves the cache's precision to the planner (a 16-bit cache pinned there took the
+    # GPU memory of resident layers: 12/63/51 layers, 4.1 tokens/s)
+    t4 = cases["T4"]
+    assert "--kv-bits auto" in t4["bench_command"] and t4["placement"]["kv_bits"] < 16
+    assert t4["layers"]["disk"] < 51 and t4["total_tokens_per_s"] > 2 * 4.12
+    assert t4["host_bytes_needed"] <= t4["profile"]["host_bytes"]
+
+
+def test_plan_cases_t4_bench_command_parses_and_plans_the_table_row(monkeypatch):
+    """The T4 bench line under the table, as `strata bench` parses it, plans the row's
+    placement (disk space for the dummy disk layers taken as ample)."""
+    import shlex
+
+    from deploy import bench, cli, serve_plan
+    from deploy.plan_cases import CASES, case_report
+    from deploy.plan_cli import load_profile
+
+    profile, where = load_profile(str(H200))
+    row = case_report(next(c for c in CASES if c.name == "T4"), profile, where)
+    ns = cli.build_parser().parse_args(shlex.split(row["bench_command"])[1:])
+    assert ns.model == "meta-llama/Llama-3.1-405B" and ns.dummy and ns.kv_bits is None
+    assert not serve_plan.pinned(ns)
+    monkeypatch.setattr(bench, "_disk_layers_room", lambda ns, layer_bytes: None)
+    fields, predicted = bench.planned(ns)
+    pl = row["placement"]
+    assert fields == {"gpu_weight_share": pytest.approx(pl["gpu_weight_share"]), "kv_offload": pl["kv_on_host"],
+                      "micro_batches": pl["micro_batches"], "batch_size": pl["batch_size"],
+                      "kv_bits": pl["kv_bits"], "disk_layers": row["layers"]["disk"]}
+    assert predicted["total_tokens_per_s"] == pytest.approx(row["total_tokens_per_s"], rel=1e-3)
 
 
 def test_plan_without_a_model_or_cases_is_a_clear_error():

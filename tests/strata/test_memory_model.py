@@ -175,3 +175,20 @@ def test_llama_3_1_405b_plans_layers_on_the_gpu_in_host_memory_and_on_disk(h200)
     assert got.prediction.fits(h200) and got.prediction.decode_binding == "NVMe weights"
     fewer = dataclasses.replace(got.placement, disk_weight_share=(disk - 1) / dims.num_layers)
     assert not cm.fits(dims, wb, W, fewer, h200)  # one layer fewer on disk: host memory short
+
+
+def test_host_memory_leaves_the_os_its_reserve(h200):
+    """A profile's host_bytes is the machine's whole RAM: the plan leaves HOST_OS_RESERVE
+    to the kernel and the system beyond what the processes hold. T1 at B=159 ran on the
+    H200 (run 86) with the processes at 123.8 GiB of 125.9: the model covers that peak,
+    and with the reserve T1's planned batch stays within a few sequences of it."""
+    dims, wb = dummy("facebook/opt-30b")
+    _, host = cm.memory(dims, wb, W, cm.Placement(1.0, True, 2, 159), h200.gpu_bytes)
+    assert host["OS reserve"] == memory_model.HOST_OS_RESERVE >= 2 * GIB
+    assert sum(host.values()) - host["OS reserve"] >= 123.8 * GIB
+    t1 = planner.plan(dims, lambda bits: wb, W, h200, planner.Fixed(kv_on_host=True, quant_bits=4))
+    assert 152 <= t1.placement.batch_size < 159
+    for kv in (None, True):  # every plan leaves it
+        got = planner.plan(dims, lambda bits: wb, W, h200, planner.Fixed(kv_on_host=kv, quant_bits=4))
+        assert got.prediction.host_bytes_needed <= h200.host_bytes
+        assert got.prediction.host_breakdown["OS reserve"] == memory_model.HOST_OS_RESERVE

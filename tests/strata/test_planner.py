@@ -183,3 +183,74 @@ def test_disk_share_left_to_the_planner_keeps_layers_off_disk_where_they_fit(h10
         no_disk = planner.plan(dims, wbf, w, h100, planner.Fixed(kv_on_host=kv, quant_bits=4))
         auto = planner.plan(dims, wbf, w, h100, planner.Fixed(kv_on_host=kv, quant_bits=4, disk_weight_share=None))
         assert auto.placement == no_disk.placement
+
+
+H200 = pathlib.Path(__file__).parents[2] / "bench" / "profiles" / "nvidia-h200.json"
+
+
+def _t4():
+    """T4 as `strata plan --cases` plans it: Llama-3.1-405B's --dummy INT4 weights (groups
+    of 64), prompt 512, gen 32, on the measured H200 profile, the planner free to put KV
+    on the GPU or in the KV store at any precision and layers on disk where it must."""
+    dims = dims_for(shapes.config_for("meta-llama/Llama-3.1-405B"))
+    wbf = lambda bits: cm.estimate_weight_bytes(dims, bits, 64, dummy=True)  # noqa: E731
+    w = cm.Workload(prompt_len=512, gen_len=32)
+    fixed = planner.Fixed(quant_bits=4, kv_bits=None, disk_weight_share=None)
+    return dims, wbf, w, hardware.load(H200), fixed
+
+
+def test_t4_on_the_h200_fits_and_beats_the_old_disk_bound_plan():
+    """Issue 20: the planner chose 12/63/51 layers GPU/host/disk with a 16-bit GPU cache at
+    B=256 (4.1 tokens/s, 51 layers re-read from a 1.57 GB/s disk every step): the KV pinned
+    at 16 bits took GPU memory from resident layers, and --dummy resident layers were
+    charged their q/k/v bytes made on the GPU although a run with a disk tier reads them
+    from files. Now: a quantized GPU cache, as many resident layers as the GPU holds, the
+    fewest on disk that host memory needs, and more than twice the old prediction."""
+    dims, wbf, w, h200, fixed = _t4()
+    L, wb = dims.num_layers, wbf(4)
+    got = planner.plan(dims, wbf, w, h200, fixed)
+    pl, pred = got.placement, got.prediction
+    resident, host_n, disk_n = pl.layer_counts(L)
+    assert cm.fits(dims, wb, w, pl, h200) and pred.fits(h200)
+    assert pred.gpu_bytes_needed <= h200.gpu_bytes and pred.host_bytes_needed <= h200.host_bytes
+    old = cm.predict(dims, wb, w, cm.Placement(12 / L, False, 8, 256, 4, 51 / L, 16), h200)
+    assert pred.total_tokens_per_s > 2 * old.total_tokens_per_s
+    assert disk_n < 51 and resident > 12 and not pl.kv_on_host and pl.kv_bits < 16
+    # a disk tier: the bench runs a dummy directory, resident layers read from its files
+    assert disk_n and "resident q/k/v copies" not in pred.gpu_breakdown
+    # the fewest disk layers: one fewer does not fit host memory; one more resident
+    # layer does not fit the GPU
+    fewer = dataclasses.replace(pl, disk_weight_share=(disk_n - 1) / L)
+    assert not cm.fits(dims, wb, w, fewer, h200, gpu=False)
+    more = dataclasses.replace(pl, gpu_weight_share=(resident + 1) / L, disk_weight_share=(disk_n - 1) / L)
+    assert not cm.fits(dims, wb, w, more, h200, host=False)
+
+
+def test_t4_on_the_h200_is_the_best_placement_that_fits():
+    """Every (KV place and bits, micro-batches, batch in steps of 16), with no layer on
+    disk and with some: the most resident layers that fit the GPU, then the fewest on disk
+    that fit host memory (more resident layers never predict slower). The planner's choice
+    is at least as fast as the best of them."""
+    dims, wbf, w, h200, fixed = _t4()
+    L, wb = dims.num_layers, wbf(4)
+    got = planner.plan(dims, wbf, w, h200, fixed).prediction.total_tokens_per_s
+
+    def most_resident(kv, kv_bits, m, b, on_disk: bool) -> int | None:
+        for r in range(L - on_disk, -1, -1):
+            pl = cm.Placement(r / L, kv, m, b, 4, (L - r) / L if on_disk else 0.0, kv_bits)
+            if cm.fits(dims, wb, w, pl, h200, host=False):
+                return r
+        return None
+
+    best = 0.0
+    for (kv, kv_bits), m in itertools.product([(False, 16), (False, 8), (False, 4), (True, 4)],
+                                              planner.MICRO_BATCHES):
+        for b in range(max(m, 16), planner.MAX_BATCH + 1, 16):
+            for on_disk in (False, True):
+                r = most_resident(kv, kv_bits, m, b, on_disk)
+                for d in ([0] if not on_disk else range(1, L - r + 1)) if r is not None else []:
+                    pl = cm.Placement(r / L, kv, m, b, 4, d / L, kv_bits)
+                    if cm.fits(dims, wb, w, pl, h200):
+                        best = max(best, cm.predict(dims, wb, w, pl, h200).total_tokens_per_s)
+                        break
+    assert best > 0 and got >= best * (1 - 1e-9)
