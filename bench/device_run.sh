@@ -28,9 +28,9 @@ for step in "$@"; do
     t1p) bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     w4tests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_w4a16_wgmma.py tests/compute_node/test_w4a16_mma.py > "$OUT/w4tests.txt" 2>&1; tail -25 "$OUT/w4tests.txt";;
     t2short) bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json} --warmup short;;
-    t1nopf) STRATA_KV_CFLAGS=-DPF_TOKENS=0 bench --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
+    t1nopf) bench --kv-kernel-defines PF_TOKENS=0 --model facebook/opt-30b --dummy --kv-offload --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     graphtests) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/compute_node/test_slot_graphs.py tests/compute_node/test_scheduler_in_process.py "tests/deploy/test_serve_generate.py::test_a_call_cancelled_mid_stream_leaves_the_server_serving_the_same_shapes" > "$OUT/graphtests.txt" 2>&1; tail -4 "$OUT/graphtests.txt";;
-    t2mma) STRATA_W4A16_WGMMA=0 bench --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
+    t2mma) bench --w4a16-kernels mma --model facebook/opt-30b --dummy --profile ${PROFILE:-bench/profiles/nvidia-h200.json};;
     cudatests) STRATA_TEST_DEVICE=cuda timeout ${CT_TIMEOUT:-560} python3 -m pytest -q tests/compute_node tests/kv_store/test_native_attention.py tests/deploy/test_serve_generate.py 2>&1 | tail -4;;
     t1b) bench --model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 ${T1_FLAGS:-};;
     w4grid) python3 bench/bench_w4a16.py --grid --ms ${W4_MS:-64} --shapes ${W4_SHAPES:-7168x7168,21504x7168,28672x7168,7168x28672} --grid-log "$OUT/w4grid.jsonl" ${W4_KNOBS:+--grid-knobs "$W4_KNOBS"} > "$OUT/w4grid.txt" 2>"$OUT/w4grid.err"; tail -6 "$OUT/w4grid.txt";;

@@ -21,7 +21,7 @@ from deploy import bench_batch, bench_clients, serve_plan
 from strata.errors import ErrorKind, StrataError
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
-from strata import floor as fl
+from strata import floor as fl, paths
 from strata.arch import dims_for
 from strata.cost_model import kv_bytes_per_token_layer
 from strata.manifest import Manifest, layer_shard
@@ -53,6 +53,8 @@ class BenchArgs:
     kv_attention: str = "native"  # KV store decode attention kernel
     decode_graphs: bool = True  # compute node replays decode steps as CUDA graphs where it can
     clients: object = None  # deploy.bench_clients.ClientLoad: also N concurrent single-prompt clients
+    w4a16_kernels: str = "auto"  # auto | wgmma | mma | triton: deploy/bench_cli.py's --w4a16-kernels
+    kv_kernel_defines: dict = dataclasses.field(default_factory=dict)  # the KV store kernel's macros
     batch_requests: int = 0  # also this many requests through `strata batch` (deploy/bench_batch.py)
     profile: object = None  # strata.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
     profile_path: str = ""
@@ -121,7 +123,9 @@ def _run_plan(a: BenchArgs, m: Manifest) -> RunPlan:
         m, gpu_weight_share=a.gpu_weight_share, disk_layers=a.disk_layers, disk_offload=a.disk_offload,
         host_budget_bytes=int(a.host_budget_gb * 2**30), kv_offload=a.kv_offload, kv_bits=a.kv_bits,
         micro_batches=a.micro_batches, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
-        max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0, decode_graphs=a.decode_graphs)
+        max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0, decode_graphs=a.decode_graphs,
+        w4a16_wgmma=a.w4a16_kernels in ("auto", "wgmma"), w4a16_mma=a.w4a16_kernels in ("auto", "mma"),
+        kv_kernel_defines=a.kv_kernel_defines)
 
 
 def _disk_bytes_per_pass(plan: RunPlan, m: Manifest) -> tuple[int, float]:
@@ -130,7 +134,7 @@ def _disk_bytes_per_pass(plan: RunPlan, m: Manifest) -> tuple[int, float]:
 
 
 def _offload_base(offload_dir: str) -> pathlib.Path:
-    return pathlib.Path(offload_dir or os.environ.get("STRATA_CACHE", pathlib.Path.home() / ".cache" / "strata"))
+    return pathlib.Path(offload_dir) if offload_dir else paths.cache_root()
 
 
 def _offload_dir(a: BenchArgs, plan: RunPlan) -> str:
@@ -452,7 +456,8 @@ def main(ns) -> int:
         disk_offload=ns.disk_offload, host_budget_gb=ns.host_budget_gb, offload_dir=ns.offload_dir,
         disk_read_gbps=ns.disk_read_gbps, kv_bits=fields["kv_bits"], disk_layers=fields["disk_layers"],
         kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,
-        clients=_client_load(ns), batch_requests=ns.batch_requests, profile=profile, profile_path=profile_path,
+        clients=_client_load(ns), batch_requests=ns.batch_requests,
+        w4a16_kernels=ns.w4a16_kernels, kv_kernel_defines=ns.kv_kernel_defines, profile=profile, profile_path=profile_path,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

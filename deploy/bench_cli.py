@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deploy.plan_cli import KV_BITS_HELP, kv_bits_arg
+from strata.run_plan import parse_kv_kernel_defines
 
 
 def add_bench_parser(sub) -> None:
@@ -41,6 +42,11 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--kv-attention", choices=["native", "sdpa"], default="native",
                    help="KV store decode attention: its own kernel or PyTorch SDPA")
     b.add_argument("--no-decode-graphs", action="store_true", help="decode eagerly, without CUDA graph replay")
+    b.add_argument("--w4a16-kernels", choices=["auto", "wgmma", "mma", "triton"], default="auto",
+                   help="CUDA W4A16 kernels the compute node may run for decode's INT4 matmuls (auto: every one "
+                        "built for the GPU; triton: neither)")
+    b.add_argument("--kv-kernel-defines", type=parse_kv_kernel_defines, default={}, metavar="'PF_TOKENS=0 PF_HINT=2'",
+                   help="the KV store attention kernel's prefetch macros (an experiment; default: the kernel's own)")
     b.add_argument("--json", action="store_true", help="no progress bar; only the JSON line")
     b.add_argument("--warmup", choices=["auto", "short", "none"], default="auto",
                    help="the request before the timed one: short (= auto) is 8-token prompts of the timed batch "

@@ -6,7 +6,6 @@ tokens/s, and stops."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import time
 
@@ -15,8 +14,9 @@ NEW_TOKENS = 24
 
 
 def cache_dir() -> pathlib.Path:
-    base = os.environ.get("STRATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "strata")
-    return pathlib.Path(base) / "demo"
+    from strata import paths
+
+    return paths.cache_dir("demo")
 
 
 def run(args) -> int:

@@ -24,6 +24,7 @@ import torch
 from kv_store.attention import GroupCache, GroupSpec
 from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, kv_format
+from strata.run_plan import parse_kv_kernel_defines
 from strata.shm import torch_dtype
 
 WARMUP = 3
@@ -72,14 +73,15 @@ def _timed_steps(cache: GroupCache, tokens: int, steps: int) -> tuple[float, flo
 
 def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, threads: int, steps: int = 20,
           kv_bits: int = 16, kv_group: int = 0, dram: float | None = None, attention: str = "native",
-          layers: int = 1) -> dict:
+          layers: int = 1, defines: dict | None = None) -> dict:
     """Time `attend` on a cache holding `tokens` tokens stored at `kv_bits`; GB/s of
     K+V read per step. `dram`: GB/s measured already in this run (default: measure).
     `attention`: "native" (the KV store's kernel where it applies, as the service runs
-    it) or "sdpa"."""
+    it) or "sdpa". `defines`: the kernel's prefetch macros (strata/run_plan.py's
+    kv_kernel_defines)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    kernel = NativeDecodeAttention.create(threads or torch.get_num_threads()) if attention == "native" else None
+    kernel = NativeDecodeAttention.create(threads or torch.get_num_threads(), defines or {}) if attention == "native" else None
     spec = GroupSpec(
         num_layers=layers, batch=batch, num_heads=heads, head_dim=head_dim, max_tokens=tokens + WARMUP + steps,
         dtype=torch_dtype(dtype), scale=head_dim**-0.5, kv_bits=kv_bits, kv_group_size=kv_group,
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="quantization group on head_dim; 0 = 64 where that divides head_dim (the service's)")
     p.add_argument("--dram-bytes", type=int, default=1 << 30, help="bytes summed to measure DRAM read bandwidth")
     p.add_argument("--attention", choices=["native", "sdpa"], default="native")
+    p.add_argument("--kv-kernel-defines", type=parse_kv_kernel_defines, default={}, metavar="'PF_TOKENS=0 PF_HINT=2'",
+                   help="the native kernel's prefetch macros")
     a = p.parse_args(argv)
     bits = [int(b) for b in a.kv_bits.split(",")]
     if a.threads > 0:
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     dram = dram_read_gbps(a.dram_bytes)
     for b in bits:
         row = bench(a.batch, a.heads, a.head_dim, a.tokens, a.dtype, a.threads, a.steps, b, a.kv_group, dram,
-                    a.attention, a.layers)
+                    a.attention, a.layers, a.kv_kernel_defines)
         print(json.dumps(row), flush=True)
 
 

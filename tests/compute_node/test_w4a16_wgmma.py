@@ -100,3 +100,31 @@ def test_split_rule_weighs_idle_slots_against_partials():
     assert w4a16_wgmma.split_for(112, 14, 132, 256) == (14, 1)
     assert w4a16_wgmma.split_for(1, 1, 132, 256) == (1, 1)
 
+
+
+def test_rows_past_the_kernels_tile_split_evenly():
+    assert w4a16.row_chunks(128, 64) == [(0, 64), (64, 128)]
+    assert w4a16.row_chunks(100, 64) == [(0, 50), (50, 100)]
+    assert w4a16.row_chunks(64, 64) == [(0, 64)]
+    spans = w4a16.row_chunks(257, 64)
+    assert len(spans) == 5 and spans[0][0] == 0 and spans[-1][1] == 257
+    assert all(z - a <= 64 and b == z for (a, z), (b, _) in zip(spans, spans[1:] + [(spans[-1][1], 0)]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU and nvcc")
+@pytest.mark.parametrize("m", [65, 128, 200])
+def test_int4_linear_runs_rows_past_64_on_the_cuda_kernel_in_chunks(monkeypatch, m):
+    gen = torch.Generator().manual_seed(7)
+    data, scale, w_min = (t.cuda() for t in quant.quantize(torch.randn(512, 1024, generator=gen) * 0.05, 4, 64))
+    x = torch.randn(m, 1024, generator=gen).to(torch.bfloat16).cuda()
+    bias = torch.randn(512, generator=gen).to(torch.bfloat16).cuda()
+    calls = []
+    real = w4a16_wgmma.linear
+    monkeypatch.setattr(w4a16_wgmma, "linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    out = int4_linear(x, data, scale, w_min, 64, bias)
+    assert sum(calls) == m and max(calls) <= 64 and len(calls) == -(-m // 64)
+    ref = reference(x, data, scale, w_min, 64, bias)
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
+    triton = int4_linear(x, data, scale, w_min, 64, bias, kernels=KernelChoice(wgmma=False, mma=False))
+    assert ((out.float() - triton.float()).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
