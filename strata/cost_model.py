@@ -22,12 +22,13 @@ its KV bytes at the profile's rate for the cache's bits. Memory: strata/memory_m
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from strata import memory_model as mm
 from strata.arch import ModelDims
 from strata.floor import kv_bytes_per_token
 from strata.hardware import HardwareProfile
-from strata.placement import FUSED_INT4_MAX_ROWS
+from strata.placement import FUSED_INT4_MAX_ROWS, FUSED_KERNEL_ROWS
 
 GIB = 1 << 30
 HOST_HEADROOM = mm.HOST_HEADROOM
@@ -218,9 +219,10 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     hbm = (weights_traffic + gpu_kv + act) / p.hbm_bytes_per_s + dequant_s
     mb_rows = rows / m
     fused = wb.quantized and pl.quant_bits == 4 and mb_rows <= FUSED_INT4_MAX_ROWS
-    if fused:  # a resident layer keeps its INT4 packed: each micro-batch's fused matmul reads it
-        share = next(s for r, s in FUSED_HBM_SHARE if mb_rows <= r)
-        resident_hbm = m * wb.layer / (p.hbm_bytes_per_s * share) + (gpu_kv + act) / p.hbm_bytes_per_s
+    if fused:  # a resident layer keeps its INT4 packed: each micro-batch's fused matmuls read it, once a chunk
+        chunks = math.ceil(mb_rows / FUSED_KERNEL_ROWS)
+        share = next(s for r, s in FUSED_HBM_SHARE if mb_rows / chunks <= r)
+        resident_hbm = m * chunks * wb.layer / (p.hbm_bytes_per_s * share) + (gpu_kv + act) / p.hbm_bytes_per_s
     return {
         "HBM": hbm,
         "HBM resident": resident_hbm if fused else hbm,

@@ -24,11 +24,14 @@ def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
 STAGING_SLOTS = 3  # disk reads in flight while the compute node copies the third slot to the GPU
 RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (packed slots)
 # Decode rows (sequences of a micro-batch) up to which a GPU-resident INT4 layer runs
-# the fused W4A16 kernel on its packed weights instead of dequantize + cuBLAS. The
-# kernel alone was faster on every OPT-30B shape up to 64 rows (run 3's table,
-# BENCHMARKS.md); in the engine, T2 (B=64) went from 341.8 to 382.4 tokens/s with it
-# (run 24, same machine, same call).
-FUSED_INT4_MAX_ROWS = 64
+# the fused W4A16 kernels on its packed weights instead of dequantize + cuBLAS. The
+# kernels take 64 rows a call (FUSED_KERNEL_ROWS); more rows go in even chunks, each
+# reading the packed layer again: 4 chunks read 4 x 0.28 of the bf16 bytes, still under
+# the dense copy's write and read (2 x 1.0). The kernel alone was faster on every
+# OPT-30B shape up to 64 rows (run 3's table, BENCHMARKS.md); in the engine, T2 (B=64)
+# went from 341.8 to 382.4 tokens/s with it (run 24, same machine, same call).
+FUSED_INT4_MAX_ROWS = 256
+FUSED_KERNEL_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)

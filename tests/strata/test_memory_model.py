@@ -124,12 +124,16 @@ def test_decode_graph_pools_only_where_graphs_run(h200):
     for pl in (cm.Placement(0.9, False, 2, 128), cm.Placement(1.0, True, 2, 128),
                cm.Placement(1.0, False, 2, 128, kv_bits=8)):
         assert "decode graph pools" not in cm.gpu_memory(dims, wb, W, pl, h200.gpu_bytes).outside
-    # a pool per bucket of rows (1, 2, 4, ..., 128); the 128-row graph holds dense layer
-    # copies (more rows than the fused INT4 kernel takes), the others read packed layers
-    wide = cm.gpu_memory(dims, wb, W, cm.Placement(1.0, False, 1, 128), h200.gpu_bytes)
+    # a pool per bucket of rows (1, 2, 4, ..., 128); up to FUSED_INT4_MAX_ROWS the graphs
+    # read packed layers (the fused INT4 kernels, in chunks of 64 rows); a 512-row graph
+    # holds dense layer copies
     assert memory_model.graph_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert memory_model.graph_buckets(80) == [1, 2, 4, 8, 16, 32, 64, 80]
     dense = 2 * 2 * wb.layer_params
+    fused = cm.gpu_memory(dims, wb, W, cm.Placement(1.0, False, 1, 128), h200.gpu_bytes)
+    assert 0 < fused.outside["decode graph pools"] < dense / 4
+    short = cm.Workload(8, 8)  # short sequences: 512 of them fit
+    wide = cm.gpu_memory(dims, wb, short, cm.Placement(1.0, False, 1, 512), h200.gpu_bytes)
     assert dense < wide.outside["decode graph pools"] < 1.5 * dense
 
 
