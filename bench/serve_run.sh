@@ -17,6 +17,7 @@ for step in "$@"; do
   case $step in
     env) nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python3 -c "import torch,grpc;print(torch.__version__,grpc.__version__)";;
     cudatest) STRATA_TEST_DEVICE=cuda PYTHONPATH=$PWD:tests${EXTRA_PATH:+:$EXTRA_PATH} timeout ${CT_TIMEOUT:-200} python3 -m pytest -q -x -p no:cacheprovider tests/compute_node/test_scheduler.py -k "concurrent or one_length" > "$OUT/cudatest.txt" 2>&1; tail -3 "$OUT/cudatest.txt";;
+    w4test) STRATA_TEST_DEVICE=cuda PYTHONPATH=$PWD:tests${EXTRA_PATH:+:$EXTRA_PATH} timeout 240 python3 -m pytest -q -p no:cacheprovider tests/compute_node/test_w4a16_wgmma.py > "$OUT/w4test.txt" 2>&1; tail -2 "$OUT/w4test.txt";;
     t2) new $T2 --clients ${S1_N:-256};;
     t2s) new $T2;;
     t1s) new $T1;;
