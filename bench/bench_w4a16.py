@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from compute_node.kernels import dequantize
 from compute_node.kernels import w4a16
-from strata import quant
+from strata.model import quant
 
 SHAPES = [(7168, 7168), (28672, 7168), (7168, 28672), (21504, 7168)]
 MS = [8, 16, 32, 64, 128, 256]
@@ -184,7 +184,7 @@ def main() -> None:
     for n, k in shapes:
         data, scale, mn = quant.random_packed((n, k), 4, GROUP, device=dev)
         w = dequantize(data, scale, mn, 4, GROUP, dtype)  # 16-bit weight for the dense / dequant baselines
-        w32 = dequantize(data, scale, mn, 4, GROUP, torch.float32)  # fp32 reference (= strata.quant.dequantize)
+        w32 = dequantize(data, scale, mn, 4, GROUP, torch.float32)  # fp32 reference (= strata.model.quant.dequantize)
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             ref = F.linear(x.float(), w32)  # error of the fused kernel ~ rounding of its 16-bit output

@@ -21,8 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.bench import predict_run  # noqa: E402
-from strata import cost_model as cm  # noqa: E402
-from strata import hardware  # noqa: E402
+from strata.policy import cost_model as cm  # noqa: E402
+from strata.policy import hardware  # noqa: E402
 
 PROFILES = {"H200": ROOT / "bench/profiles/nvidia-h200.json"}  # by the run's device
 DEFAULT_PROFILE = ROOT / "bench/profiles/nvidia-h100-x1-measured.json"

@@ -26,9 +26,9 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strata import shm  # noqa: E402
-from strata.manifest import Manifest  # noqa: E402
-from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc  # noqa: E402
+from strata.model.manifest import Manifest  # noqa: E402
+from strata.transport import shm  # noqa: E402
+from strata.transport.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc  # noqa: E402
 
 
 def dd_read(files: list[pathlib.Path]) -> float:

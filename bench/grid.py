@@ -20,8 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.plan_cli import _model  # noqa: E402
-from strata import cost_model as cm  # noqa: E402
-from strata import hardware, planner  # noqa: E402
+from strata.policy import cost_model as cm  # noqa: E402
+from strata.policy import hardware, planner  # noqa: E402
 
 
 def coarse(dims, wb, w, profile, kv_choices, batches) -> list[tuple[cm.Placement, float]]:

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from strata import shm  # noqa: E402
+from strata.transport import shm  # noqa: E402
 
 
 def rate(src_views: list[torch.Tensor], dst: torch.Tensor) -> float:

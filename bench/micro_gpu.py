@@ -10,7 +10,8 @@ import sys
 import torch
 
 from compute_node.kernels import dequantize
-from strata import quant, shm
+from strata.model import quant
+from strata.transport import shm
 
 
 def timed(fn, reps: int = 10) -> float:

@@ -18,9 +18,9 @@ from compute_node.runner import GroupStep, Join, Runner
 from compute_node.slot_kv import LocalSlots, SlotShape
 from compute_node.slots import even_groups
 from compute_node.weights import HostWeights
-from strata.arch import dims_for
 from strata.dummy_fill import fill
-from strata.placement import resident_layers
+from strata.model.arch import dims_for
+from strata.policy.placement import resident_layers
 from weight_store.dummy import dummy_manifest
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from compute_node.exchange import Exchange  # noqa: E402
 from compute_node.peers import KVStoreClient  # noqa: E402
 from compute_node.slot_kv import Joining, RemoteSlots, SlotShape  # noqa: E402
-from strata import shm  # noqa: E402
+from strata.transport import shm  # noqa: E402
 
 
 def start_store(session: str) -> tuple[subprocess.Popen, str]:

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from compute_node.kernels import w4a16
-from strata import quant
+from strata.model import quant
 
 n, k, m = (int(v) for v in sys.argv[1:4])
 cfg = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None

@@ -17,9 +17,9 @@ import threading
 import torch
 
 from compute_node.peers import WeightStoreClient
-from strata.errors import ErrorKind, StrataError
-from strata.shm import Region
-from strata.wire import weight_store_pb2
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.shm import Region
+from strata.transport.wire import weight_store_pb2
 
 
 class DiskStager:

@@ -14,9 +14,9 @@ import concurrent.futures
 import torch
 
 from compute_node.peers import KVStoreClient
-from strata.dataplane import Arena
-from strata.errors import ErrorKind, StrataError
-from strata.shm import Region, region_name
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.dataplane import Arena
+from strata.transport.shm import Region, region_name
 
 
 class Exchange:

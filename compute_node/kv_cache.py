@@ -1,6 +1,6 @@
 """The device's KV layer stores: K and V of every layer for a group of rows, in the
 compute dtype (`_PlainLayers`) or group-wise quantized to 8 or 4 bits (`_QuantLayers`,
-strata/kv_quant.py's format). compute_node/slot_kv.py's LocalSlots holds one per group
+strata/model/kv_quant.py's format). compute_node/slot_kv.py's LocalSlots holds one per group
 of sequence slots; its shape gives num_layers, num_kv_heads, max_tokens (columns per
 row), head_dim and `pad` (one entry per row: the rows)."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from compute_node.kernels import dequant
-from strata.kv_quant import KVFormat
+from strata.model.kv_quant import KVFormat
 
 DEQUANT_CHUNK = 256  # tokens rebuilt at a time off CUDA (float32 arithmetic on that many only)
 
@@ -77,7 +77,7 @@ class _PlainLayers:
 
 
 class _QuantLayers:
-    """K and V of every layer group-wise quantized (strata/kv_quant.py), token-major:
+    """K and V of every layer group-wise quantized (strata/model/kv_quant.py), token-major:
     codes [max_tokens, B, kv_heads, code_width], scale and min [max_tokens, B, kv_heads,
     groups] per layer, so the first n tokens are one contiguous block. `read_rows`
     rebuilds a layer's first n tokens of its first rows in the compute dtype: in one

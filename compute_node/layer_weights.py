@@ -18,9 +18,9 @@ import torch
 from compute_node.kernels import MERGED_QKV, PackedInt4, dequantize
 from compute_node.kernels.choice import DEFAULT as DEFAULT_KERNELS, KernelChoice
 from compute_node.weights import HostWeights, StoredTensor, shard_views
-from strata import arch
-from strata.manifest import Shard, layer_shard
-from strata.placement import FUSED_INT4_MAX_ROWS, RING_DEPTH
+from strata.model import arch
+from strata.model.manifest import Shard, layer_shard
+from strata.policy.placement import FUSED_INT4_MAX_ROWS, RING_DEPTH
 
 Packed = dict[str, StoredTensor]
 

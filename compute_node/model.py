@@ -1,5 +1,5 @@
 """The transformer math, as plain functions over weight dicts, driven by a family's
-spec (strata/arch.py, strata/families/): one decoder layer for every family.
+spec (strata/model/arch.py, strata/model/families/): one decoder layer for every family.
 
 A layer is split where the attention happens, so the engine can run the attention
 anywhere (on the device over a local cache, or in the KV store on the CPU) and
@@ -9,7 +9,7 @@ interleave micro-batches:
     a       = <attention backend>(q, k, v)    # [B, heads, T, head_dim]
     h       = family.post_attention(w, h, a)
 
-Weights are dicts of local names (strata/arch.py) to dense tensors on the compute
+Weights are dicts of local names (strata/model/arch.py) to dense tensors on the compute
 device. `Decoder` interprets a spec's `Math`; nothing here branches on model_type.
 """
 
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compute_node.kernels import MERGED_QKV, PackedInt4
-from strata import arch
-from strata.arch import ModelDims
+from strata.model import arch
+from strata.model.arch import ModelDims
 
 Weights = dict[str, torch.Tensor]
 

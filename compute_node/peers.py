@@ -1,14 +1,14 @@
 """gRPC clients for the compute node's two peers. Every call has a deadline and a
-peer's failure becomes a StrataError naming the peer (strata/errors.py), so a dead
+peer's failure becomes a StrataError naming the peer (strata/runtime/errors.py), so a dead
 weight store or KV store fails a Generate within the deadline instead of hanging."""
 
 from __future__ import annotations
 
 import grpc
 
-from strata.errors import from_rpc_error
-from strata.manifest import Manifest
-from strata.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc, weight_store_pb2, weight_store_pb2_grpc
+from strata.model.manifest import Manifest
+from strata.runtime.errors import from_rpc_error
+from strata.transport.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc, weight_store_pb2, weight_store_pb2_grpc
 
 MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [

@@ -27,8 +27,8 @@ from compute_node.runner import GroupStep, Join, Runner
 from compute_node.sampling import Sampling, choose
 from compute_node.slots import Limits, SlotPool, WaitQueue, check_fits
 from compute_node.stops import StopWatch
-from strata.errors import ErrorKind, StrataError
-from strata.wire import generate_pb2
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.wire import generate_pb2
 
 log = logging.getLogger("strata.compute_node")
 

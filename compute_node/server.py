@@ -20,8 +20,8 @@ from compute_node.exchange import Exchange
 from compute_node.kernels.choice import KernelChoice
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
-from compute_node.peers import KVStoreClient, WeightStoreClient
 from compute_node.model import family_for
+from compute_node.peers import KVStoreClient, WeightStoreClient
 from compute_node.runner import Runner
 from compute_node.sampling import Sampling
 from compute_node.scheduler import Request, Scheduler
@@ -31,14 +31,15 @@ from compute_node.stops import StopWatch, TextStream
 from compute_node.tokenizer import TextCodec
 from compute_node.validation import RequestLimits, add_request_limit_flags, check_generate
 from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
-from strata.arch import dims_for
-from strata.manifest import layer_shard
-from strata import logs, rpc
-from strata.config import ComputeNodeConfig
-from strata.kv_quant import default_group
-from strata.run_plan import RunPlan
-from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
-from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
+from strata.model.arch import dims_for
+from strata.model.kv_quant import default_group
+from strata.model.manifest import layer_shard
+from strata.policy.run_plan import RunPlan
+from strata.runtime import logs
+from strata.runtime.config import ComputeNodeConfig
+from strata.runtime.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method, invalid
+from strata.transport import rpc
+from strata.transport.wire import common_pb2, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger("strata.compute_node")
 SPARE_WORKERS = 32  # gRPC threads beyond the running and waiting calls (health, stats, refusals)
@@ -269,7 +270,7 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
     p.add_argument("--kv-store", default="")
     p.add_argument("--device", default="cpu")
     p.add_argument("--plan", default="", metavar="FILE",
-                   help="run plan JSON (strata/run_plan.py): placement, KV, batch and queue, instead of their flags "
+                   help="run plan JSON (strata/policy/run_plan.py): placement, KV, batch and queue, instead of their flags "
                         "(--dtype, --kv-offload, --kv-bits, --gpu-weight-share, --micro-batches, --no-decode-graphs, "
                         "--max-batch, --max-seq-len, --max-queue)")
     p.add_argument("--dtype", default=None, choices=["", "float16", "bfloat16", "float32"])

@@ -24,10 +24,10 @@ import torch
 from compute_node.kv_cache import _PlainLayers, _QuantLayers
 from compute_node.model import attend, attend_causal, attention_bias
 from compute_node.peers import KVStoreClient
-from strata.alibi import alibi_slopes
-from strata.kv_quant import KVFormat, check_bits, default_group
-from strata.shm import dtype_name
-from strata.wire import kv_store_pb2
+from strata.model.alibi import alibi_slopes
+from strata.model.kv_quant import KVFormat, check_bits, default_group
+from strata.transport.shm import dtype_name
+from strata.transport.wire import kv_store_pb2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ generation has run."""
 
 from __future__ import annotations
 
-from strata.errors import invalid
+from strata.runtime.errors import invalid
 
 
 class StopWatch:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from strata.errors import ErrorKind, StrataError, invalid
+from strata.runtime.errors import ErrorKind, StrataError, invalid
 
 CHUNK_CHARS = 1 << 16
 SLACK_PER_CHUNK = 2  # tokens one cut may add (a prefix space, a split merge)

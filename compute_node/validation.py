@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from strata.errors import ErrorKind, StrataError, invalid
+from strata.runtime.errors import ErrorKind, StrataError, invalid
 
 CHARS_PER_TOKEN = 16  # a text prompt may have this many characters per allowed token (--max-prompt-chars 0)
 MAX_PROMPTS = 1024  # prompts in one request
@@ -131,8 +131,8 @@ def add_request_limit_flags(parser) -> None:
     """The request limits and access flags `strata serve` and the compute node both take."""
     import os
 
-    from strata import rpc
-    from strata.config import ComputeNodeConfig
+    from strata.runtime.config import ComputeNodeConfig
+    from strata.transport import rpc
 
     parser.add_argument("--max-request-bytes", type=int, default=ComputeNodeConfig.max_request_bytes,
                         help="largest Generate request the compute node takes, in bytes (default 64 MiB; also the "

@@ -3,7 +3,7 @@ shared memory (or read as bytes from a remote store), and its disk tier, read in
 staging slots on request (compute_node/disk_stage.py).
 
 Mechanism only: which layers stay resident is the placement's decision
-(strata/placement.py)."""
+(strata/policy/placement.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 
 from compute_node.disk_stage import DiskStager
 from compute_node.peers import WeightStoreClient
-from strata.errors import ErrorKind, StrataError
-from strata.manifest import Manifest, Shard, TensorEntry, layer_shard
-from strata.shm import Region, torch_dtype
+from strata.model.manifest import Manifest, Shard, TensorEntry, layer_shard
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.shm import Region, torch_dtype
 
 
 @dataclasses.dataclass

@@ -1,11 +1,11 @@
 """`strata batch IN.jsonl OUT.jsonl --endpoint ADDR`: an OpenAI batch file through
-the compute node's Generate API (gRPC, strata.client.AsyncClient).
+the compute node's Generate API (gRPC, strata.api.client.AsyncClient).
 
 Input lines are OpenAI's batch requests (`custom_id`, `method` POST, `url`
 /v1/completions or /v1/chat/completions, `body`); output lines OpenAI's batch results
 (`custom_id`, `response` with `status_code` and `body`, or `error` for a line that is
 no request). Bodies are converted as the HTTP gateway converts them
-(strata/openai_format.py); chat needs the model's chat template (`--model DIR`, the
+(strata/api/openai_format.py); chat needs the model's chat template (`--model DIR`, the
 served model's directory).
 
 Enough calls stay in flight to fill the server's batch (`--concurrency`, default
@@ -27,8 +27,8 @@ import time
 
 import aiofiles
 
-from strata import openai_format as oai
-from strata.client import AsyncClient, CallError
+from strata.api import openai_format as oai
+from strata.api.client import AsyncClient, CallError
 
 FSYNC_LINES, FSYNC_SECONDS = 32, 1.0
 BUSY_BACKOFF_S = (0.2, 5.0)  # a full server queue: wait and try again, from 0.2 s doubling to 5 s
@@ -230,7 +230,7 @@ async def _main(a) -> int:
 
     template = None
     if a.model:
-        from strata.chat_template import ChatTemplate
+        from strata.api.chat_template import ChatTemplate
 
         template = ChatTemplate.load(a.model)
     start = time.monotonic()

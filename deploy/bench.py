@@ -18,14 +18,15 @@ import time
 import psutil
 
 from deploy import bench_batch, bench_clients, serve_plan
-from strata.errors import ErrorKind, StrataError
 from deploy.client import generate, request_for
 from deploy.launcher import ServeOptions, Services
-from strata import floor as fl, paths
-from strata.arch import dims_for
-from strata.cost_model import kv_bytes_per_token_layer
-from strata.manifest import Manifest, layer_shard
-from strata.run_plan import RunPlan
+from strata.model.arch import dims_for
+from strata.model.manifest import Manifest, layer_shard
+from strata.policy import floor as fl
+from strata.policy.cost_model import kv_bytes_per_token_layer
+from strata.policy.run_plan import RunPlan
+from strata.runtime import paths
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class BenchArgs:
     w4a16_kernels: str = "auto"  # auto | wgmma | mma | triton: deploy/bench_cli.py's --w4a16-kernels
     kv_kernel_defines: dict = dataclasses.field(default_factory=dict)  # the KV store kernel's macros
     batch_requests: int = 0  # also this many requests through `strata batch` (deploy/bench_batch.py)
-    profile: object = None  # strata.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
+    profile: object = None  # strata.policy.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
     profile_path: str = ""
 
 
@@ -230,7 +231,7 @@ def run(a: BenchArgs, progress: bool) -> dict:
 
 def _node_stats(address: str) -> dict[str, float]:
     """What the compute node reports it runs (Generator.Stats, compute_node/metrics.py)."""
-    from strata.client import Client
+    from strata.api.client import Client
 
     with Client(address, timeout=30) as c:
         return c.stats()[0]
@@ -365,7 +366,7 @@ def prediction_dict(pr, profile_path: str) -> dict:
 def predict_run(run: dict, profile):
     """The cost model's prediction of a bench JSON line's placement on `profile`."""
     from deploy.plan_cli import _model
-    from strata import cost_model as cm
+    from strata.policy import cost_model as cm
 
     w = run["placement"]["weights"]
     dims, wbf, _ = _model(run["model"], w["quant_bits"], w["group_size"])
@@ -391,8 +392,8 @@ def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
     """The planner's placement for a bench run whose placement flags were not given:
     (placement fields, the prediction to report beside the measurement)."""
     from deploy.plan_cli import _model, load_profile
-    from strata import cost_model as cm
-    from strata import planner
+    from strata.policy import cost_model as cm
+    from strata.policy import planner
 
     profile, where = load_profile(profile_path or ns.profile)
     dims, wbf, bits = _model(ns.model, ns.quant_bits, ns.group_size)
@@ -412,7 +413,7 @@ def _floor_profile(ns, prediction: dict | None):
     """(profile, path) for the floor and the prediction: the planner's; else --profile;
     else this machine's cached profile where one is fresh (never measured here); else
     (None, "") and the floor takes DESIGN.md's H100 figures."""
-    from strata import hardware
+    from strata.policy import hardware
 
     path = prediction["profile"] if prediction else ns.profile
     if path:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def write_input(path: pathlib.Path, n: int, prompt_len: int, gen_len: int, vocab: int, seed: int = 0) -> None:

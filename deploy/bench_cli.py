@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deploy.plan_cli import KV_BITS_HELP, kv_bits_arg
-from strata.run_plan import parse_kv_kernel_defines
+from strata.policy.run_plan import parse_kv_kernel_defines
 
 
 def add_bench_parser(sub) -> None:

@@ -23,8 +23,8 @@ import time
 import grpc
 
 from deploy.client import OPTIONS, request_for
-from strata.errors import ErrorKind, StrataError
-from strata.wire import generate_pb2, generate_pb2_grpc
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.wire import generate_pb2, generate_pb2_grpc
 
 CHANNELS = 8  # client connections the calls are spread over
 

@@ -11,8 +11,9 @@ import sys
 import threading
 
 from deploy.plan_cli import KV_BITS_HELP, kv_bits_arg
-from strata import logs, rpc
-from strata.errors import ErrorKind, StrataError
+from strata.runtime import logs
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import rpc
 
 
 def _convert(a) -> int:
@@ -192,7 +193,7 @@ def _generate(a) -> int:
 def _stream_text(a, prompt) -> int:
     """One prompt's text, printed as it streams: the server's text deltas, or decoded here
     with the model's tokenizer (--tokenizer)."""
-    from strata.client import Client, Retry
+    from strata.api.client import Client, Retry
 
     sampling = dict(greedy=a.greedy or a.temperature == 0, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, stop_at_eos=not a.ignore_eos, stop=a.stop)

@@ -6,9 +6,9 @@ import dataclasses
 
 import grpc
 
-from strata import rpc
-from strata.errors import ErrorKind, StrataError, from_rpc_error
-from strata.wire import generate_pb2, generate_pb2_grpc
+from strata.runtime.errors import ErrorKind, StrataError, from_rpc_error
+from strata.transport import rpc
+from strata.transport.wire import generate_pb2, generate_pb2_grpc
 
 OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
 

@@ -14,7 +14,7 @@ NEW_TOKENS = 24
 
 
 def cache_dir() -> pathlib.Path:
-    from strata import paths
+    from strata.runtime import paths
 
     return paths.cache_dir("demo")
 
@@ -24,7 +24,7 @@ def run(args) -> int:
     from deploy.demo_model import make_demo_opt
     from deploy.launcher import ServeOptions, Services
     from deploy.serve_plan import resolve
-    from strata.manifest import Manifest
+    from strata.model.manifest import Manifest
     from weight_store.convert import convert
 
     root = cache_dir()

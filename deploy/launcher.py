@@ -3,7 +3,7 @@ is healthy, and stops them cleanly.
 
 Peers talk over Unix sockets in a private run directory; the compute node listens
 where the user asked (and on a Unix socket there, for the launcher's health checks).
-Children get SIGTERM if the launcher dies (strata/lifetime.py), and after they stop
+Children get SIGTERM if the launcher dies (strata/runtime/lifetime.py), and after they stop
 the launcher removes every shared-memory region of its session, so nothing is left in
 /dev/shm even when a service was killed; a run directory left by a launcher that was
 killed is removed by the next one. While serving, `unresponsive()` names a service
@@ -25,11 +25,12 @@ import time
 
 import grpc
 
-from strata import logs, rpc, shm
-from strata.errors import ErrorKind, StrataError
-from strata.lifetime import PARENT_ENV, process_alive
-from strata.run_plan import RunPlan
-from strata.wire import common_pb2, generate_pb2_grpc, kv_store_pb2_grpc, weight_store_pb2_grpc
+from strata.policy.run_plan import RunPlan
+from strata.runtime import logs
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.runtime.lifetime import PARENT_ENV, process_alive
+from strata.transport import rpc, shm
+from strata.transport.wire import common_pb2, generate_pb2_grpc, kv_store_pb2_grpc, weight_store_pb2_grpc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ServeOptions:
     tls_cert: str = ""  # PEM files: the compute node serves --listen over TLS
     tls_key: str = ""
     health_timeout_s: float = 60.0  # a service that answers no health check this long is hung; 0 = only exits
-    log_level: str = "info"  # each service's --log-level (strata/logs.py)
+    log_level: str = "info"  # each service's --log-level (strata/runtime/logs.py)
     log_json: bool = False  # each service logs one JSON object per line
 
 
@@ -94,7 +95,7 @@ class Services:
         return f"unix://{self.rundir}/compute_node.sock"
 
     def _spawn(self, name: str, args: list[str], stdout=None) -> None:
-        # no preexec_fn: the child asks for its own death signal after exec (strata/lifetime.py)
+        # no preexec_fn: the child asks for its own death signal after exec (strata/runtime/lifetime.py)
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
         env.pop(rpc.API_KEY_ENV, None)
         if self.opts.api_key:  # by environment, not argv (which every user can list)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from strata import cost_model as cm
-from strata import planner
+from strata.policy import cost_model as cm
+from strata.policy import planner
 
 GIB = 1 << 30
 

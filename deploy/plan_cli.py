@@ -14,10 +14,11 @@ import sys
 import tempfile
 import time
 
-from strata import cost_model as cm
-from strata import hardware, planner, shapes
-from strata.arch import dims_for
-from strata.errors import ErrorKind, StrataError
+from strata.model import shapes
+from strata.model.arch import dims_for
+from strata.policy import cost_model as cm
+from strata.policy import hardware, planner
+from strata.runtime.errors import ErrorKind, StrataError
 
 GIB = 1 << 30
 
@@ -55,7 +56,7 @@ def _model(model: str, bits: int | None, group_size: int):
     """(dims, quant bits -> WeightBytes, bits the model is stored in or None)."""
     path = pathlib.Path(model)
     if (path / "manifest.json").exists():
-        from strata.manifest import Manifest
+        from strata.model.manifest import Manifest
 
         m = Manifest.load(str(path))
         dims = dims_for(m.config)
@@ -298,7 +299,7 @@ def measure_disk(quick: bool, directory: str | None = None, piece: int = 256 << 
     staging slot in flight. (bytes/s, the reader backend in use)."""
     import concurrent.futures
 
-    from strata.placement import STAGING_SLOTS
+    from strata.policy.placement import STAGING_SLOTS
     from weight_store.reader import make_reader
 
     nbytes, chunk = ((192 << 20) if quick else 3 * GIB), 16 << 20

@@ -1,4 +1,4 @@
-"""The run plan of `strata serve` and `strata bench`, resolved once (strata/run_plan.py):
+"""The run plan of `strata serve` and `strata bench`, resolved once (strata/policy/run_plan.py):
 pinned by the placement flags, or on a GPU without any, the planner's placement for the
 workload the server expects (`--plan-prompt-len`, `--plan-gen-len`, `--plan-batch`), on
 this machine's profile (measured on first use) or `--profile`. The launcher writes it
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from strata.errors import ErrorKind, StrataError
-from strata.manifest import Manifest
-from strata.run_plan import RunPlan
+from strata.model.manifest import Manifest
+from strata.policy.run_plan import RunPlan
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def pinned(a) -> bool:
@@ -33,12 +33,12 @@ def pinned_share(a) -> float:
 def resolve(m: Manifest, *, gpu_weight_share: float, disk_layers: int = 0, disk_offload: bool = False,
             host_budget_bytes: int = 0, kv_offload: bool = False, kv_bits: int = 16, **fields) -> RunPlan:
     """The run plan of a placement: resident layers spread by `gpu_weight_share`
-    (strata/placement.py), the layers read from disk every pass either the planner's
+    (strata/policy/placement.py), the layers read from disk every pass either the planner's
     count (`disk_layers`: the last streamed ones) or those the host tier cannot hold
     under `host_budget_bytes` / `disk_offload` (`tier_plan`). `fields`: the rest of
     RunPlan's (micro_batches, max_batch, ...)."""
-    from strata.arch import dims_for
-    from strata.kv_quant import default_group
+    from strata.model.arch import dims_for
+    from strata.model.kv_quant import default_group
 
     plan = RunPlan.with_share(m.num_layers, gpu_weight_share)
     resident = set(plan.resident_layers)
@@ -46,7 +46,7 @@ def resolve(m: Manifest, *, gpu_weight_share: float, disk_layers: int = 0, disk_
     if disk_layers:
         disk = list(plan.streamed_layers[max(len(plan.streamed_layers) - disk_layers, 0):])
     elif disk_offload or host_budget_bytes:
-        from strata.placement import tier_plan
+        from strata.policy.placement import tier_plan
         from weight_store.host_tier import shard_sizes
 
         tiers = tier_plan(shard_sizes(m), m.num_layers, gpu_weight_share, host_budget_bytes or None, disk_offload)
@@ -79,8 +79,8 @@ def _planned(a, m: Manifest, batch: dict) -> tuple[RunPlan, int]:
     """The planner's GPU share, KV place, bits and capacity, micro-batches and disk
     layers; prints the plan on stderr."""
     from deploy.plan_cli import _model, load_profile
-    from strata import cost_model as cm
-    from strata import planner
+    from strata.policy import cost_model as cm
+    from strata.policy import planner
 
     dims, wbf, bits = _model(a.model, None, 64)
     profile, where = load_profile(a.profile)

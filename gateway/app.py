@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: a FastAPI app that turns each request into one
-Generate call on the compute node (gRPC, through strata.client.AsyncClient).
+Generate call on the compute node (gRPC, through strata.api.client.AsyncClient).
 
     GET  /health                 the gateway answers
     GET  /ready                  the compute node answers Health
@@ -8,7 +8,7 @@ Generate call on the compute node (gRPC, through strata.client.AsyncClient).
     POST /v1/chat/completions    messages rendered by the checkpoint's chat template
     GET  /metrics                Prometheus: the compute node's Stats and these requests
 
-Bodies and errors are OpenAI's (strata/openai_format.py). With `stream`, the
+Bodies and errors are OpenAI's (strata/api/openai_format.py). With `stream`, the
 response is server-sent events, one chunk per piece of new text, then `[DONE]`. With
 an API key configured, /v1/* needs `Authorization: Bearer KEY` (401 otherwise) and
 the gateway calls the compute node with the same key."""
@@ -28,9 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException
 
 from gateway.metrics import ComputeNodeCollector, HttpMetrics
-from strata import openai_format as oai
-from strata.client import AsyncClient, CallError, Client, Retry, load_tokenizer
-from strata.errors import StrataError
+from strata.api import openai_format as oai
+from strata.api.client import AsyncClient, CallError, Client, Retry, load_tokenizer
+from strata.runtime.errors import StrataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class GatewayConfig:
 
 
 def create_app(config: GatewayConfig, template=None) -> FastAPI:
-    """`template`: a strata.chat_template.ChatTemplate, or None (chat is refused)."""
+    """`template`: a strata.api.chat_template.ChatTemplate, or None (chat is refused)."""
     tokenizer = None
     if config.model_dir and (pathlib.Path(config.model_dir) / "tokenizer.json").exists():
         tokenizer = load_tokenizer(config.model_dir)

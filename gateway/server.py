@@ -11,8 +11,8 @@ import os
 import socket
 import sys
 
-from strata import logs
-from strata.rpc import API_KEY_ENV
+from strata.runtime import logs
+from strata.transport.rpc import API_KEY_ENV
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from gateway.app import GatewayConfig, create_app
-    from strata.chat_template import ChatTemplate
+    from strata.api.chat_template import ChatTemplate
 
     config = GatewayConfig(endpoint=a.endpoint, model_dir=a.model_dir, model_name=a.model_name,
                            api_key=os.environ.get(API_KEY_ENV, ""), tls_ca=a.tls_ca, timeout_s=a.timeout)
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     print(f"READY {f'[{host}]' if ':' in host else host}:{port}", flush=True)
     debug = logging.getLogger().level <= logging.DEBUG
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=debug, timeout_graceful_shutdown=3,
-                                           lifespan="on",  # log_config None: uvicorn logs through strata.logs
+                                           lifespan="on",  # log_config None: uvicorn logs through strata.runtime.logs
                                            ssl_certfile=a.tls_cert or None, ssl_keyfile=a.tls_key or None))
     server.run(sockets=[sock])
     return 0

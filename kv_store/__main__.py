@@ -2,7 +2,7 @@
 
 import sys
 
-from strata.lifetime import die_with_parent
+from strata.runtime.lifetime import die_with_parent
 
 die_with_parent()  # before the imports below (torch, gRPC) take seconds
 

@@ -18,9 +18,9 @@ import mmap
 import torch
 import torch.nn.functional as F
 
-from strata.alibi import alibi_slopes
-from strata.errors import ErrorKind, StrataError
-from strata.kv_quant import default_group
+from strata.model.alibi import alibi_slopes
+from strata.model.kv_quant import default_group
+from strata.runtime.errors import ErrorKind, StrataError
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,7 +55,7 @@ class GroupSpec:
 
     @property
     def kv_group(self) -> int:
-        return self.kv_group_size or default_group(self.head_dim)  # as a device cache (strata/kv_quant.py)
+        return self.kv_group_size or default_group(self.head_dim)  # as a device cache (strata/model/kv_quant.py)
 
     @property
     def kv_heads(self) -> int:

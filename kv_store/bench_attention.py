@@ -24,8 +24,8 @@ import torch
 from kv_store.attention import GroupCache, GroupSpec
 from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, kv_format
-from strata.run_plan import parse_kv_kernel_defines
-from strata.shm import torch_dtype
+from strata.policy.run_plan import parse_kv_kernel_defines
+from strata.transport.shm import torch_dtype
 
 WARMUP = 3
 
@@ -77,7 +77,7 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
     """Time `attend` on a cache holding `tokens` tokens stored at `kv_bits`; GB/s of
     K+V read per step. `dram`: GB/s measured already in this run (default: measure).
     `attention`: "native" (the KV store's kernel where it applies, as the service runs
-    it) or "sdpa". `defines`: the kernel's prefetch macros (strata/run_plan.py's
+    it) or "sdpa". `defines`: the kernel's prefetch macros (strata/policy/run_plan.py's
     kv_kernel_defines)."""
     if threads > 0:
         torch.set_num_threads(threads)

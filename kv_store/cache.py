@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def cache_bytes(num_layers: int, batch: int, num_heads: int, max_tokens: int, head_dim: int, itemsize: int) -> int:

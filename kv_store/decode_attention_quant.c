@@ -1,4 +1,4 @@
-/* The KV store's decode attention over quantized caches (INT8 / INT4, strata/kv_quant.py's
+/* The KV store's decode attention over quantized caches (INT8 / INT4, strata/model/kv_quant.py's
  * format) and the quantizer that writes them. Included by decode_attention.c (one
  * translation unit: the helpers there, exp and bf16 conversions, are shared). */
 
@@ -17,7 +17,7 @@ static inline float half_to_float(uint16_t h) { /* normals and subnormals (the s
 }
 #endif
 
-/* The same attention over a cache quantized group-wise on head_dim (strata/kv_quant.py):
+/* The same attention over a cache quantized group-wise on head_dim (strata/model/kv_quant.py):
  * codes [B, Hkv, T, CW] uint8 (INT8: CW = D; INT4: CW = D/2, element 2j in the high
  * nibble of byte j, 2j+1 in the low), scale and min [B, Hkv, T, D/group] float16,
  * element = code * scale + min. K and V share strides (sc_*: codes, ss_*: scale/min).
@@ -222,7 +222,7 @@ void strata_decode_attention_quant(
     }
 }
 
-/* Quantize bfloat16 vectors into the cache's format (strata/quant.py's scheme, per
+/* Quantize bfloat16 vectors into the cache's format (strata/model/quant.py's scheme, per
  * group of `group` on head_dim): min and max in float32, scale = max((max - min) /
  * (2^bits - 1), float16's smallest normal), code = round-half-even((x - min) / scale)
  * clamped, scale and min stored as float16. x [B, H, n, D] -> codes [B, H, n, CW],

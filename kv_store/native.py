@@ -12,7 +12,7 @@ missing or the build fails, `build()` returns None and the KV store keeps SDPA.
 
 The build's options beyond FLAGS are the kernels' prefetch macros (PF_TOKENS, PF_HINT,
 PF_NEXT_ROW, QX_PF_BYTES), given by the KV store's configuration: the run plan's
-`kv_kernel_defines` (strata/run_plan.py; bench configuration), never the environment.
+`kv_kernel_defines` (strata/policy/run_plan.py; bench configuration), never the environment.
 Each set of macros is its own library in the cache."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from strata import paths
-from strata.build import compile_once
-from strata.run_plan import check_kv_kernel_defines
+from strata.policy.run_plan import check_kv_kernel_defines
+from strata.runtime import paths
+from strata.runtime.build import compile_once
 
 LOG = logging.getLogger("strata.kv_store")
 SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
@@ -155,7 +155,7 @@ class NativeDecodeAttention:
                   group: int) -> torch.Tensor:
         """The same over a cache stored at `bits` (8 or 4) in groups of `group` on head_dim:
         k_parts, v_parts = (codes [B, Hkv, T, code_width] uint8, scale, min [B, Hkv, T,
-        groups] float16), K and V laid out alike (strata/kv_quant.py's format)."""
+        groups] float16), K and V laid out alike (strata/model/kv_quant.py's format)."""
         (kc, ks, km), (vc, vs, vm) = k_parts, v_parts
         d = q.shape[3]
         if not quant_shape_supported(d, group, bits):
@@ -176,7 +176,7 @@ class NativeDecodeAttention:
                  group: int) -> bool:
         """x [B, Hkv, n, D] bfloat16 into the cache's codes [B, Hkv, n, code_width] and
         float16 scale and min [B, Hkv, n, D / group] (strided views of the cache), as
-        strata/kv_quant.py's `quantize` would. False where the kernel cannot (the
+        strata/model/kv_quant.py's `quantize` would. False where the kernel cannot (the
         caller quantizes with PyTorch)."""
         d = x.shape[3]
         if x.dtype != torch.bfloat16 or x.stride(3) != 1 or not quant_shape_supported(d, group, bits) \

@@ -1,5 +1,5 @@
 """A KV cache stored group-wise quantized on head_dim (INT8 or INT4, fp16 scale and
-min per group: strata/kv_quant.py's format). Decode attention runs in the KV store's
+min per group: strata/model/kv_quant.py's format). Decode attention runs in the KV store's
 own kernel (kv_store/native.py: codes read once, nothing dequantized to memory) for a
 bfloat16 query; otherwise in PyTorch, in chunks of tokens: only one chunk of keys or
 values is ever dequantized (to fp32) at a time, never the whole cache, into a float32
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kv_store.attention import GroupCache, GroupSpec, build_mask, huge_page_tensor, one_thread
-from strata.kv_quant import KVFormat
+from strata.model.kv_quant import KVFormat
 
 CHUNK = 64  # tokens dequantized at a time (64 beat 16, 32 and 128 in the measurement above)
 

@@ -22,16 +22,17 @@ import grpc
 import torch
 
 from kv_store.attention import huge_page_tensor, one_thread, GroupCache, GroupSpec
-from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
-from strata import logs, rpc
-from strata.config import KVStoreConfig
-from strata.run_plan import RunPlan
-from strata.dataplane import inline_ref, resolve
-from strata.errors import ErrorKind, StrataError, grpc_method
-from strata.shm import RegionTable, torch_dtype
-from strata.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from kv_store.quantized import QuantizedGroupCache, quantized_bytes
+from strata.policy.run_plan import RunPlan
+from strata.runtime import logs
+from strata.runtime.config import KVStoreConfig
+from strata.runtime.errors import ErrorKind, StrataError, grpc_method
+from strata.transport import rpc
+from strata.transport.dataplane import inline_ref, resolve
+from strata.transport.shm import RegionTable, torch_dtype
+from strata.transport.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 
 MAX_MESSAGE_BYTES = 256 << 20
 LOG = logging.getLogger("strata.kv_store")
@@ -288,7 +289,7 @@ def parse_args(argv: list[str] | None) -> KVStoreConfig:
     p.add_argument("--attention", choices=["native", "sdpa"], default=KVStoreConfig.attention,
                    help="bfloat16 decode attention: the KV store's own kernel (built at start) or PyTorch SDPA")
     p.add_argument("--plan", default="", metavar="FILE",
-                   help="run plan JSON (strata/run_plan.py): groups of other KV bits than its are refused; its "
+                   help="run plan JSON (strata/policy/run_plan.py): groups of other KV bits than its are refused; its "
                         "kv_kernel_defines are the attention kernel's prefetch macros")
     a = p.parse_args(argv)
     return KVStoreConfig(listen=a.listen, session=a.session, capacity_bytes=a.capacity_bytes, threads=a.threads,

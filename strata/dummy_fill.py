@@ -10,7 +10,7 @@ import zlib
 
 import torch
 
-from strata import manifest
+from strata.model import manifest
 
 _BLOCK = 16 << 20  # random bytes tiled over packed codes
 

@@ -31,7 +31,7 @@ def no_shared_memory_left_behind():
 
 
 def _creator_alive(name: str) -> bool:
-    """Region names end in -<creator pid>-<random> (strata/shm.py region_name)."""
+    """Region names end in -<creator pid>-<random> (strata/transport/shm.py region_name)."""
     import os
 
     try:

@@ -6,7 +6,7 @@ import pathlib
 
 import torch
 
-from strata.manifest import Manifest, Part, Shard, TensorEntry, align, shard_file
+from strata.model.manifest import Manifest, Part, Shard, TensorEntry, align, shard_file
 
 SHAPES = {"embed": [(64, 48)], "layer.0": [(96, 48), (48,)], "layer.1": [(96, 48), (48,)], "head": [(48,)]}
 

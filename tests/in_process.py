@@ -19,8 +19,8 @@ from compute_node.slot_kv import LocalSlots, SlotShape
 from compute_node.slots import Limits
 from compute_node.stops import StopWatch
 from compute_node.weights import HostWeights
-from strata.arch import dims_for
-from strata.errors import StrataError
+from strata.model.arch import dims_for
+from strata.runtime.errors import StrataError
 
 CPU = torch.device("cpu")
 GREEDY = Sampling(greedy=True)

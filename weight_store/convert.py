@@ -31,9 +31,9 @@ from typing import Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from strata.lifetime import process_alive
-from strata import arch, manifest, quant
-from strata.errors import ErrorKind, StrataError
+from strata.model import arch, manifest, quant
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.runtime.lifetime import process_alive
 from weight_store.diskspace import FreeBytes, check_free_space, writing
 
 TOKENIZER_FILES = (

@@ -10,7 +10,7 @@ import os
 import pathlib
 from typing import Callable, Iterator
 
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 FreeBytes = Callable[[pathlib.Path], int]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from strata import arch, manifest, quant, shapes
+from strata.model import arch, manifest, quant, shapes
 from weight_store.convert import make_policy, plan_shards
 
 def _meta_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -25,8 +25,8 @@ from typing import Callable, Iterable
 import torch
 
 from strata.dummy_fill import fill
-from strata.errors import StrataError
-from strata.manifest import Manifest
+from strata.model.manifest import Manifest
+from strata.runtime.errors import StrataError
 from weight_store.diskspace import check_free_space, writing
 from weight_store.dummy import dummy_manifest
 from weight_store.host_tier import part_digests

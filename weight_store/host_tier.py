@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from strata import shm
-from strata.errors import ErrorKind, StrataError
-from strata.manifest import Manifest, Shard, align
+from strata.model.manifest import Manifest, Shard, align
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
 from weight_store.reader import ShardReader
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def shard_bytes(shard: Shard) -> int:
 
 
 def shard_sizes(manifest: Manifest) -> dict[str, int]:
-    """Each shard's bytes, as the tier policy (strata/placement.py) weighs them."""
+    """Each shard's bytes, as the tier policy (strata/policy/placement.py) weighs them."""
     return {name: shard_bytes(s) for name, s in manifest.shards.items()}
 
 

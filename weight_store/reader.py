@@ -19,7 +19,7 @@ from typing import Protocol, Union
 import numpy as np
 import torch
 
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ stops the process with its DATA_LOSS message; without preload, shards load on fi
 LocateShards / ReadShard and a corrupt one is answered with DATA_LOSS.
 
 With `--host-budget-gb` or `--disk-offload`, the shards the host tier cannot hold
-(strata/placement.py `tier_plan`) stay on disk and are read into staging slots with
+(strata/policy/placement.py `tier_plan`) stay on disk and are read into staging slots with
 StageShard each time the compute node needs them (weight_store/staging.py).
 """
 
@@ -23,13 +23,14 @@ import threading
 
 import grpc
 
-from strata import logs, rpc, shm
-from strata.config import WeightStoreConfig
-from strata.errors import ErrorKind, StrataError, grpc_method
-from strata.manifest import Manifest, layer_shard
-from strata.placement import STAGING_SLOTS, TierPlan, resident_layers, tier_plan
-from strata.run_plan import RunPlan
-from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
+from strata.model.manifest import Manifest, layer_shard
+from strata.policy.placement import STAGING_SLOTS, TierPlan, resident_layers, tier_plan
+from strata.policy.run_plan import RunPlan
+from strata.runtime import logs
+from strata.runtime.config import WeightStoreConfig
+from strata.runtime.errors import ErrorKind, StrataError, grpc_method
+from strata.transport import rpc, shm
+from strata.transport.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
 from weight_store.host_tier import HostTier, shard_bytes, shard_sizes
 from weight_store.reader import make_reader
 from weight_store.staging import StagingArea
@@ -146,7 +147,7 @@ def load_manifest(config: WeightStoreConfig) -> Manifest:
 def plan_tiers(config: WeightStoreConfig, manifest: Manifest) -> TierPlan:
     """Which shards the host tier holds. Dummy runs have no files: they hold every
     shard except the layers the compute node makes on the GPU itself. With a run plan,
-    its layers decide; else the flags (strata/placement.py `tier_plan`)."""
+    its layers decide; else the flags (strata/policy/placement.py `tier_plan`)."""
     if config.plan is not None:
         return _plan_tiers(config.plan, manifest, bool(config.dummy))
     if config.dummy:
@@ -248,7 +249,7 @@ def parse_args(argv: list[str] | None) -> WeightStoreConfig:
     p.add_argument("--disk-offload", action="store_true",
                    help="streamed layers stay on disk (the host tier caches some within --host-budget-gb)")
     p.add_argument("--plan", default="", metavar="FILE",
-                   help="run plan JSON (strata/run_plan.py): its resident and disk layers place the shards "
+                   help="run plan JSON (strata/policy/run_plan.py): its resident and disk layers place the shards "
                         "(instead of --gpu-share, --host-budget-gb, --disk-offload)")
     p.add_argument("--listen", required=True, help='"unix:///path/to.sock" or "host:port"')
     p.add_argument("--session", default="", help="shared-memory name prefix (default: a new one)")

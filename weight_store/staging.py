@@ -16,9 +16,9 @@ import pathlib
 import threading
 import time
 
-from strata import shm
-from strata.errors import ErrorKind, StrataError
-from strata.manifest import Manifest
+from strata.model.manifest import Manifest
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
 from weight_store.host_tier import Slot, check_shm_space, read_shard, shard_bytes
 from weight_store.reader import ShardReader
 

@@ -1,5 +1,5 @@
 """Device kernels with a plain-PyTorch fallback: the CPU and any device without
-Triton run strata.quant's reference code."""
+Triton run strata.model.quant's reference code."""
 
 from compute_node.kernels.dequant import dequantize
 from compute_node.kernels.w4a16 import MERGED_QKV, PackedInt4

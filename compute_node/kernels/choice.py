@@ -1,6 +1,6 @@
 """Which CUDA W4A16 kernels the compute node may run, decided once at its start.
 
-The run plan (strata/run_plan.py: `w4a16_wgmma`, `w4a16_mma`) says which kernels are
+The run plan (strata/policy/run_plan.py: `w4a16_wgmma`, `w4a16_mma`) says which kernels are
 allowed; `on_device` keeps those built for the compute device (building them then:
 nvcc's first builds take seconds, at start and not in a request). The result is a
 frozen `KernelChoice` handed to the layers (compute_node/layer_weights.py ->

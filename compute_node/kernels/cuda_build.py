@@ -6,8 +6,8 @@ a build) and need ninja; these kernels take plain pointers and a stream, so a ~5
 call and ctypes do. The CUDA runtime is linked statically, and kernels are launched on
 the stream the caller passes (PyTorch's current stream, CUDA graph capture included).
 
-Where the library goes: $STRATA_CACHE/kernels (strata/paths.py), built once
-(strata.build.compile_once: processes building at once never load half a file). nvcc
+Where the library goes: $STRATA_CACHE/kernels (strata/runtime/paths.py), built once
+(strata.runtime.build.compile_once: processes building at once never load half a file). nvcc
 comes from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin. Without nvcc or on a
 failed build, `load` returns None (logged once) and callers keep their other path.
 `Launcher` is one kernel's exported C launcher, typed and loaded per GPU.
@@ -25,8 +25,8 @@ import shutil
 import subprocess
 from typing import Callable
 
-from strata import paths
-from strata.build import compile_once
+from strata.runtime import paths
+from strata.runtime.build import compile_once
 
 LOG = logging.getLogger("strata.kernels")
 HERE = pathlib.Path(__file__).resolve().parent

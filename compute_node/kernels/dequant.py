@@ -1,12 +1,12 @@
 """Fused group-wise dequantization: one pass, reading packed codes plus the group's
 scale and min, writing 16-bit weights (DESIGN.md "Formats"; DeepSpeed's nibble order:
-even index in the high nibble). On CUDA a Triton kernel; elsewhere strata.quant."""
+even index in the high nibble). On CUDA a Triton kernel; elsewhere strata.model.quant."""
 
 from __future__ import annotations
 
 import torch
 
-from strata import quant
+from strata.model import quant
 
 try:  # Triton ships with CUDA builds of PyTorch only
     import triton

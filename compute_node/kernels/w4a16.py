@@ -1,5 +1,5 @@
 """Fused W4A16 linear: Y[M, N] = X[M, K] @ W^T (+ bias) reading the packed INT4 weight
-directly (strata.quant's format: group-wise asymmetric, `w = q * scale + min`, groups of
+directly (strata.model.quant's format: group-wise asymmetric, `w = q * scale + min`, groups of
 `group_size` along K, `data` [N, K // 2] uint8 with the EVEN k in the HIGH nibble).
 
 Design (decode sizes, M = 1..256):
@@ -20,7 +20,7 @@ Design (decode sizes, M = 1..256):
   columns are permuted once per call (`wide_order`) into the joined tile's order.
 * Two ways to apply scale/min (constexpr ALGEBRAIC):
     False - dequantize in registers (q * s + m in fp32, rounded to X's dtype), then dot;
-            bit-for-bit the same weights as `strata.quant.dequantize(..., x.dtype)`.
+            bit-for-bit the same weights as `strata.model.quant.dequantize(..., x.dtype)`.
     True  - dot on offset codes (128 + q in bf16, 1024 + q in fp16: exact), then per
             group acc += s[n] * (X_g @ C_g^T) + (m[n] - offset * s[n]) * rowsum(X_g);
             less ALU per weight when BLOCK_M is small, and more accurate.
@@ -47,7 +47,7 @@ w4a16_mma.cu: no dequantized weight in shared memory). The choice (choice.py) is
 once at the compute node's start from its run plan and device; direct callers get
 `choice.DEFAULT` (both, where built).
 
-On CPU (or without Triton) `int4_linear` falls back to `strata.quant.dequantize` +
+On CPU (or without Triton) `int4_linear` falls back to `strata.model.quant.dequantize` +
 `torch.nn.functional.linear`; with TRITON_INTERPRET=1 the kernel itself runs on CPU
 tensors (slow; tests only).
 """
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from compute_node.kernels import choice as kernel_choice
 from compute_node.kernels.choice import KernelChoice
-from strata import quant
+from strata.model import quant
 
 try:  # Triton ships with CUDA builds of PyTorch only
     import triton

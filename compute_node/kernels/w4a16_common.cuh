@@ -1,5 +1,5 @@
 // What the two W4A16 CUDA kernels share (w4a16_mma.cu for sm_80+, w4a16_wgmma.cu for
-// sm_90a): strata.quant's packed format, the nibble-to-float unpack, cp.async, the problem
+// sm_90a): strata.model.quant's packed format, the nibble-to-float unpack, cp.async, the problem
 // record and the split-K sum. Each .cu includes it once (one translation unit a library).
 #pragma once
 #include <cuda_bf16.h>

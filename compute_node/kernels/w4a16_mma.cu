@@ -5,7 +5,7 @@
 // read back from shared memory to reach the tensor cores. Here they never are: each
 // thread dequantizes exactly the weights of its own mma.sync B fragments in registers.
 //
-// Layout (strata.quant's format, read as stored; nothing is reshuffled):
+// Layout (strata.model.quant's format, read as stored; nothing is reshuffled):
 //   W  [N, K/2] uint8, even k in the high nibble; scale, min [N, K/64] fp16, w = q*s + m.
 //   X  [M, K] bf16 or fp16, row stride ldx.
 // The trick that lets a thread read its weights with one 8-byte load: the order of k

@@ -72,7 +72,7 @@ if triton is not None:
 
     @triton.jit
     def _weights(nib, s, mn, DT: tl.constexpr, DOT_F32: tl.constexpr):
-        """Dequantized weights, bit-for-bit strata.quant.dequantize: q * s + m in fp32, rounded to DT."""
+        """Dequantized weights, bit-for-bit strata.model.quant.dequantize: q * s + m in fp32, rounded to DT."""
         w = (nib.to(tl.float32) * s[:, None] + mn[:, None]).to(DT)
         if DOT_F32:
             w = w.to(tl.float32)

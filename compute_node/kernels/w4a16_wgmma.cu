@@ -7,7 +7,7 @@
 // tensor cores from shared memory with no instruction per fragment.
 // wgmma is asynchronous: a warpgroup dequantizes group i+1 while group i multiplies.
 //
-// Layout (strata.quant's format, read as stored): W [N, K/2] uint8, even k in the high
+// Layout (strata.model.quant's format, read as stored): W [N, K/2] uint8, even k in the high
 // nibble; scale, min [N, K/64] fp16, w = q*s + m. X [M, K] bf16 or fp16, row stride ldx.
 // X's tile for a group (64 rows x 64 k, 128 bytes a row) comes by TMA (one bulk tensor
 // copy, rows past M zero-filled) into wgmma's K-major 128-byte-swizzled layout. A thread

@@ -10,7 +10,7 @@ import torch
 import tiny_models
 from compute_node.layer_weights import LayerWeights, dense, to_device
 from compute_node.weights import HostWeights
-from strata.manifest import layer_shard
+from strata.model.manifest import layer_shard
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the ring is the CUDA path")
 

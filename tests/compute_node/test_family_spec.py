@@ -1,4 +1,4 @@
-"""A family is one spec: GPT-NeoX (a module of strata/families/) and StableLM (declared
+"""A family is one spec: GPT-NeoX (a module of strata/model/families/) and StableLM (declared
 here, nowhere else) run on the generic decoder and give transformers' greedy tokens."""
 
 import json
@@ -9,9 +9,9 @@ import torch
 import tiny_models
 from compute_node import model as cm
 from in_process import InProcess
-from strata import arch
-from strata.arch import ArchSpec, Cfg, ConfigKeys, Math, Names
-from strata.errors import StrataError
+from strata.model import arch
+from strata.model.arch import ArchSpec, Cfg, ConfigKeys, Math, Names
+from strata.runtime.errors import StrataError
 from weight_store.convert import convert
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]

@@ -16,8 +16,8 @@ from compute_node.kernels import choice, w4a16, w4a16_mma, w4a16_wgmma
 from compute_node.kernels.choice import KernelChoice
 from compute_node.kernels.w4a16 import MERGED_QKV, PackedInt4
 from in_process import InProcess
-from strata import quant
-from strata.run_plan import RunPlan
+from strata.model import quant
+from strata.policy.run_plan import RunPlan
 
 CUDA = types.SimpleNamespace(type="cuda", index=0)  # a stand-in device: only its type is read here
 

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import tiny_models
 from deploy.client import generate, request_for
 from serving import Server, device_flags
-from strata.errors import ErrorKind, StrataError
-from strata.wire import generate_pb2, generate_pb2_grpc
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.wire import generate_pb2, generate_pb2_grpc
 
 CLIENTS = 16
 

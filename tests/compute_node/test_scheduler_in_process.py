@@ -8,7 +8,7 @@ import pytest
 import tiny_models
 from compute_node.sampling import Sampling
 from in_process import InProcess, collect, columns, finishing_prompts, request
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 

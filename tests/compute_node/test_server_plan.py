@@ -7,8 +7,8 @@ import types
 import pytest
 
 from compute_node.server import parse_args, run_plan
-from strata.errors import StrataError
-from strata.run_plan import RunPlan
+from strata.policy.run_plan import RunPlan
+from strata.runtime.errors import StrataError
 
 BASE = ["--session", "s", "--weight-store", "unix:///tmp/ws.sock"]
 DIMS = types.SimpleNamespace(num_layers=4, head_dim=64)

@@ -13,7 +13,7 @@ from compute_node.slot_kv import Joining, LocalSlots, RemoteSlots, SlotShape
 from in_process import InProcess
 from kv_store.attention import GroupSpec
 from kv_store.quantized import QuantizedGroupCache
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 PROMPTS = [[5, 17, 33, 100, 7, 9] * 4, [44, 3, 250] * 5, list(range(12, 40))]
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@
 import pytest
 
 from compute_node.slots import Limits, SlotPool, WaitQueue, check_fits, default_max_queue, even_groups
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def test_even_groups_split_the_batch_without_empty_groups():

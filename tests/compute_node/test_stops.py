@@ -1,7 +1,7 @@
 import pytest
 
 from compute_node.stops import StopWatch
-from strata.errors import StrataError
+from strata.runtime.errors import StrataError
 
 
 def decode(ids):

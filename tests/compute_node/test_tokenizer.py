@@ -8,7 +8,7 @@ import time
 import pytest
 
 from compute_node.tokenizer import TextCodec
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compute_node.validation import CHARS_PER_TOKEN, RequestLimits, check_generate
-from strata.config import ComputeNodeConfig
-from strata.errors import ErrorKind, StrataError
-from strata.wire import generate_pb2
+from strata.runtime.config import ComputeNodeConfig
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport.wire import generate_pb2
 
 LIMITS = RequestLimits(max_prompts=4, max_prompt_tokens=6, max_prompt_chars=12, max_sequence_tokens=16,
                        sequence_limit="the model's 16 positions", vocab=50, max_stops=2, max_stop_chars=5)

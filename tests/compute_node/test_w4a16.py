@@ -1,4 +1,4 @@
-"""compute_node.kernels.w4a16.int4_linear against strata.quant.dequantize + F.linear.
+"""compute_node.kernels.w4a16.int4_linear against strata.model.quant.dequantize + F.linear.
 
 The Triton kernel itself runs under Triton's CPU interpreter in a subprocess (so
 TRITON_INTERPRET=1 does not leak into this process), or on CUDA when there is a GPU;
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from compute_node.kernels.w4a16 import int4_linear
-from strata import quant
+from strata.model import quant
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 try:  # CI installs only pyproject's dependencies: no triton there

@@ -1,6 +1,6 @@
 """The register-fed CUDA W4A16 kernel (compute_node/kernels/w4a16_mma.cu).
 
-On a CUDA GPU with nvcc: the kernel against strata.quant.dequantize + F.linear, over
+On a CUDA GPU with nvcc: the kernel against strata.model.quant.dequantize + F.linear, over
 dtypes, row counts, both block widths, split-K and bias, directly and through
 int4_linear. Without a GPU: the launch shapes. The build: test_cuda_build.py."""
 
@@ -11,7 +11,7 @@ import torch
 
 from compute_node.kernels import cuda_build, w4a16_mma
 from compute_node.kernels.w4a16 import int4_linear, pick_config
-from strata import quant
+from strata.model import quant
 from test_w4a16 import TOL, assert_matches_reference, cuda_problem, reference
 
 HAVE_NVCC = cuda_build.nvcc() is not None

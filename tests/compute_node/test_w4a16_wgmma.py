@@ -1,6 +1,6 @@
 """The wgmma W4A16 kernel (compute_node/kernels/w4a16_wgmma.cu, sm_90a).
 
-On an sm_90 GPU with nvcc: the kernel against strata.quant.dequantize + F.linear over
+On an sm_90 GPU with nvcc: the kernel against strata.model.quant.dequantize + F.linear over
 dtypes, row counts, its block shapes, ring depths, split-K and bias, directly and through
 int4_linear. Everywhere: the launch shapes and split rule. The build and the launcher
 lookup: test_cuda_build.py."""
@@ -13,7 +13,7 @@ import torch
 from compute_node.kernels import cuda_build, w4a16, w4a16_mma, w4a16_wgmma
 from compute_node.kernels.choice import KernelChoice
 from compute_node.kernels.w4a16 import int4_linear
-from strata import quant
+from strata.model import quant
 from test_w4a16 import TOL, assert_matches_reference, cuda_problem, reference
 
 HAVE_NVCC = cuda_build.nvcc() is not None

@@ -146,7 +146,7 @@ def test_a_dummy_run_plans_no_more_disk_layers_than_the_disk_holds(monkeypatch):
     """Llama-3.1-405B on the H200: host memory short, so some layers stay on disk; a dummy
     run writes those first, so the plan keeps within the offload directory's free space."""
     from deploy import bench
-    from strata.errors import StrataError
+    from strata.runtime.errors import StrataError
     from weight_store import diskspace
 
     monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 1e15)
@@ -167,9 +167,9 @@ def test_the_floor_comes_from_the_profile_and_names_it():
     import types
 
     from deploy.bench import BenchArgs, _report
-    from strata import hardware
-    from strata.arch import dims_for
-    from strata.shapes import config_for
+    from strata.model.arch import dims_for
+    from strata.model.shapes import config_for
+    from strata.policy import hardware
 
     path = ROOT / "bench/profiles/nvidia-h200.json"
     h200 = hardware.load(path)
@@ -185,7 +185,7 @@ def test_the_floor_comes_from_the_profile_and_names_it():
                                          "measured_at": h200.measured_at, "source": h200.source}
     # the floor is the model's over the profile's figures, not the H100 ones
     from deploy.bench import _kv_bytes_per_token
-    from strata import floor as fl
+    from strata.policy import floor as fl
 
     placement = fl.Placement(17e9, 1.0, False, _kv_bytes_per_token(a, dims), 0.0)
     want = fl.floor(dims, fl.Workload(64, 512, 32), placement, h200.to_hardware())
@@ -195,7 +195,7 @@ def test_the_floor_comes_from_the_profile_and_names_it():
 
 def test_a_run_is_predicted_for_the_placement_it_ran():
     from deploy.bench import predict_run
-    from strata import hardware
+    from strata.policy import hardware
 
     h200 = hardware.load(ROOT / "bench/profiles/nvidia-h200.json")
     run = {"model": "facebook/opt-30b", "batch_size": 159, "prompt_len": 512, "gen_len": 32,

@@ -9,7 +9,7 @@ import pytest
 
 import tiny_models
 from serving import Server, shm_entries
-from strata.manifest import Manifest, align
+from strata.model.manifest import Manifest, align
 from test_serve_generate import PROMPTS, generate_ids
 from weight_store.convert import convert
 

@@ -19,9 +19,9 @@ import pytest
 import tiny_models
 from deploy.client import generate, request_for
 from serving import Server, kill_quietly, shm_entries, strata
-from strata import shm
-from strata.errors import ErrorKind, StrataError
-from strata.wire import generate_pb2, generate_pb2_grpc
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
+from strata.transport.wire import generate_pb2, generate_pb2_grpc
 from weight_store.convert import convert
 
 CLIENT_TIMEOUT_S = 60

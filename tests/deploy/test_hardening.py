@@ -25,9 +25,9 @@ from deploy.cli import build_parser
 from deploy.client import generate, request_for
 from deploy.launcher import RUNDIR_PREFIX
 from serving import ROOT, Server, strata
-from strata import rpc
-from strata.errors import ErrorKind, StrataError
-from strata.wire import generate_pb2, generate_pb2_grpc
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import rpc
+from strata.transport.wire import generate_pb2, generate_pb2_grpc
 from weight_store.convert import TOKENIZER_FILES, convert
 
 KEY = "test-key-1234"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from strata import hardware
+from strata.policy import hardware
 
 ROOT = pathlib.Path(__file__).parents[2]
 PROFILE = ROOT / "bench" / "profiles" / "nvidia-h100-x1.json"

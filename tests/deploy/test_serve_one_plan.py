@@ -11,9 +11,9 @@ import pytest
 
 import tiny_models
 from serving import Server
-from strata.client import Client
-from strata.run_plan import RunPlan
-from strata.wire import common_pb2, kv_store_pb2_grpc, weight_store_pb2_grpc
+from strata.api.client import Client
+from strata.policy.run_plan import RunPlan
+from strata.transport.wire import common_pb2, kv_store_pb2_grpc, weight_store_pb2_grpc
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250]]
 NEW = 6

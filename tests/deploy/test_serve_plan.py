@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from deploy.cli import build_parser, serve_options
-from strata import hardware
+from strata.policy import hardware
 from weight_store.dummy_files import write_dummy_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,13 +35,13 @@ def test_a_model_that_fits_the_gpu_is_planned_all_resident(model, capsys):
 
 def test_a_small_gpu_streams_layers_and_a_small_host_reads_some_from_disk(model, tmp_path):
     from deploy.plan_cli import _model
-    from strata import cost_model as cm
+    from strata.policy import cost_model as cm
 
     dims, wbf, _ = _model(str(model), None, 64)
     wb = wbf(4)
     # at 4 micro-batches (the least activation memory a batch of 4 can have), so that no
     # micro-batch count lets every layer fit
-    from strata.memory_model import GPU_MARGIN_SHARE
+    from strata.policy.memory_model import GPU_MARGIN_SHARE
 
     gpu, _ = cm.memory(dims, wb, cm.Workload(512, 32, 4), cm.Placement(0.0, False, 4, 4), 0.0)
     prof = hardware.load(PROFILE)  # a GPU with room for 3 more layers (its margin a share of it),
@@ -67,7 +67,7 @@ def test_any_placement_flag_or_the_cpu_keeps_the_flags(model):
 def test_offloaded_weights_without_a_share_stream_every_layer_and_a_budget_leaves_the_last_on_disk(model):
     """The same rule as bench's: --disk-offload or --host-budget-gb without a share means
     share 0; the host tier then holds what fits, the rest are the plan's disk layers."""
-    from strata.manifest import Manifest
+    from strata.model.manifest import Manifest
 
     o = options(model, "--disk-offload")
     assert o.plan.resident_layers == () and o.plan.disk_layers == tuple(range(12))
@@ -80,7 +80,7 @@ def test_offloaded_weights_without_a_share_stream_every_layer_and_a_budget_leave
 
 
 def test_a_host_budget_too_small_or_disk_layers_over_bytes_are_refused_before_anything_starts(model):
-    from strata.errors import StrataError
+    from strata.runtime.errors import StrataError
 
     with pytest.raises(StrataError, match="host budget of .* short"):
         options(model, "--host-budget-gb", "0.00001")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kv_store.attention import GroupCache, GroupSpec, build_mask
-from strata.alibi import alibi_slopes
-from strata.errors import ErrorKind, StrataError
+from strata.model.alibi import alibi_slopes
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def make_spec(**kw) -> GroupSpec:
@@ -178,7 +178,7 @@ def test_slot_steps_at_one_position_equal_those_at_mixed_positions(alibi):
     torch.testing.assert_close(same.keys[0][:2, :, :6], mixed.keys[0][:2, :, :6])
     bias = None
     if alibi:
-        from strata.alibi import alibi_slopes
+        from strata.model.alibi import alibi_slopes
         bias = alibi_slopes(4).view(1, 4, 1, 1) * torch.arange(6).float().view(1, 1, 1, 6)
     ref = torch.nn.functional.scaled_dot_product_attention(q, same.keys[0][:, :, :6], same.values[0][:, :, :6],
                                                            attn_mask=bias, scale=0.25)
@@ -194,7 +194,7 @@ def test_packed_prompts_land_in_their_rows_in_runs(bits):
 
     from kv_store.attention import GroupCache, GroupSpec, _runs
     from kv_store.quantized import QuantizedGroupCache
-    from strata.kv_quant import KVFormat
+    from strata.model.kv_quant import KVFormat
 
     rows, lengths = [3, 4, 0, 1, 5, 6], [4, 4, 4, 2, 2, 3]
     assert _runs(rows, lengths) == [(3, 2, 4), (0, 1, 4), (1, 1, 2), (5, 1, 2), (6, 1, 3)]

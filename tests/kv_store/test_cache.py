@@ -1,7 +1,7 @@
 import pytest
 
 from kv_store.cache import CapacityLedger, cache_bytes
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def test_cache_bytes_counts_keys_and_values():
@@ -66,7 +66,7 @@ def test_negative_sizes_are_invalid():
 
 
 def test_policy_imports_neither_torch_nor_grpc():
-    """grpc still arrives through strata.errors (its module-level import); torch must not."""
+    """grpc still arrives through strata.runtime.errors (its module-level import); torch must not."""
     import pathlib
     import subprocess
     import sys

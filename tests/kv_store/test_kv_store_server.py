@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kv_store.attention import GroupCache, GroupSpec
-from strata.dataplane import inline_ref, ref_for
-from strata.shm import Region
-from strata.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from strata.transport.dataplane import inline_ref, ref_for
+from strata.transport.shm import Region
+from strata.transport.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CAPACITY = 200_000
@@ -213,7 +213,7 @@ def test_sigterm_exits_zero_with_a_region_registered():
 
 def test_a_run_plan_admits_only_groups_of_its_kv_bits(tmp_path):
     """--plan: the KV store takes groups at the plan's bits and group size only, and says so."""
-    from strata.run_plan import RunPlan
+    from strata.policy.run_plan import RunPlan
 
     path = tmp_path / "plan.json"
     RunPlan(num_layers=2, kv_home="kv_store", kv_bits=8, kv_group_size=8).save(path)
@@ -233,8 +233,8 @@ def test_the_run_plan_s_kernel_macros_build_the_attention_kernel(monkeypatch):
     """The KV store's attention kernel is built with the plan's kv_kernel_defines (bench
     configuration), none without a plan."""
     from kv_store import server
-    from strata.config import KVStoreConfig
-    from strata.run_plan import RunPlan
+    from strata.policy.run_plan import RunPlan
+    from strata.runtime.config import KVStoreConfig
 
     asked = []
     monkeypatch.setattr(server.NativeDecodeAttention, "create",

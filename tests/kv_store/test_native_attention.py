@@ -118,8 +118,8 @@ def test_quantized_cache_matches_its_pytorch_path(kernel, bits, heads, kv_heads,
 @pytest.mark.parametrize("bits", [8, 4])
 def test_native_quantize_writes_the_codes_pytorch_would(kernel, bits):
     """The prompt's keys/values quantized by the kernel into a strided cache slice equal
-    strata/kv_quant.py's codes, scales and mins (and leave the rest of the cache alone)."""
-    from strata.kv_quant import KVFormat
+    strata/model/kv_quant.py's codes, scales and mins (and leave the rest of the cache alone)."""
+    from strata.model.kv_quant import KVFormat
 
     fmt = KVFormat(bits, 64, 32)
     torch.manual_seed(bits)
@@ -185,7 +185,7 @@ def test_quantized_kernel_matches_the_dequantized_cache(kernel, bits, dim, group
     cache: grouped heads, token counts around the 16-key blocks, a per-head mask with
     -inf (left padding, one masked key inside), strided codes and scales. Within the
     output's bfloat16 rounding and INT4's bfloat16 value weights."""
-    from strata.kv_quant import KVFormat
+    from strata.model.kv_quant import KVFormat
 
     fmt = KVFormat(bits, dim, group)
     torch.manual_seed(bits * 1000 + dim + group + heads * 10 + tokens)
@@ -209,7 +209,7 @@ def test_quantized_kernel_matches_the_dequantized_cache(kernel, bits, dim, group
 def test_quantized_int8_kernel_over_many_tokens(kernel):
     """More tokens than the INT8 value path sums in int32 at once (16384), a peaked
     softmax: the same as float64 over the dequantized cache."""
-    from strata.kv_quant import KVFormat
+    from strata.model.kv_quant import KVFormat
 
     fmt = KVFormat(8, 64, 32)
     torch.manual_seed(3)
@@ -226,7 +226,7 @@ def test_quantized_int8_kernel_over_many_tokens(kernel):
 def test_quantized_kernel_keeps_tiny_and_zero_queries_finite(kernel):
     """A zero query (uniform attention) and one of 1e-30 (below the fixed-point query's
     range): finite, the mean of the values."""
-    from strata.kv_quant import KVFormat
+    from strata.model.kv_quant import KVFormat
 
     for bits in (4, 8):
         fmt = KVFormat(bits, 128, 64)
@@ -259,7 +259,7 @@ def test_prefetch_macros_come_from_the_caller_and_are_their_own_build(tmp_path, 
     assert not any(f.startswith("-D") for f in plain_cmd)
     assert [f for f in pf_cmd if f.startswith("-D")] == ["-DPF_HINT=2", "-DPF_TOKENS=0"]
     assert plain != pf and pf == pairs
-    from strata.errors import StrataError
+    from strata.runtime.errors import StrataError
 
     with pytest.raises(StrataError, match="kv_kernel_defines has 'PF_FAR'"):
         native.flags({"PF_FAR": 1})

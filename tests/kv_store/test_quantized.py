@@ -32,7 +32,7 @@ def test_quantized_attention_is_close_to_float_attention(bits, tol, alibi):
 
 
 def test_bad_kv_bits_are_refused():
-    from strata.errors import ErrorKind, StrataError
+    from strata.runtime.errors import ErrorKind, StrataError
 
     with pytest.raises(StrataError) as e:
         GroupCache(spec(5))
@@ -42,7 +42,7 @@ def test_bad_kv_bits_are_refused():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_chunks_dequantize_exactly_into_one_reused_float32_buffer(bits):
     """Never the whole cache in float32: every chunk lands in the same CHUNK-token
-    buffer, with the same numbers as strata.quant's dequantization."""
+    buffer, with the same numbers as strata.model.quant's dequantization."""
     torch.manual_seed(1)
     cache = QuantizedGroupCache(spec(bits, kv_group_size=16))
     x = torch.randn(3, 2, CHUNK + 30, 32)
@@ -59,7 +59,7 @@ def test_chunks_dequantize_exactly_into_one_reused_float32_buffer(bits):
 
 @pytest.mark.parametrize("bits,group", [(8, 24), (4, 64), (16, 32)])
 def test_groups_that_do_not_divide_head_dim_or_16_bits_are_refused(bits, group):
-    from strata.errors import ErrorKind, StrataError
+    from strata.runtime.errors import ErrorKind, StrataError
 
     with pytest.raises(StrataError) as e:
         QuantizedGroupCache(spec(bits, kv_group_size=group))

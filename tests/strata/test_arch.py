@@ -1,4 +1,4 @@
-"""Family specs (strata/arch.py, strata/families/): plain data, no torch; one module
+"""Family specs (strata/model/arch.py, strata/model/families/): plain data, no torch; one module
 per family; dims, names and math options read from HF configs."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import sys
 
 import pytest
 
-from strata import arch, shapes
-from strata.arch import ArchSpec, Cfg, Math, Names
-from strata.errors import ErrorKind, StrataError
+from strata.model import arch, shapes
+from strata.model.arch import ArchSpec, Cfg, Math, Names
+from strata.runtime.errors import ErrorKind, StrataError
 
 ROOT = pathlib.Path(__file__).parents[2]
 
 
 def test_importing_and_using_the_specs_loads_no_torch():
-    code = ("import sys; from strata import arch, shapes; arch.registry(); "
+    code = ("import sys; from strata.model import arch, shapes; arch.registry(); "
             "[arch.dims_for(shapes.config_for(n)) for n in shapes.names()]; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -26,7 +26,7 @@ def test_importing_and_using_the_specs_loads_no_torch():
 
 
 def test_every_module_of_the_families_package_is_one_registered_spec():
-    modules = sorted(p.stem for p in (ROOT / "strata" / "families").glob("*.py") if p.stem != "__init__")
+    modules = sorted(p.stem for p in (ROOT / "strata" / "model" / "families").glob("*.py") if p.stem != "__init__")
     specs = {s.name: s for s in arch.registry().values()}
     assert sorted(specs) == modules
     assert arch.registry()["mistral"] is arch.registry()["qwen2"] is specs["llama"]

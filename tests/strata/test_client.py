@@ -1,4 +1,4 @@
-"""strata.client against `strata serve`: a call made before the server is up is retried
+"""strata.api.client against `strata serve`: a call made before the server is up is retried
 (UNAVAILABLE, with backoff) and answered once it is; streamed deltas add up to the
 final result; the async client gives the same tokens; a deadline ends retries. And
 TextStream alone: stop sequences are never shown, even in part."""
@@ -12,7 +12,7 @@ import time
 import pytest
 
 import tiny_models
-from strata.client import AsyncClient, CallError, Client, Retry, TextStream
+from strata.api.client import AsyncClient, CallError, Client, Retry, TextStream
 
 from serving import Server, strata
 

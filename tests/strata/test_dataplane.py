@@ -1,4 +1,4 @@
-"""strata/dataplane.py: TensorRef <-> tensor, through shared memory or inline bytes."""
+"""strata/transport/dataplane.py: TensorRef <-> tensor, through shared memory or inline bytes."""
 
 import threading
 import time
@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from strata import shm
-from strata.dataplane import Arena, inline_ref, ref_for, resolve
-from strata.errors import ErrorKind, StrataError
-from strata.shm import Region, RegionTable
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
+from strata.transport.dataplane import Arena, inline_ref, ref_for, resolve
+from strata.transport.shm import Region, RegionTable
 
 
 @pytest.fixture

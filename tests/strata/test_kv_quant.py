@@ -1,11 +1,11 @@
-"""strata/kv_quant.py: the quantized KV cache format (what one cached vector is stored as)."""
+"""strata/model/kv_quant.py: the quantized KV cache format (what one cached vector is stored as)."""
 
 import pytest
 import torch
 
-from strata import kv_quant
-from strata.errors import ErrorKind, StrataError
-from strata.kv_quant import KVFormat
+from strata.model import kv_quant
+from strata.model.kv_quant import KVFormat
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def kind_of(call) -> ErrorKind:

@@ -1,4 +1,4 @@
-"""strata/logs.py: one logging setup, in-process and in a real service process."""
+"""strata/runtime/logs.py: one logging setup, in-process and in a real service process."""
 
 import json
 import logging
@@ -13,8 +13,8 @@ import warnings
 import grpc
 import pytest
 
-from strata import logs
-from strata.wire import common_pb2, kv_store_pb2_grpc
+from strata.runtime import logs
+from strata.transport.wire import common_pb2, kv_store_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

@@ -1,12 +1,12 @@
-"""strata/manifest.py: the shard manifest's round trip, names, alignment, and refusal of
+"""strata/model/manifest.py: the shard manifest's round trip, names, alignment, and refusal of
 anything that is not a valid manifest."""
 
 import json
 
 import pytest
 
-from strata import manifest as mf
-from strata.errors import ErrorKind, StrataError
+from strata.model import manifest as mf
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def sample() -> mf.Manifest:

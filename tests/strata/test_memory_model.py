@@ -7,9 +7,10 @@ import pathlib
 
 import pytest
 
-from strata import cost_model as cm
-from strata import hardware, memory_model, planner, shapes
-from strata.arch import dims_for
+from strata.model import shapes
+from strata.model.arch import dims_for
+from strata.policy import cost_model as cm
+from strata.policy import hardware, memory_model, planner
 
 ROOT = pathlib.Path(__file__).parents[2]
 GIB = 1 << 30

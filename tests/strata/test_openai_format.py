@@ -1,9 +1,9 @@
-"""OpenAI bodies -> Generate calls and back (strata/openai_format.py), alone."""
+"""OpenAI bodies -> Generate calls and back (strata/api/openai_format.py), alone."""
 
 import pytest
 
-from strata import openai_format as oai
-from strata.client import Result, Stats
+from strata.api import openai_format as oai
+from strata.api.client import Result, Stats
 
 
 @pytest.mark.parametrize("field, value", [

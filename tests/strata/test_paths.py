@@ -1,10 +1,10 @@
-"""strata/paths.py: one cache root, $STRATA_CACHE (default $XDG_CACHE_HOME/strata, else
+"""strata/runtime/paths.py: one cache root, $STRATA_CACHE (default $XDG_CACHE_HOME/strata, else
 ~/.cache/strata), a folder per kind, and the kernel builders and the hardware profile
 write under it."""
 
 import pytest
 
-from strata import paths
+from strata.runtime import paths
 
 
 def test_the_root_is_strata_cache_else_xdg_cache_home_else_home_cache_strata(monkeypatch, tmp_path):
@@ -24,7 +24,7 @@ def test_the_root_is_strata_cache_else_xdg_cache_home_else_home_cache_strata(mon
 def test_the_hardware_profile_is_at_the_root(monkeypatch, tmp_path):
     import socket
 
-    from strata import hardware
+    from strata.policy import hardware
 
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
     assert hardware.default_path() == tmp_path / f"profile-{socket.gethostname()}.json"

@@ -1,6 +1,6 @@
 import pytest
 
-from strata.placement import resident_layers
+from strata.policy.placement import resident_layers
 
 
 @pytest.mark.parametrize("n,share,k", [(48, 1.0, 48), (48, 0.0, 0), (48, 0.5, 24), (96, 0.6, 58), (3, 0.34, 1)])

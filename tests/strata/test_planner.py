@@ -8,11 +8,12 @@ import pathlib
 
 import pytest
 
-from strata import cost_model as cm
-from strata import floor as fl
-from strata import hardware, planner, shapes
-from strata.arch import dims_for
-from strata.errors import ErrorKind, StrataError
+from strata.model import shapes
+from strata.model.arch import dims_for
+from strata.policy import cost_model as cm
+from strata.policy import floor as fl
+from strata.policy import hardware, planner
+from strata.runtime.errors import ErrorKind, StrataError
 
 PROFILE = pathlib.Path(__file__).parents[2] / "bench" / "profiles" / "nvidia-h100-x1.json"
 GIB = 1 << 30

@@ -1,10 +1,10 @@
-"""strata.quant: group-wise asymmetric min-max quantization, checked against DeepSpeed."""
+"""strata.model.quant: group-wise asymmetric min-max quantization, checked against DeepSpeed."""
 
 import pytest
 import torch
 
-from strata import quant
-from strata.errors import ErrorKind, StrataError
+from strata.model import quant
+from strata.runtime.errors import ErrorKind, StrataError
 
 
 def _weight(out_features=96, in_features=256, seed=0) -> torch.Tensor:

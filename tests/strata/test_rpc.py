@@ -1,4 +1,4 @@
-"""strata/rpc.py with real gRPC servers in this process: a used address is refused,
+"""strata/transport/rpc.py with real gRPC servers in this process: a used address is refused,
 an API key is required where set, a malformed request is one log line, TLS works
 with the client's root certificate."""
 
@@ -11,9 +11,9 @@ import subprocess
 import grpc
 import pytest
 
-from strata import rpc
-from strata.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method
-from strata.wire import common_pb2, generate_pb2, generate_pb2_grpc
+from strata.runtime.errors import ErrorKind, StrataError, grpc_method, grpc_stream_method
+from strata.transport import rpc
+from strata.transport.wire import common_pb2, generate_pb2, generate_pb2_grpc
 
 KEY = "s3cret-key"
 

@@ -1,4 +1,4 @@
-"""strata/shm.py: named regions in /dev/shm, and the refcounted table of attached ones."""
+"""strata/transport/shm.py: named regions in /dev/shm, and the refcounted table of attached ones."""
 
 import os
 import pathlib
@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from strata import shm
-from strata.errors import ErrorKind, StrataError
-from strata.shm import Region, RegionTable
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
+from strata.transport.shm import Region, RegionTable
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def test_names_outside_the_prefix_or_with_a_slash_are_refused(name):
 def test_writes_through_a_peer_process_are_seen_by_the_owner(session):
     owner = Region.create(shm.region_name(session, "x"), 1024)
     try:
-        code = (f"from strata.shm import Region; import torch; r = Region.attach({owner.name!r}, 1024); "
+        code = (f"from strata.transport.shm import Region; import torch; r = Region.attach({owner.name!r}, 1024); "
                 "r.tensor(256, torch.float32, (2, 2)).copy_(torch.tensor([[1.5, 2.5], [3.5, 4.5]])); r.close()")
         subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))

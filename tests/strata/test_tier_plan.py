@@ -2,8 +2,8 @@
 
 import pytest
 
-from strata.errors import ErrorKind, StrataError
-from strata.placement import resident_layers, tier_plan
+from strata.policy.placement import resident_layers, tier_plan
+from strata.runtime.errors import ErrorKind, StrataError
 
 MB = 1 << 20
 SIZES = {"embed": 50 * MB, **{f"layer.{i}": 10 * MB for i in range(8)}, "head": 1 * MB}
@@ -55,7 +55,7 @@ def test_a_budget_below_embeddings_and_staging_says_by_how_much():
 
 @pytest.mark.parametrize("share,disk_layers", [(0.0, 0), (0.0, 3), (0.5, 2), (0.25, 6)])
 def test_host_budget_for_leaves_exactly_the_last_streamed_layers_on_disk(share, disk_layers):
-    from strata.placement import host_budget_for
+    from strata.policy.placement import host_budget_for
 
     small = {"embed": 9000, **{f"layer.{i}": 4096 for i in range(8)}, "head": 300}  # layers far below 1 MiB
     budget = host_budget_for(small, 8, share, disk_layers)

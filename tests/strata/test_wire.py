@@ -3,7 +3,7 @@ the runtime on the GPU machine)."""
 
 import pathlib
 
-from strata.wire import regen
+from strata.transport.wire import regen
 
 WIRE = pathlib.Path(regen.__file__).parent
 
@@ -12,13 +12,13 @@ def test_regenerating_the_stubs_changes_nothing(tmp_path):
     written = regen.generate(tmp_path)
     assert {p.name for p in written} == {p.name for p in WIRE.glob("*_pb2*.py")}
     for fresh in written:
-        assert fresh.read_text() == (WIRE / fresh.name).read_text(), f"{fresh.name} is stale: run strata/wire/regen.py"
+        assert fresh.read_text() == (WIRE / fresh.name).read_text(), f"{fresh.name} is stale: run strata/transport/wire/regen.py"
 
 
 def test_every_rpc_has_its_own_request_and_response():
     import google.protobuf.descriptor_pool as pool
 
-    from strata.wire import generate_pb2, kv_store_pb2, weight_store_pb2  # noqa: F401
+    from strata.transport.wire import generate_pb2, kv_store_pb2, weight_store_pb2  # noqa: F401
 
     seen = set()
     for name in ("strata.wire.WeightStore", "strata.wire.KVStore", "strata.wire.Generator"):

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tiny_models
-from strata import manifest as mf
-from strata import quant
-from strata.errors import ErrorKind, StrataError
+from strata.model import manifest as mf
+from strata.model import quant
+from strata.runtime.errors import ErrorKind, StrataError
 from weight_store import convert as cv
 
 Q4 = {"num_bits": 4, "group_size": 64, "group_dim": 1, "symmetric": False}

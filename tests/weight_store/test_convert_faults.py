@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from serving import strata
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 from weight_store.convert import TOKENIZER_FILES, convert
 
 

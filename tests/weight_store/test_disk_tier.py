@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from fake_shards import write_model
-from strata import shm
-from strata.manifest import align
-from strata.wire import weight_store_pb2
+from strata.model.manifest import align
+from strata.transport import shm
+from strata.transport.wire import weight_store_pb2
 from test_weight_store_server import Service
 
 
@@ -96,7 +96,7 @@ def tiers(svc) -> dict:
     """The layers' tiers the weight store reports at the end of its health detail."""
     import json
 
-    from strata.wire import common_pb2
+    from strata.transport.wire import common_pb2
 
     return json.loads(svc.stub.Health(common_pb2.HealthRequest(), timeout=10).detail.split("; layers ", 1)[1])
 
@@ -104,7 +104,7 @@ def tiers(svc) -> dict:
 def test_a_run_plan_places_the_layers_and_the_store_reports_them(model, tmp_path):
     """--plan: the resident layer is read once from disk (never in the host tier), the
     plan's disk layer every pass; Health says so by index."""
-    from strata.run_plan import RunPlan
+    from strata.policy.run_plan import RunPlan
 
     directory, _ = model
     path = tmp_path / "plan.json"
@@ -127,7 +127,7 @@ def test_a_run_plan_places_the_layers_and_the_store_reports_them(model, tmp_path
 
 
 def test_a_plan_for_another_model_or_with_placement_flags_is_refused(model, tmp_path):
-    from strata.run_plan import RunPlan
+    from strata.policy.run_plan import RunPlan
 
     directory, _ = model
     path = tmp_path / "plan.json"

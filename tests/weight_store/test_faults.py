@@ -14,9 +14,9 @@ import sys
 import grpc
 import pytest
 
-from strata import shm
-from strata.errors import ErrorKind, StrataError
-from strata.wire import weight_store_pb2
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
+from strata.transport.wire import weight_store_pb2
 from weight_store import convert as cv
 from weight_store import diskspace
 from weight_store.host_tier import HostTier

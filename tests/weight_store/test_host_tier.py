@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from strata import shm
-from strata.errors import ErrorKind, StrataError
-from strata.manifest import ALIGN
+from strata.model.manifest import ALIGN
+from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import shm
 from weight_store.host_tier import HostTier
 from weight_store.reader import PreadReader
 

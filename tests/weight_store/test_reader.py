@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from strata.errors import ErrorKind, StrataError
+from strata.runtime.errors import ErrorKind, StrataError
 from weight_store.reader import PreadReader, make_reader
 
 

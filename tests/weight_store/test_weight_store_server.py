@@ -14,9 +14,9 @@ import time
 import grpc
 import pytest
 
-from strata import shm
-from strata.manifest import Manifest
-from strata.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
+from strata.model.manifest import Manifest
+from strata.transport import shm
+from strata.transport.wire import common_pb2, weight_store_pb2, weight_store_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 from fake_shards import write_model
