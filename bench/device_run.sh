@@ -20,7 +20,7 @@ for step in "$@"; do
   case $step in
     env) nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; python3 -c "import torch,grpc,google.protobuf as p,transformers as t;print(torch.__version__,grpc.__version__,p.__version__,t.__version__)";;
     micro) python3 bench/micro_gpu.py | tee "$OUT/micro.jsonl";;
-    attn) for dt in float16 bfloat16 float32; do python3 -m kv_store.bench_attention --batch 16 --dtype $dt --threads 16 --steps 10; done | tee "$OUT/attn.jsonl";;
+    attn) for dt in float16 bfloat16 float32; do python3 -m tools.bench_attention --batch 16 --dtype $dt --threads 16 --steps 10; done | tee "$OUT/attn.jsonl";;
     e2e) STRATA_TEST_DEVICE=cuda timeout 500 python3 -m pytest -q -x tests/deploy/test_serve_generate.py tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
     t1) bench --model facebook/opt-30b --dummy --kv-offload --batch-size ${T1_B:-128} --micro-batches ${T1_M:-4} --kv-capacity-gb ${T1_KV:-92};;
     e2e-disk) STRATA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -x tests/deploy/test_disk_offload.py 2>&1 | tail -5;;
@@ -48,11 +48,11 @@ for step in "$@"; do
     sweep) python3 bench/attn_sweep.py | tee "$OUT/sweep.jsonl";;
     ring) STRATA_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q tests/compute_node/test_device_ring.py 2>&1 | tail -3;;
     prof30) python3 bench/profile_engine.py --batch ${P_B:-64} --micro-batches 1 --gen 4 > "$OUT/prof30-${P_TAG:-x}.txt" 2>&1; tail -1 "$OUT/prof30-${P_TAG:-x}.txt";;
-    attnq) python3 -m kv_store.bench_attention --batch 16 --dtype bfloat16 --threads 16 --steps 10 --kv-bits 16,8,4 | tee "$OUT/attnq.jsonl";;
+    attnq) python3 -m tools.bench_attention --batch 16 --dtype bfloat16 --threads 16 --steps 10 --kv-bits 16,8,4 | tee "$OUT/attnq.jsonl";;
     disk)
       OFF=${STRATA_CACHE:-$HOME/.cache/strata}/offload
       for m in facebook/opt-6.7b facebook/opt-30b; do
-        python3 -c "import time; t=time.time(); from weight_store.dummy_files import write_dummy_model as w; w('$m', 4, 64, '$OFF/${m//\//--}-q4g64'); print('$m shards ready in', round(time.time()-t, 1), 's')"
+        python3 -c "import time; t=time.time(); from tools.dummy.files import write_dummy_model as w; w('$m', 4, 64, '$OFF/${m//\//--}-q4g64'); print('$m shards ready in', round(time.time()-t, 1), 's')"
       done
       python3 bench/disk_read.py "$OFF/facebook--opt-30b-q4g64" | tee "$OUT/disk_read.jsonl"
       DD=$(python3 -c "import json;r=json.load(open('$OUT/disk_read.jsonl'));print(sum(r['dd_direct_bytes_per_s'])/2e9)")

@@ -23,7 +23,7 @@ from compute_node.slot_kv import packed_attention  # noqa: E402
 from in_process import InProcess  # noqa: E402
 from kv_store.attention import GroupCache, GroupSpec  # noqa: E402
 from kv_store.quantized import QuantizedGroupCache  # noqa: E402
-from weight_store.convert import convert  # noqa: E402
+from tools.convert import convert  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 100, 7, 9] * 4, [44, 3, 250] * 5, list(range(12, 40))]
 

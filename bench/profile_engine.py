@@ -18,10 +18,10 @@ from compute_node.runner import GroupStep, Join, Runner
 from compute_node.slot_kv import LocalSlots, SlotShape
 from compute_node.slots import even_groups
 from compute_node.weights import HostWeights
-from strata.dummy_fill import fill
 from strata.model.arch import dims_for
 from strata.policy.placement import resident_layers
-from weight_store.dummy import dummy_manifest
+from tools.dummy.manifest import dummy_manifest
+from tools.dummy.weights import fill
 
 
 class Passes:

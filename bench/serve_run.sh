@@ -31,7 +31,7 @@ for step in "$@"; do
     t1q) new --model facebook/opt-30b --dummy --kv-offload --kv-bits 4 --gpu-weight-share 1 --micro-batches ${T1Q_M:-2} --batch-size ${T1Q_B:-256};;
     batch) new $T2 --batch-requests ${BATCH_N:-2000};;
     cpu) lscpu | grep -E "Model name|Socket|NUMA node\(s\)|L3"; grep -o -w 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
-         PYTHONPATH=$PWD timeout 200 python3 -m kv_store.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads 16 --layers 8 --kv-bits 16,8,4 2>&1 | tee "$OUT/kernel.jsonl" | cut -c1-300;;
+         PYTHONPATH=$PWD timeout 200 python3 -m tools.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads 16 --layers 8 --kv-bits 16,8,4 2>&1 | tee "$OUT/kernel.jsonl" | cut -c1-300;;
     profile) PYTHONPATH=$PWD timeout 300 python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -5;;
   esac
 done

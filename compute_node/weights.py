@@ -156,7 +156,7 @@ def shard_views(shard: Shard, raw: torch.Tensor) -> dict[str, StoredTensor]:
 
 def dummy_layer_on_device(manifest: Manifest, i: int, device: torch.device) -> dict[str, StoredTensor]:
     """A dummy model's layer made directly in device memory (never in the host tier)."""
-    from strata.dummy_fill import fill
+    from tools.dummy.weights import fill
 
     shard = manifest.shards[layer_shard(i)]
     raw = torch.empty(shard.size, dtype=torch.uint8, device=device)

@@ -111,7 +111,7 @@ class HostMemorySampler:
 
 def _manifest(a: BenchArgs) -> Manifest:
     if a.dummy:
-        from weight_store.dummy import dummy_manifest
+        from tools.dummy.manifest import dummy_manifest
 
         return dummy_manifest(a.model, a.quant_bits, a.group_size)
     return Manifest.load(a.model)
@@ -142,7 +142,7 @@ def _offload_dir(a: BenchArgs, plan: RunPlan) -> str:
     """Dummy weights for the disk tier: written once per shape into a cache directory,
     with their bytes only where read from disk every pass (the rest sparse zeros: the
     host tier and the GPU's own dummy layers never read those files' bytes as weights)."""
-    from weight_store.dummy_files import write_dummy_model
+    from tools.dummy.files import write_dummy_model
 
     out = _offload_base(a.offload_dir) / "offload" / f"{a.model.replace('/', '--')}-q{a.quant_bits}g{a.group_size}"
     write_dummy_model(a.model, a.quant_bits, a.group_size, out, data=_disk_shards(plan))

@@ -17,7 +17,7 @@ from strata.transport import rpc
 
 
 def _convert(a) -> int:
-    from weight_store.convert import convert
+    from tools.convert import convert
 
     ds = None
     if a.ds_config:

@@ -25,7 +25,7 @@ def run(args) -> int:
     from deploy.launcher import ServeOptions, Services
     from deploy.serve_plan import resolve
     from strata.model.manifest import Manifest
-    from weight_store.convert import convert
+    from tools.convert import convert
 
     root = cache_dir()
     hf, shards = root / "opt-demo-v2-hf", root / "opt-demo-v2-int4"  # v2: the model's vocabulary is its tokenizer's

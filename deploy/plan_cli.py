@@ -282,7 +282,7 @@ def measure_host(quick: bool) -> dict:
     import psutil
     import torch
 
-    from kv_store.bench_attention import dram_read_gbps, profile_rates
+    from tools.bench_attention import dram_read_gbps, profile_rates
 
     torch.set_num_threads(os.cpu_count() or 1)
     dram = dram_read_gbps((256 << 20) if quick else GIB, repeats=3 if quick else 5)

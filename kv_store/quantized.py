@@ -9,7 +9,7 @@ buffer of CHUNK tokens the group keeps (fresh tensors for each 128-token chunk m
 The PyTorch path is compute bound (it rebuilds float32 values); the native kernel
 works on the codes directly (kv_store/decode_attention_qx.c: integer dot products for
 the scores, per-group scale and min applied once), so it reads the cache nearer DRAM
-speed. `python -m kv_store.bench_attention --kv-bits 16,8,4` compares them; the figures
+speed. `python -m tools.bench_attention --kv-bits 16,8,4` compares them; the figures
 are in BENCHMARKS.md."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from deploy.demo_model import load_reference, make_bloom, make_llama_family, mak
 def converted(name: str, tmp_path_factory, bits: int = 16, **convert_kw):
     """A tiny `name` checkpoint saved by transformers in a fresh temporary directory
     (make_<name>), and its Strata conversion at `bits` beside it: (hf dir, shards dir)."""
-    from weight_store.convert import convert
+    from tools.convert import convert
 
     hf = tmp_path_factory.mktemp(name) / "hf"
     globals()[f"make_{name}"](hf)

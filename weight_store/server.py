@@ -138,7 +138,7 @@ class WeightStoreServicer(weight_store_pb2_grpc.WeightStoreServicer):
 def load_manifest(config: WeightStoreConfig) -> Manifest:
     """The converted model's manifest, or the dummy shape's."""
     if config.dummy:
-        from weight_store import dummy
+        from tools.dummy import manifest as dummy
 
         return dummy.dummy_manifest(config.dummy, config.dummy_bits, config.dummy_group_size)
     return Manifest.load(config.model_dir)
@@ -185,7 +185,7 @@ def _plan_tiers(plan: RunPlan, manifest: Manifest, dummy: bool) -> TierPlan:
 def _populate(config: WeightStoreConfig, manifest: Manifest, tier: HostTier, stop: threading.Event | None) -> None:
     """Dummy: random weights straight into the tier. Preload: read every shard."""
     if config.dummy:
-        from strata.dummy_fill import fill
+        from tools.dummy.weights import fill
 
         tier.fill_all(lambda views: fill(views, manifest, threads=config.reader_threads))
     elif config.preload:

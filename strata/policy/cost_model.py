@@ -46,11 +46,11 @@ STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the to
 GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: prefill reached ~0.8 (T2 run 8: 3.18 s; T3 run 16: 27.0 s)
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # The KV store's attention inside the service reads KV at this share of the rate the
-# profile measures for its kernel alone (kv_store/bench_attention.py): 83-90 GB/s at T1
+# profile measures for its kernel alone (tools/bench_attention.py): 83-90 GB/s at T1
 # against 95.5 GB/s alone, bf16 cache (runs 82-84).
 SERVICE_ATTENTION_EFFICIENCY = 0.88
 # The quantized caches' speed against the bf16 one for the same tokens, for profiles that
-# did not measure them (kv_store/bench_attention.py at T1's call shape, 16 threads: 12.47
+# did not measure them (tools/bench_attention.py at T1's call shape, 16 threads: 12.47
 # ms bf16, 13.55 INT8, 9.66 INT4).
 CPU_QUANT_SPEED_FALLBACK = {8: 0.92, 4: 1.29}
 # Streamed layers reach about 0.95 of the profile's pinned host-to-GPU copy rate with

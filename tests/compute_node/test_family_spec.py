@@ -12,7 +12,7 @@ from in_process import InProcess
 from strata.model import arch
 from strata.model.arch import ArchSpec, Cfg, ConfigKeys, Math, Names
 from strata.runtime.errors import StrataError
-from weight_store.convert import convert
+from tools.convert import convert
 
 PROMPTS = [[5, 17, 33, 100, 7, 9], [44, 3, 250], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 

@@ -23,7 +23,7 @@ WORDS = ["hello world", "the quick brown fox", "a stack of memory", "weights are
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from weight_store.convert import convert
+    from tools.convert import convert
 
     hf = tmp_path_factory.mktemp("batch") / "hf"
     tiny_models.make_opt(hf)

@@ -11,7 +11,7 @@ import tiny_models
 from serving import Server, shm_entries
 from strata.model.manifest import Manifest, align
 from test_serve_generate import PROMPTS, generate_ids
-from weight_store.convert import convert
+from tools.convert import convert
 
 NEW = 6
 

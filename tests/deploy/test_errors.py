@@ -22,7 +22,7 @@ from serving import Server, kill_quietly, shm_entries, strata
 from strata.runtime.errors import ErrorKind, StrataError
 from strata.transport import shm
 from strata.transport.wire import generate_pb2, generate_pb2_grpc
-from weight_store.convert import convert
+from tools.convert import convert
 
 CLIENT_TIMEOUT_S = 60
 VOCAB = 512  # tiny OPT

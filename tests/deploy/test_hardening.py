@@ -28,7 +28,7 @@ from serving import ROOT, Server, strata
 from strata.runtime.errors import ErrorKind, StrataError
 from strata.transport import rpc
 from strata.transport.wire import generate_pb2, generate_pb2_grpc
-from weight_store.convert import TOKENIZER_FILES, convert
+from tools.convert import TOKENIZER_FILES, convert
 
 KEY = "test-key-1234"
 MAX_REQUEST_BYTES = 1 << 20

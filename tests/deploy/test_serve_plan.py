@@ -10,7 +10,7 @@ import pytest
 
 from deploy.cli import build_parser, serve_options
 from strata.policy import hardware
-from weight_store.dummy_files import write_dummy_model
+from tools.dummy.files import write_dummy_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "bench/profiles/nvidia-h100-x1.json"

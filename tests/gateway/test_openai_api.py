@@ -27,7 +27,7 @@ def with_chat_template(hf_dir: pathlib.Path) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from weight_store.convert import convert
+    from tools.convert import convert
 
     hf = tmp_path_factory.mktemp("chat") / "hf"
     tiny_models.make_opt(hf)

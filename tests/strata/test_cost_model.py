@@ -168,7 +168,7 @@ def test_t1_prediction_is_at_most_the_floor(h100, share, batch, m):
 
 def test_estimate_weight_bytes_matches_the_dummy_manifest():
     pytest.importorskip("transformers")
-    from weight_store.dummy import dummy_manifest
+    from tools.dummy.manifest import dummy_manifest
 
     for name, bits in (("facebook/opt-1.3b", 4), ("facebook/opt-1.3b", 16), ("bigscience/bloom-560m", 8),
                        ("meta-llama/Llama-2-7b-hf", 4)):  # an untied head and no position table

@@ -17,7 +17,7 @@ import pytest
 from strata.runtime.errors import ErrorKind, StrataError
 from strata.transport import shm
 from strata.transport.wire import weight_store_pb2
-from weight_store import convert as cv
+from tools import convert as cv
 from weight_store import diskspace
 from weight_store.host_tier import HostTier
 from weight_store.reader import PreadReader

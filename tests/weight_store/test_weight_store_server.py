@@ -183,7 +183,7 @@ def test_corrupt_shard_without_preload_is_data_loss_on_locate(model):
 
 
 def test_serves_a_converted_tiny_opt(tiny_opt, tmp_path):
-    convert = pytest.importorskip("weight_store.convert")
+    convert = pytest.importorskip("tools.convert")
     out = tmp_path / "tiny-opt-int4"
     convert.convert(tiny_opt, out, bits=4, group_size=64)
     manifest = Manifest.load(out)

@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from strata.dummy_fill import fill
-from weight_store.dummy_files import DATA_FILE, data_shards, write_dummy_model
+from tools.dummy.files import DATA_FILE, data_shards, write_dummy_model
+from tools.dummy.weights import fill
 from weight_store.host_tier import read_shard
 from weight_store.reader import make_reader
 

@@ -10,7 +10,7 @@ import pytest
 
 from serving import strata
 from strata.runtime.errors import ErrorKind, StrataError
-from weight_store.convert import TOKENIZER_FILES, convert
+from tools.convert import TOKENIZER_FILES, convert
 
 
 def copy_of(hf, dst, tokenizer: bool = True):

@@ -1,6 +1,6 @@
 """Kernel benchmark of CPU decode attention against host DRAM read bandwidth.
 
-`python -m kv_store.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544
+`python -m tools.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544
 --dtype float16 --threads 16 --kv-bits 16,8,4` prints one JSON line per KV precision,
 all against the DRAM read bandwidth measured once in the same run. Attention runs
 through the KV store's own cache classes (`GroupCache`, and `QuantizedGroupCache` for
@@ -149,7 +149,7 @@ def profile_rates(threads: int, quick: bool = False, dram: float | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kv_store.bench_attention")
+    p = argparse.ArgumentParser(prog="python -m tools.bench_attention")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=56)  # OPT-30B
     p.add_argument("--head-dim", type=int, default=128)

@@ -3,7 +3,7 @@ checkpoint, so an OPT-175B run starts in seconds (no disk, no download).
 
 The manifest is the one the converter would write for that checkpoint (same shards,
 names, quantization policy and offsets); only the sha256 fields are empty. The
-random numbers themselves are written by strata/dummy_fill.py, into the host tier
+random numbers themselves are written by tools/dummy/weights.py, into the host tier
 or, for GPU-resident layers, straight into device memory."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from strata.model import arch, manifest, quant, shapes
-from weight_store.convert import make_policy, plan_shards
+from tools.convert import make_policy, plan_shards
 
 def _meta_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """HF tensor names and shapes of a config, from a model built on the meta device."""

@@ -1,4 +1,4 @@
-"""weight_store.convert: HF checkpoint -> aligned, hashed layer shards + manifest;
+"""tools.convert: HF checkpoint -> aligned, hashed layer shards + manifest;
 DeepSpeed weight_quantization selects what is quantized; failures leave nothing."""
 
 import hashlib
@@ -15,7 +15,7 @@ import tiny_models
 from strata.model import manifest as mf
 from strata.model import quant
 from strata.runtime.errors import ErrorKind, StrataError
-from weight_store import convert as cv
+from tools import convert as cv
 
 Q4 = {"num_bits": 4, "group_size": 64, "group_dim": 1, "symmetric": False}
 Q8 = {"num_bits": 8, "group_size": 32, "group_dim": 1, "symmetric": False}

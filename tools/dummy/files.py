@@ -24,11 +24,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from strata.dummy_fill import fill
 from strata.model.manifest import Manifest
 from strata.runtime.errors import StrataError
+from tools.dummy.manifest import dummy_manifest
+from tools.dummy.weights import fill
 from weight_store.diskspace import check_free_space, writing
-from weight_store.dummy import dummy_manifest
 from weight_store.host_tier import part_digests
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kv_store import bench_attention
+from tools import bench_attention
 
 # 2 sequences x 2 heads; 20 tokens + 3 warm-up steps, then 2 timed steps: 24.5 tokens a step on average
 VECTORS = 2 * 2 * 2 * 24.5  # K and V per token and head
