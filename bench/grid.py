@@ -19,9 +19,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy.plan_cli import _model  # noqa: E402
 from strata.policy import cost_model as cm  # noqa: E402
 from strata.policy import hardware, planner  # noqa: E402
+from strata.policy.model_bytes import model_for  # noqa: E402
 
 
 def coarse(dims, wb, w, profile, kv_choices, batches) -> list[tuple[cm.Placement, float]]:
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--batches", default="8,16,24,32,48,64,96,128")
     a = ap.parse_args()
     profile = hardware.load(a.profile)
-    dims, wbf, _ = _model(a.model, 4, 64)
+    dims, wbf, _ = model_for(a.model, 4, 64)
     wb = wbf(4)
     w = cm.Workload(512, 32)
     auto = a.kv_bits == "auto"

@@ -1,6 +1,6 @@
 """Logit error of a quantized KV cache against the float cache, on the tiny random
 models (OPT, BLOOM, Llama): the compute node's Runner and scheduler in one process
-(tests/in_process.py) with the KV store's cache classes (kv_store/attention.py,
+(tests/in_process.py) with the KV store's cache classes (kv_store/group_cache.py,
 kv_store/quantized.py) standing where the KV store would be. Prints one JSON line per
 model and precision.
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import tiny_models  # noqa: E402
 from compute_node.slot_kv import packed_attention  # noqa: E402
 from in_process import InProcess  # noqa: E402
-from kv_store.attention import GroupCache, GroupSpec  # noqa: E402
+from kv_store.group_cache import GroupCache, GroupSpec  # noqa: E402
 from kv_store.quantized import QuantizedGroupCache  # noqa: E402
 from tools.convert import convert  # noqa: E402
 

@@ -365,11 +365,11 @@ def prediction_dict(pr, profile_path: str) -> dict:
 
 def predict_run(run: dict, profile):
     """The cost model's prediction of a bench JSON line's placement on `profile`."""
-    from deploy.plan_cli import _model
     from strata.policy import cost_model as cm
+    from strata.policy.model_bytes import model_for
 
     w = run["placement"]["weights"]
-    dims, wbf, _ = _model(run["model"], w["quant_bits"], w["group_size"])
+    dims, wbf, _ = model_for(run["model"], w["quant_bits"], w["group_size"])
     disk_share = w.get("disk_layers_per_pass", 0) / dims.num_layers
     pl = cm.Placement(w["gpu_share"], run["placement"]["kv"].startswith("host"), run["placement"]["micro_batches"],
                       run["batch_size"], w["quant_bits"], disk_share, run["placement"].get("kv_bits", 16))
@@ -391,12 +391,13 @@ def _disk_layers_room(ns, layer_bytes: float) -> int | None:
 def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
     """The planner's placement for a bench run whose placement flags were not given:
     (placement fields, the prediction to report beside the measurement)."""
-    from deploy.plan_cli import _model, load_profile
+    from deploy.profile_cli import load_profile
     from strata.policy import cost_model as cm
     from strata.policy import planner
+    from strata.policy.model_bytes import model_for
 
     profile, where = load_profile(profile_path or ns.profile)
-    dims, wbf, bits = _model(ns.model, ns.quant_bits, ns.group_size)
+    dims, wbf, bits = model_for(ns.model, ns.quant_bits, ns.group_size)
     fixed = planner.Fixed(kv_on_host=True if ns.kv_offload else None, batch_size=ns.batch_size, quant_bits=bits,
                           disk_weight_share=None, kv_bits=ns.kv_bits,
                           max_disk_layers=_disk_layers_room(ns, wbf(bits).layer))

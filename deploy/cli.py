@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_parser(sub)
     from deploy.plan_cli import add_plan_parser
+    from deploy.profile_cli import add_profile_parser
+
     add_plan_parser(sub)
+    add_profile_parser(sub)
     return p
 
 

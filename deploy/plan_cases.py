@@ -34,9 +34,10 @@ PROMPT_LEN, GEN_LEN = 512, 32
 
 
 def case_report(case: Case, profile, where: str) -> dict:
-    from deploy.plan_cli import _model, bench_command, plan_report
+    from deploy.plan_cli import bench_command, plan_report
+    from strata.policy.model_bytes import model_for
 
-    dims, wbf, bits = _model(case.model, 4, 64)
+    dims, wbf, bits = model_for(case.model, 4, 64)
     fixed = planner.Fixed(kv_on_host=case.kv_on_host, quant_bits=bits, kv_bits=case.kv_bits, disk_weight_share=None)
     w = cm.Workload(PROMPT_LEN, GEN_LEN)
     report = plan_report(case.model, w, planner.plan(dims, wbf, w, profile, fixed), profile, where, dims.num_layers)
@@ -49,7 +50,7 @@ def cases_main(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from deploy.plan_cli import load_profile
+    from deploy.profile_cli import load_profile
 
     profile, where = load_profile(a.profile, None if a.json else Console(stderr=True))
     reports = [case_report(c, profile, where) for c in CASES]

@@ -78,11 +78,12 @@ def serve_plan(a) -> tuple[RunPlan, int]:
 def _planned(a, m: Manifest, batch: dict) -> tuple[RunPlan, int]:
     """The planner's GPU share, KV place, bits and capacity, micro-batches and disk
     layers; prints the plan on stderr."""
-    from deploy.plan_cli import _model, load_profile
+    from deploy.profile_cli import load_profile
     from strata.policy import cost_model as cm
     from strata.policy import planner
+    from strata.policy.model_bytes import model_for
 
-    dims, wbf, bits = _model(a.model, None, 64)
+    dims, wbf, bits = model_for(a.model, None, 64)
     profile, where = load_profile(a.profile)
     # the scheduler allocates every slot's KV at start: plan for the slots and slot length
     # it will have where the user sets them (--max-batch, --max-seq-len)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec, build_mask, huge_page_tensor, one_thread
+from kv_store.group_cache import GroupCache, GroupSpec, build_mask, huge_page_tensor, one_thread
 from strata.model.kv_quant import KVFormat
 
 CHUNK = 64  # tokens dequantized at a time (64 beat 16, 32 and 128 in the measurement above)

@@ -21,8 +21,8 @@ import time
 import grpc
 import torch
 
-from kv_store.attention import huge_page_tensor, one_thread, GroupCache, GroupSpec
-from kv_store.cache import ArenaAllocator, CapacityLedger, cache_bytes
+from kv_store.group_cache import huge_page_tensor, one_thread, GroupCache, GroupSpec
+from kv_store.ledger import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 from strata.policy.run_plan import RunPlan

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec
+from kv_store.group_cache import GroupCache, GroupSpec
 from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, kv_format
 from strata.policy.run_plan import parse_kv_kernel_defines

@@ -1,6 +1,6 @@
 """The hardware profile: one machine's measured limits, saved as JSON.
 
-`strata profile` measures it (deploy/plan_cli.py); the cost model and the planner read
+`strata profile` measures it (deploy/profile_cli.py); the cost model and the planner read
 it. Torch-free: a profile made on the GPU machine can be planned with anywhere."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import tiny_models
 from compute_node.kv_cache import DEQUANT_CHUNK
 from compute_node.slot_kv import Joining, LocalSlots, RemoteSlots, SlotShape
 from in_process import InProcess
-from kv_store.attention import GroupSpec
+from kv_store.group_cache import GroupSpec
 from kv_store.quantized import QuantizedGroupCache
 from strata.runtime.errors import ErrorKind, StrataError
 

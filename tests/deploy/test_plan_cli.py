@@ -1,4 +1,4 @@
-"""`strata plan` and `strata profile` through the real CLI (subprocesses)."""
+"""`strata plan` through the real CLI (subprocesses), and `plan --cases`."""
 
 from __future__ import annotations
 
@@ -81,52 +81,6 @@ def test_plan_uses_a_fresh_cached_profile_without_measuring(tmp_path):
     assert out["profile"]["path"].startswith(str(tmp_path)) and out["placement"]["batch_size"] == 4
 
 
-def test_a_stale_or_missing_profile_is_measured_on_first_use(tmp_path, monkeypatch):
-    from deploy import plan_cli
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fresh = dataclasses.replace(hardware.load(PROFILE), measured_at=hardware.today(), machine="measured")
-    calls = []
-    monkeypatch.setattr(plan_cli, "measure", lambda **kw: calls.append(kw) or fresh)
-    prof, where = plan_cli.load_profile(None)
-    assert prof.machine == "measured" and len(calls) == 1 and hardware.load(where) == fresh
-    plan_cli.load_profile(None)
-    assert len(calls) == 1  # cached now
-    hardware.save(dataclasses.replace(fresh, measured_at="2020-01-01T00:00:00+00:00"), where)
-    plan_cli.load_profile(None)
-    assert len(calls) == 2  # stale: measured again
-
-
-def test_profile_quick_writes_a_valid_profile(tmp_path):
-    out = tmp_path / "prof.json"
-    r = strata("profile", "--quick", "--output", str(out))
-    assert r.returncode == 0, r.stderr
-    prof = hardware.load(out)
-    assert prof.machine == socket.gethostname() and not prof.is_stale()
-    assert prof.dram_read_bytes_per_s > 0 and prof.cpu_attention_bytes_per_s > 0
-    # the KV store's kernel over quantized caches too, and which kernel that was
-    assert prof.cpu_attention_int8_bytes_per_s > 0 and prof.cpu_attention_int4_bytes_per_s > 0
-    assert prof.cpu_attention_kernel in ("native", "sdpa")
-    assert prof.disk_read_bytes_per_s > 0 and prof.host_bytes > GIB and prof.cpu_cores >= 1
-    import torch
-
-    if not torch.cuda.is_available():
-        assert prof.gpu_bytes == 0 and prof.gpu_flops == 0 and not prof.has_gpu
-        assert "no CUDA GPU" in prof.source
-    else:
-        assert prof.has_gpu and prof.h2d_pinned > prof.h2d_pageable > 0
-    assert not list(tmp_path.glob("strata-profile-*"))  # the disk test file is gone
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT")
-def test_disk_read_is_measured_in_the_given_directory(tmp_path):
-    from deploy.plan_cli import measure_disk
-
-    rate, how = measure_disk(quick=True, directory=str(tmp_path))
-    assert rate > 0 and how.startswith(("pread", "kvikio"))  # the weight store's reader backend
-    assert not list(tmp_path.iterdir())
-
-
 H200 = ROOT / "bench" / "profiles" / "nvidia-h200.json"
 
 
@@ -159,7 +113,7 @@ def test_plan_cases_t4_bench_command_parses_and_plans_the_table_row(monkeypatch)
 
     from deploy import bench, cli, serve_plan
     from deploy.plan_cases import CASES, case_report
-    from deploy.plan_cli import load_profile
+    from deploy.profile_cli import load_profile
 
     profile, where = load_profile(str(H200))
     row = case_report(next(c for c in CASES if c.name == "T4"), profile, where)

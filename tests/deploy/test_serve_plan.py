@@ -34,10 +34,10 @@ def test_a_model_that_fits_the_gpu_is_planned_all_resident(model, capsys):
 
 
 def test_a_small_gpu_streams_layers_and_a_small_host_reads_some_from_disk(model, tmp_path):
-    from deploy.plan_cli import _model
     from strata.policy import cost_model as cm
+    from strata.policy.model_bytes import model_for
 
-    dims, wbf, _ = _model(str(model), None, 64)
+    dims, wbf, _ = model_for(str(model), None, 64)
     wb = wbf(4)
     # at 4 micro-batches (the least activation memory a batch of 4 can have), so that no
     # micro-batch count lets every layer fit

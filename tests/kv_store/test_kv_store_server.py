@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec
+from kv_store.group_cache import GroupCache, GroupSpec
 from strata.transport.dataplane import inline_ref, ref_for
 from strata.transport.shm import Region
 from strata.transport.wire import common_pb2, kv_store_pb2, kv_store_pb2_grpc

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kv_store import native
-from kv_store.attention import GroupCache, GroupSpec
+from kv_store.group_cache import GroupCache, GroupSpec
 
 
 @pytest.fixture(scope="module")

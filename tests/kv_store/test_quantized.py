@@ -4,7 +4,7 @@ float cache: small, bounded error; chunks, padding, ALiBi and grouped heads incl
 import pytest
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec
+from kv_store.group_cache import GroupCache, GroupSpec
 from kv_store.quantized import CHUNK, QuantizedGroupCache
 
 

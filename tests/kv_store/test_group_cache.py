@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kv_store.attention import GroupCache, GroupSpec, build_mask
+from kv_store.group_cache import GroupCache, GroupSpec, build_mask
 from strata.model.alibi import alibi_slopes
 from strata.runtime.errors import ErrorKind, StrataError
 
@@ -162,7 +162,7 @@ def test_slot_steps_at_one_position_equal_those_at_mixed_positions(alibi):
     no mask without ALiBi): its output equals the general per-row path's."""
     import torch
 
-    from kv_store.attention import GroupCache, GroupSpec
+    from kv_store.group_cache import GroupCache, GroupSpec
 
     spec = GroupSpec(num_layers=1, batch=3, num_heads=4, head_dim=16, max_tokens=12, dtype=torch.float32,
                      scale=0.25, alibi=alibi)
@@ -192,7 +192,7 @@ def test_packed_prompts_land_in_their_rows_in_runs(bits):
     and rows outside the call are untouched."""
     import torch
 
-    from kv_store.attention import GroupCache, GroupSpec, _runs
+    from kv_store.group_cache import GroupCache, GroupSpec, _runs
     from kv_store.quantized import QuantizedGroupCache
     from strata.model.kv_quant import KVFormat
 

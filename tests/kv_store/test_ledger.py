@@ -1,6 +1,6 @@
 import pytest
 
-from kv_store.cache import CapacityLedger, cache_bytes
+from kv_store.ledger import CapacityLedger, cache_bytes
 from strata.runtime.errors import ErrorKind, StrataError
 
 
@@ -71,17 +71,17 @@ def test_policy_imports_neither_torch_nor_grpc():
     import subprocess
     import sys
 
-    import kv_store.cache
+    import kv_store.ledger
 
-    code = "import sys, kv_store.cache; print('torch' in sys.modules)"
+    code = "import sys, kv_store.ledger; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"]
-    source = pathlib.Path(kv_store.cache.__file__).read_text()
+    source = pathlib.Path(kv_store.ledger.__file__).read_text()
     assert "import torch" not in source and "import grpc" not in source
 
 
 def test_arena_first_fit_reuses_and_coalesces_released_space():
-    from kv_store.cache import ArenaAllocator
+    from kv_store.ledger import ArenaAllocator
 
     arena = ArenaAllocator(1 << 30)
     mib2 = arena.align
