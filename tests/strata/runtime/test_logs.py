@@ -16,7 +16,7 @@ import pytest
 from strata.runtime import logs
 from strata.transport.wire import common_pb2, kv_store_pb2_grpc
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from strata.policy import floor as fl
 from strata.policy import hardware, planner
 from strata.runtime.errors import ErrorKind, StrataError
 
-PROFILE = pathlib.Path(__file__).parents[2] / "bench" / "profiles" / "nvidia-h100-x1.json"
+PROFILE = pathlib.Path(__file__).parents[3] / "bench" / "profiles" / "nvidia-h100-x1.json"
 GIB = 1 << 30
 
 
@@ -186,7 +186,7 @@ def test_disk_share_left_to_the_planner_keeps_layers_off_disk_where_they_fit(h10
         assert auto.placement == no_disk.placement
 
 
-H200 = pathlib.Path(__file__).parents[2] / "bench" / "profiles" / "nvidia-h200.json"
+H200 = pathlib.Path(__file__).parents[3] / "bench" / "profiles" / "nvidia-h200.json"
 
 
 def _t4():

@@ -12,7 +12,7 @@ from strata.model.arch import dims_for
 from strata.policy import cost_model as cm
 from strata.policy import hardware, memory_model, planner
 
-ROOT = pathlib.Path(__file__).parents[2]
+ROOT = pathlib.Path(__file__).parents[3]
 GIB = 1 << 30
 W = cm.Workload(512, 32)
 

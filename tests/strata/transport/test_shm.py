@@ -15,7 +15,7 @@ from strata.runtime.errors import ErrorKind, StrataError
 from strata.transport import shm
 from strata.transport.shm import Region, RegionTable
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from strata.model import arch, shapes
 from strata.model.arch import ArchSpec, Cfg, Math, Names
 from strata.runtime.errors import ErrorKind, StrataError
 
-ROOT = pathlib.Path(__file__).parents[2]
+ROOT = pathlib.Path(__file__).parents[3]
 
 
 def test_importing_and_using_the_specs_loads_no_torch():

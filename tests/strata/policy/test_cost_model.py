@@ -14,7 +14,7 @@ from strata.policy import cost_model as cm
 from strata.policy import floor as fl
 from strata.policy import hardware
 
-PROFILE = pathlib.Path(__file__).parents[2] / "bench" / "profiles" / "nvidia-h100-x1.json"
+PROFILE = pathlib.Path(__file__).parents[3] / "bench" / "profiles" / "nvidia-h100-x1.json"
 
 
 @pytest.fixture(scope="module")
