@@ -4,8 +4,10 @@ Facts learned at run time (the manifest, the hardware) live elsewhere."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from strata.policy.run_plan import RunPlan
+if TYPE_CHECKING:  # annotations only: strata.runtime imports nothing of strata.policy, which builds on it
+    from strata.policy.run_plan import RunPlan
 
 
 @dataclasses.dataclass(frozen=True)
