@@ -41,13 +41,14 @@ def test_a_small_gpu_streams_layers_and_a_small_host_reads_some_from_disk(model,
     wb = wbf(4)
     # at 4 micro-batches (the least activation memory a batch of 4 can have), so that no
     # micro-batch count lets every layer fit
-    from strata.policy.memory_model import GPU_MARGIN_SHARE
+    from strata.policy.memory_model import GPU_MARGIN_SHARE, HOST_OS_RESERVE
 
     gpu, _ = cm.memory(dims, wb, cm.Workload(512, 32, 4), cm.Placement(0.0, False, 4, 4), 0.0)
     prof = hardware.load(PROFILE)  # a GPU with room for 3 more layers (its margin a share of it),
     # a host for 6 of 12 and the slots
-    small = dataclasses.replace(prof, gpu_bytes=(sum(gpu.values()) + 3.5 * wb.layer) / (1 - GPU_MARGIN_SHARE),
-                                host_bytes=cm.HOST_HEADROOM + wb.other + (3 + 6) * wb.layer)
+    small = dataclasses.replace(
+        prof, gpu_bytes=(sum(gpu.values()) + 3.5 * wb.layer) / (1 - GPU_MARGIN_SHARE),
+        host_bytes=cm.HOST_HEADROOM + HOST_OS_RESERVE + wb.other + (3 + 6) * wb.layer)
     path = tmp_path / "small.json"
     path.write_text(json.dumps(dataclasses.asdict(small)))
     o = options(model, "--device", "cuda", "--profile", path, "--plan-batch", "4")
