@@ -122,8 +122,11 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
 
 
 # The call `strata profile` times (per KV precision): T1's heads and tokens (OPT-30B, prompt
-# 512 + 32 new), several layers a step so that no step reads what the last left in cache.
-PROFILE_SHAPE = {"batch": 16, "heads": 56, "head_dim": 128, "tokens": 544, "layers": 4}
+# 512 + 32 new) at the size of the service's calls (a micro-batch of 64-128 sequences: at
+# 8-16 the per-call fan-out to the kernel's threads weighs in, and the H200's INT4 rate
+# measured 17 GB/s there against 41 in the service), several layers a step so that no
+# step reads what the last left in cache.
+PROFILE_SHAPE = {"batch": 64, "heads": 56, "head_dim": 128, "tokens": 544, "layers": 4}
 QUICK_SHAPE = {"batch": 8, "heads": 56, "head_dim": 128, "tokens": 128, "layers": 1}
 PROFILE_FIELDS = {16: "cpu_attention_bytes_per_s", 8: "cpu_attention_int8_bytes_per_s",
                   4: "cpu_attention_int4_bytes_per_s"}
