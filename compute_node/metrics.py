@@ -18,6 +18,8 @@ Names (a label, where there is one, follows a colon):
   plan_kv_bits                  the KV cache's bits (16, 8 or 4)
   kernel:<name>                 1 where the CUDA kernel (w4a16_wgmma, w4a16_mma) is built and switched on
   oom_shrinks_total             passes retried with smaller prefill chunks after running out of memory
+  oom_preemptions_total         requests taken out of a pass that ran out of memory, recomputed later
+  admit_cap                     sequences that may run at once after such a preemption (else the slots)
   h2d_bytes_total, h2d_seconds_total   weight copies host-to-device (GB/s = bytes / seconds)
   pass_issue_seconds_total      the scheduler's thread issuing passes (until the runner returns)
   pass_wait_seconds_total       ... then waiting for the pass's logits on the host (the device's rest)

@@ -37,7 +37,10 @@ class Sequence:
     def __init__(self, index: int, prompt: list[int], max_new: int):
         self.index, self.prompt, self.max_new = index, prompt, max_new
         self.slot: tuple[int, int] | None = None
-        self.prefilled = 0  # prompt tokens in the KV cache (a long prompt goes in over several passes)
+        # the tokens whose keys and values the slot must hold before decoding: the prompt,
+        # or after a preemption the prompt and the tokens generated so far (recomputed)
+        self.context = prompt
+        self.prefilled = 0  # context tokens in the KV cache (a long prompt goes in over several passes)
         self.generated: list[int] = []
         self.finish: str | None = None  # "stop" | "length"
 
@@ -88,6 +91,7 @@ class Scheduler:
         self.stopping = False
         self._pass_end: float | None = None  # when the last pass's host work ended (None: idle since)
         metrics.set("batch_slots", limits.slots)
+        metrics.set("admit_cap", limits.slots)
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
 
@@ -170,40 +174,74 @@ class Scheduler:
             try:
                 return self._pass(joins, admitted)
             except torch.OutOfMemoryError:
-                biggest = max((len(j.ids) for _, j in joins), default=0)  # a piece runs alone at least
-                if not joins or self.runner.chunk_tokens <= biggest:
-                    raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, "the device ran out of memory in a decode step")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                self.runner.chunk_tokens = max(biggest, self.runner.chunk_tokens // 2)
-                self.metrics.count("oom_shrinks_total")
-                log.warning("out of device memory in a pass: prefill chunks shrink to %d tokens", self.runner.chunk_tokens)
+                biggest = max((len(j.ids) for _, j in joins), default=0)  # a piece runs alone at least
+                if joins and self.runner.chunk_tokens > biggest:
+                    self.runner.chunk_tokens = max(biggest, self.runner.chunk_tokens // 2)
+                    self.metrics.count("oom_shrinks_total")
+                    log.warning("out of device memory in a pass: prefill chunks shrink to %d tokens",
+                                self.runner.chunk_tokens)
+                    continue
+                victim = self._preempt_last()
+                if victim is None:
+                    raise StrataError(ErrorKind.RESOURCE_EXHAUSTED, "the device ran out of memory in a decode step")
+                joins = [(s, j) for s, j in joins if s.slot is not None]
+                admitted = [r for r in admitted if r is not victim]
+
+    def _preempt_last(self) -> Request | None:
+        """Fewer sequences: the request admitted last (of two or more running) leaves the
+        batch for the head of the queue, its slots freed; it comes back when the batch has
+        room, its prompt and the tokens it has generated prefilled again (recomputed), and
+        its calls sees nothing but a pause. The batch's cap drops to the sequences still
+        running, for the server's life (`admit_cap`, `oom_preemptions_total`). None where
+        one request runs alone."""
+        with self.cv:
+            running = [r for r in self.running if r.live]
+            if len(running) < 2:
+                return None
+            victim = running[-1]
+            for s in victim.live:
+                if s.slot is not None:
+                    self.pool.give(s.slot)
+                    s.slot = None
+                s.context, s.prefilled = s.prompt + s.generated, 0
+            self.running.remove(victim)
+            self.waiting.push_front(victim, len(victim.live))
+            self.pool.cap = max(self.pool.in_use, len(victim.live))
+            self.metrics.count("oom_preemptions_total")
+            self.metrics.set("admit_cap", self.pool.cap)
+            self.metrics.set("queue_depth", self.waiting.sequences)
+        log.warning("out of device memory in a decode step: %d sequences wait to be recomputed; at most %d run now",
+                    len(victim.live), self.pool.cap)
+        return victim
 
     def _seat(self, admitted: list[Request]) -> list[tuple[Sequence, Join]]:
         now = time.monotonic()
         joins = []
         for r in admitted:
-            r.admitted = now
-            for s in r.seqs:
+            r.admitted = r.admitted or now  # a preempted request keeps its first admission
+            for s in r.live:
                 s.slot = self.pool.take()
                 joins.append((s, self._piece(s)))
-                self.metrics.count("prompt_tokens_total", len(s.prompt))
+                if not s.generated:
+                    self.metrics.count("prompt_tokens_total", len(s.prompt))
         return joins
 
     def _piece(self, s: Sequence) -> Join:
-        """The next part of s's prompt to prefill: all of it, or with prompt_pieces at
+        """The next part of s's context to prefill: all of it, or with prompt_pieces at
         most a chunk."""
-        end = len(s.prompt)
+        end = len(s.context)
         if self.prompt_pieces:
             end = min(end, s.prefilled + max(1, self.runner.chunk_tokens))
-        join = Join(s.slot[0], s.slot[1], s.prompt[s.prefilled : end], s.prefilled)
+        join = Join(s.slot[0], s.slot[1], s.context[s.prefilled : end], s.prefilled)
         s.prefilled = end
         return join
 
     def _continuing(self) -> list[tuple[Sequence, Join]]:
         """The next piece of every prompt partly prefilled."""
         return [(s, self._piece(s)) for r in self.running for s in r.live
-                if s.slot is not None and 0 < s.prefilled < len(s.prompt)]
+                if s.slot is not None and 0 < s.prefilled < len(s.context)]
 
     def _drop_ended(self) -> None:
         """Cancelled or expired requests, waiting or running, end now."""
@@ -250,7 +288,7 @@ class Scheduler:
         if self._pass_end is not None:
             self.metrics.count("pass_host_seconds_total", t0 - self._pass_end)
         # a join's logits choose a token where its piece ends the prompt
-        rows: dict[int, int] = {id(s): i for i, (s, j) in enumerate(joins) if s.prefilled == len(s.prompt)}
+        rows: dict[int, int] = {id(s): i for i, (s, j) in enumerate(joins) if s.prefilled == len(s.context)}
         offset = len(joins)
         for st, logit in zip(steps, group_logits):
             for row, s in where[st.group].items():

@@ -46,10 +46,16 @@ class SlotPool:
     def __init__(self, groups: tuple[int, ...]):
         self.sizes = groups
         self.used: list[set[int]] = [set() for _ in groups]
+        self.cap = sum(groups)  # sequences that may run at once: lowered after the device ran out of memory
+
+    @property
+    def in_use(self) -> int:
+        return sum(len(u) for u in self.used)
 
     @property
     def free(self) -> int:
-        return sum(n - len(u) for n, u in zip(self.sizes, self.used))
+        """Rows a waiting request may take now: free rows, within the cap."""
+        return max(0, min(sum(n - len(u) for n, u in zip(self.sizes, self.used)), self.cap - self.in_use))
 
     def take(self) -> tuple[int, int]:
         candidates = [g for g, n in enumerate(self.sizes) if len(self.used[g]) < n]
@@ -98,6 +104,12 @@ class WaitQueue:
                               f"the wait queue is full ({self.sequences} sequences waiting, at most {self.max}); "
                               "retry later")
         self.items.append((request, n))
+        self.sequences += n
+
+    def push_front(self, request, n: int) -> None:
+        """A request taken back from the running batch: first in line, past the bound (it
+        was admitted once; refusing it now would lose it)."""
+        self.items.appendleft((request, n))
         self.sequences += n
 
     def admissible(self, free: int):

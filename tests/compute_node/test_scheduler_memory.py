@@ -52,3 +52,44 @@ def test_a_pass_out_of_memory_shrinks_the_prefill_chunks_and_loses_no_request():
     assert tokens == [[10 % 8, 12 % 8, 9 % 8], [3, 5, 2], [4, 6, 3], [5, 7, 4]]
     assert device.chunk_tokens == 16 and metrics.snapshot()["oom_shrinks_total"] == 2  # 64 -> 32 -> 16
     assert messages[-1].finish_reasons == ["length"] * 3
+
+
+class GrowingKV:
+    """Logits as TightDevice's; a decode step whose running rows hold more than `budget`
+    cached tokens (their positions + 1) runs out of memory, as a KV cache that grows."""
+
+    def __init__(self, budget: int):
+        self.budget, self.chunk_tokens, self.passes = budget, 1, 0
+
+    def step(self, joins, steps):
+        if sum(p + 1 for s in steps for r, p in enumerate(s.positions) if r not in s.idle) > self.budget:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return TightDevice(self.chunk_tokens, 1 << 30).step(joins, steps)
+
+
+def test_a_decode_step_out_of_memory_takes_the_last_request_out_and_recomputes_it_later():
+    """Two requests of 2 sequences fill 4 slots; at the 5th pass their 4 rows hold 32 > 30
+    tokens: the request admitted last leaves the batch with 4 tokens generated, the first
+    runs alone to its end, then the second's prompt and tokens are prefilled again and it
+    goes on. Every sequence gets the tokens it gets without the preemption."""
+    metrics = Metrics()
+    sched = Scheduler(GrowingKV(budget=30), Limits((4,), capacity=32, max_queue=8), eos_id=None, pad_id=0,
+                      metrics=metrics)
+    try:
+        reqs = [sched.submit(Request([[1] * 4, [2] * 4], 8, Sampling(), False, StopWatch([], lambda ids: "", 2), None))
+                for _ in range(2)]
+        outs = []
+        for req in reqs:
+            messages = []
+            while not messages or not messages[-1].done:
+                messages.append(req.outbox.get(timeout=30))
+            outs.append(messages)
+    finally:
+        sched.stop()
+    for messages in outs:
+        seqs = [[t for t in col if t != -1] for col in zip(*(m.tokens for m in messages[:-1]))]
+        assert seqs == [[(4 + k) % VOCAB for k in range(8)]] * 2  # first token: the prompt's length; then p + 1
+        assert messages[-1].finish_reasons == ["length"] * 2
+    snap = metrics.snapshot()
+    assert snap["oom_preemptions_total"] == 1 and snap["admit_cap"] == 2
+    assert snap["requests_total:ok"] == 2
