@@ -16,9 +16,10 @@ import psutil
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def strata(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+def strata(*args: str, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`strata ARGS` from the repository root; `env`: variables set over this process's."""
     return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=check)
+                          timeout=timeout, check=check, env={**os.environ, **(env or {})})
 
 
 def shm_entries(orphans_only: bool = True) -> set[str]:

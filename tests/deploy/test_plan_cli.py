@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import socket
-import subprocess
-import sys
 
 import pytest
 
+from serving import strata
 from strata.policy import hardware
 
 ROOT = pathlib.Path(__file__).parents[2]
 PROFILE = ROOT / "bench" / "profiles" / "nvidia-h100-x1.json"
 GIB = 1 << 30
-
-
-def strata(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_plan_json_for_opt_30b_on_the_h100_profile():

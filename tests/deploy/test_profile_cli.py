@@ -4,24 +4,18 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import socket
-import subprocess
 import sys
 
 import pytest
 
+from serving import strata
 from strata.policy import hardware
 
 ROOT = pathlib.Path(__file__).parents[2]
 PROFILE = ROOT / "bench" / "profiles" / "nvidia-h100-x1.json"
 GIB = 1 << 30
-
-
-def strata(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_a_stale_or_missing_profile_is_measured_on_first_use(tmp_path, monkeypatch):
