@@ -31,6 +31,16 @@ KNOWN = {
     "weight_bytes_per_pass": ("weight_bytes_per_pass", "gauge", "weight bytes copied host-to-device each pass", None),
     "h2d_bytes_total": ("h2d_bytes", "counter", "weight bytes copied host-to-device", None),
     "h2d_seconds_total": ("h2d_seconds", "counter", "seconds spent copying weights host-to-device", None),
+    "oom_shrinks_total": ("oom_shrinks", "counter", "passes retried with smaller prefill chunks (device out of memory)",
+                          None),
+    "oom_preemptions_total": ("oom_preemptions", "counter",
+                              "requests sent back to the queue from a decode step out of device memory", None),
+    "admit_cap": ("admit_cap", "gauge", "sequences that may run at once (lowered after running out of memory)", None),
+    "pass_issue_seconds_total": ("pass_issue_seconds", "counter", "scheduler thread: seconds issuing passes", None),
+    "pass_wait_seconds_total": ("pass_wait_seconds", "counter", "scheduler thread: seconds waiting for the device",
+                                None),
+    "pass_host_seconds_total": ("pass_host_seconds", "counter", "scheduler thread: seconds on the host between passes",
+                                None),
 }
 HISTOGRAMS = {
     "ttft_seconds": ("time_to_first_token_seconds", "time from a request's arrival to its first token"),
