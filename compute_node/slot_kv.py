@@ -26,6 +26,7 @@ from compute_node.model import attend, attend_causal, attention_bias
 from compute_node.peers import KVStoreClient
 from strata.model.alibi import alibi_slopes
 from strata.model.kv_quant import KVFormat, check_bits, default_group
+from strata.transport import packed
 from strata.transport.shm import dtype_name
 from strata.transport.wire import kv_store_pb2
 
@@ -83,25 +84,16 @@ def packed_attention(s: SlotShape, joining: Joining, q, k, v, store) -> torch.Te
     """Per-sequence causal attention over a packed prefill ([1, heads, sum(lengths), hd]);
     `store(rows, k, v)` keeps the keys and values of sequences of one length, stacked
     [len(rows), kv_heads, n, hd]. Consecutive sequences of equal length run as one batch."""
-    outs, a, i = [], 0, 0
+    outs, a = [], 0
     rows, lengths = joining.rows, joining.lengths
-    while i < len(rows):
-        n, j = lengths[i], i
-        while j < len(rows) and lengths[j] == n:
-            j += 1
-        m = j - i  # sequences i..j-1, each n tokens
-        qs, ks, vs = (_stacked(x[:, :, a : a + m * n], m, n) for x in (q, k, v))
+    for i, j in packed.runs(lengths):
+        m, n = j - i, lengths[i]
+        qs, ks, vs = (packed.stacked(x, a, m, n) for x in (q, k, v))
         store(rows[i:j], ks, vs)
         out = causal_attention(s, qs, ks, vs)  # [m, heads, n, hd]
         outs.append(out.permute(1, 0, 2, 3).reshape(1, out.shape[1], m * n, out.shape[3]))
         a += m * n
-        i = j
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-
-def _stacked(x: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """[1, heads, m*n, hd] -> [m, heads, n, hd] (a view)."""
-    return x[0].unflatten(1, (m, n)).permute(1, 0, 2, 3)
 
 
 class DecodeView:

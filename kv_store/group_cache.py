@@ -21,19 +21,9 @@ import torch.nn.functional as F
 from strata.model.alibi import alibi_slopes
 from strata.model.kv_quant import default_group
 from strata.runtime.errors import ErrorKind, StrataError
+from strata.transport import packed
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _runs(rows: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, count, length) of each run of consecutive rows with one length."""
-    out: list[list[int]] = []
-    for r, n in zip(rows, lengths):
-        if out and out[-1][2] == n and out[-1][0] + out[-1][1] == r:
-            out[-1][1] += 1
-        else:
-            out.append([r, 1, n])
-    return [tuple(x) for x in out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,10 +185,10 @@ class GroupCache:
         self._check_layer(layer)
         self._check_rows(rows, lengths, k, v)
         a = 0
-        for r0, count, n in _runs(rows, lengths):  # one store per run: a call per row cost ~1 ms of overhead
-            z = a + count * n
-            self._store_rows(layer, r0, *(x[0, :, a:z].unflatten(1, (count, n)).transpose(0, 1) for x in (k, v)))
-            a = z
+        for i, j in packed.runs(lengths, rows):  # one store a run: each store fans out to the kernel's threads
+            m, n = j - i, lengths[i]
+            self._store_rows(layer, rows[i], packed.stacked(k, a, m, n), packed.stacked(v, a, m, n))
+            a += m * n
 
     def attend_at(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                   positions: list[int], idle: list[int] = ()) -> torch.Tensor:

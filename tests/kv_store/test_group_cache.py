@@ -192,12 +192,14 @@ def test_packed_prompts_land_in_their_rows_in_runs(bits):
     and rows outside the call are untouched."""
     import torch
 
-    from kv_store.group_cache import GroupCache, GroupSpec, _runs
+    from kv_store.group_cache import GroupCache, GroupSpec
     from kv_store.quantized import QuantizedGroupCache
     from strata.model.kv_quant import KVFormat
 
     rows, lengths = [3, 4, 0, 1, 5, 6], [4, 4, 4, 2, 2, 3]
-    assert _runs(rows, lengths) == [(3, 2, 4), (0, 1, 4), (1, 1, 2), (5, 1, 2), (6, 1, 3)]
+    from strata.transport.packed import runs
+
+    assert runs(lengths, rows) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]  # rows 3-4 of 4 tokens: one block
     spec = GroupSpec(num_layers=2, batch=8, num_heads=2, head_dim=64, max_tokens=6, dtype=torch.bfloat16,
                      scale=0.125, kv_bits=bits)
     cache = GroupCache(spec) if bits == 16 else QuantizedGroupCache(spec)
