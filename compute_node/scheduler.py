@@ -193,7 +193,7 @@ class Scheduler:
         """Fewer sequences: the request admitted last (of two or more running) leaves the
         batch for the head of the queue, its slots freed; it comes back when the batch has
         room, its prompt and the tokens it has generated prefilled again (recomputed), and
-        its calls sees nothing but a pause. The batch's cap drops to the sequences still
+        its call sees nothing but a pause. The batch's cap drops to the sequences still
         running, for the server's life (`admit_cap`, `oom_preemptions_total`). None where
         one request runs alone."""
         with self.cv:
@@ -307,8 +307,8 @@ class Scheduler:
                     tokens = choose(picked, r.sampling, r.generator).tolist()
                 self._advance(r, live, tokens, now)
             self._gauges()
-        self.metrics.count("pass_host_seconds_total", time.perf_counter() - t2)
         self._pass_end = time.perf_counter()
+        self.metrics.count("pass_host_seconds_total", self._pass_end - t2)
 
     def _gauges(self) -> None:
         live = [s for r in self.running for s in r.live]

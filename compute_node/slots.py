@@ -54,8 +54,8 @@ class SlotPool:
 
     @property
     def free(self) -> int:
-        """Rows a waiting request may take now: free rows, within the cap."""
-        return max(0, min(sum(n - len(u) for n, u in zip(self.sizes, self.used)), self.cap - self.in_use))
+        """Rows a waiting request may take now: free rows, within the cap (at most the slots)."""
+        return max(0, self.cap - self.in_use)
 
     def take(self) -> tuple[int, int]:
         candidates = [g for g, n in enumerate(self.sizes) if len(self.used[g]) < n]

@@ -62,7 +62,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from compute_node.kernels import choice as kernel_choice
+from compute_node.kernels import choice as kernel_choice, w4a16_mma
 from compute_node.kernels.choice import KernelChoice
 from strata.model import quant
 
@@ -228,9 +228,6 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     return dict(cfg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
 
 
-MMA_MAX_ROWS = 64  # rows the CUDA kernels take in one call (w4a16_mma.problem_fits)
-
-
 def row_chunks(m: int, most: int) -> list[tuple[int, int]]:
     """[a, z) spans splitting m rows into as few chunks of at most `most` as can be, of
     even sizes (128 -> 64 + 64, 100 -> 50 + 50)."""
@@ -362,11 +359,12 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
     num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 4
     kernels = kernel_choice.DEFAULT if kernels is None else kernels
-    if m > MMA_MAX_ROWS and not config and decide(MMA_MAX_ROWS, n, k, group_size, num_sms, kernels)["MMA"]:
+    tile = w4a16_mma.MAX_ROWS
+    if m > tile and not config and decide(tile, n, k, group_size, num_sms, kernels)["MMA"]:
         # the CUDA kernels' 64-row tiles, once per chunk of rows: each reads the packed
         # layer again, still far fewer bytes than a dense copy written and read
         parts = [int4_linear(x2[a:z], data, scale, w_min, group_size, bias, kernels=kernels)
-                 for a, z in row_chunks(m, MMA_MAX_ROWS)]
+                 for a, z in row_chunks(m, tile)]
         return torch.cat(parts).reshape(*lead, n)
     cfg = decide(rows_bucket(m), n, k, group_size, num_sms, kernels)
     if config:

@@ -27,6 +27,9 @@ def prepare(device: torch.device) -> bool:
     return _KERNEL.on(device) is not None
 
 
+MAX_ROWS = 64  # rows of x one call of either CUDA kernel takes (more: int4_linear splits them)
+
+
 def shape_fits(n: int, k: int, group_size: int, n_multiple: int = 128) -> bool:
     """The shape part of `problem_fits` (both CUDA kernels): groups of 64, K a multiple of
     512, N of `n_multiple`. Decided once per shape; the tensors' checks come per call."""
@@ -44,7 +47,7 @@ def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_mi
     contiguous fp16 scale and min, bias (if any) in x's dtype, 16-byte aligned."""
     m, k = x2.shape
     n = data.shape[0]
-    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= 64 and shape_fits(n, k, group_size, n_multiple)):
+    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= MAX_ROWS and shape_fits(n, k, group_size, n_multiple)):
         return False
     if x2.stride(1) != 1 or x2.stride(0) % 8:
         return False

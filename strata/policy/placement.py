@@ -31,7 +31,7 @@ RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (pac
 # OPT-30B shape up to 64 rows (run 3's table, BENCHMARKS.md); in the engine, T2 (B=64)
 # went from 341.8 to 382.4 tokens/s with it (run 24, same machine, same call).
 FUSED_INT4_MAX_ROWS = 256
-FUSED_KERNEL_ROWS = 64
+FUSED_KERNEL_ROWS = 64  # as compute_node/kernels/w4a16_mma.py MAX_ROWS (a test holds them equal)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The run plan (no torch, no grpc): one placement decision, resolved once by `strata
 serve` or `strata bench` (deploy/serve_plan.py) from the flags or the planner, written as
 JSON into the run directory and read by all three services (`--plan FILE`). It also
-carries the kernel choices that used to be environment switches: which CUDA W4A16
-kernels the compute node may run (`w4a16_wgmma`, `w4a16_mma`; it keeps those built for
-its device, compute_node/kernels/choice.py) and the KV store attention kernel's
-prefetch macros (`kv_kernel_defines`, its build options: kv_store/native.py).
+carries the kernel choices: which CUDA W4A16 kernels the compute node may run
+(`w4a16_wgmma`, `w4a16_mma`; it keeps those built for its device,
+compute_node/kernels/choice.py) and the KV store attention kernel's prefetch macros
+(`kv_kernel_defines`, its build options: kv_store/native.py).
 
 Every field is checked here, once, when a plan is made or read; a bad one is an
 INVALID_ARGUMENT error naming the field. The services decide nothing of it again:
