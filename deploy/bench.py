@@ -448,6 +448,9 @@ def _client_load(ns):
 
 
 def main(ns) -> int:
+    for flag, count in (("--clients", ns.clients), ("--batch-requests", ns.batch_requests)):
+        if count < 0:
+            raise StrataError(ErrorKind.INVALID_ARGUMENT, f"{flag} must be 0 or more, not {count}")
     fields, prediction = _placement(ns)
     profile, profile_path = _floor_profile(ns, prediction)
     a = BenchArgs(

@@ -54,9 +54,12 @@ def test_bench_names_the_design_cases():
     assert case_of(BenchArgs(model="bigscience/bloom-7b1", kv_offload=False, **base)) is None
 
 
-def test_unknown_shape_is_a_clear_error():
+def test_an_unknown_shape_or_a_negative_count_is_a_clear_error():
     out = strata("bench", "--model", "facebook/opt-7t", "--dummy", "--device", "cpu", "--json")
     assert out.returncode == 1 and "unknown model shape" in out.stderr
+    for flag in ("--clients", "--batch-requests"):
+        out = strata("bench", "--model", "facebook/opt-125m", "--dummy", "--device", "cpu", "--json", flag, "-2")
+        assert out.returncode == 1 and f"{flag} must be 0 or more" in out.stderr and not out.stdout
 
 
 def test_without_placement_flags_the_planner_places_a_gpu_run():
