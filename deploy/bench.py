@@ -264,12 +264,14 @@ WARMUP_TOKENS = 4  # new tokens of the warm-up request
 
 def _warm_up(a: BenchArgs, address: str) -> None:
     """One short request of the timed request's batch size before it (8-token prompts,
-    WARMUP_TOKENS new tokens): kernels compiled and configured for its groups' sizes and,
+    WARMUP_TOKENS new tokens; at most the timed request's lengths, which size the
+    slots): kernels compiled and configured for its groups' sizes and,
     where decode graphs run, the graphs of its full groups' bucket captured. The compute
     node keeps its slot caches and per-bucket graphs for its whole life, so the timed
     request replays them from its first decode step."""
     short = min(8, a.prompt_len)
-    generate(address, request_for([[5] * short] * a.batch_size, WARMUP_TOKENS, stop_at_eos=False), timeout=600)
+    new = min(WARMUP_TOKENS, a.gen_len)
+    generate(address, request_for([[5] * short] * a.batch_size, new, stop_at_eos=False), timeout=600)
 
 
 def _warmup_kind(a: BenchArgs) -> str:

@@ -219,3 +219,20 @@ def test_only_the_shards_read_from_disk_every_pass_are_written_with_their_bytes(
     m = _manifest(a)
     shards = _disk_shards(_run_plan(a, m))
     assert len(shards) == 3 and all(s.startswith("layer.") for s in shards)  # not the resident layers
+
+
+def test_the_warm_up_request_fits_the_slots_of_a_short_run(monkeypatch):
+    """The slots hold prompt_len + gen_len tokens: the warm-up stays within both."""
+    from deploy import bench
+    from deploy.bench import BenchArgs
+
+    sent = []
+    monkeypatch.setattr(bench, "generate", lambda address, request, timeout: sent.append(request))
+    for prompt_len, gen_len in ((512, 32), (8, 2), (4, 1)):
+        a = BenchArgs(model="facebook/opt-125m", dummy=True, batch_size=3, prompt_len=prompt_len, gen_len=gen_len,
+                      kv_offload=False, quant_bits=4, group_size=64, gpu_weight_share=1.0, micro_batches=1,
+                      device="cpu", kv_capacity_gb=0)
+        bench._warm_up(a, "unused")
+        r = sent[-1]
+        assert len(r.prompts) == 3 and all(len(p.ids.ids) <= prompt_len for p in r.prompts)
+        assert r.max_new_tokens == min(bench.WARMUP_TOKENS, gen_len)
