@@ -56,8 +56,8 @@ ALLOCATOR_RESERVE_SHARE = 0.10
 HOST_HEADROOM = 7 * GIB
 # Host memory left to the operating system beyond the processes (the kernel, its page
 # tables over the mapped and pinned tiers, the page cache the disk tier reads through,
-# the machine's own daemons): a profile's host_bytes is the whole RAM. T1 on the H200
-# (B=159, run 86) peaked at 123.8 of 125.9 GiB.
+# the machine's own daemons): a profile's host_bytes is the whole RAM. T1 at B=159 on
+# the H200 left 2.1 of its 125.9 GiB (BENCHMARKS.md).
 HOST_OS_RESERVE = 2 * GIB
 KV_STORE_SPARE_SHARE = 0.05
 # Quantizing a key or value element into a GPU cache (strata/model/quant.py): a contiguous bf16

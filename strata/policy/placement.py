@@ -27,9 +27,8 @@ RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (pac
 # the fused W4A16 kernels on its packed weights instead of dequantize + cuBLAS. The
 # kernels take 64 rows a call (FUSED_KERNEL_ROWS); more rows go in even chunks, each
 # reading the packed layer again: 4 chunks read 4 x 0.28 of the bf16 bytes, still under
-# the dense copy's write and read (2 x 1.0). The kernel alone was faster on every
-# OPT-30B shape up to 64 rows (run 3's table, BENCHMARKS.md); in the engine, T2 (B=64)
-# went from 341.8 to 382.4 tokens/s with it (run 24, same machine, same call).
+# the dense copy's write and read (2 x 1.0). The kernel is faster than the dequantize
+# + cuBLAS pair on every OPT-30B shape measured (BENCHMARKS.md, "Kernel measurements").
 FUSED_INT4_MAX_ROWS = 256
 FUSED_KERNEL_ROWS = 64  # as compute_node/kernels/w4a16_mma.py MAX_ROWS (a test holds them equal)
 

@@ -185,7 +185,7 @@ def test_llama_3_1_405b_plans_layers_on_the_gpu_in_host_memory_and_on_disk(h200)
 def test_host_memory_leaves_the_os_its_reserve(h200):
     """A profile's host_bytes is the machine's whole RAM: the plan leaves HOST_OS_RESERVE
     to the kernel and the system beyond what the processes hold. T1 at B=159 ran on the
-    H200 (run 86) with the processes at 123.8 GiB of 125.9: the model covers that peak,
+    H200 with the processes at 123.8 GiB of 125.9: the model covers that peak,
     and with the reserve T1's planned batch stays within a few sequences of it."""
     dims, wb = dummy("facebook/opt-30b")
     _, host = cm.memory(dims, wb, W, cm.Placement(1.0, True, 2, 159), h200.gpu_bytes)
