@@ -155,13 +155,17 @@ def shard_views(shard: Shard, raw: torch.Tensor) -> dict[str, StoredTensor]:
 
 
 def dummy_layer_on_device(manifest: Manifest, i: int, device: torch.device) -> dict[str, StoredTensor]:
-    """A dummy model's layer made directly in device memory (never in the host tier)."""
+    """A dummy model's layer made directly in device memory (never in the host tier),
+    a buffer per part as a layer read from files has (layer_weights.to_device): a part
+    replaced later (q, k, v merged for the fused kernel) frees its bytes, where views of
+    one shard buffer would keep them all alive."""
     from tools.dummy.weights import fill
 
     shard = manifest.shards[layer_shard(i)]
     raw = torch.empty(shard.size, dtype=torch.uint8, device=device)
     fill({shard.name: raw}, manifest, threads=1)
-    return shard_views(shard, raw)
+    views = shard_views(shard, raw)
+    return {name: StoredTensor(st.entry, {p: t.clone() for p, t in st.parts.items()}) for name, st in views.items()}
 
 
 def check_manifest(manifest: Manifest) -> None:

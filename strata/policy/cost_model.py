@@ -115,10 +115,6 @@ class WeightBytes:
     layer_params: float  # elements of one layer's matrices (its dense copy is 2x this)
     quantized: bool
     num_layers: int
-    # bytes a GPU-resident layer holds beyond its shard: a dummy layer made on the GPU is
-    # one buffer, which the packed q, k, v merged for the fused decode kernel do not free
-    # (compute_node/weights.py dummy_layer_on_device, layer_weights.merge_qkv)
-    resident_extra: float = 0.0
     dummy: bool = False  # `--dummy`: resident layers made on the GPU where no layer is on disk (memory_shape)
 
     @property
@@ -135,15 +131,13 @@ def weight_bytes_from_shards(sizes: dict[str, float], dims: ModelDims, quant_bit
 
 def estimate_weight_bytes(dims: ModelDims, quant_bits: int, group_size: int = 64, dummy: bool = False) -> WeightBytes:
     """Closed form of the converter's layout (within a percent of the manifest). `dummy`:
-    weights the compute node makes on the GPU itself (`--dummy`), with their extra bytes."""
+    weights the compute node makes on the GPU itself (`--dummy`; a buffer per part, as a
+    layer read from files, so they hold no more than its shard)."""
     p = layer_params(dims)
     per = quant_bits / 8 + 4 / group_size if quant_bits < 16 else 2.0
     small = (9 * dims.hidden + dims.ffn) * 2  # biases and layer norms, fp16
     other = ((1 if dims.tied_head else 2) * dims.vocab + dims.position_rows + 2) * dims.hidden * 2
-    extra = 0.0
-    if dummy and quant_bits == 4 and not dims.fused_qkv:
-        extra = (dims.num_heads + 2 * dims.kv_heads) * dims.head_dim * dims.hidden * per
-    return WeightBytes(p * per + small, other, p, quant_bits < 16, dims.num_layers, extra, dummy)
+    return WeightBytes(p * per + small, other, p, quant_bits < 16, dims.num_layers, dummy)
 
 
 def layer_params(d: ModelDims) -> float:
@@ -288,10 +282,10 @@ def _decode(dims, wb, w: Workload, pl, p) -> tuple[tuple[float, ...], float, dic
 
 def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> mm.Shape:
     resident, host_n, disk_n = pl.layer_counts(dims.num_layers)
-    # `--dummy` resident layers are made on the GPU (one buffer each, their q/k/v bytes
-    # kept: resident_extra) only where no layer is on disk: with a disk tier the bench
-    # runs a dummy directory (deploy/bench.py _offload_dir), whose resident layers are
-    # read once through the staging slots, a buffer per part, like a converted model's
+    # `--dummy` resident layers are made on the GPU (no staging slots) only where no
+    # layer is on disk: with a disk tier the bench runs a dummy directory (deploy/bench.py
+    # _offload_dir), whose resident layers are read once through the staging slots, like
+    # a converted model's
     made_on_gpu = wb.dummy and not disk_n
     return mm.Shape(
         batch=pl.batch_size, micro_batches=pl.micro_batches, prompt_len=w.prompt_len, gen_len=w.gen_len,
@@ -299,7 +293,6 @@ def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -
         kv_token_layer_bytes=kv_bytes_per_token_layer(dims, pl.kv_bits, pl.kv_group),
         kv_token_layer_bf16=kv_bytes_per_token_layer(dims, 16), quant_bits=pl.quant_bits, layer_bytes=wb.layer,
         other_bytes=wb.other, dense_layer_bytes=2 * wb.layer_params,
-        resident_extra=wb.resident_extra if made_on_gpu else 0.0,
         resident_from_files=not made_on_gpu,
     )
 

@@ -146,7 +146,6 @@ class Shape:
     layer_bytes: float  # one layer's shard
     other_bytes: float  # embeddings and head
     dense_layer_bytes: float  # one layer's matmul weights in the compute dtype
-    resident_extra: float = 0.0  # bytes a resident layer holds beyond its shard (WeightBytes.resident_extra)
     resident_from_files: bool = True  # resident layers read once through the staging slots (not --dummy)
 
     @property
@@ -209,8 +208,6 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
         "layer ring": RING_DEPTH * s.layer_bytes if s.streamed else 0.0,
         "KV": 0.0 if s.kv_on_host else s.batch * (s.prompt_len + s.gen_len) * s.kv_token_layer_bytes * L,
     }
-    if s.resident_extra:
-        held["resident q/k/v copies"] = s.resident * s.resident_extra
     rows = s.chunk_rows
     per_row = activation_bytes_per_row(d)
     if not s.kv_on_host and s.kv_bits < 16:

@@ -70,3 +70,25 @@ def test_fused_decode_gives_the_tokens_of_dequantize_then_linear(shards, groups)
     assert got == plain
     # only decode steps (one token per sequence of a group) took the packed path
     assert calls and max(calls) <= max(groups)
+
+
+def test_dummy_layers_made_on_the_device_free_the_qkv_bytes_they_merge():
+    """A dummy layer made on the device is a buffer per part, as a layer read from files
+    is: once q, k, v are merged for the fused kernel, their own bytes are no longer held
+    (one shard buffer under every part kept them alive: ~21 GiB at OPT-175B)."""
+    from compute_node.layer_weights import _separate_qkv, merge_qkv
+    from compute_node.weights import dummy_layer_on_device
+    from tools.dummy.manifest import dummy_manifest
+
+    manifest = dummy_manifest("facebook/opt-125m", 4, 64)
+    layer = dummy_layer_on_device(manifest, 0, torch.device("cpu"))
+    storages = {t.untyped_storage().data_ptr() for st in layer.values() for t in st.parts.values()}
+    assert len(storages) == sum(len(st.parts) for st in layer.values())
+    names = _separate_qkv(manifest.config)
+    before = {n: layer[f"{n}.weight"].parts["data"].untyped_storage() for n in names}
+    merged = merge_qkv(layer, names)
+    assert merged is not None
+    for n in names:  # each is now a view of the merged matrix, not of its first buffer
+        data = layer[f"{n}.weight"].parts["data"]
+        assert data.untyped_storage().data_ptr() == merged.data.untyped_storage().data_ptr()
+        assert data.untyped_storage().data_ptr() != before[n].data_ptr()
