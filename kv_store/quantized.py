@@ -59,7 +59,7 @@ class QuantizedGroupCache(GroupCache):
         sl = (which, layer, rows, slice(None), slice(start, start + x.shape[2]))
         if self.native is not None and self.native.quantize(x, self.codes[sl], self.scale[sl], self.min[sl],
                                                             self.fmt.bits, self.fmt.group):
-            return  # in place, on the kernel's threads (PyTorch's ops took 116 s for a T1 prompt, run 28)
+            return  # in place, on the kernel's threads (PyTorch's ops are far slower at a T1 prompt)
         self.codes[sl], self.scale[sl], self.min[sl] = self.fmt.quantize(x)
 
     def _load(self, which: int, layer: int, a: int, z: int, rows: int | None = None) -> torch.Tensor:

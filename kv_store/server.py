@@ -81,9 +81,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         # Every CPU-heavy op runs on one thread, so only one OpenMP team is ever
         # active (ops from several gRPC threads each keep a team that competes for the
         # cores). Default: all cores but two, left to the peers' host threads; a
-        # preempted OpenMP thread stalls the whole parallel region. Together with the
-        # compute node's blocking syncs this took T1 decode from 71 s to 51 s
-        # (BENCHMARKS.md, runs 4 and 5); the share of each change was not separated.
+        # preempted OpenMP thread stalls the whole parallel region (BENCHMARKS.md,
+        # "All runs": T1 decode with and without it).
         if config.attention not in ("native", "sdpa"):
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"attention must be native or sdpa, got {config.attention!r}")
         threads = config.threads or max(1, (os.cpu_count() or 1) - 2)
@@ -91,8 +90,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             1, thread_name_prefix="kv-compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
         # The native kernel's threads claim rows as they go, so a preempted one does not
-        # stall the call: by default it takes every core (T1 on one host, run 4 of
-        # 2026-11-26 evening: 86.7 tokens/s with 14 threads, 90.2 with 16).
+        # stall the call: by default it takes every core (faster at T1 than leaving two
+        # to the peers; BENCHMARKS.md).
         kernel_threads = config.threads or os.cpu_count() or 1
         # built with the run plan's prefetch macros (bench configuration), else the sources' defaults
         defines = config.plan.kv_kernel_defines if config.plan is not None else ()

@@ -30,24 +30,26 @@ from strata.policy.floor import kv_bytes_per_token
 from strata.policy.hardware import HardwareProfile
 from strata.policy.placement import FUSED_INT4_MAX_ROWS, FUSED_KERNEL_ROWS
 
+# The constants below are calibrated on measured runs; their runs, dates and figures are
+# in BENCHMARKS.md ("Planner (issue 4): predicted against measured" and the sessions).
 GIB = 1 << 30
 HOST_HEADROOM = mm.HOST_HEADROOM
 HOST_OS_RESERVE = mm.HOST_OS_RESERVE
-RPC_OVERHEAD_S = 1.5e-3  # per layer, KV in the KV store: the Attend round trip left exposed (run 21, 1.4-1.6 ms)
+RPC_OVERHEAD_S = 1.5e-3  # per layer, KV in the KV store: the Attend round trip left exposed (measured 1.4-1.6 ms)
 # The KV store's own cost per Attend call, serial with its attention (request handling,
 # the threads' start, the mask): what makes more micro-batches slower with KV in the KV
-# store (T1, B=159: 2 micro-batches 86.4 tokens/s, 4 micro-batches 78.3; runs 48, 51).
+# store (T1, B=159: 2 micro-batches 86.4 tokens/s, 4 micro-batches 78.3 on the H100).
 KV_CALL_S = 1.0e-3
 # With one micro-batch nothing overlaps its round trip: the staging of q, k, v and the
-# copy back are exposed too (T1: 1 micro-batch 71.8 tokens/s against 75.3 with 2; run 29).
+# copy back are exposed too (T1: 1 micro-batch 71.8 tokens/s against 75.3 with 2 on the H100).
 ONE_MICRO_BATCH_EXPOSED_S = 1.5e-3
 LAUNCH_OVERHEAD_S = 0.05e-3  # per layer per micro-batch otherwise (kernel launches)
 STEP_OVERHEAD_S = 1e-3  # per pass: embedding, sampling, the host sync of the tokens
-GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: prefill reached ~0.8 (T2 run 8: 3.18 s; T3 run 16: 27.0 s)
+GEMM_EFFICIENCY = 0.82  # of the measured 8192^3 rate, at large M: T2's and T3's prefill reached ~0.8 of it
 GEMM_HALF_M = 64  # rows at which efficiency is half of GEMM_EFFICIENCY
 # The KV store's attention inside the service reads KV at this share of the rate the
 # profile measures for its kernel alone (tools/bench_attention.py): 83-90 GB/s at T1
-# against 95.5 GB/s alone, bf16 cache (runs 82-84).
+# against 95.5 GB/s alone, bf16 cache, on the H100's host.
 SERVICE_ATTENTION_EFFICIENCY = 0.88
 # The quantized caches' speed against the bf16 one for the same tokens, for profiles that
 # did not measure them (tools/bench_attention.py at T1's call shape, 16 threads: 12.47
@@ -55,11 +57,11 @@ SERVICE_ATTENTION_EFFICIENCY = 0.88
 CPU_QUANT_SPEED_FALLBACK = {8: 0.92, 4: 1.29}
 # Streamed layers reach about 0.95 of the profile's pinned host-to-GPU copy rate with
 # the packed ring (one copy per layer, dequant on the compute stream): an OPT-175B
-# decode step with every layer streamed took 1.84-1.88 s for 99 GB (runs 16 and 20).
+# decode step with every layer streamed took 1.84-1.88 s for 99 GB.
 STREAM_EFFICIENCY = 0.95
 # Host-streamed layers while the KV store attends over host KV: the copies and the
 # attention both read host DRAM, and together reached only ~0.45 of the profile's DRAM
-# read rate (43, 43 and 36 GB/s in runs 16, 18 and 19, against 97).
+# read rate (36-43 GB/s against 97 on the H100's host).
 HOST_SHARED_SHARE = 0.45
 # The fused W4A16 kernels (GPU-resident INT4 layers at up to FUSED_INT4_MAX_ROWS rows)
 # read a layer's packed bytes at this share of the profile's HBM rate, by rows: 0.81 and

@@ -11,7 +11,7 @@ from strata.model.arch import ModelDims
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-    """Measured limits (DESIGN.md, nvidia-h100-x1, 2026-11-26)."""
+    """The limits DESIGN.md measured on its benchmark machine (nvidia-h100-x1)."""
 
     name: str = "nvidia-h100-x1"
     gpu_flops: float = 792e12  # bf16 matmul

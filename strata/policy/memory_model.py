@@ -52,7 +52,7 @@ CUDA_CONTEXT_BYTES = 1 * GIB
 ALLOCATOR_RESERVE_SHARE = 0.10
 # Host memory of the three processes themselves beyond the tier and the KV cache (CUDA
 # and torch runtimes, exchange buffers), and the spare the KV store's ledger keeps: 12.2
-# GiB at T1, B=150, with 104.9 GiB of KV (run 8); 2.3 GB with no KV store (run 10).
+# GiB at T1, B=150, with 104.9 GiB of KV; 2.3 GB with no KV store (H100 host).
 HOST_HEADROOM = 7 * GIB
 # Host memory left to the operating system beyond the processes (the kernel, its page
 # tables over the mapped and pinned tiers, the page cache the disk tier reads through,
