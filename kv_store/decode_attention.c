@@ -214,3 +214,4 @@ void strata_decode_attention_bf16(
 }
 
 #include "decode_attention_quant.c" /* INT8 / INT4 caches, and their quantizer */
+#include "decode_attention_pool.c"  /* the threads a call runs on */

@@ -1,8 +1,8 @@
 """The KV store's own decode attention kernel (decode_attention*.c): built once per
-machine with the system C compiler, loaded with ctypes, run on a pool of threads that
-claim (sequence, key/value head) rows a chunk at a time from one shared counter. ctypes
-releases the GIL for the call, so the threads run in parallel; no OpenMP runtime is
-involved.
+machine with the system C compiler, loaded with ctypes, run on the library's own pool of
+threads (decode_attention_pool.c) that claim (sequence, key/value head) rows a chunk at
+a time from one shared counter. A call is one ctypes call (the GIL released for it); no
+OpenMP runtime is involved.
 
 Why not PyTorch's CPU SDPA: it needs an INT8/INT4 cache dequantized into a float copy
 first, while these kernels read the codes in place; on a bfloat16 cache far beyond the
@@ -17,13 +17,13 @@ Each set of macros is its own library in the cache."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import hashlib
 import logging
 import os
 import pathlib
 import platform
+import struct
 import subprocess
 import threading
 from typing import Iterable, Mapping
@@ -37,7 +37,7 @@ from strata.runtime.build import compile_once
 LOG = logging.getLogger("strata.kv_store")
 SOURCE = pathlib.Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-         "-fno-signed-zeros", "-shared", "-fPIC"]  # no -ffast-math: masked keys are -inf
+         "-fno-signed-zeros", "-shared", "-fPIC", "-pthread"]  # no -ffast-math: masked keys are -inf
 MAX_HEAD_DIM = 256  # the kernels' stack buffers
 CLAIMS_PER_THREAD = 16  # rows are claimed in chunks of 1/16 of a thread's even share
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -89,7 +89,24 @@ def build(cache_dir: pathlib.Path | None = None, defines: Defines = ()) -> ctype
     fz = lib.strata_quantize_bf16
     fz.restype = ctypes.c_int
     fz.argtypes = [_PTR] * 4 + [_I64] * 5 + [_I64] * 9 + rows
+    lib.strata_pool_create.restype = _PTR
+    lib.strata_pool_create.argtypes = [ctypes.c_int]
+    lib.strata_pool_destroy.restype = None
+    lib.strata_pool_destroy.argtypes = [_PTR]
+    lib.strata_pool_run.restype = ctypes.c_int
+    lib.strata_pool_run.argtypes = [_PTR, ctypes.c_int, _PTR, _I64, _I64, _I64]
     return lib
+
+
+# decode_attention_pool.c's job kinds
+JOB_BF16, JOB_QUANT, JOB_QUANTIZE = 0, 1, 2
+
+
+def _job_args(args: tuple) -> ctypes.Array:
+    """A kernel's arguments as the pool's int64 array: integers (pointers among them) as
+    they are, a float as its 32 bits."""
+    return (ctypes.c_int64 * len(args))(
+        *(struct.unpack("<i", struct.pack("<f", a))[0] if isinstance(a, float) else int(a) for a in args))
 
 
 def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, int, int]]:
@@ -109,17 +126,17 @@ def quant_shape_supported(head_dim: int, group: int, bits: int) -> bool:
 
 class NativeDecodeAttention:
     """softmax(scale * q.K^T + mask) . V for one query per head over a bfloat16 cache,
-    on `threads` threads. Thread-safe for calls on disjoint outputs; the KV store
-    calls it from one thread."""
+    on `threads` threads. The pool runs one call at a time: calls from several threads
+    take turns (the KV store makes them from one)."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int):
-        self.fn = lib.strata_decode_attention_bf16
-        self.fn_quant = lib.strata_decode_attention_quant
-        self.fn_quantize = lib.strata_quantize_bf16
+        self.lib = lib
         self.fn_quant_scratch = lib.strata_quant_scratch_floats
         self.threads = max(1, threads)
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="kv-attend")
-        self._scratch = threading.local()
+        self.pool = lib.strata_pool_create(self.threads)
+        self._turn = threading.Lock()
+        if not self.pool:
+            raise OSError(f"the KV kernel's pool of {self.threads} threads could not be started")
 
     @classmethod
     def create(cls, threads: int, defines: Defines = ()) -> NativeDecodeAttention | None:
@@ -148,7 +165,7 @@ class NativeDecodeAttention:
                 q.shape[1], keys.shape[1], keys.shape[2], q.shape[3],
                 q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3], *m_args[1:],
                 out.stride(0), out.stride(1), float(scale))
-        self._parallel(self.fn, args, q.shape[0] * keys.shape[1], keys.shape[2])
+        self._parallel(JOB_BF16, args, q.shape[0] * keys.shape[1], keys.shape[2])
         return out
 
     def quantized(self, q: torch.Tensor, k_parts, v_parts, mask: torch.Tensor | None, scale: float, bits: int,
@@ -169,7 +186,7 @@ class NativeDecodeAttention:
                 vm.data_ptr(), m_args[0], out.data_ptr(), q.shape[1], kc.shape[1], kc.shape[2], d, group, bits,
                 q.stride(0), q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *m_args[1:], out.stride(0),
                 out.stride(1), float(scale))
-        self._parallel(self.fn_quant, args, q.shape[0] * kc.shape[1], self.fn_quant_scratch(kc.shape[2], d, group, bits))
+        self._parallel(JOB_QUANT, args, q.shape[0] * kc.shape[1], self.fn_quant_scratch(kc.shape[2], d, group, bits))
         return out
 
     def quantize(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, bits: int,
@@ -184,26 +201,20 @@ class NativeDecodeAttention:
             return False
         args = (x.data_ptr(), codes.data_ptr(), scale.data_ptr(), w_min.data_ptr(), x.shape[1], x.shape[2], d, group,
                 bits, *x.stride()[:3], *codes.stride()[:3], *scale.stride()[:3])
-        return all(rc == 0 for rc in self._parallel(self.fn_quantize, args, x.shape[0] * x.shape[1], None))
+        return self._parallel(JOB_QUANTIZE, args, x.shape[0] * x.shape[1], 0) == 0
 
-    def _parallel(self, fn, args: tuple, rows: int, scratch_floats: int | None) -> list:
-        """`fn` on up to `threads` threads, which claim the rows (sequence, key/value
-        head) CLAIMS_PER_THREAD-th of an even share at a time from one counter; each
-        thread with its own scratch of `scratch_floats` floats (None: the call takes none)."""
-        n = min(self.threads, rows)
-        chunk = max(1, rows // (n * CLAIMS_PER_THREAD))
-        counter = (ctypes.c_int64 * 1)()
-        claim = (ctypes.addressof(counter), rows, chunk)
-        jobs = [self.pool.submit(self._run, fn, args + claim, scratch_floats) for _ in range(n)]
-        return [job.result() for job in jobs]
-
-    def _run(self, fn, args: tuple, floats: int | None):
-        if floats is None:
-            return fn(*args)
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None or buf.numel() < floats:
-            buf = self._scratch.buf = torch.empty(max(floats, 1 << 16), dtype=torch.float32)
-        return fn(*args, buf.data_ptr())
+    def _parallel(self, kind: int, args: tuple, rows: int, scratch_floats: int) -> int:
+        """Kernel `kind` over `rows` rows (sequence, key/value head) on the pool's threads,
+        which claim them CLAIMS_PER_THREAD-th of an even share at a time, each with its own
+        scratch of `scratch_floats` floats. Returns the kernels' code (0: done)."""
+        chunk = max(1, rows // (min(self.threads, rows) * CLAIMS_PER_THREAD))
+        with self._turn:
+            rc = self.lib.strata_pool_run(self.pool, kind, _job_args(args), rows, chunk, scratch_floats)
+        if rc == -3:
+            raise MemoryError(f"the KV kernel's scratch of {scratch_floats} floats a thread")
+        return rc
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        pool, self.pool = self.pool, None
+        if pool:
+            self.lib.strata_pool_destroy(pool)

@@ -153,6 +153,47 @@ def test_rows_claimed_in_chunks_cover_every_row():
         k2.close()
 
 
+def test_the_pool_gives_every_thread_count_the_same_result_call_after_call():
+    """The library's own pool (decode_attention_pool.c): 1, 4 and 7 threads (more than
+    this machine's cores, so workers sleep and wake) give bit-identical outputs over many
+    calls in a row, quantized appends between them, from two Python threads at once
+    (calls take turns); closing twice is harmless."""
+    import concurrent.futures
+
+    from strata.model.kv_quant import KVFormat
+
+    torch.manual_seed(3)
+    b, h, t, d = 5, 4, 37, 64
+    q = torch.randn(b, h, 1, d).to(torch.bfloat16)
+    k, v = (torch.randn(b, h, t, d).to(torch.bfloat16) for _ in range(2))
+    fmt = KVFormat(4, d, 32)
+    outs = {}
+    for threads in (1, 4, 7):
+        kern = native.NativeDecodeAttention.create(threads=threads)
+        if kern is None:
+            pytest.skip("no C compiler on this machine")
+        try:
+            codes = torch.empty(b, h, t, fmt.code_width, dtype=torch.uint8)
+            scale, w_min = (torch.empty(b, h, t, d // 32, dtype=torch.float16) for _ in range(2))
+
+            def call(i):
+                assert kern.quantize(k, codes, scale, w_min, 4, 32)
+                parts = (codes, scale, w_min)
+                return kern(q, k, v, None, d**-0.5), kern.quantized(q, parts, parts, None, d**-0.5, 4, 32)
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(call, range(40)))
+            for plain, quant in results[1:]:
+                assert torch.equal(plain, results[0][0]) and torch.equal(quant, results[0][1])
+            outs[threads] = results[0]
+        finally:
+            kern.close()
+            kern.close()
+    for threads in (4, 7):
+        assert torch.equal(outs[threads][0], outs[1][0]) and torch.equal(outs[threads][1], outs[1][1])
+    assert torch.allclose(outs[1][0].float(), reference(q, k, v, None, d**-0.5), atol=1e-2, rtol=1e-2)
+
+
 def _quantized_reference(q, parts, mask, scale, fmt):
     """float64 attention over the dequantized cache: what the codes mean exactly."""
     k, v = (fmt.dequantize(*p, torch.float64) for p in parts)
