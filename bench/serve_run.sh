@@ -36,6 +36,8 @@ for step in "$@"; do
     cpudiag) nproc; cat /sys/fs/cgroup/cpu.max 2>/dev/null; lscpu | grep -E "^CPU\(s\)|Thread|Core|MHz"; python3 -c "import os;print(len(os.sched_getaffinity(0)))"
          for t in 1 4 8 16; do PYTHONPATH=$PWD timeout 100 python3 -m tools.bench_attention --batch ${CD_B:-64} --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads $t --layers 4 --steps 5 --kv-bits 16,4; done 2>&1 | tee "$OUT/cpudiag.jsonl" | python3 -c "import sys,json;[print({k:d[k] for k in ('batch','threads','kv_bits','step_ms','kv_read_gbps')}) for d in map(json.loads,filter(lambda l:l.startswith('{'),sys.stdin))]"
          for t in 1 16; do PYTHONPATH=$PWD timeout 60 python3 -m tools.bench_attention --batch 1 --heads 56 --head-dim 128 --tokens 16 --dtype bfloat16 --threads $t --layers 8 --steps 50 --kv-bits 16,4; done 2>&1 | python3 -c "import sys,json;[print({k:d[k] for k in ('batch','threads','kv_bits','step_ms')}) for d in map(json.loads,filter(lambda l:l.startswith('{'),sys.stdin))]";;
+    qxsweep) for defs in "" "QX_PF_BYTES=0" "QX_PF_BYTES=8192" "QX_PF_BYTES=16384" "PF_HINT=2" "PF_NEXT_ROW=0"; do
+           PYTHONPATH=$PWD timeout 100 python3 -m tools.bench_attention --batch 64 --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads 16 --layers 4 --steps 5 --kv-bits 4 ${defs:+--kv-kernel-defines "$defs"} | tail -1 | python3 -c "import sys,json;d=json.loads(sys.stdin.read());print('$defs', d['step_ms'], d['kv_read_gbps'])"; done 2>&1 | tee "$OUT/qxsweep.txt";;
     profile) PYTHONPATH=$PWD timeout 300 python3 -m deploy.cli profile --output "$OUT/profile.json" 2>&1 | tail -5;;
   esac
 done
