@@ -25,7 +25,9 @@ for step in "$@"; do
     t1) new $T1 --clients ${S2_N:-256};;
     t1old) old $T1;;
     t3) new $T3 --clients ${S3_N:-128};;
+    t3s) new $T3;;
     t3old) old $T3;;
+    seamtest) STRATA_TEST_DEVICE=cuda PYTHONPATH=$PWD:tests${EXTRA_PATH:+:$EXTRA_PATH} timeout ${CT_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/compute_node/test_device.py tests/compute_node/test_device_ring.py tests/compute_node/test_slot_graphs.py tests/compute_node/test_slot_kv.py > "$OUT/seamtest.txt" 2>&1; tail -3 "$OUT/seamtest.txt";;
     mixed) new $T2 --prompt-len 1024 --gen-len 256 --batch-size ${MIX_B:-48} --clients 512 --prompt-len-dist uniform:32:1024 --gen-len-dist uniform:16:256;;
     fixed512) new $T2 --batch-size ${MIX_B:-48} --prompt-len 1024 --gen-len 256 --clients 512 --prompt-len-dist 512 --gen-len-dist 32;;
     t1q) new --model facebook/opt-30b --dummy --kv-offload --kv-bits 4 --gpu-weight-share 1 --micro-batches ${T1Q_M:-2} --batch-size ${T1Q_B:-256};;
