@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from compute_node.device import device_for
 from compute_node.layer_weights import LayerWeights
 from compute_node.model import family_for
 from compute_node.runner import GroupStep, Join, Runner
@@ -61,13 +62,14 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--share", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--graphs", choices=["cuda", "eager", "off"], default="cuda", help="decode-only passes (runner.py)")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--graphs", choices=["on", "off"], default="on",
+                   help="decode-only passes as fixed-shape steps the device captures (runner.py)")
+    p.add_argument("--device", default="cuda", help="cuda[:N], cpu or mock-cuda (compute_node/device/)")
     p.add_argument("--prefill", action="store_true", help="profile the full-length prefill instead of decode")
     p.add_argument("--decode-prompt", type=int, default=8, help="prompt length of the profiled decode")
     a = p.parse_args()
-    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
-    cuda = dev.type == "cuda"
+    dev, dtype = device_for(a.device), getattr(torch, a.dtype)
+    cuda = dev.kind == "cuda"
     m = dummy_manifest(a.model, 4, 64)
     raw = {n: torch.empty(s.size, dtype=torch.uint8) for n, s in m.shards.items()}
     if cuda:
@@ -81,9 +83,8 @@ def main() -> None:
     capacity = max(a.prompt, a.decode_prompt) + a.gen
     kvs = [LocalSlots(SlotShape(dims.num_layers, dims.num_heads, dims.kv_heads, dims.head_dim, rows, capacity,
                                 family.scale, family.alibi), dtype, dev) for rows in groups]
-    graphs = a.graphs if cuda or a.graphs == "off" else "eager"  # off CUDA: the same fixed-shape steps, eagerly
-    runner = Runner(lw, family, dims.num_layers, kvs, max(groups) * capacity, graphs)
-    passes = Passes(runner, groups, torch.cuda.synchronize if cuda else lambda: None)
+    runner = Runner(lw, family, dims.num_layers, kvs, max(groups) * capacity, a.graphs == "on")
+    passes = Passes(runner, groups, dev.synchronize)
     for _ in passes.run([[5] * 8] * a.batch, 2):  # warm up (and capture the full batch's decode graphs)
         pass
     prompts = [[7] * a.prompt for _ in range(a.batch)]

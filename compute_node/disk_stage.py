@@ -3,10 +3,10 @@
 The compute node owns the slots. `DiskStager` keeps every free slot reading the next
 disk layer in the cyclic order the passes use them (so the disk never waits for the
 GPU), hands a finished slot's bytes out with `take`, and gives the slot back with
-`release` once the copy out of it is done (a CUDA event: waited for on a helper
-thread, so the caller never blocks on it). A `take` out of that order (resident
-layers at start, a new request mid-pass) drains the reads in flight and restarts the
-order there.
+`release` once the copy out of it is done (an event of the node's device,
+compute_node/device/: waited for on a helper thread, so the caller never blocks on
+it). A `take` out of that order (resident layers at start, a new request mid-pass)
+drains the reads in flight and restarts the order there.
 """
 
 from __future__ import annotations
@@ -91,14 +91,14 @@ class DiskStager:
             raise StrataError(ErrorKind.INTERNAL, f"staged shard {name!r} lies past the staging region")
         return slot, self.region.bytes_view(loc.offset, loc.byte_size)
 
-    def release(self, slot: int, done: torch.cuda.Event | None = None) -> None:
-        """Give `slot` back once `done` (the copy out of it) has completed."""
+    def release(self, slot: int, done=None) -> None:
+        """Give `slot` back once `done` (an event after the copy out of it) has completed."""
         if done is None:
             self._give_back(slot)
         else:
             self._waiter.submit(self._after, done, slot)
 
-    def _after(self, done: torch.cuda.Event, slot: int) -> None:
+    def _after(self, done, slot: int) -> None:
         done.synchronize()
         self._give_back(slot)
 

@@ -4,8 +4,10 @@ with the KV store, through which queries, keys, values and attention outputs tra
 Two halves alternate by layer, so the prefill keys/values of layer i can still be in
 flight to the KV store while layer i+1 stages its own; a half is reused only after
 its transfers are done. Each half starts with one region of `region_bytes`, created,
-pinned and registered at construction (pinning a few GB takes seconds: at start, not
-inside a request's prefill); a region is added when a half runs out (a bigger batch)."""
+pinned (on a device that pins) and registered at construction (pinning a few GB takes
+seconds: at start, not inside a request's prefill); a region is added when a half runs
+out (a bigger batch). Keys and values leave the device on the exchange's offload
+stream (compute_node/slot_kv.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import concurrent.futures
 
 import torch
 
+from compute_node.device import CpuDevice, Device
 from compute_node.peers import KVStoreClient
 from strata.runtime.errors import ErrorKind, StrataError
 from strata.transport.dataplane import Arena
@@ -20,17 +23,19 @@ from strata.transport.shm import Region, region_name
 
 
 class Exchange:
-    def __init__(self, client: KVStoreClient, session: str, region_bytes: int, pin: bool = False):
+    def __init__(self, client: KVStoreClient, session: str, region_bytes: int, device: Device | None = None):
+        """`device`: the node's Device (default the CPU's: nothing to pin, no stream)."""
         self.client, self.session = client, session
         self.region_bytes = region_bytes
-        self.pin = pin
+        self.dev = device if device is not None else CpuDevice()
         self.halves: list[list[Arena]] = [[], []]
         self.pending: list[list] = [[], []]
         self.current = 0
         self.layer = None
         self._regions: list[Region] = []
+        self._pinned: set[int] = set()  # id() of each region pinned
         self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-append")
-        self.offload_stream = torch.cuda.Stream() if pin else None
+        self.offload_stream = self.dev.new_stream()
         try:
             for half in self.halves:
                 half.append(Arena(self._new_region(region_bytes)))
@@ -49,8 +54,8 @@ class Exchange:
             arena.reset()
 
     def send_after(self, event, call) -> None:
-        """Run `call` (a blocking RPC) on the sender thread once `event` (a CUDA event,
-        or None) has completed: the device->host copy it needs is done. Keeps the
+        """Run `call` (a blocking RPC) on the sender thread once `event` (the device's
+        event, or None) has completed: the device->host copy it needs is done. Keeps the
         compute stream free of waits."""
 
         def run():
@@ -80,8 +85,8 @@ class Exchange:
 
     def _new_region(self, size: int) -> Region:
         region = Region.create(region_name(self.session, "exchange"), size)
-        if self.pin:
-            torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.size, 0)
+        if self.dev.pin(region, required=False):  # unpinned, the copies still work, slower
+            self._pinned.add(id(region))
         self._regions.append(region)
         self.client.register_region(region.name, region.size)
         return region
@@ -93,8 +98,9 @@ class Exchange:
                 self.client.unregister_region(region.name)
             except StrataError:
                 pass  # the KV store is gone; its mapping went with it
-            if self.pin:
-                torch.cuda.cudart().cudaHostUnregister(region.data_ptr())
+            if id(region) in self._pinned:
+                self.dev.unpin(region)
             region.close()
         self._regions.clear()
+        self._pinned.clear()
         self.halves = [[], []]

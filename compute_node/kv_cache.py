@@ -11,7 +11,7 @@ import torch
 from compute_node.kernels import dequant
 from strata.model.kv_quant import KVFormat
 
-DEQUANT_CHUNK = 256  # tokens rebuilt at a time off CUDA (float32 arithmetic on that many only)
+DEQUANT_CHUNK = 256  # tokens rebuilt at a time where not whole (float32 arithmetic on that many only)
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -80,11 +80,12 @@ class _QuantLayers:
     """K and V of every layer group-wise quantized (strata/model/kv_quant.py), token-major:
     codes [max_tokens, B, kv_heads, code_width], scale and min [max_tokens, B, kv_heads,
     groups] per layer, so the first n tokens are one contiguous block. `read_rows`
-    rebuilds a layer's first n tokens of its first rows in the compute dtype: in one
-    fused kernel on CUDA (no float32 copy), elsewhere in chunks of DEQUANT_CHUNK tokens."""
+    rebuilds a layer's first n tokens of its first rows in the compute dtype: with
+    `whole` (the device's choice: on CUDA, one fused kernel, no float32 copy) at once,
+    else in chunks of DEQUANT_CHUNK tokens."""
 
-    def __init__(self, s, dtype: torch.dtype, device: torch.device, fmt: KVFormat):
-        self.fmt, self.dtype = fmt, dtype
+    def __init__(self, s, dtype: torch.dtype, device: torch.device, fmt: KVFormat, whole: bool = False):
+        self.fmt, self.dtype, self.whole = fmt, dtype, whole
         lead = (s.max_tokens, s.pad.numel(), s.num_kv_heads)
 
         def planes():
@@ -135,7 +136,7 @@ class _QuantLayers:
         out = torch.empty(*codes.shape[:-1], self.fmt.head_dim, dtype=self.dtype, device=codes.device)
         rows = out.view(-1, self.fmt.head_dim)
         per_token = rows.shape[0] // n
-        step = n if codes.is_cuda else DEQUANT_CHUNK
+        step = n if self.whole else DEQUANT_CHUNK
         for a in range(0, n, step):
             z = min(a + step, n)
             flat = [p[a:z].reshape(-1, p.shape[-1]) for p in (codes, scale, w_min)]

@@ -3,18 +3,20 @@ of use, in the cyclic order the passes use them, so the copies never wait for a
 resident layer's compute and the next pass's first streamed layers load during this
 pass's tail.
 
-On the GPU, streamed layers go through a ring of `depth` packed slots (`DeviceRing`):
-one copy per layer, straight from the host tier (or a disk staging slot) on a side
-stream, and the layer's dequantization on the compute stream when it runs, so the
-copy engine never idles behind a dequant kernel. Resident layers stay packed
-(INT4/INT8 as stored) and are dequantized by a fused kernel when a layer runs; on the
-CPU, resident layers are kept dense. Which layers are resident is the placement's
-decision; this module only moves bytes."""
+On a CUDA device (and mock-cuda: compute_node/device/), streamed layers go through a
+ring of `depth` packed slots (`DeviceRing`): one copy per layer, straight from the host
+tier (or a disk staging slot) on a side stream, and the layer's dequantization on the
+compute stream when it runs, so the copy engine never idles behind a dequant kernel.
+Resident layers stay packed (INT4/INT8 as stored) and are dequantized by a fused
+kernel when a layer runs. On the CPU, a streamed layer is dequantized straight from
+the host tier when loaded (`DenseCopies`) and resident layers are kept dense. Which
+layers are resident is the placement's decision; this module only moves bytes."""
 
 from __future__ import annotations
 
 import torch
 
+from compute_node.device import Device, device_for
 from compute_node.kernels import MERGED_QKV, PackedInt4, dequantize
 from compute_node.kernels.choice import DEFAULT as DEFAULT_KERNELS, KernelChoice
 from compute_node.weights import HostWeights, StoredTensor, shard_views
@@ -105,64 +107,103 @@ def _separate_qkv(config: dict) -> tuple[str, ...]:
 
 
 class DeviceRing:
-    """`depth` GPU slots of packed layer bytes. `fill` copies a shard's bytes into the
+    """`depth` device slots of packed layer bytes. `fill` copies a shard's bytes into the
     next slot on the ring's stream; `use` dequantizes it on the current stream. A slot
     is refilled only after the dequant that read it has run (its `consumed` event), so
     the copy stream waits for nothing else."""
 
-    def __init__(self, device: torch.device, depth: int, slot_bytes: int):
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(depth)]
-        self.consumed: list[torch.cuda.Event | None] = [None] * depth
-        self.stream = torch.cuda.Stream(device)
+    def __init__(self, device: Device, depth: int, slot_bytes: int):
+        self.dev = device
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device.torch_device) for _ in range(depth)]
+        self.consumed: list = [None] * depth  # per slot: the event after the dequant that last read it
+        self.stream = device.new_stream()
         self._next = 0
 
-    def fill(self, raw: torch.Tensor) -> tuple[int, torch.cuda.Event]:
+    def fill(self, raw: torch.Tensor) -> tuple:
+        """(slot, the event after the copy into it)."""
         k = self._next
         self._next = (k + 1) % len(self.slots)
         if self.consumed[k] is not None:
             self.stream.wait_event(self.consumed[k])
-        with torch.cuda.stream(self.stream):
+        with self.dev.stream(self.stream):
             self.slots[k][: raw.numel()].copy_(raw, non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = self.dev.new_event()
             copied.record(self.stream)
         return k, copied
 
-    def use(self, k: int, copied: torch.cuda.Event, shard: Shard, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        stream = torch.cuda.current_stream(self.slots[k].device)
+    def use(self, k: int, copied, shard: Shard, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        stream = self.dev.current_stream()
         stream.wait_event(copied)
         # copies, never views: the slot is refilled as soon as these kernels have run
         w = dense(shard_views(shard, self.slots[k][: shard.size]), dtype, copy=True)
-        self.consumed[k] = torch.cuda.Event()
+        self.consumed[k] = self.dev.new_event()
         self.consumed[k].record(stream)
         return w
 
+    def load(self, host: HostWeights, name: str) -> tuple:
+        """Start copying shard `name` in: (slot, copied event), for `ready`."""
+        slot, raw = host.staged_raw(name) if name in host.disk else (None, host.raw(name))
+        loaded = self.fill(raw)
+        if slot is not None:  # the staging slot is read again once the copy out of it is done
+            host.stager.release(slot, loaded[1])  # type: ignore[union-attr]
+        return loaded
+
+    def ready(self, loaded: tuple, shard: Shard, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A loaded layer's dense weights for the current stream."""
+        return self.use(*loaded, shard, dtype)
+
+
+class DenseCopies:
+    """Streamed layers off the ring (the CPU): dequantized (or copied) straight from the
+    host tier, or a staging slot, when loaded."""
+
+    def __init__(self, device: Device, dtype: torch.dtype):
+        self.device, self.dtype = device.torch_device, dtype
+
+    def load(self, host: HostWeights, name: str) -> dict[str, torch.Tensor]:
+        on_disk = name in host.disk
+        slot, stored = host.staged(name) if on_disk else (None, host.shard(name))
+        w = dense(to_device(stored, self.device, copy=on_disk), self.dtype)
+        if slot is not None:
+            host.stager.release(slot)  # type: ignore[union-attr]
+        return w
+
+    def ready(self, loaded: dict[str, torch.Tensor], shard: Shard, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return loaded
+
 
 class LayerWeights:
-    def __init__(self, host: HostWeights, device: torch.device, dtype: torch.dtype, resident: set[int],
+    def __init__(self, host: HostWeights, device: Device | torch.device | str, dtype: torch.dtype, resident: set[int],
                  packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None,
                  fused_max_rows: int | None = None, kernels: KernelChoice = DEFAULT_KERNELS):
-        """`resident_source(i) -> Packed on device` makes resident layers without the
-        host tier (dummy weights generated on the GPU); default: copy from the host.
+        """`device`: the node's Device (compute_node/device/; a torch device or its name
+        makes one). `resident_source(i) -> Packed on device` makes resident layers without
+        the host tier (dummy weights generated on the GPU); default: copy from the host.
+        `packed_resident`: resident layers stay packed (default: the device's choice).
         `fused_max_rows`: packed resident INT4 layers asked for with at most this many
-        rows run the fused kernel (default FUSED_INT4_MAX_ROWS on CUDA in fp16/bf16,
-        else 0: always dequantize). `kernels`: the CUDA W4A16 kernels those may run (the
-        compute node's choice, made once at its start: compute_node/kernels/choice.py)."""
-        self.host, self.device, self.dtype = host, device, dtype
-        self.cuda = device.type == "cuda"
-        self.packed_resident = self.cuda if packed_resident is None else packed_resident
+        rows run the fused kernel (default FUSED_INT4_MAX_ROWS where the device runs it,
+        in fp16/bf16, else 0: always dequantize). `kernels`: the CUDA W4A16 kernels those
+        may run (the compute node's choice, made once at its start:
+        compute_node/kernels/choice.py)."""
+        self.dev = device_for(device)
+        self.host, self.device, self.dtype = host, self.dev.torch_device, dtype
+        self.packed_resident = self.dev.packed_resident if packed_resident is None else packed_resident
         if fused_max_rows is None:
-            fused_max_rows = FUSED_INT4_MAX_ROWS if self.cuda and dtype in (torch.float16, torch.bfloat16) else 0
+            half = dtype in (torch.float16, torch.bfloat16)
+            fused_max_rows = FUSED_INT4_MAX_ROWS if self.dev.fused_int4 and half else 0
         self.fused_max_rows = fused_max_rows if self.packed_resident else 0
         self.depth = max(1, depth)
         self.streamed = [i for i in range(host.manifest.num_layers) if i not in resident]
         slot_bytes = max((host.manifest.shards[layer_shard(i)].size for i in self.streamed), default=0)
-        self.ring = DeviceRing(device, self.depth, slot_bytes) if self.cuda and self.streamed else None
+        # how streamed layers come in: the packed ring, or dense copies
+        self.loader = DeviceRing(self.dev, self.depth, slot_bytes) if self.dev.streams_ring and self.streamed \
+            else DenseCopies(self.dev, dtype)
         self._next = 0  # position in self.streamed of the next layer to enqueue
         self._resident: dict[int, Packed | dict[str, torch.Tensor]] = {}
         # resident layers as decode runs them (fused): packed INT4 views, q, k, v merged,
         # the small tensors (norms, biases) dense once, not converted at every step
         self._decode: dict[int, dict] = {}
-        self._inflight: dict[int, object] = {}  # layer -> its dense weights off CUDA, (slot, copied event) on it
+        self._inflight: dict[int, object] = {}  # layer -> what its loader's `load` returned
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
         self.embed = dense(self._copied("embed"), dtype)
         self.head = dense(self._copied("head"), dtype)
@@ -183,19 +224,7 @@ class LayerWeights:
 
     def _enqueue(self, i: int) -> None:
         self.loads.append(i)
-        name = layer_shard(i)
-        on_disk = name in self.host.disk
-        if not self.cuda:
-            slot, stored = self.host.staged(name) if on_disk else (None, self.host.shard(name))
-            self._inflight[i] = dense(to_device(stored, self.device, copy=on_disk), self.dtype)
-            if slot is not None:
-                self.host.stager.release(slot)  # type: ignore[union-attr]
-            return
-        slot, raw = self.host.staged_raw(name) if on_disk else (None, self.host.raw(name))
-        k, copied = self.ring.fill(raw)  # type: ignore[union-attr]
-        if slot is not None:  # the staging slot is read again once the copy out of it is done
-            self.host.stager.release(slot, copied)  # type: ignore[union-attr]
-        self._inflight[i] = (k, copied)
+        self._inflight[i] = self.loader.load(self.host, layer_shard(i))
 
     def top_up(self) -> None:
         """Keep `depth` streamed layers loading or loaded, in cyclic pass order."""
@@ -223,11 +252,10 @@ class LayerWeights:
             self._inflight.clear()
             self._next = self.streamed.index(i)
             self.top_up()
-        loaded = self._inflight.pop(i)
-        if self.cuda:  # dequantize before topping up: the slot's refill waits for this
-            loaded = self.ring.use(*loaded, self.host.manifest.shards[layer_shard(i)], self.dtype)  # type: ignore
+        # ready (on the ring: dequantized) before topping up: the slot's refill waits for this
+        w = self.loader.ready(self._inflight.pop(i), self.host.manifest.shards[layer_shard(i)], self.dtype)
         self.top_up()
-        return loaded  # type: ignore[return-value]
+        return w
 
     def get_pair(self, i: int, prefill_rows: int, decode_rows: int) -> tuple[dict, dict]:
         """Layer i's weights for a pass that prefills `prefill_rows` tokens at once and

@@ -243,14 +243,16 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                                               enable_gqa=k.shape[1] != q.shape[1])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           gemv: bool = False) -> torch.Tensor:
     """softmax(scale * q.k^T + bias) v, on whatever device the tensors are.
 
-    Decode (one query) is two batched GEMVs that read K and V once, in place (the
-    cache slices are strided). cuDNN's attention is avoided: it rebuilds its graph for
-    every new key length, ~5 ms of host time per call (bench/results run 3)."""
+    With `gemv` (the device's choice: compute_node/device/), decode (one query) is two
+    batched GEMVs that read K and V once, in place (the cache slices are strided).
+    cuDNN's attention is avoided: it rebuilds its graph for every new key length, ~5 ms
+    of host time per call (bench/results run 3)."""
     gqa = k.shape[1] != q.shape[1]
-    if q.shape[2] == 1 and q.is_cuda:  # grouped heads ride along as GEMV rows: K, V are read once
+    if q.shape[2] == 1 and gemv:  # grouped heads ride along as GEMV rows: K, V are read once
         b, h, _, d = q.shape
         qg = q.view(b, k.shape[1], h // k.shape[1], d)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale + bias.float().view(b, -1, 1, k.shape[2])

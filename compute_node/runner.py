@@ -87,17 +87,17 @@ class _Decoding:
 
 class Runner:
     def __init__(self, weights: LayerWeights, family, num_layers: int, groups: list, chunk_tokens: int,
-                 graphs: str = "off"):
+                 graphs: bool = False):
         """`groups`: the KV cache of each group (compute_node/slot_kv.py). `chunk_tokens`:
         most prompt tokens prefilled through a layer at once (activation memory).
-        `graphs`: decode-only passes run each group's step as CUDA graphs ("cuda"), the
-        same fixed-shape steps eagerly ("eager": --device mock-cuda), or not ("off");
-        only where every layer is resident and the KV cache is local and unquantized."""
+        `graphs`: decode-only passes run each group's step as fixed-shape steps, captured
+        by the weights' device (compute_node/slot_graphs.py: CUDA graphs on CUDA); only
+        where every layer is resident and the KV cache is local and unquantized."""
         self.w, self.family, self.num_layers = weights, family, num_layers
         self.groups = groups
         self.chunk_tokens = max(1, chunk_tokens)
-        fixed = graphs != "off" and not weights.streamed and all(getattr(g, "plain", False) for g in groups)
-        self.graphs = [GroupGraphs(kv, self._fixed_step(kv), graphs == "cuda") for kv in groups] if fixed else None
+        fixed = graphs and not weights.streamed and all(getattr(g, "plain", False) for g in groups)
+        self.graphs = [GroupGraphs(kv, self._fixed_step(kv), weights.dev) for kv in groups] if fixed else None
 
     @property
     def uses_graphs(self) -> bool:

@@ -76,14 +76,18 @@ class Request:
 
 class Scheduler:
     def __init__(self, runner: Runner, limits: Limits, eos_id: int | None, pad_id: int, metrics: Metrics,
-                 peak_bytes=lambda: 0, kv_gauge: tuple[str, int] = ("", 0), prompt_pieces: bool = False):
-        """`kv_gauge`: (metric name, bytes a cached token takes): the KV bytes in use.
-        `prompt_pieces`: a prompt longer than the runner's chunk goes in over several
-        passes, a chunk each, while the running sequences decode (the KV cache must be
-        on the device: the pieces attend over the earlier ones there)."""
+                 peak_bytes=lambda: 0, kv_gauge: tuple[str, int] = ("", 0), prompt_pieces: bool = False,
+                 empty_cache=lambda: None):
+        """`peak_bytes()`: the device's peak allocated bytes; `empty_cache()`: hands its
+        cached free memory back (compute_node/device/). `kv_gauge`: (metric name, bytes a
+        cached token takes): the KV bytes in use. `prompt_pieces`: a prompt longer than
+        the runner's chunk goes in over several passes, a chunk each, while the running
+        sequences decode (the KV cache must be on the device: the pieces attend over the
+        earlier ones there)."""
         self.prompt_pieces = prompt_pieces
         self.runner, self.limits, self.eos, self.pad = runner, limits, eos_id, pad_id
         self.metrics, self.peak_bytes, self.kv_gauge = metrics, peak_bytes, kv_gauge
+        self.empty_cache = empty_cache
         self.pool = SlotPool(limits.groups)
         self.waiting = WaitQueue(limits.max_queue)
         self.running: list[Request] = []
@@ -174,8 +178,7 @@ class Scheduler:
             try:
                 return self._pass(joins, admitted)
             except torch.OutOfMemoryError:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                self.empty_cache()
                 biggest = max((len(j.ids) for _, j in joins), default=0)  # a piece runs alone at least
                 if joins and self.runner.chunk_tokens > biggest:
                     self.runner.chunk_tokens = max(biggest, self.runner.chunk_tokens // 2)

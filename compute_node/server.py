@@ -16,6 +16,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import torch
 
+from compute_node.device import Device, device_for
 from compute_node.exchange import Exchange
 from compute_node.kernels.choice import KernelChoice
 from compute_node.layer_weights import LayerWeights
@@ -46,12 +47,11 @@ SPARE_WORKERS = 32  # gRPC threads beyond the running and waiting calls (health,
 DEFAULT_MAX_SEQ_LEN = 2048  # tokens a sequence slot holds unless --max-seq-len (and the model's positions) say less
 
 
-def compute_dtype(device: str, dtype: str) -> torch.dtype:
+def compute_dtype(device: Device, dtype: str) -> torch.dtype:
+    """The plan's dtype, else the device's (bf16 on CUDA, float32 on the CPU and mock-cuda)."""
     if dtype:
         return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    # bf16 on the GPU: as fast as fp16 there, and the KV store's CPU attention reads bf16 at
-    # DRAM speed (AMX) but fp16 at half of it (bench/results/2026-11-26-run1-attn.jsonl)
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device.default_dtype
 
 
 def run_plan(config: ComputeNodeConfig, dims) -> RunPlan:
@@ -80,36 +80,34 @@ class ComputeNode:
 
     def __init__(self, config: ComputeNodeConfig, transport: str = "shm"):
         self.config = config
-        # mock-cuda: CPU tensors, with the logic of the CUDA-only paths (fixed-shape decode
-        # steps in buckets, compute_node/slot_graphs.py) run eagerly, so CI covers it
-        self.device = torch.device("cpu" if config.device == "mock-cuda" else config.device)
-        cuda = self.device.type == "cuda"
-        if cuda and not torch.cuda.is_available():
-            raise StrataError(ErrorKind.FAILED_PRECONDITION, "--device cuda asked for, but no CUDA device is present")
-        if cuda:
-            torch.set_num_threads(2)  # the host side only stages copies; leave the cores to the KV store
+        # the device (compute_node/device/): made once here and handed to every part that
+        # needs it. mock-cuda: CPU tensors through the CUDA paths, so CI covers them
+        self.dev = device_for(config.device)
+        self.device = self.dev.torch_device
+        if self.dev.host_threads:
+            torch.set_num_threads(self.dev.host_threads)
         self.ws = WeightStoreClient(config.weight_store, config.rpc_timeout_s)
         self.host = HostWeights.from_store(self.ws, transport)
         check_manifest(self.host.manifest)
         manifest = self.host.manifest
         self.dims = dims_for(manifest.config)
         self.plan = run_plan(config, self.dims)  # what this node does; it decides none of it again
-        self.dtype = compute_dtype(config.device, self.plan.dtype)
+        self.dtype = compute_dtype(self.dev, self.plan.dtype)
         # the decode matmuls' CUDA kernels (33-64 rows): the plan's, built for this device
         # now (nvcc's first builds take seconds: at startup, not in a request), kept for life
         self.kernels = KernelChoice.from_plan(self.plan).on_device(self.device)
         self.kv = KVStoreClient(config.kv_store, config.rpc_timeout_s) if self.plan.kv_offload else None
-        if cuda and transport == "shm":
-            self.host.pin()
+        if transport == "shm":
+            self.host.pin(self.dev)
         resident = set(self.plan.resident_layers)
         source = None
         if manifest.quantization.get("dummy") and not all(self.host.holds(layer_shard(i)) for i in resident):
             source = lambda i: dummy_layer_on_device(manifest, i, self.device)  # noqa: E731
-        self.layers = LayerWeights(self.host, self.device, self.dtype, resident, resident_source=source,
+        self.layers = LayerWeights(self.host, self.dev, self.dtype, resident, resident_source=source,
                                    kernels=self.kernels)
         self.exchange = None
         if self.kv is not None:
-            self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, pin=cuda)
+            self.exchange = Exchange(self.kv, config.session, config.exchange_bytes, self.dev)
         self.codec = TextCodec(self.host.tokenizer_json)
         self.metrics = Metrics()
         self.model_name = manifest.config.get("_name_or_path") or "strata-model"
@@ -118,9 +116,9 @@ class ComputeNode:
         self.limits = RequestLimits.for_model(config, self.dims.max_positions, self.dims.vocab,
                                               self.batch_limits.capacity, self.codec.has_tokenizer)
         self.scheduler = Scheduler(self._runner(self.plan), self.batch_limits, self.dims.eos_token_id,
-                                   self.dims.pad_token_id or 0, self.metrics, self.peak_gpu_bytes,
+                                   self.dims.pad_token_id or 0, self.metrics, self.dev.max_memory_allocated,
                                    kv_gauge=(f"kv_bytes_used:{self.kv_home}", self.kv_token_bytes),
-                                   prompt_pieces=self.kv is None)
+                                   prompt_pieces=self.kv is None, empty_cache=self.dev.empty_cache)
 
     def _batch_limits(self, plan: RunPlan) -> Limits:
         """The running batch: slots in micro-batch groups, tokens per slot, wait queue."""
@@ -147,9 +145,9 @@ class ComputeNode:
             shape = SlotShape(d.num_layers, d.num_heads, d.kv_heads, d.head_dim, rows, self.batch_limits.capacity,
                               family.scale, family.alibi)
             if self.kv is not None:
-                groups.append(RemoteSlots(shape, self.dtype, self.device, self.kv, self.exchange, plan.kv_bits))
+                groups.append(RemoteSlots(shape, self.dtype, self.dev, self.kv, self.exchange, plan.kv_bits))
             else:
-                groups.append(LocalSlots(shape, self.dtype, self.device, plan.kv_bits))
+                groups.append(LocalSlots(shape, self.dtype, self.dev, plan.kv_bits))
         self.kv_groups = groups
         tokens = self.batch_limits.slots * self.batch_limits.capacity
         per_token = kv_bytes_per_token(d, self.dtype, plan.kv_bits)
@@ -159,15 +157,10 @@ class ComputeNode:
             self.metrics.set(f"kv_bytes_used:{home}", 0)
         self.kv_token_bytes = per_token
         chunk = self.config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
-        graphs = "off"
-        if plan.decode_graphs:
-            graphs = "cuda" if self.device.type == "cuda" else "eager" if self.config.device == "mock-cuda" else "off"
+        graphs = plan.decode_graphs and self.dev.decode_graphs
         runner = Runner(self.layers, family, d.num_layers, groups, chunk, graphs)
         self.metrics.set("decode_graphs", float(runner.uses_graphs))  # what the node does, for bench and tests
         return runner
-
-    def peak_gpu_bytes(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     def close(self) -> None:
         self.scheduler.stop()

@@ -13,10 +13,13 @@ its capacity) and attends over all the columns of its row, those past its own
 `limit`. So nothing in the step depends on the rows' lengths, and the graph of a bucket
 serves every later step of that many rows, across requests, for the server's life.
 
-Where: a CUDA device, every layer resident, an unquantized KV cache on the device
-(compute_node/runner.py decides). On `--device mock-cuda` the same fixed-shape step and
-its buckets run eagerly on the CPU (nothing to capture there), so CI covers this logic.
-Where capture fails, the bucket runs eagerly with the same fixed shapes (logged once).
+Where: a device that captures graphs, every layer resident, an unquantized KV cache on
+the device (compute_node/runner.py decides). The capture is the device's
+(compute_node/device/): CUDA graphs on CUDA; on `--device mock-cuda`, the same steps and
+buckets, the side-stream warm-up included, with each replay run again on the CPU and
+checked to be its capture (same ops, shapes and input memory), so CI covers this logic;
+on the CPU, plain reruns. Where capture fails, the bucket runs eagerly with the same
+fixed shapes (logged once).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from compute_node.device import Device
 
 LOG = logging.getLogger("strata.compute_node")
 
@@ -82,12 +87,12 @@ class FixedView:
 class GroupGraphs:
     """The captured decode steps of one group, by bucket."""
 
-    def __init__(self, kv, step, capture: bool):
+    def __init__(self, kv, step, device: Device):
         """`step(view) -> logits [b, vocab]`: the group's decode step on a FixedView.
-        `capture`: record CUDA graphs (else run the fixed-shape step eagerly)."""
-        self.kv, self.step, self.capture = kv, step, capture
+        `device`: the node's Device, which captures the steps."""
+        self.kv, self.step, self.dev = kv, step, device
         self.views: dict[int, FixedView] = {}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
+        self.graphs: dict[int, object] = {}  # bucket -> its captured step (.replay()), None: eager
 
     def run(self, ids: list[int], positions: list[int], idle: list[int]) -> torch.Tensor:
         """One decode step of rows 0..len(ids)-1: their logits [len(ids), vocab]."""
@@ -97,16 +102,12 @@ class GroupGraphs:
         if view is None:
             view = self.views[b] = FixedView(self.kv, b, self.kv.device)
         view.set(list(ids), list(positions), list(idle), self.kv.s.capacity)
-        if not self.capture:
-            return self._eager(view)[:n]
         if b not in self.graphs:
             return self._first(b, view)[:n]
-        entry = self.graphs[b]
-        if entry is None:
+        graph = self.graphs[b]
+        if graph is None:
             return self._eager(view)[:n]
-        graph, out = entry
-        graph.replay()
-        return out[:n]
+        return graph.replay()[:n]
 
     def _eager(self, view: FixedView) -> torch.Tensor:
         view.prepare()
@@ -115,20 +116,19 @@ class GroupGraphs:
     def _first(self, b: int, view: FixedView) -> torch.Tensor:
         """Run the step on a side stream (it warms every kernel up; its result is this
         step's), then capture it."""
-        current = torch.cuda.current_stream(view.ids.device)
-        side = torch.cuda.Stream(view.ids.device)
+        dev = self.dev
+        current = dev.current_stream()
+        side = dev.new_stream()
         side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with dev.stream(side):
             out = self._eager(view)
         current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static = self._eager(view)
+            graph = dev.capture(lambda: self._eager(view))
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured: this bucket goes on eagerly
             LOG.warning("decode step capture failed (%s: %s); %d rows decode without a graph",
                         type(e).__name__, str(e)[:200], b)
             self.graphs[b] = None
             return out
-        self.graphs[b] = (graph, static)
+        self.graphs[b] = graph
         return out

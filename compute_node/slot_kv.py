@@ -12,7 +12,11 @@ ignored. Freeing a row costs nothing: the next sequence overwrites it from colum
 
 Prefill runs on the compute device for both homes (it has the prompt's keys at hand):
 the joining prompts are packed into one row of tokens, so the linear layers run on all
-of them at once, and attention runs per sequence (causal, over its own tokens only)."""
+of them at once, and attention runs per sequence (causal, over its own tokens only).
+
+Both take the node's Device (compute_node/device/): its kernel choices (GEMV decode
+attention, whole-cache dequantization), and for the KV store's groups the streams and
+events that order copies out of the device."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import uuid
 
 import torch
 
+from compute_node.device import Device, device_for
 from compute_node.kv_cache import _PlainLayers, _QuantLayers
 from compute_node.model import attend, attend_causal, attention_bias
 from compute_node.peers import KVStoreClient
@@ -71,16 +76,18 @@ class Joining:
         return any(self.starts)
 
 
-def causal_attention(s: SlotShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one sequence's prompt over itself: q [1, heads, n, hd]."""
+def causal_attention(s: SlotShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     gemv: bool = False) -> torch.Tensor:
+    """Attention of one sequence's prompt over itself: q [1, heads, n, hd] (`gemv`:
+    model.attend's choice for one query)."""
     if not s.alibi:
         return attend_causal(q, k, v, s.scale)
     n = k.shape[2]
     pad = torch.zeros(1, dtype=torch.long, device=q.device)
-    return attend(q, k, v, attention_bias(pad, n, n, s.slopes, q.dtype), s.scale)
+    return attend(q, k, v, attention_bias(pad, n, n, s.slopes, q.dtype), s.scale, gemv)
 
 
-def packed_attention(s: SlotShape, joining: Joining, q, k, v, store) -> torch.Tensor:
+def packed_attention(s: SlotShape, joining: Joining, q, k, v, store, gemv: bool = False) -> torch.Tensor:
     """Per-sequence causal attention over a packed prefill ([1, heads, sum(lengths), hd]);
     `store(rows, k, v)` keeps the keys and values of sequences of one length, stacked
     [len(rows), kv_heads, n, hd]. Consecutive sequences of equal length run as one batch."""
@@ -90,7 +97,7 @@ def packed_attention(s: SlotShape, joining: Joining, q, k, v, store) -> torch.Te
         m, n = j - i, lengths[i]
         qs, ks, vs = (packed.stacked(x, a, m, n) for x in (q, k, v))
         store(rows[i:j], ks, vs)
-        out = causal_attention(s, qs, ks, vs)  # [m, heads, n, hd]
+        out = causal_attention(s, qs, ks, vs, gemv)  # [m, heads, n, hd]
         outs.append(out.permute(1, 0, 2, 3).reshape(1, out.shape[1], m * n, out.shape[3]))
         a += m * n
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -124,16 +131,19 @@ class LocalSlots:
     """A group's KV on the compute device: [slots, kv_heads, capacity, head_dim] per
     layer in the compute dtype, or quantized to 8 or 4 bits."""
 
-    def __init__(self, s: SlotShape, dtype: torch.dtype, device: torch.device, kv_bits: int = 16):
+    def __init__(self, s: SlotShape, dtype: torch.dtype, device: Device | torch.device, kv_bits: int = 16):
         check_bits(kv_bits)
-        self.s, self.dtype, self.device = s, dtype, device
+        self.dev = device_for(device)
+        self.s, self.dtype, self.device = s, dtype, self.dev.torch_device
+        self.gemv = self.dev.gemv_attention
         pad = torch.zeros(s.slots, dtype=torch.long)  # the layers' constructors read the batch from it
         # one column past the capacity: where idle rows of a fixed-shape step write (slot_graphs.py)
         shape = _LayersShape(s.num_layers, s.kv_heads, s.capacity + 1, s.head_dim, pad)
         if kv_bits == 16:
-            self.layers = _PlainLayers(shape, dtype, device)
+            self.layers = _PlainLayers(shape, dtype, self.device)
         else:
-            self.layers = _QuantLayers(shape, dtype, device, KVFormat(kv_bits, s.head_dim, default_group(s.head_dim)))
+            fmt = KVFormat(kv_bits, s.head_dim, default_group(s.head_dim))
+            self.layers = _QuantLayers(shape, dtype, self.device, fmt, whole=self.dev.whole_dequant)
         for t in self.layers.tensors():  # idle rows read column 0: never uninitialized memory (NaN)
             t.zero_()
 
@@ -153,7 +163,7 @@ class LocalSlots:
         if joining.continues:
             return self._pieces(layer, joining, q, k, v)
         return packed_attention(self.s, joining, q, k, v,
-                                lambda rows, ks, vs: self.layers.write_rows(layer, rows, ks, vs))
+                                lambda rows, ks, vs: self.layers.write_rows(layer, rows, ks, vs), self.gemv)
 
     def _pieces(self, layer: int, joining: Joining, q, k, v) -> torch.Tensor:
         """Prompts in pieces (a long prompt over several passes): each piece's keys and
@@ -165,20 +175,20 @@ class LocalSlots:
             qs, ks, vs = q[:, :, a : a + n], k[:, :, a : a + n], v[:, :, a : a + n]
             if start == 0:
                 self.layers.write_rows(layer, [row], ks, vs)
-                outs.append(causal_attention(self.s, qs, ks, vs))
+                outs.append(causal_attention(self.s, qs, ks, vs, self.gemv))
             else:
                 self.layers.write_piece(layer, row, start, ks, vs)
                 keys, values = self.layers.read_row(layer, row, start + n)
                 pad = torch.zeros(1, dtype=torch.long, device=dev)
                 bias = attention_bias(pad, n, start + n, self.s.slopes, qs.dtype)
-                outs.append(attend(qs, keys, values, bias, self.s.scale))
+                outs.append(attend(qs, keys, values, bias, self.s.scale, self.gemv))
             a += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def decode_start(self, layer: int, view: DecodeView, q, k, v):
         self.layers.write_columns(layer, view.write_rows, view.write_cols, k, v)
         keys, values = self.layers.read_rows(layer, view.n, view.keys)
-        return attend(q, keys, values, view.bias, self.s.scale)
+        return attend(q, keys, values, view.bias, self.s.scale, self.gemv)
 
     def decode_finish(self, handle) -> torch.Tensor:
         return handle
@@ -202,10 +212,13 @@ class RemoteSlots:
     """A group's KV in the KV store: allocated once with `slots` rows; prompts append
     to their rows, decode steps send each row's position."""
 
-    def __init__(self, s: SlotShape, dtype: torch.dtype, device: torch.device, client: KVStoreClient, exchange,
-                 kv_bits: int = 16):
+    def __init__(self, s: SlotShape, dtype: torch.dtype, device: Device | torch.device, client: KVStoreClient,
+                 exchange, kv_bits: int = 16):
+        """`device`: the node's Device, the one `exchange` has."""
         check_bits(kv_bits)
-        self.s, self.dtype, self.device = s, dtype, device
+        self.dev = device_for(device)
+        self.s, self.dtype, self.device = s, dtype, self.dev.torch_device
+        self.gemv = self.dev.gemv_attention
         self.client, self.exchange = client, exchange
         self.group = uuid.uuid4().hex
         client.allocate(kv_store_pb2.AllocateRequest(
@@ -221,23 +234,18 @@ class RemoteSlots:
         return _RemoteView(positions, idle)
 
     def prefill(self, layer: int, joining: Joining, q, k, v) -> torch.Tensor:
-        out = packed_attention(self.s, joining, q, k, v, lambda rows, ks, vs: None)
+        out = packed_attention(self.s, joining, q, k, v, lambda rows, ks, vs: None, self.gemv)
         self.exchange.on_layer(layer)
         (kh, kref), (vh, vref) = (self.exchange.alloc(x.shape, self.dtype) for x in (k, v))
-        event = None
-        if self.device.type == "cuda":  # copy out on the offload stream; the compute stream goes on
-            stream = self.exchange.offload_stream
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                kh.copy_(k, non_blocking=True)
-                vh.copy_(v, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            k.record_stream(stream)
-            v.record_stream(stream)
-        else:
-            kh.copy_(k)
-            vh.copy_(v)
+        dev, stream = self.dev, self.exchange.offload_stream  # copy out on it; the compute stream goes on
+        stream.wait_stream(dev.current_stream())
+        with dev.stream(stream):
+            kh.copy_(k, non_blocking=True)
+            vh.copy_(v, non_blocking=True)
+            event = dev.new_event()
+            event.record(stream)
+        dev.record_stream(k, stream)
+        dev.record_stream(v, stream)
         request = kv_store_pb2.AppendRequest(group=self.group, layer=layer, key=kref, value=vref,
                                              rows=joining.rows, lengths=joining.lengths)
         self.exchange.send_after(event, lambda: self.client.append(request))
@@ -251,10 +259,9 @@ class RemoteSlots:
             host.copy_(t)
             refs.append(ref)
         out_host, oref = self.exchange.alloc(q.shape, self.dtype)
-        if self.device.type == "cuda":  # the staged copies are done (a blocking event sleeps, not spins)
-            event = torch.cuda.Event(blocking=True)
-            event.record(torch.cuda.current_stream(self.device))
-            event.synchronize()
+        event = self.dev.new_event(blocking=True)  # the staged copies are done (it sleeps, not spins)
+        event.record(self.dev.current_stream())
+        event.synchronize()
         fut = self.client.attend_async(kv_store_pb2.AttendRequest(
             group=self.group, layer=layer, query=refs[0], key=refs[1], value=refs[2], output=oref,
             positions=view.positions, idle_rows=view.idle))

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from compute_node.device import Device
 from compute_node.disk_stage import DiskStager
 from compute_node.peers import WeightStoreClient
 from strata.model.manifest import Manifest, Shard, TensorEntry, layer_shard
@@ -36,7 +37,8 @@ class HostWeights:
                  stager: DiskStager | None = None, disk: frozenset[str] = frozenset()):
         self.manifest, self.tokenizer_json = manifest, tokenizer_json
         self._regions = regions
-        self._pinned: list[int] = []
+        self._pinned: list[Region] = []
+        self._pin_device: Device | None = None
         self._raw = raw
         self._shards = {name: shard_views(manifest.shards[name], raw[name]) for name in raw}
         self.stager, self.disk = stager, disk
@@ -116,21 +118,18 @@ class HostWeights:
         """As `staged`, the slot's bytes as one contiguous uint8 tensor."""
         return self.stager.take(name)  # type: ignore[union-attr]
 
-    def pin(self) -> None:
-        """Page-lock the mapped host tier (and staging slots) for async host-to-GPU copies."""
-        cudart = torch.cuda.cudart()
+    def pin(self, device: Device) -> None:
+        """Page-lock the mapped host tier (and staging slots) for async host-to-device
+        copies (`device`: the node's Device; a no-op on the CPU); unpinned at `close`."""
+        self._pin_device = device
         for region in self._regions + ([self.stager.region] if self.stager else []):
-            err = cudart.cudaHostRegister(region.data_ptr(), region.size, 0)
-            if int(err) != 0:
-                raise StrataError(ErrorKind.INTERNAL, f"cudaHostRegister of {region.name} failed ({err})")
-            self._pinned.append(region.data_ptr())
+            if device.pin(region):
+                self._pinned.append(region)
 
     def close(self) -> None:
-        if self._pinned:
-            cudart = torch.cuda.cudart()
-            for ptr in self._pinned:
-                cudart.cudaHostUnregister(ptr)
-            self._pinned.clear()
+        for region in self._pinned:
+            self._pin_device.unpin(region)  # type: ignore[union-attr]
+        self._pinned.clear()
         if self.stager is not None:
             self.stager.close()
         self._shards.clear()

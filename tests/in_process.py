@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 
+from compute_node.device import device_for
 from compute_node.layer_weights import LayerWeights
 from compute_node.metrics import Metrics
 from compute_node.model import family_for
@@ -29,11 +30,14 @@ GREEDY = Sampling(greedy=True)
 class InProcess:
     """A model's runner: `groups` of slots (rows per group, the micro-batches) of
     `capacity` tokens each, every layer resident unless `resident` says which.
+    `device`: a device name ("mock-cuda"), torch device or Device (compute_node/device/).
+    `graphs`: fixed-shape decode steps, captured by the device (compute_node/slot_graphs.py).
     `slots(shape) -> a group's KV cache` stands in for LocalSlots where given."""
 
     def __init__(self, shards, groups: tuple[int, ...] = (3,), capacity: int = 48, kv_bits: int = 16,
-                 graphs: str = "off", resident: set[int] | None = None, device: torch.device = CPU,
+                 graphs: bool = False, resident: set[int] | None = None, device=CPU,
                  dtype: torch.dtype = torch.float32, slots=None, **weights_kw):
+        self.device = device = device_for(device)
         host = HostWeights.from_directory(shards)
         self.dims = d = dims_for(host.manifest.config)
         self.family = family = family_for(host.manifest.config, d)

@@ -1,14 +1,16 @@
-"""Decode-only passes as fixed-shape steps per bucket of rows (compute_node/slot_graphs.py;
-on CUDA, captured and replayed as CUDA graphs). On the CPU (`graphs="eager"`, what
---device mock-cuda runs) the same fixed-shape steps run eagerly and must give the
-plain steps' logits and tokens: learned positions, ALiBi and rotary positions, two
-groups, idle rows, smaller buckets, and slots holding an earlier request's keys. On
-CUDA the replayed graphs must give the tokens of the eager runner."""
+"""Decode-only passes as fixed-shape steps per bucket of rows (compute_node/slot_graphs.py),
+captured by the device: on mock-cuda (what CI runs) each bucket is warmed up on a side
+stream, captured and replayed, every replay checked to be its capture (same ops,
+shapes, input memory), and must give the plain steps' logits and tokens: learned
+positions, ALiBi and rotary positions, two groups, idle rows, smaller buckets, and
+slots holding an earlier request's keys. On CUDA the replayed graphs must give the
+tokens of the eager runner."""
 
 import pytest
 import torch
 
 import tiny_models
+from compute_node.device.mock import MockGraph
 from compute_node.runner import GroupStep, Join
 from in_process import InProcess
 
@@ -25,11 +27,14 @@ def test_fixed_shape_steps_give_the_plain_tokens_request_after_request(shards):
     """Two groups (buckets of 2 and 1 rows); the second request's slots hold the first
     one's keys past its own lengths, masked."""
     plain = InProcess(shards, groups=(2, 2))
-    fixed = InProcess(shards, groups=(2, 2), graphs="eager")
+    fixed = InProcess(shards, groups=(2, 2), device="mock-cuda", graphs=True)
     assert fixed.runner.uses_graphs and not plain.runner.uses_graphs
     for prompts in (PROMPTS, OTHER):
         assert fixed.generate(prompts, 7) == plain.generate(prompts, 7)
     assert [sorted(g.views) for g in fixed.runner.graphs] == [[2], [1]]
+    graphs = [graph for g in fixed.runner.graphs for graph in g.graphs.values()]
+    assert all(isinstance(graph, MockGraph) for graph in graphs)  # captured, none fell back to eager
+    assert all(graph.replays >= 5 for graph in graphs)  # and replayed in both requests
 
 
 # a group of 4 slots: (rows that step, idle rows among them); later rows have finished
@@ -40,7 +45,7 @@ def test_idle_rows_and_smaller_buckets_give_the_plain_logits(shards):
     """Runner passes driven directly: four prompts join a group of 4 slots, then decode
     steps of 4, 3 (in the bucket of 4), 2 and 1 rows, some rows idle (their sequence
     gone, or joining): the running rows' logits are those of the plain steps."""
-    nodes = [InProcess(shards, groups=(4,), graphs=g) for g in ("off", "eager")]
+    nodes = [InProcess(shards, groups=(4,)), InProcess(shards, groups=(4,), device="mock-cuda", graphs=True)]
     prompts = PROMPTS + [[7, 300, 41, 8]]
     joins = [Join(0, r, p) for r, p in enumerate(prompts)]
     logits = [n.runner.step(joins, [])[0] for n in nodes]
@@ -60,18 +65,19 @@ def test_idle_rows_and_smaller_buckets_give_the_plain_logits(shards):
 
 
 def test_fixed_shapes_only_over_resident_layers_and_a_plain_cache(shards):
-    assert not InProcess(shards, graphs="eager", kv_bits=8).runner.uses_graphs
-    assert not InProcess(shards, graphs="eager", resident={0}).runner.uses_graphs
+    assert not InProcess(shards, device="mock-cuda", graphs=True, kv_bits=8).runner.uses_graphs
+    assert not InProcess(shards, device="mock-cuda", graphs=True, resident={0}).runner.uses_graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
 def test_replayed_graphs_give_the_eager_tokens_and_serve_the_next_request(shards):
     cuda = torch.device("cuda")
     eager = InProcess(shards, groups=(2, 2), device=cuda, dtype=torch.float16)
-    e = InProcess(shards, groups=(2, 2), device=cuda, dtype=torch.float16, graphs="cuda")
+    e = InProcess(shards, groups=(2, 2), device=cuda, dtype=torch.float16, graphs=True)
     assert e.generate(PROMPTS, 9) == eager.generate(PROMPTS, 9)
+
     def graphs():
-        return [{b: entry and entry[0] for b, entry in g.graphs.items()} for g in e.runner.graphs]
+        return [{b: entry and entry.graph for b, entry in g.graphs.items()} for g in e.runner.graphs]
 
     captured = graphs()
     assert all(isinstance(graph, torch.cuda.CUDAGraph) for c in captured for graph in c.values())
