@@ -41,6 +41,31 @@ def test_cuda_without_a_gpu_is_a_failed_precondition():
     assert e.value.kind is ErrorKind.FAILED_PRECONDITION
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_the_cuda_device_hands_out_torchs_own_streams_events_and_graphs():
+    dev = device_for("cuda")
+    assert isinstance(dev.new_stream(), torch.cuda.Stream) and dev.current_stream() == torch.cuda.current_stream()
+    assert isinstance(dev.new_event(blocking=True), torch.cuda.Event)
+    host = torch.zeros(1 << 20, dtype=torch.uint8)
+    assert dev.pin(host) and host.is_pinned()
+    side, x = dev.new_stream(), torch.ones(1 << 20, dtype=torch.uint8, device="cuda")
+    side.wait_stream(dev.current_stream())
+    with dev.stream(side):
+        host.copy_(x, non_blocking=True)
+        event = dev.new_event()
+        event.record(side)
+    event.synchronize()
+    dev.unpin(host)
+    assert host.sum().item() == 1 << 20 and not host.is_pinned()
+    y = torch.arange(4.0, device="cuda")
+    dev.current_stream().wait_stream(side)
+    fn = lambda: y * 2  # noqa: E731
+    fn()  # warmed up, as slot_graphs does on a side stream
+    graph = dev.capture(fn)
+    y.copy_(torch.ones(4, device="cuda"))
+    assert torch.equal(graph.replay(), torch.full((4,), 2.0, device="cuda")) and graph.replay() is graph.out
+
+
 def test_the_cpu_device_runs_everything_at_once_and_pins_nothing():
     dev = CpuDevice()
     dst, src = torch.zeros(4), torch.ones(4)
