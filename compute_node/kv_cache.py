@@ -18,7 +18,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst[...] = src, as 8-byte words where both last dims are contiguous rows of whole
     words. A strided copy (the prompt's K/V, [B, T, heads, head_dim] read as [B, heads,
     T, head_dim], into the cache) pays index arithmetic per element: 16-bit elements
-    held T2's prefill writes to ~0.6 TB/s, 75 ms of its 3.0 s (bench/results run 68)."""
+    held T2's prefill writes to ~0.6 TB/s, a few percent of its prefill (BENCHMARKS.md)."""
     if dst.dtype == src.dtype and dst.element_size() < 8:
         try:
             dst.view(torch.int64).copy_(src.view(torch.int64))

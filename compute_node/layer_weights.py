@@ -266,6 +266,3 @@ class LayerWeights:
         w = self.get(i, max(prefill_rows, decode_rows))
         return w, w
 
-    def prefetch(self, i: int) -> None:
-        """Compatibility with the engine's loop: the ring runs ahead on its own."""
-        self.top_up()

@@ -250,7 +250,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     With `gemv` (the device's choice: compute_node/device/), decode (one query) is two
     batched GEMVs that read K and V once, in place (the cache slices are strided).
     cuDNN's attention is avoided: it rebuilds its graph for every new key length, ~5 ms
-    of host time per call (bench/results run 3)."""
+    of host time per call (BENCHMARKS.md, "Kernel measurements")."""
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] == 1 and gemv:  # grouped heads ride along as GEMV rows: K, V are read once
         b, h, _, d = q.shape

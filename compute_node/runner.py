@@ -143,7 +143,7 @@ class Runner:
             d.h = self.family.embed(w.embed, d.ids, d.pos)
         prefill_rows = max((c.tokens for c in chunks), default=0)
         decode_rows = max((d.ids.shape[0] for d in decoding), default=0)
-        w.prefetch(0)
+        w.top_up()  # the ring loads the first streamed layers ahead of layer 0
         w_prev = None
         for i in range(self.num_layers):
             w_pre, w_dec = w.get_pair(i, prefill_rows, decode_rows)

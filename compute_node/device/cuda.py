@@ -20,7 +20,7 @@ class CudaDevice(Device):
     whole_dequant = True
     host_threads = 2  # the host side only stages copies; leave the cores to the KV store
     # bf16 on the GPU: as fast as fp16 there, and the KV store's CPU attention reads bf16 at
-    # DRAM speed (AMX) but fp16 at half of it (bench/results/2026-11-26-run1-attn.jsonl)
+    # DRAM speed (AMX) but fp16 at half of it (BENCHMARKS.md, "Kernel measurements")
     default_dtype = torch.bfloat16
 
     def __init__(self, device: torch.device):
