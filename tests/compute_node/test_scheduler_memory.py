@@ -76,8 +76,9 @@ def test_a_decode_step_out_of_memory_takes_the_last_request_out_and_recomputes_i
     sched = Scheduler(GrowingKV(budget=30), Limits((4,), capacity=32, max_queue=8), eos_id=None, pad_id=0,
                       metrics=metrics)
     try:
-        reqs = [sched.submit(Request([[1] * 4, [2] * 4], 8, Sampling(), False, StopWatch([], lambda ids: "", 2), None))
-                for _ in range(2)]
+        with sched.cv:  # both queued before the scheduler's first pass takes any (a reentrant lock)
+            reqs = [sched.submit(Request([[1] * 4, [2] * 4], 8, Sampling(), False, StopWatch([], lambda ids: "", 2),
+                                         None)) for _ in range(2)]
         outs = []
         for req in reqs:
             messages = []
