@@ -76,19 +76,10 @@ def build(cache_dir: pathlib.Path | None = None, defines: Defines = ()) -> ctype
         detail = getattr(e, "stderr", b"") or b""
         LOG.warning("native decode attention unavailable (%s %s); using PyTorch SDPA", e, detail.decode()[-300:])
         return None
-    fn = lib.strata_decode_attention_bf16
-    fn.restype = None
-    rows = [_PTR, _I64, _I64]  # the shared counter, the row count, rows per claim
-    fn.argtypes = [_PTR] * 5 + [_I64] * 4 + [_I64] * 12 + [ctypes.c_float] + rows + [_PTR]
-    fq = lib.strata_decode_attention_quant
-    fq.restype = None
-    fq.argtypes = [_PTR] * 9 + [_I64] * 6 + [_I64] * 12 + [ctypes.c_float] + rows + [_PTR]
+    # the kernels themselves are called by the pool (decode_attention_pool.c), not from here
     fs = lib.strata_quant_scratch_floats
     fs.restype = _I64
     fs.argtypes = [_I64] * 4
-    fz = lib.strata_quantize_bf16
-    fz.restype = ctypes.c_int
-    fz.argtypes = [_PTR] * 4 + [_I64] * 5 + [_I64] * 9 + rows
     lib.strata_pool_create.restype = _PTR
     lib.strata_pool_create.argtypes = [ctypes.c_int]
     lib.strata_pool_destroy.restype = None
@@ -209,12 +200,15 @@ class NativeDecodeAttention:
         scratch of `scratch_floats` floats. Returns the kernels' code (0: done)."""
         chunk = max(1, rows // (min(self.threads, rows) * CLAIMS_PER_THREAD))
         with self._turn:
+            if not self.pool:
+                raise RuntimeError("the KV kernel is closed")
             rc = self.lib.strata_pool_run(self.pool, kind, _job_args(args), rows, chunk, scratch_floats)
         if rc == -3:
             raise MemoryError(f"the KV kernel's scratch of {scratch_floats} floats a thread")
         return rc
 
     def close(self) -> None:
-        pool, self.pool = self.pool, None
+        with self._turn:  # never under a call that is running on the pool
+            pool, self.pool = self.pool, None
         if pool:
             self.lib.strata_pool_destroy(pool)

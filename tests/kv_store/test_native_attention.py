@@ -157,7 +157,7 @@ def test_the_pool_gives_every_thread_count_the_same_result_call_after_call():
     """The library's own pool (decode_attention_pool.c): 1, 4 and 7 threads (more than
     this machine's cores, so workers sleep and wake) give bit-identical outputs over many
     calls in a row, quantized appends between them, from two Python threads at once
-    (calls take turns); closing twice is harmless."""
+    (calls take turns); closing twice is harmless, and a call after it is an error."""
     import concurrent.futures
 
     from strata.model.kv_quant import KVFormat
@@ -189,6 +189,8 @@ def test_the_pool_gives_every_thread_count_the_same_result_call_after_call():
         finally:
             kern.close()
             kern.close()
+        with pytest.raises(RuntimeError, match="closed"):  # an error, not a call on freed threads
+            kern(q, k, v, None, d**-0.5)
     for threads in (4, 7):
         assert torch.equal(outs[threads][0], outs[1][0]) and torch.equal(outs[threads][1], outs[1][1])
     assert torch.allclose(outs[1][0].float(), reference(q, k, v, None, d**-0.5), atol=1e-2, rtol=1e-2)
