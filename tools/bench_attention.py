@@ -16,7 +16,9 @@ bfloat16 cache of the same tokens would hold, over the same time: the bandwidth 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import time
 
 import torch
@@ -118,7 +120,20 @@ def bench(batch: int, heads: int, head_dim: int, tokens: int, dtype: str, thread
         "bf16_equiv_gbps": _sig(bf16 / step_s / 1e9),
         "dram_read_gbps": _sig(dram),
         "fraction_of_dram": _sig(kv_gbps / dram, 3),
+        "cpu": cpu_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def cpu_name() -> str:
+    """The machine's CPU model (a result line says what it ran on)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # The call `strata profile` times (per KV precision): T1's heads and tokens (OPT-30B, prompt

@@ -25,6 +25,7 @@ def test_each_precision_reports_bytes_read_and_bandwidth_equivalent(bits, vector
     assert row["dram_read_gbps"] == 50.0
     assert row["fraction_of_dram"] == pytest.approx(row["kv_read_gbps"] / 50.0, rel=1e-2)
     assert row["kv_read_gbps"] > 0 and row["bf16_equiv_gbps"] > 0
+    assert row["cpu"] and row["date"].startswith("20")  # what it ran on, and when
 
 
 def test_cli_prints_one_json_line_per_precision_against_one_dram_measurement(capsys):
