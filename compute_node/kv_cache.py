@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from compute_node.kernels import dequant
+from compute_node.kernels.decode_attention import CachePlanes
 from strata.model.kv_quant import KVFormat
 
 DEQUANT_CHUNK = 256  # tokens rebuilt at a time where not whole (float32 arithmetic on that many only)
@@ -63,6 +64,10 @@ class _PlainLayers:
         self.k[layer][rows, :, cols] = k[rows, :, 0]
         self.v[layer][rows, :, cols] = v[rows, :, 0]
 
+    def planes(self, layer: int) -> tuple[CachePlanes, CachePlanes]:
+        """A layer's K and V as they lie, for the fused decode attention."""
+        return CachePlanes(self.k[layer]), CachePlanes(self.v[layer])
+
     def read_rows(self, layer: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer][:rows, :, :n], self.v[layer][:rows, :, :n]
 
@@ -116,6 +121,11 @@ class _QuantLayers:
         for parts, x in ((self.k[layer], k), (self.v[layer], v)):
             for plane, q in zip(parts, self.fmt.quantize(x[rows].permute(2, 0, 1, 3))):
                 plane[cols, rows] = q[0]
+
+    def planes(self, layer: int) -> tuple[CachePlanes, CachePlanes]:
+        """A layer's K and V as they lie, for the fused decode attention."""
+        return (CachePlanes(self.k[layer][0], self.fmt, *self.k[layer][1:]),
+                CachePlanes(self.v[layer][0], self.fmt, *self.v[layer][1:]))
 
     def read_rows(self, layer: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self._dequantize(tuple(p[:, :rows] for p in self.k[layer]), n),

@@ -92,11 +92,12 @@ class Runner:
         most prompt tokens prefilled through a layer at once (activation memory).
         `graphs`: decode-only passes run each group's step as fixed-shape steps, captured
         by the weights' device (compute_node/slot_graphs.py: CUDA graphs on CUDA); only
-        where every layer is resident and the KV cache is local and unquantized."""
+        where every layer is resident and the KV cache is local (unquantized, or read in
+        place by the fused decode attention)."""
         self.w, self.family, self.num_layers = weights, family, num_layers
         self.groups = groups
         self.chunk_tokens = max(1, chunk_tokens)
-        fixed = graphs and not weights.streamed and all(getattr(g, "plain", False) for g in groups)
+        fixed = graphs and not weights.streamed and all(getattr(g, "fixed_steps", False) for g in groups)
         self.graphs = [GroupGraphs(kv, self._fixed_step(kv), weights.dev) for kv in groups] if fixed else None
 
     @property

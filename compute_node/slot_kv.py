@@ -14,8 +14,9 @@ Prefill runs on the compute device for both homes (it has the prompt's keys at h
 the joining prompts are packed into one row of tokens, so the linear layers run on all
 of them at once, and attention runs per sequence (causal, over its own tokens only).
 
-Both take the node's Device (compute_node/device/): its kernel choices (GEMV decode
-attention, whole-cache dequantization), and for the KV store's groups the streams and
+Both take the node's Device (compute_node/device/): its kernel choices (fused decode
+attention over the cache in place, else GEMV decode attention over whole-cache
+dequantization), and for the KV store's groups the streams and
 events that order copies out of the device."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import uuid
 import torch
 
 from compute_node.device import Device, device_for
+from compute_node.kernels.decode_attention import decode_attention
 from compute_node.kv_cache import _PlainLayers, _QuantLayers
 from compute_node.model import attend, attend_causal, attention_bias
 from compute_node.peers import KVStoreClient
@@ -115,6 +117,7 @@ class DecodeView:
         self.idle = idle
         self.keys = max(positions) + 1  # columns read this step
         self.cols = torch.tensor(positions, dtype=torch.long, device=device)
+        self.limit = self.cols  # the last column each row reads
         idle_set = set(idle)
         active = [r for r in range(self.n) if r not in idle_set]
         self.write_rows = torch.tensor(active, dtype=torch.long, device=device)
@@ -136,6 +139,8 @@ class LocalSlots:
         self.dev = device_for(device)
         self.s, self.dtype, self.device = s, dtype, self.dev.torch_device
         self.gemv = self.dev.gemv_attention
+        self.fused = self.dev.fused_decode_attention
+        self._slopes = s.slopes.to(self.device) if s.alibi else None
         pad = torch.zeros(s.slots, dtype=torch.long)  # the layers' constructors read the batch from it
         # one column past the capacity: where idle rows of a fixed-shape step write (slot_graphs.py)
         shape = _LayersShape(s.num_layers, s.kv_heads, s.capacity + 1, s.head_dim, pad)
@@ -155,6 +160,12 @@ class LocalSlots:
     def plain(self) -> bool:
         """Stored in the compute dtype (not quantized)."""
         return isinstance(self.layers, _PlainLayers)
+
+    @property
+    def fixed_steps(self) -> bool:
+        """A decode step can run at fixed shapes (slot_graphs.py): the cache is in the
+        compute dtype, or decode attention reads the quantized cache in place."""
+        return self.plain or self.fused
 
     def view(self, positions: list[int], idle: list[int]) -> DecodeView:
         return DecodeView(self.s, positions, idle, self.device, self.dtype)
@@ -187,6 +198,9 @@ class LocalSlots:
 
     def decode_start(self, layer: int, view: DecodeView, q, k, v):
         self.layers.write_columns(layer, view.write_rows, view.write_cols, k, v)
+        if self.fused:  # one kernel over the cache where it lies (kernels/decode_attention.py)
+            kp, vp = self.layers.planes(layer)
+            return decode_attention(q, kp, vp, view.limit, view.keys, self.s.scale, self._slopes)
         keys, values = self.layers.read_rows(layer, view.n, view.keys)
         return attend(q, keys, values, view.bias, self.s.scale, self.gemv)
 

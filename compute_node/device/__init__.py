@@ -46,6 +46,9 @@ class Device:
     packed_resident = False  # resident layers stay packed (INT4/INT8 as stored) and are dequantized when run
     fused_int4 = False  # packed INT4 layers may run the fused W4A16 kernel at decode (fp16/bf16)
     decode_graphs = False  # decode-only passes as fixed-shape steps, captured once per bucket (slot_graphs.py)
+    # decode attention over the device's KV cache in one kernel, reading quantized codes in
+    # place (kernels/decode_attention.py; its torch reference where Triton cannot run)
+    fused_decode_attention = False
     gemv_attention = False  # one-query attention as two batched GEMVs (model.attend)
     whole_dequant = False  # a quantized KV cache is dequantized in one piece (else in chunks: kv_cache.py)
     host_threads: int | None = None  # torch's CPU threads in this process (None: torch's default)

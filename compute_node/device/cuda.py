@@ -16,6 +16,7 @@ class CudaDevice(Device):
     packed_resident = True
     fused_int4 = True
     decode_graphs = True
+    fused_decode_attention = True
     gemv_attention = True  # cuDNN's attention rebuilds its graph for every new key length
     whole_dequant = True
     host_threads = 2  # the host side only stages copies; leave the cores to the KV store

@@ -106,6 +106,7 @@ class MockCudaDevice(Device):
     packed_resident = True
     fused_int4 = True
     decode_graphs = True
+    fused_decode_attention = True
     gemv_attention = True
     whole_dequant = True
 

@@ -69,6 +69,9 @@ HOST_SHARED_SHARE = 0.45
 # 0.51 TB/s at 16 and 32 rows (mma.sync), 1.3-1.4 TB/s at 33-64 (the wgmma kernel) on an
 # H100 (2.96 TB/s).
 FUSED_HBM_SHARE = ((16, 0.27), (32, 0.17), (64, 0.45))
+# The fused decode attention (compute_node/kernels/decode_attention.py) reads a GPU cache
+# at this share of the profile's HBM rate, codes and scales alike.
+GPU_ATTENTION_EFFICIENCY = 0.8
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "host DRAM", "KV to host", "HBM", "GPU FLOPs",
@@ -205,11 +208,11 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     weights_traffic = (wb.layer + m * dense) if wb.quantized else m * wb.layer
     dequant_s = dense / (p.dequant_bytes_per_s or p.hbm_bytes_per_s / 2) if wb.quantized else 0.0
     kv_layer = b * kv_len * kv_bytes_per_token_layer(dims, pl.kv_bits, pl.kv_group)
-    kv_layer_bf16 = b * kv_len * kv_bytes_per_token_layer(dims, 16)  # a GPU cache's layer rebuilt to attend
+    kv_layer_bf16 = b * kv_len * kv_bytes_per_token_layer(dims, 16)  # the KV store's fallback rate is bf16's
     act = rows * (8 * dims.hidden + 2 * dims.ffn) * 2 if prefill else 0.0
     gpu_kv = kv_layer if (not pl.kv_on_host or prefill) else 0.0
-    if not pl.kv_on_host and not prefill and pl.kv_bits < 16:
-        gpu_kv += 2 * kv_layer_bf16  # the layer rebuilt in bf16, then read
+    if not pl.kv_on_host and not prefill:  # the fused decode attention reads the cache where it lies
+        gpu_kv /= GPU_ATTENTION_EFFICIENCY
     cpu_attention = pl.kv_on_host and not prefill
     attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
     flops = 2 * wb.layer_params * rows + attn_flops
@@ -294,7 +297,7 @@ def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -
         batch=pl.batch_size, micro_batches=pl.micro_batches, prompt_len=w.prompt_len, gen_len=w.gen_len,
         resident=resident, host_layers=host_n, disk_layers=disk_n, kv_on_host=pl.kv_on_host, kv_bits=pl.kv_bits,
         kv_token_layer_bytes=kv_bytes_per_token_layer(dims, pl.kv_bits, pl.kv_group),
-        kv_token_layer_bf16=kv_bytes_per_token_layer(dims, 16), quant_bits=pl.quant_bits, layer_bytes=wb.layer,
+        quant_bits=pl.quant_bits, layer_bytes=wb.layer,
         other_bytes=wb.other, dense_layer_bytes=2 * wb.layer_params,
         resident_from_files=not made_on_gpu,
     )

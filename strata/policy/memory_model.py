@@ -14,8 +14,8 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
       relu is fused into the matmul, two for another plain MLP, three gated); quantizing
       its keys and values where a quantized cache is on the GPU; the logits;
     decode: two dense copies where a layer is dequantized (streamed, or more rows than
-      the fused INT4 kernel takes), a quantized GPU cache's layer rebuilt in the compute
-      dtype with its attention scores, the logits.
+      the fused INT4 kernel takes), the fused decode attention's partial outputs (it
+      reads a GPU cache where it lies, quantized or not), the logits.
   Held + the larger phase is PyTorch's allocated peak (torch.cuda.max_memory_allocated:
   the bench's peak_gpu_bytes), `GpuMemory.peak_allocated`;
 - outside that peak: the private pools of the decode graphs the compute node keeps
@@ -40,6 +40,9 @@ from strata.model.arch import ModelDims
 from strata.policy.placement import FUSED_INT4_MAX_ROWS, RING_DEPTH, STAGING_SLOTS
 
 GIB = 1 << 30
+# Column splits of the fused decode attention at the row counts that matter for memory
+# (compute_node/kernels/decode_attention.py: about two programs per SM)
+ATTENTION_SPLITS = 2
 # The safety margin, on top of everything modelled below: 6% of the device plus 0.5 GiB.
 GPU_MARGIN_SHARE = 0.06
 GPU_MARGIN_BYTES = GIB // 2
@@ -141,7 +144,6 @@ class Shape:
     kv_on_host: bool
     kv_bits: int
     kv_token_layer_bytes: float  # one token of one layer as cached (keys and values)
-    kv_token_layer_bf16: float  # the same in the compute dtype
     quant_bits: int
     layer_bytes: float  # one layer's shard
     other_bytes: float  # embeddings and head
@@ -172,20 +174,17 @@ class Shape:
 
     @property
     def decode_graphs(self) -> bool:
-        """compute_node/runner.py: every layer resident, an unquantized GPU cache."""
-        return self.streamed == 0 and not self.kv_on_host and self.kv_bits == 16
+        """compute_node/runner.py: every layer resident, the KV cache on the GPU."""
+        return self.streamed == 0 and not self.kv_on_host
 
 
 def _decode_step(d: ModelDims, s: Shape, rows: int) -> dict[str, float]:
     """One decode step's working set over `rows` sequences (a group's, or a graph's bucket)."""
-    tokens = s.prompt_len + s.gen_len
     out = {}
     if s.streamed or not (s.quant_bits == 4 and rows <= FUSED_INT4_MAX_ROWS):
         out["dense layer copies"] = 2 * s.dense_layer_bytes
-    if not s.kv_on_host:
-        if s.kv_bits < 16:  # one layer's keys and values rebuilt in the compute dtype
-            out["KV layer rebuilt"] = rows * tokens * s.kv_token_layer_bf16
-        out["attention scores"] = rows * d.num_heads * tokens * 4 * 2
+    if not s.kv_on_host:  # float32 partial outputs, max and sum of up to ATTENTION_SPLITS column splits
+        out["attention partials"] = ATTENTION_SPLITS * rows * d.num_heads * (d.head_dim + 2) * 4
     out["activations"] = rows * activation_bytes_per_row(d)
     out["logits"] = rows * d.vocab * 6  # compute dtype, then float32 to sample
     return out

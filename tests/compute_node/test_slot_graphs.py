@@ -64,9 +64,24 @@ def test_idle_rows_and_smaller_buckets_give_the_plain_logits(shards):
     assert sorted(nodes[1].runner.graphs[0].views) == [1, 2, 4]
 
 
-def test_fixed_shapes_only_over_resident_layers_and_a_plain_cache(shards):
-    assert not InProcess(shards, device="mock-cuda", graphs=True, kv_bits=8).runner.uses_graphs
+def test_fixed_shapes_only_over_resident_layers_and_a_cache_read_in_place(shards):
     assert not InProcess(shards, device="mock-cuda", graphs=True, resident={0}).runner.uses_graphs
+    # a quantized cache: the fused decode attention reads it in place, where the device has it
+    assert InProcess(shards, device="mock-cuda", graphs=True, kv_bits=8).runner.uses_graphs
+    assert not InProcess(shards, graphs=True, kv_bits=8).runner.uses_graphs
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_a_quantized_cache_in_fixed_steps_gives_the_dequantizing_paths_tokens(shards, kv_bits):
+    """mock-cuda: the fused decode attention (its torch reference) over the codes in
+    place, in captured steps, against the CPU device's path that rebuilds each layer's
+    cache in the compute dtype and attends with a mask: the same tokens, two requests."""
+    rebuilt = InProcess(shards, groups=(2, 2), kv_bits=kv_bits)
+    fused = InProcess(shards, groups=(2, 2), kv_bits=kv_bits, device="mock-cuda", graphs=True)
+    assert fused.kvs[0].fused and not rebuilt.kvs[0].fused
+    for prompts in (PROMPTS, OTHER):
+        assert fused.generate(prompts, 7) == rebuilt.generate(prompts, 7)
+    assert all(graph.replays >= 5 for g in fused.runner.graphs for graph in g.graphs.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")

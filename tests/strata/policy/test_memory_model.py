@@ -117,7 +117,7 @@ def test_mlp_intermediates_follow_the_family(h200):
     assert memory_model._mlp_width(bloom) == 2 * bloom.ffn
 
 
-def test_a_quantized_gpu_cache_costs_its_quantizer_at_prefill_and_a_rebuilt_layer_at_decode(h200):
+def test_a_quantized_gpu_cache_costs_its_quantizer_at_prefill_and_nothing_rebuilt_at_decode(h200):
     dims, wb = dummy("facebook/opt-175b")
     pl = cm.Placement(0.0, False, 8, 96, kv_bits=4)
     q = cm.gpu_memory(dims, wb, W, pl, h200.gpu_bytes)
@@ -125,16 +125,18 @@ def test_a_quantized_gpu_cache_costs_its_quantizer_at_prefill_and_a_rebuilt_laye
     rows = 12 * 512  # the chunk: 12 prompts, as many as 12 slots x 544 tokens hold
     assert q.prefill["activations"] == rows * max(memory_model.activation_bytes_per_row(dims),
                                                   memory_model.quantize_bytes_per_row(dims))
-    assert q.decode["KV layer rebuilt"] == 12 * 544 * cm.kv_bytes_per_token_layer(dims, 16)
-    assert "KV layer rebuilt" not in plain.decode
+    # the fused decode attention reads the codes where they lie: the same step as a plain cache's
+    assert q.decode == plain.decode
+    assert q.decode["attention partials"] == memory_model.ATTENTION_SPLITS * 12 * dims.num_heads * (dims.head_dim + 2) * 4
 
 
 def test_decode_graph_pools_only_where_graphs_run(h200):
     dims, wb = dummy("facebook/opt-30b")
     graphs = cm.gpu_memory(dims, wb, W, cm.Placement(1.0, False, 2, 128), h200.gpu_bytes)
     assert graphs.outside["decode graph pools"] > 0
-    for pl in (cm.Placement(0.9, False, 2, 128), cm.Placement(1.0, True, 2, 128),
-               cm.Placement(1.0, False, 2, 128, kv_bits=8)):
+    quantized = cm.gpu_memory(dims, wb, W, cm.Placement(1.0, False, 2, 128, kv_bits=8), h200.gpu_bytes)
+    assert quantized.outside["decode graph pools"] > 0  # the fused attention reads a quantized cache in place
+    for pl in (cm.Placement(0.9, False, 2, 128), cm.Placement(1.0, True, 2, 128)):
         assert "decode graph pools" not in cm.gpu_memory(dims, wb, W, pl, h200.gpu_bytes).outside
     # a pool per bucket of rows (1, 2, 4, ..., 128); up to FUSED_INT4_MAX_ROWS the graphs
     # read packed layers (the fused INT4 kernels, in chunks of 64 rows); a 512-row graph
