@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from compute_node.kernels import dequant
+from compute_node.kernels import dequant, kv_quantize
 from compute_node.kernels.decode_attention import CachePlanes
 from strata.model.kv_quant import KVFormat
 
@@ -100,10 +100,17 @@ class _QuantLayers:
 
         self.k = [planes() for _ in range(s.num_layers)]
         self.v = [planes() for _ in range(s.num_layers)]
+        # one kernel quantizes straight into the planes where it can run (kernels/kv_quantize.py)
+        self.kernel = kv_quantize.available(self.k[0][0], fmt)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for parts in self.k + self.v for t in parts)
+
+    def _store(self, layer: int, rows: torch.Tensor, col0: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [m, kv_heads, n, head_dim]: input row i's tokens at columns col0[i].. of row rows[i]."""
+        for parts, x in ((self.k[layer], k), (self.v[layer], v)):
+            kv_quantize.quantize_into(x, self.fmt, *parts, rows, col0)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for parts in self.k + self.v for t in parts]
@@ -111,6 +118,8 @@ class _QuantLayers:
     # One row per sequence, each its own length.
     def write_rows(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         index = torch.tensor(rows, device=k.device)
+        if self.kernel:
+            return self._store(layer, index, torch.zeros_like(index), k, v)
         for parts, x in ((self.k[layer], k), (self.v[layer], v)):
             n = x.shape[2]
             for plane, q in zip(parts, self.fmt.quantize(x.permute(2, 0, 1, 3))):
@@ -118,6 +127,8 @@ class _QuantLayers:
 
     def write_columns(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> None:
+        if self.kernel:
+            return self._store(layer, rows, cols, k[rows], v[rows])
         for parts, x in ((self.k[layer], k), (self.v[layer], v)):
             for plane, q in zip(parts, self.fmt.quantize(x[rows].permute(2, 0, 1, 3))):
                 plane[cols, rows] = q[0]
@@ -132,6 +143,9 @@ class _QuantLayers:
                 self._dequantize(tuple(p[:, :rows] for p in self.v[layer]), n))
 
     def write_piece(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.kernel:
+            at = torch.tensor([[row], [start]], device=k.device)
+            return self._store(layer, at[0], at[1], k, v)
         for parts, x in ((self.k[layer], k), (self.v[layer], v)):
             n = x.shape[2]
             for plane, q in zip(parts, self.fmt.quantize(x.permute(2, 0, 1, 3))):

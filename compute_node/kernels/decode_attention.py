@@ -33,7 +33,8 @@ try:  # Triton ships with CUDA builds of PyTorch only
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
-BLOCK_N = 64  # columns per step of a program's loop
+BLOCK_N = 64  # columns per step of a program's loop, 16-bit cache
+QBLOCK_N = 64  # the same over a quantized cache
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 MIN_HEADS = 16  # a tensor-core dot needs 16 rows: the query heads of a KV head, padded
 
@@ -107,36 +108,36 @@ def reference(q, k: CachePlanes, v: CachePlanes, limit, columns: int, scale: flo
 def _splits(programs: int, columns: int, device: torch.device) -> int:
     """Column splits so that the grid has about two programs per SM."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(math.ceil(2 * sms / programs), math.ceil(columns / (4 * BLOCK_N))))
+    return max(1, min(math.ceil(2 * sms / programs), math.ceil(columns / 256)))
 
 
 def _triton(q, k: CachePlanes, v: CachePlanes, limit, columns: int, scale: float, slopes, splits: int | None = None):
     rows, heads, _, d = q.shape
     kv_heads = k.values.shape[1] if k.fmt is None else k.values.shape[2]
     group = heads // kv_heads
+    fmt = k.fmt
+    block = BLOCK_N if fmt is None else QBLOCK_N
     splits = splits or _splits(rows * kv_heads, columns, q.device)
-    per_split = math.ceil(columns / splits / BLOCK_N) * BLOCK_N
+    per_split = math.ceil(columns / splits / block) * block
     splits = math.ceil(columns / per_split)
     q3 = q.squeeze(2)
     if q3.stride(-1) != 1:
         q3 = q3.contiguous()
     acc = torch.empty(splits, rows, heads, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(2, splits, rows, heads, dtype=torch.float32, device=q.device)
-    fmt = k.fmt
-    bits = 16 if fmt is None else fmt.bits
-    sk = k.scale if fmt is not None else k.values  # placeholders where unquantized
-    mk = k.w_min if fmt is not None else k.values
-    sv = v.scale if fmt is not None else v.values
-    mv = v.w_min if fmt is not None else v.values
-    c_strides = k.strides(k.values)
-    s_strides = k.strides(sk) if fmt is not None else (0, 0, 0)
-    _decode_kernel[(rows, kv_heads, splits)](
-        q3, k.values, v.values, sk, mk, sv, mv, limit, slopes if slopes is not None else q3, acc, ml,
-        scale, q3.stride(0), q3.stride(1), *c_strides, *s_strides, per_split, splits * rows * heads,
-        G=group, GP=max(MIN_HEADS, triton.next_power_of_2(group)), D=d, BITS=bits,
-        GROUP=fmt.group if fmt is not None else d, NG=fmt.groups if fmt is not None else 1,
-        BLOCK_N=BLOCK_N, ALIBI=slopes is not None, DYNAMIC_LOOP=not _INTERPRET,
-        TRIPS=per_split // BLOCK_N if _INTERPRET else 0, num_warps=4, num_stages=2)
+    common = dict(G=group, GP=max(MIN_HEADS, triton.next_power_of_2(group)), BLOCK_N=block,
+                  ALIBI=slopes is not None, DYNAMIC_LOOP=not _INTERPRET,
+                  TRIPS=per_split // block if _INTERPRET else 0, num_warps=4, num_stages=2)
+    slopes = slopes if slopes is not None else q3
+    if fmt is None:
+        _decode_kernel[(rows, kv_heads, splits)](
+            q3, k.values, v.values, limit, slopes, acc, ml, scale, q3.stride(0), q3.stride(1),
+            *k.strides(k.values), per_split, splits * rows * heads, D=d, **common)
+    else:
+        _decode_quant_kernel[(rows, kv_heads, splits)](
+            q3, k.values, v.values, k.scale, k.w_min, v.scale, v.w_min, limit, slopes, acc, ml, scale,
+            q3.stride(0), q3.stride(1), *k.strides(k.values), *k.strides(k.scale), per_split,
+            splits * rows * heads, D=d, BITS=fmt.bits, GROUP=fmt.group, NG=fmt.groups, **common)
     return _combine(acc, ml[0], ml[1]).to(q.dtype).view(rows, heads, 1, d)
 
 
@@ -153,59 +154,40 @@ def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tenso
 if triton is not None:
 
     @triton.jit
-    def _load_block(base, s_base, m_base, t, tmask, c_tok, s_tok, D: tl.constexpr, BITS: tl.constexpr,
-                    GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-        """Columns t of one row and KV head as [BLOCK_N, D] in DTYPE."""
-        if BITS == 16:
-            d = tl.arange(0, D)
-            x = tl.load(base + t[:, None] * c_tok + d[None, :], mask=tmask[:, None], other=0.0)
-            return x.to(DTYPE)
-        g = tl.arange(0, NG)
-        e = tl.arange(0, GROUP)
-        idx = g[None, :, None] * GROUP + e[None, None, :]  # [1, NG, GROUP]: element index
-        m3 = tmask[:, None, None]
-        if BITS == 8:
-            code = tl.load(base + t[:, None, None] * c_tok + idx, mask=m3, other=0).to(tl.float32)
-        else:  # two codes a byte, the even element in the high nibble
-            byte = tl.load(base + t[:, None, None] * c_tok + (idx >> 1), mask=m3, other=0).to(tl.int32)
-            code = tl.where((idx & 1) == 0, byte >> 4, byte & 15).to(tl.float32)
-        s_off = t[:, None, None] * s_tok + g[None, :, None]
-        sc = tl.load(s_base + s_off, mask=m3, other=0.0).to(tl.float32)
-        mn = tl.load(m_base + s_off, mask=m3, other=0.0).to(tl.float32)
-        return tl.reshape(code * sc + mn, (BLOCK_N, D)).to(DTYPE)
-
-    @triton.jit
-    def _block(q, m_i, l_i, acc, n0, end, k_base, v_base, ks, km, vs, vm, c_tok, s_tok, scale, slope,
-               D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
-               ALIBI: tl.constexpr):
-        """One block of columns [n0, n0 + BLOCK_N) (those >= end masked) into the online softmax."""
-        t = n0 + tl.arange(0, BLOCK_N)
-        tmask = t < end
-        t64 = t.to(tl.int64)
-        k = _load_block(k_base, ks, km, t64, tmask, c_tok, s_tok, D, BITS, GROUP, NG, BLOCK_N, q.dtype)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GP, BLOCK_N] float32
+    def _softmax_step(s, t, tmask, m_i, l_i, scale, slope, ALIBI: tl.constexpr):
+        """Scores s [GP, BLOCK_N] of columns t into the online softmax: (p, alpha, m, l)."""
+        s = s * scale
         if ALIBI:
             s += slope[:, None] * t[None, :].to(tl.float32)
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        v = _load_block(v_base, vs, vm, t64, tmask, c_tok, s_tok, D, BITS, GROUP, NG, BLOCK_N, q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, limit_ptr, slopes_ptr, acc_ptr,
-                       ml_ptr, scale, q_row, q_head, c_row, c_head, c_tok, s_row, s_head, s_tok, per_split,
-                       l_offset, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       BITS: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
-                       ALIBI: tl.constexpr, DYNAMIC_LOOP: tl.constexpr, TRIPS: tl.constexpr):
+    def _block(q, m_i, l_i, acc, n0, end, k_base, v_base, c_tok, scale, slope, D: tl.constexpr,
+               BLOCK_N: tl.constexpr, ALIBI: tl.constexpr):
+        """16-bit cache: columns [n0, n0 + BLOCK_N) (those >= end masked) into the online softmax."""
+        t = n0 + tl.arange(0, BLOCK_N)
+        tmask = t < end
+        off = t.to(tl.int64)[:, None] * c_tok + tl.arange(0, D)[None, :]
+        k = tl.load(k_base + off, mask=tmask[:, None], other=0.0)
+        p, alpha, m_i, l_i = _softmax_step(tl.dot(q, tl.trans(k)), t, tmask, m_i, l_i, scale, slope, ALIBI)
+        v = tl.load(v_base + off, mask=tmask[:, None], other=0.0)
+        return m_i, l_i, acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+
+    @triton.jit
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, slopes_ptr, acc_ptr, ml_ptr, scale, q_row, q_head,
+                       c_row, c_head, c_tok, per_split, l_offset, G: tl.constexpr, GP: tl.constexpr,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr, DYNAMIC_LOOP: tl.constexpr,
+                       TRIPS: tl.constexpr):
+        """A 16-bit cache [rows, kv_heads, columns, D]."""
         row = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
-        limit = tl.load(limit_ptr + row)
         start = split * per_split
-        end = tl.minimum(start + per_split, limit + 1)
+        end = tl.minimum(start + per_split, tl.load(limit_ptr + row) + 1)
         h = tl.arange(0, GP)
         hmask = h < G
         qh = kvh * G + h  # this program's query heads
@@ -217,21 +199,111 @@ if triton is not None:
         acc = tl.zeros([GP, D], tl.float32)
         k_base = k_ptr + row * c_row + kvh * c_head
         v_base = v_ptr + row * c_row + kvh * c_head
-        s_at = row * s_row + kvh * s_head
         if DYNAMIC_LOOP:  # the GPU: a loop over this split's blocks, software-pipelined
             for n0 in range(start, end, BLOCK_N):
-                m_i, l_i, acc = _block(q, m_i, l_i, acc, n0, end, k_base, v_base, ks_ptr + s_at, km_ptr + s_at,
-                                       vs_ptr + s_at, vm_ptr + s_at, c_tok, s_tok, scale, slope, D, BITS, GROUP,
-                                       NG, BLOCK_N, ALIBI)
+                m_i, l_i, acc = _block(q, m_i, l_i, acc, n0, end, k_base, v_base, c_tok, scale, slope, D, BLOCK_N,
+                                       ALIBI)
         else:  # Triton's CPU interpreter takes no tensor as a loop bound: every block, those past the end skipped
             for i in range(0, TRIPS):  # TRIPS: per_split // BLOCK_N, a constant only here
                 if start + i * BLOCK_N < end:
-                    m_i, l_i, acc = _block(q, m_i, l_i, acc, start + i * BLOCK_N, end, k_base, v_base, ks_ptr + s_at,
-                                           km_ptr + s_at, vs_ptr + s_at, vm_ptr + s_at, c_tok, s_tok, scale, slope,
-                                           D, BITS, GROUP, NG, BLOCK_N, ALIBI)
+                    m_i, l_i, acc = _block(q, m_i, l_i, acc, start + i * BLOCK_N, end, k_base, v_base, c_tok, scale,
+                                           slope, D, BLOCK_N, ALIBI)
         # partials: acc [splits, rows, heads, D]; m, l [2, splits, rows, heads]
-        rows_heads = tl.num_programs(0) * (tl.num_programs(1) * G)
-        at = split * rows_heads + row * (tl.num_programs(1) * G) + qh
+        at = (split * tl.num_programs(0) + row) * (tl.num_programs(1) * G) + qh
         tl.store(acc_ptr + at[:, None] * D + d[None, :], acc, mask=hmask[:, None])
+        tl.store(ml_ptr + at, m_i, mask=hmask)
+        tl.store(ml_ptr + l_offset + at, l_i, mask=hmask)
+
+    @triton.jit
+    def _quant_block(q0, q1, qsum, m_i, l_i, acc0, acc1, n0, end, k_base, v_base, ks, km, vs, vm, c_tok, s_tok,
+                     scale, slope, BITS: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+                     ALIBI: tl.constexpr):
+        """Quantized cache: columns [n0, n0 + BLOCK_N) into the online softmax, group by
+        group as batched tensor-core dots over the codes (exact in 16 bits), each group's
+        scale and min applied to the dot's result:
+            q.k = sum_g scale_g (q_g . codes_g) + min_g sum(q_g)
+            sum_t p_t v_t = sum_t (p_t scale_tg) codes_t + sum_t p_t min_tg   (per group g)
+        INT4 runs two halves per group: the even elements (high nibbles) and the odd ones."""
+        t = n0 + tl.arange(0, BLOCK_N)
+        tmask = t < end
+        t64 = t.to(tl.int64)
+        g = tl.arange(0, NG)
+        off = g[:, None, None] * W + t64[None, :, None] * c_tok + tl.arange(0, W)[None, None, :]  # [NG, BLOCK_N, W]
+        m3 = tmask[None, :, None]
+        s_off = g[:, None] + t64[None, :] * s_tok  # [NG, BLOCK_N]
+        m2 = tmask[None, :]
+        dtype = q0.dtype
+        kb = tl.load(k_base + off, mask=m3, other=0)
+        sk = tl.load(ks + s_off, mask=m2, other=0.0).to(tl.float32)
+        mk = tl.load(km + s_off, mask=m2, other=0.0).to(tl.float32)
+        if BITS == 8:
+            d3 = tl.dot(q0, tl.trans(kb.to(dtype), 0, 2, 1))  # [NG, GP, BLOCK_N]
+        else:
+            d3 = tl.dot(q0, tl.trans((kb >> 4).to(dtype), 0, 2, 1)) + tl.dot(q1, tl.trans((kb & 15).to(dtype), 0, 2, 1))
+        s = tl.sum(d3 * sk[:, None, :] + qsum[:, :, None] * mk[:, None, :], 0)
+        p, alpha, m_i, l_i = _softmax_step(s, t, tmask, m_i, l_i, scale, slope, ALIBI)
+        vb = tl.load(v_base + off, mask=m3, other=0)
+        sv = tl.load(vs + s_off, mask=m2, other=0.0).to(tl.float32)
+        mv = tl.load(vm + s_off, mask=m2, other=0.0).to(tl.float32)
+        pv = (p[None, :, :] * sv[:, None, :]).to(dtype)  # [NG, GP, BLOCK_N]
+        pm = tl.sum(p[None, :, :] * mv[:, None, :], 2)[:, :, None]  # [NG, GP, 1]
+        a3 = alpha[None, :, None]
+        if BITS == 8:
+            acc0 = acc0 * a3 + tl.dot(pv, vb.to(dtype)) + pm
+        else:
+            acc0 = acc0 * a3 + tl.dot(pv, (vb >> 4).to(dtype)) + pm
+            acc1 = acc1 * a3 + tl.dot(pv, (vb & 15).to(dtype)) + pm
+        return m_i, l_i, acc0, acc1
+
+    @triton.jit
+    def _decode_quant_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, limit_ptr, slopes_ptr, acc_ptr,
+                             ml_ptr, scale, q_row, q_head, c_row, c_head, c_tok, s_row, s_head, s_tok, per_split,
+                             l_offset, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                             GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr,
+                             DYNAMIC_LOOP: tl.constexpr, TRIPS: tl.constexpr):
+        """A quantized cache: codes [columns, rows, kv_heads, code_width] (and the group
+        scales and mins [columns, rows, kv_heads, NG]) as kv_cache._QuantLayers keeps them."""
+        HALVES: tl.constexpr = 2 if BITS == 4 else 1
+        W: tl.constexpr = GROUP // HALVES  # elements of a group in one half: the dots' depth
+        row = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        start = split * per_split
+        end = tl.minimum(start + per_split, tl.load(limit_ptr + row) + 1)
+        h = tl.arange(0, GP)
+        hmask = h < G
+        qh = kvh * G + h
+        # element (g, h, k) of half j: index g * GROUP + k * HALVES + j of head qh[h]
+        e = tl.arange(0, NG)[:, None, None] * GROUP + tl.arange(0, W)[None, None, :] * HALVES  # [NG, 1, W]
+        q_at = q_ptr + row * q_row + qh[None, :, None] * q_head + e
+        m3 = hmask[None, :, None]
+        q0 = tl.load(q_at, mask=m3, other=0.0)
+        q1 = tl.load(q_at + 1, mask=m3 & (HALVES == 2), other=0.0)
+        qsum = tl.sum(q0.to(tl.float32), 2) + tl.sum(q1.to(tl.float32), 2)  # [NG, GP]
+        slope = tl.load(slopes_ptr + qh, mask=hmask & ALIBI, other=0.0).to(tl.float32)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc0 = tl.zeros([NG, GP, W], tl.float32)
+        acc1 = tl.zeros([NG, GP, W], tl.float32)
+        k_base = k_ptr + row * c_row + kvh * c_head
+        v_base = v_ptr + row * c_row + kvh * c_head
+        s_at = row * s_row + kvh * s_head
+        ks, km, vs, vm = ks_ptr + s_at, km_ptr + s_at, vs_ptr + s_at, vm_ptr + s_at
+        if DYNAMIC_LOOP:
+            for n0 in range(start, end, BLOCK_N):
+                m_i, l_i, acc0, acc1 = _quant_block(q0, q1, qsum, m_i, l_i, acc0, acc1, n0, end, k_base, v_base, ks,
+                                                    km, vs, vm, c_tok, s_tok, scale, slope, BITS, NG, W, BLOCK_N,
+                                                    ALIBI)
+        else:
+            for i in range(0, TRIPS):
+                if start + i * BLOCK_N < end:
+                    m_i, l_i, acc0, acc1 = _quant_block(q0, q1, qsum, m_i, l_i, acc0, acc1, start + i * BLOCK_N, end,
+                                                        k_base, v_base, ks, km, vs, vm, c_tok, s_tok, scale, slope,
+                                                        BITS, NG, W, BLOCK_N, ALIBI)
+        at = (split * tl.num_programs(0) + row) * (tl.num_programs(1) * G) + qh  # [GP]
+        out = acc_ptr + at[None, :, None] * D + e
+        tl.store(out, acc0, mask=m3)
+        if HALVES == 2:
+            tl.store(out + 1, acc1, mask=m3)
         tl.store(ml_ptr + at, m_i, mask=hmask)
         tl.store(ml_ptr + l_offset + at, l_i, mask=hmask)

@@ -79,3 +79,38 @@ def test_triton_kernel_matches_the_reference(bits, heads, kv_heads, splits, dtyp
     ref = da.reference(q, k, v, limit, columns, d ** -0.5, slopes)
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not RUN_TRITON, reason="needs a CUDA GPU with Triton (or TRITON_INTERPRET=1 with Triton)")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_quantize_kernel_writes_kv_quants_codes_where_the_rows_and_columns_say(bits):
+    """compute_node/kernels/kv_quantize.py against KVFormat.quantize: the same scale and
+    min, codes within one step (float32 division may round differently on a GPU) in
+    at most 0.1% of places, and nothing written outside the given rows and columns."""
+    from compute_node.kernels import kv_quantize
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    fmt = KVFormat(bits, 128, 64)
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 2, 20, 128, generator=gen).to(device)
+    rows, col0 = [4, 0, 2], [0, 5, 1]
+    planes = [torch.zeros(32, 6, 2, w, dtype=t, device=device)
+              for w, t in ((fmt.code_width, torch.uint8), (fmt.groups, torch.float16), (fmt.groups, torch.float16))]
+    kv_quantize.quantize_into(x, fmt, *planes, torch.tensor(rows, device=device), torch.tensor(col0, device=device))
+    want = fmt.quantize(x.cpu())  # [3, 2, 20, ...]
+    written = torch.zeros(32, 6, dtype=torch.bool)
+    for i, (r, c) in enumerate(zip(rows, col0)):
+        got = [p[c : c + 20, r].cpu() for p in planes]  # [20, 2, ...]
+        ref = [w[i].transpose(0, 1) for w in want]
+        assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+        codes = [kv_quantize_unpack(g, bits) for g in (got[0], ref[0])]
+        diff = (codes[0].int() - codes[1].int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3
+        written[c : c + 20, r] = True
+    assert all(not p.cpu()[~written].any() for p in planes)
+
+
+def kv_quantize_unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    from strata.model import quant
+
+    return quant.unpack_int4(codes) if bits == 4 else codes
