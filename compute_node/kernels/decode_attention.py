@@ -9,7 +9,8 @@ scores; on the H200 it ran at under half the floor (BENCHMARKS.md, T2).
 
 The kernel (Triton, flash-decoding): a program per (row, KV head, split of the
 columns); the query heads that share a KV head (grouped-query attention) are the rows of
-one tensor-core dot, padded to 16; an online softmax over blocks of BLOCK_N columns;
+one tensor-core dot, padded to 16 (over a quantized cache, one dot per group of
+elements over its codes, the group's scale and min applied to the result); an online softmax over blocks of BLOCK_N columns;
 with several splits (few rows: not enough programs for the GPU) each split writes its
 partial max, sum and output and `_combine` merges them. Everything is on the device and
 of fixed shape, so a captured decode step (slot_graphs.py) replays it.
@@ -74,7 +75,9 @@ def available(q: torch.Tensor, fmt: KVFormat | None) -> bool:
     head_dim = q.shape[-1]
     def pow2(n: int) -> bool:
         return n >= 1 and n & (n - 1) == 0
-    shape_ok = head_dim >= 16 and pow2(head_dim) and (fmt is None or (pow2(fmt.group) and pow2(fmt.groups)))
+    # quantized: one or two groups a vector, each at least 32 elements (16 a half at INT4)
+    shape_ok = head_dim >= 16 and pow2(head_dim) and (fmt is None or (pow2(fmt.group) and fmt.groups <= 2
+                                                                       and fmt.group >= 32))
     return (triton is not None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
             and shape_ok)
 
@@ -215,45 +218,64 @@ if triton is not None:
         tl.store(ml_ptr + l_offset + at, l_i, mask=hmask)
 
     @triton.jit
-    def _quant_block(q0, q1, qsum, m_i, l_i, acc0, acc1, n0, end, k_base, v_base, ks, km, vs, vm, c_tok, s_tok,
-                     scale, slope, BITS: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
-                     ALIBI: tl.constexpr):
-        """Quantized cache: columns [n0, n0 + BLOCK_N) into the online softmax, group by
-        group as batched tensor-core dots over the codes (exact in 16 bits), each group's
-        scale and min applied to the dot's result:
+    def _codes(b, HALF: tl.constexpr, BITS: tl.constexpr, dtype: tl.constexpr):
+        """Codes of one half of a group from its bytes (INT4: the even elements are the high nibbles)."""
+        if BITS == 4:
+            b = (b >> 4) if HALF == 0 else (b & 15)
+        return b.to(dtype)  # at most 255: exact in 16 bits
+
+    @triton.jit
+    def _group_scores(q0, q1, qsum, b, sc, mn, BITS: tl.constexpr):
+        """Scores [GP, BLOCK_N] of one group of elements: its codes' dots scaled, plus min x sum(q)."""
+        d = tl.dot(q0, tl.trans(_codes(b, 0, BITS, q0.dtype)))
+        if BITS == 4:
+            d += tl.dot(q1, tl.trans(_codes(b, 1, BITS, q0.dtype)))
+        return d * sc[None, :] + qsum[:, None] * mn[None, :]
+
+    @triton.jit
+    def _quant_block(q00, q01, q10, q11, qs0, qs1, m_i, l_i, a00, a01, a10, a11, n0, end, k_base, v_base, ks, km,
+                     vs, vm, c_tok, s_tok, scale, slope, BITS: tl.constexpr, NG: tl.constexpr, W: tl.constexpr,
+                     BLOCK_N: tl.constexpr, ALIBI: tl.constexpr):
+        """Quantized cache: columns [n0, n0 + BLOCK_N) into the online softmax, one or
+        two groups of elements (q_g, a_g), each as tensor-core dots over its codes with
+        the group's scale and min applied to the dots' results:
             q.k = sum_g scale_g (q_g . codes_g) + min_g sum(q_g)
-            sum_t p_t v_t = sum_t (p_t scale_tg) codes_t + sum_t p_t min_tg   (per group g)
-        INT4 runs two halves per group: the even elements (high nibbles) and the odd ones."""
+            sum_t p_t v_t[g] = sum_t (p_t scale_tg) codes_t[g] + sum_t p_t min_tg
+        INT4 splits each group in two halves (q_g0, q_g1; a_g0, a_g1): the even
+        elements (high nibbles) and the odd ones."""
         t = n0 + tl.arange(0, BLOCK_N)
         tmask = t < end
         t64 = t.to(tl.int64)
-        g = tl.arange(0, NG)
-        off = g[:, None, None] * W + t64[None, :, None] * c_tok + tl.arange(0, W)[None, None, :]  # [NG, BLOCK_N, W]
-        m3 = tmask[None, :, None]
-        s_off = g[:, None] + t64[None, :] * s_tok  # [NG, BLOCK_N]
-        m2 = tmask[None, :]
-        dtype = q0.dtype
-        kb = tl.load(k_base + off, mask=m3, other=0)
-        sk = tl.load(ks + s_off, mask=m2, other=0.0).to(tl.float32)
-        mk = tl.load(km + s_off, mask=m2, other=0.0).to(tl.float32)
-        if BITS == 8:
-            d3 = tl.dot(q0, tl.trans(kb.to(dtype), 0, 2, 1))  # [NG, GP, BLOCK_N]
-        else:
-            d3 = tl.dot(q0, tl.trans((kb >> 4).to(dtype), 0, 2, 1)) + tl.dot(q1, tl.trans((kb & 15).to(dtype), 0, 2, 1))
-        s = tl.sum(d3 * sk[:, None, :] + qsum[:, :, None] * mk[:, None, :], 0)
+        w = tl.arange(0, W)[None, :]
+        at = t64[:, None] * c_tok + w  # [BLOCK_N, W]: group 0's bytes; group 1's at + W
+        m2 = tmask[:, None]
+        kb0 = tl.load(k_base + at, mask=m2, other=0)
+        s = _group_scores(q00, q01, qs0, kb0, tl.load(ks + t64 * s_tok, mask=tmask, other=0.0).to(tl.float32),
+                          tl.load(km + t64 * s_tok, mask=tmask, other=0.0).to(tl.float32), BITS)
+        if NG == 2:
+            kb1 = tl.load(k_base + at + W, mask=m2, other=0)
+            s += _group_scores(q10, q11, qs1, kb1, tl.load(ks + t64 * s_tok + 1, mask=tmask, other=0.0).to(tl.float32),
+                               tl.load(km + t64 * s_tok + 1, mask=tmask, other=0.0).to(tl.float32), BITS)
         p, alpha, m_i, l_i = _softmax_step(s, t, tmask, m_i, l_i, scale, slope, ALIBI)
-        vb = tl.load(v_base + off, mask=m3, other=0)
-        sv = tl.load(vs + s_off, mask=m2, other=0.0).to(tl.float32)
-        mv = tl.load(vm + s_off, mask=m2, other=0.0).to(tl.float32)
-        pv = (p[None, :, :] * sv[:, None, :]).to(dtype)  # [NG, GP, BLOCK_N]
-        pm = tl.sum(p[None, :, :] * mv[:, None, :], 2)[:, :, None]  # [NG, GP, 1]
-        a3 = alpha[None, :, None]
-        if BITS == 8:
-            acc0 = acc0 * a3 + tl.dot(pv, vb.to(dtype)) + pm
-        else:
-            acc0 = acc0 * a3 + tl.dot(pv, (vb >> 4).to(dtype)) + pm
-            acc1 = acc1 * a3 + tl.dot(pv, (vb & 15).to(dtype)) + pm
-        return m_i, l_i, acc0, acc1
+        dtype = q00.dtype
+        vb0 = tl.load(v_base + at, mask=m2, other=0)
+        sv = tl.load(vs + t64 * s_tok, mask=tmask, other=0.0).to(tl.float32)
+        mv = tl.load(vm + t64 * s_tok, mask=tmask, other=0.0).to(tl.float32)
+        pv = (p * sv[None, :]).to(dtype)
+        pm = tl.sum(p * mv[None, :], 1)[:, None]
+        a00 = a00 * alpha[:, None] + tl.dot(pv, _codes(vb0, 0, BITS, dtype)) + pm
+        if BITS == 4:
+            a01 = a01 * alpha[:, None] + tl.dot(pv, _codes(vb0, 1, BITS, dtype)) + pm
+        if NG == 2:
+            vb1 = tl.load(v_base + at + W, mask=m2, other=0)
+            sv = tl.load(vs + t64 * s_tok + 1, mask=tmask, other=0.0).to(tl.float32)
+            mv = tl.load(vm + t64 * s_tok + 1, mask=tmask, other=0.0).to(tl.float32)
+            pv = (p * sv[None, :]).to(dtype)
+            pm = tl.sum(p * mv[None, :], 1)[:, None]
+            a10 = a10 * alpha[:, None] + tl.dot(pv, _codes(vb1, 0, BITS, dtype)) + pm
+            if BITS == 4:
+                a11 = a11 * alpha[:, None] + tl.dot(pv, _codes(vb1, 1, BITS, dtype)) + pm
+        return m_i, l_i, a00, a01, a10, a11
 
     @triton.jit
     def _decode_quant_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, limit_ptr, slopes_ptr, acc_ptr,
@@ -261,8 +283,9 @@ if triton is not None:
                              l_offset, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                              GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr,
                              DYNAMIC_LOOP: tl.constexpr, TRIPS: tl.constexpr):
-        """A quantized cache: codes [columns, rows, kv_heads, code_width] (and the group
-        scales and mins [columns, rows, kv_heads, NG]) as kv_cache._QuantLayers keeps them."""
+        """A quantized cache of one or two groups a vector: codes [columns, rows,
+        kv_heads, code_width] (and the groups' scales and mins [columns, rows, kv_heads,
+        NG]) as kv_cache._QuantLayers keeps them."""
         HALVES: tl.constexpr = 2 if BITS == 4 else 1
         W: tl.constexpr = GROUP // HALVES  # elements of a group in one half: the dots' depth
         row = tl.program_id(0).to(tl.int64)
@@ -273,37 +296,45 @@ if triton is not None:
         h = tl.arange(0, GP)
         hmask = h < G
         qh = kvh * G + h
-        # element (g, h, k) of half j: index g * GROUP + k * HALVES + j of head qh[h]
-        e = tl.arange(0, NG)[:, None, None] * GROUP + tl.arange(0, W)[None, None, :] * HALVES  # [NG, 1, W]
-        q_at = q_ptr + row * q_row + qh[None, :, None] * q_head + e
-        m3 = hmask[None, :, None]
-        q0 = tl.load(q_at, mask=m3, other=0.0)
-        q1 = tl.load(q_at + 1, mask=m3 & (HALVES == 2), other=0.0)
-        qsum = tl.sum(q0.to(tl.float32), 2) + tl.sum(q1.to(tl.float32), 2)  # [NG, GP]
+        e = tl.arange(0, W)[None, :] * HALVES  # [1, W]: element k of a half, in its group
+        q_at = q_ptr + row * q_row + qh[:, None] * q_head + e
+        m2 = hmask[:, None]
+        q00 = tl.load(q_at, mask=m2, other=0.0)
+        q01 = tl.load(q_at + 1, mask=m2 & (HALVES == 2), other=0.0)
+        q10 = tl.load(q_at + GROUP, mask=m2 & (NG == 2), other=0.0)
+        q11 = tl.load(q_at + GROUP + 1, mask=m2 & (NG == 2) & (HALVES == 2), other=0.0)
+        qs0 = tl.sum(q00.to(tl.float32), 1) + tl.sum(q01.to(tl.float32), 1)
+        qs1 = tl.sum(q10.to(tl.float32), 1) + tl.sum(q11.to(tl.float32), 1)
         slope = tl.load(slopes_ptr + qh, mask=hmask & ALIBI, other=0.0).to(tl.float32)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
-        acc0 = tl.zeros([NG, GP, W], tl.float32)
-        acc1 = tl.zeros([NG, GP, W], tl.float32)
+        a00 = tl.zeros([GP, W], tl.float32)
+        a01 = tl.zeros([GP, W], tl.float32)
+        a10 = tl.zeros([GP, W], tl.float32)
+        a11 = tl.zeros([GP, W], tl.float32)
         k_base = k_ptr + row * c_row + kvh * c_head
         v_base = v_ptr + row * c_row + kvh * c_head
         s_at = row * s_row + kvh * s_head
         ks, km, vs, vm = ks_ptr + s_at, km_ptr + s_at, vs_ptr + s_at, vm_ptr + s_at
         if DYNAMIC_LOOP:
             for n0 in range(start, end, BLOCK_N):
-                m_i, l_i, acc0, acc1 = _quant_block(q0, q1, qsum, m_i, l_i, acc0, acc1, n0, end, k_base, v_base, ks,
-                                                    km, vs, vm, c_tok, s_tok, scale, slope, BITS, NG, W, BLOCK_N,
-                                                    ALIBI)
+                m_i, l_i, a00, a01, a10, a11 = _quant_block(
+                    q00, q01, q10, q11, qs0, qs1, m_i, l_i, a00, a01, a10, a11, n0, end, k_base, v_base, ks, km, vs,
+                    vm, c_tok, s_tok, scale, slope, BITS, NG, W, BLOCK_N, ALIBI)
         else:
             for i in range(0, TRIPS):
                 if start + i * BLOCK_N < end:
-                    m_i, l_i, acc0, acc1 = _quant_block(q0, q1, qsum, m_i, l_i, acc0, acc1, start + i * BLOCK_N, end,
-                                                        k_base, v_base, ks, km, vs, vm, c_tok, s_tok, scale, slope,
-                                                        BITS, NG, W, BLOCK_N, ALIBI)
+                    m_i, l_i, a00, a01, a10, a11 = _quant_block(
+                        q00, q01, q10, q11, qs0, qs1, m_i, l_i, a00, a01, a10, a11, start + i * BLOCK_N, end, k_base,
+                        v_base, ks, km, vs, vm, c_tok, s_tok, scale, slope, BITS, NG, W, BLOCK_N, ALIBI)
         at = (split * tl.num_programs(0) + row) * (tl.num_programs(1) * G) + qh  # [GP]
-        out = acc_ptr + at[None, :, None] * D + e
-        tl.store(out, acc0, mask=m3)
+        out = acc_ptr + at[:, None] * D + e
+        tl.store(out, a00, mask=m2)
         if HALVES == 2:
-            tl.store(out + 1, acc1, mask=m3)
+            tl.store(out + 1, a01, mask=m2)
+        if NG == 2:
+            tl.store(out + GROUP, a10, mask=m2)
+            if HALVES == 2:
+                tl.store(out + GROUP + 1, a11, mask=m2)
         tl.store(ml_ptr + at, m_i, mask=hmask)
         tl.store(ml_ptr + l_offset + at, l_i, mask=hmask)

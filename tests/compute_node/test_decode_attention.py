@@ -64,12 +64,13 @@ def test_reference_is_softmax_attention_over_each_rows_own_columns(bits, heads, 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (32, 2)])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_kernel_matches_the_reference(bits, heads, kv_heads, splits, dtype):
+@pytest.mark.parametrize("d", [64, 128])  # one group a vector, two
+def test_triton_kernel_matches_the_reference(bits, heads, kv_heads, splits, dtype, d):
     if dtype == torch.bfloat16 and not CUDA:
         pytest.skip("Triton's interpreter misreads bfloat16")
     device = torch.device("cuda" if CUDA else "cpu")
     gen = torch.Generator().manual_seed(7 * bits + heads + splits)
-    rows, columns, d = 6, 300, 128
+    rows, columns = 6, 300
     k, _ = _cache(rows, kv_heads, columns, d, bits, dtype, device, gen)
     v, _ = _cache(rows, kv_heads, columns, d, bits, dtype, device, gen)
     q = torch.randn(rows, heads, 1, d, generator=gen).to(dtype).to(device)
