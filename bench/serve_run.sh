@@ -22,7 +22,7 @@ for step in "$@"; do
     t2s) new $T2;;
     t2q) new $T2 --kv-bits ${T2_KV:-8};;
     datest) STRATA_TEST_DEVICE=cuda PYTHONPATH=$PWD:tests${EXTRA_PATH:+:$EXTRA_PATH} timeout ${CT_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/compute_node/test_decode_attention.py tests/compute_node/test_slot_graphs.py tests/compute_node/test_slot_kv.py > "$OUT/datest.txt" 2>&1; tail -3 "$OUT/datest.txt";;
-    dabench) for shape in "--rows 128" "--rows 128 --kv-bits 8,4 --qblock 128" "--rows 128 --kv-bits 8,4 --qblock 32" "--rows 32" "--rows 4" "--rows 64 --heads 128 --kv-heads 8 --columns 544"; do
+    dabench) for shape in "--rows 128" "--rows 32" "--rows 4" "--rows 64 --heads 128 --kv-heads 8 --columns 544"; do
            PYTHONPATH=$PWD timeout 120 python3 -m tools.bench_gpu_attention $shape; done 2>&1 | tee "$OUT/dabench.jsonl" | python3 -c "import sys,json;[print({k:d.get(k) for k in ('path','kv_bits','rows','kv_heads','qblock','ms','gbps','of_hbm','max_abs_diff_vs_before')}) if l.startswith('{') else print(l.rstrip()[:300]) for l in sys.stdin for d in [json.loads(l) if l.startswith('{') else {}]]";;
     t1s) new $T1;;
     t2old) old $T2;;

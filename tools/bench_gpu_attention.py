@@ -72,7 +72,8 @@ def run(a, bits: int) -> list[dict]:
     for name, fn in (("fused", fused), ("before", before)):
         s = _time(fn, a.repeats)
         out.append({"path": name, "kv_bits": bits, "rows": a.rows, "heads": a.heads, "kv_heads": a.kv_heads,
-                    "head_dim": a.head_dim, "columns": a.columns, "qblock": da.QBLOCK_N, "ms": round(s * 1e3, 4), "bytes": nbytes,
+                    "head_dim": a.head_dim, "columns": a.columns, "qblock": da.QBLOCK_N.get(bits),
+                    "ms": round(s * 1e3, 4), "bytes": nbytes,
                     "gbps": round(nbytes / s / 1e9, 1), "max_abs_diff_vs_before": err})
     return out
 
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--qblock", type=int, default=0, help="columns per loop step over a quantized cache (0: the module's)")
     a = ap.parse_args()
     if a.qblock:
-        da.QBLOCK_N = a.qblock
+        da.QBLOCK_N = {8: a.qblock, 4: a.qblock}
     hbm = round(hbm_gbps(), 1)
     meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "hbm_gbps": hbm}

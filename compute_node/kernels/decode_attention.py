@@ -11,7 +11,7 @@ The kernel (Triton, flash-decoding): a program per (row, KV head, split of the
 columns); the query heads that share a KV head (grouped-query attention) are the rows of
 one tensor-core dot, padded to 16 (over a quantized cache, one dot per group of
 elements over its codes, the group's scale and min applied to the result); an online softmax over blocks of BLOCK_N columns;
-with several splits (few rows: not enough programs for the GPU) each split writes its
+with several splits (few rows: too few programs to keep the GPU's memory busy) each split writes its
 partial max, sum and output and `_combine` merges them. Everything is on the device and
 of fixed shape, so a captured decode step (slot_graphs.py) replays it.
 
@@ -35,7 +35,10 @@ except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
 BLOCK_N = 64  # columns per step of a program's loop, 16-bit cache
-QBLOCK_N = 64  # the same over a quantized cache
+# the same over a quantized cache, by bits (the H200 at T2's shape: INT8 fastest at 64,
+# INT4 at 128; BENCHMARKS.md)
+QBLOCK_N = {8: 64, 4: 128}
+PROGRAMS_PER_SM = 8  # column splits are added until the grid has about this many programs per SM
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 MIN_HEADS = 16  # a tensor-core dot needs 16 rows: the query heads of a KV head, padded
 
@@ -108,10 +111,11 @@ def reference(q, k: CachePlanes, v: CachePlanes, limit, columns: int, scale: flo
     return torch.matmul(torch.softmax(s, dim=-1), values).to(q.dtype)
 
 
-def _splits(programs: int, columns: int, device: torch.device) -> int:
-    """Column splits so that the grid has about two programs per SM."""
+def _splits(programs: int, columns: int, block: int, device: torch.device) -> int:
+    """Column splits so that the grid has about PROGRAMS_PER_SM programs per SM (few
+    rows: a program's blocks run one after another), at most one block a split."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(math.ceil(2 * sms / programs), math.ceil(columns / 256)))
+    return max(1, min(math.ceil(PROGRAMS_PER_SM * sms / programs), math.ceil(columns / block)))
 
 
 def _triton(q, k: CachePlanes, v: CachePlanes, limit, columns: int, scale: float, slopes, splits: int | None = None):
@@ -119,8 +123,8 @@ def _triton(q, k: CachePlanes, v: CachePlanes, limit, columns: int, scale: float
     kv_heads = k.values.shape[1] if k.fmt is None else k.values.shape[2]
     group = heads // kv_heads
     fmt = k.fmt
-    block = BLOCK_N if fmt is None else QBLOCK_N
-    splits = splits or _splits(rows * kv_heads, columns, q.device)
+    block = BLOCK_N if fmt is None else QBLOCK_N[fmt.bits]
+    splits = splits or _splits(rows * kv_heads, columns, block, q.device)
     per_split = math.ceil(columns / splits / block) * block
     splits = math.ceil(columns / per_split)
     q3 = q.squeeze(2)

@@ -70,8 +70,10 @@ HOST_SHARED_SHARE = 0.45
 # H100 (2.96 TB/s).
 FUSED_HBM_SHARE = ((16, 0.27), (32, 0.17), (64, 0.45))
 # The fused decode attention (compute_node/kernels/decode_attention.py) reads a GPU cache
-# at this share of the profile's HBM rate, codes and scales alike.
-GPU_ATTENTION_EFFICIENCY = 0.8
+# at this share of the profile's HBM rate, codes and scales alike, by KV bits: on the H200
+# at T2's shape (128 rows, 56 heads, 544 columns) the 16-bit cache at the HBM's rate, the
+# quantized kernels at 0.30 (INT8) and 0.16 (INT4) of it (BENCHMARKS.md).
+GPU_ATTENTION_EFFICIENCY = {16: 1.0, 8: 0.30, 4: 0.16}
 DECODE_SAMPLES = 32  # decode steps evaluated at most (evenly spaced), the rest interpolated
 
 TERMS = ("PCIe weights", "NVMe weights", "CPU KV read", "host DRAM", "KV to host", "HBM", "GPU FLOPs",
@@ -212,7 +214,7 @@ def _pass_terms(dims, wb, pl, p, tokens_per_seq: int, kv_len: int, prefill: bool
     act = rows * (8 * dims.hidden + 2 * dims.ffn) * 2 if prefill else 0.0
     gpu_kv = kv_layer if (not pl.kv_on_host or prefill) else 0.0
     if not pl.kv_on_host and not prefill:  # the fused decode attention reads the cache where it lies
-        gpu_kv /= GPU_ATTENTION_EFFICIENCY
+        gpu_kv /= GPU_ATTENTION_EFFICIENCY[pl.kv_bits]
     cpu_attention = pl.kv_on_host and not prefill
     attn_flops = 0.0 if cpu_attention else 4 * b * tokens_per_seq * kv_len * dims.hidden * (0.5 if prefill else 1.0)
     flops = 2 * wb.layer_params * rows + attn_flops
