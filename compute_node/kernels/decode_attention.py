@@ -71,13 +71,16 @@ class CachePlanes:
         return self.fmt.dequantize(*parts, out_dtype=dtype).permute(1, 2, 0, 3)
 
 
+def pow2(n: int) -> bool:
+    """n is a power of two (Triton's tl.arange takes only those)."""
+    return n >= 1 and n & (n - 1) == 0
+
+
 def available(q: torch.Tensor, fmt: KVFormat | None) -> bool:
     """Whether the Triton kernel runs for this query and cache format: on CUDA, 16-bit
     (the tensor-core dot; float32 would run it in TF32), head_dim and the groups powers
     of two (tl.arange), head_dim at least 16."""
     head_dim = q.shape[-1]
-    def pow2(n: int) -> bool:
-        return n >= 1 and n & (n - 1) == 0
     # quantized: one or two groups a vector, each at least 32 elements (16 a half at INT4)
     shape_ok = head_dim >= 16 and pow2(head_dim) and (fmt is None or (pow2(fmt.group) and fmt.groups <= 2
                                                                        and fmt.group >= 32))

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from compute_node.kernels.decode_attention import pow2
 from strata.model.kv_quant import KVFormat
 
 try:  # Triton ships with CUDA builds of PyTorch only
@@ -31,9 +32,6 @@ FP16_TINY = torch.finfo(torch.float16).tiny
 
 
 def available(x: torch.Tensor, fmt: KVFormat) -> bool:
-    def pow2(n: int) -> bool:
-        return n >= 1 and n & (n - 1) == 0
-
     shape_ok = pow2(fmt.group) and pow2(fmt.groups) and fmt.group >= 2
     return triton is not None and (x.is_cuda or _INTERPRET) and shape_ok
 
