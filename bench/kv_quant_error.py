@@ -37,6 +37,8 @@ class StoreSlots:
     """A group's slots (compute_node/slot_kv.py's interface) over the KV store's cache
     classes, in process: prefill attends on the "device", decode in the store's cache."""
 
+    overlaps = False  # decode_start computes the attention
+
     def __init__(self, s, bits: int):
         spec = GroupSpec(num_layers=s.num_layers, batch=s.slots, num_heads=s.num_heads, head_dim=s.head_dim,
                          max_tokens=s.capacity, dtype=torch.float32, scale=s.scale, alibi=s.alibi,

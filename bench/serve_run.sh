@@ -38,6 +38,9 @@ for step in "$@"; do
     batch) new $T2 --batch-requests ${BATCH_N:-2000};;
     cpu) lscpu | grep -E "Model name|Socket|NUMA node\(s\)|L3"; grep -o -w 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
          PYTHONPATH=$PWD timeout 200 python3 -m tools.bench_attention --batch 8 --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads 16 --layers 8 --kv-bits 16,8,4 2>&1 | tee "$OUT/kernel.jsonl" | cut -c1-300;;
+    t3p) new --model facebook/opt-175b --dummy --profile bench/profiles/nvidia-h200.json --kv-bits auto;;
+    t4) free -g | head -2; df -h /dev/shm | tail -1
+        new --model meta-llama/Llama-3.1-405B --dummy --profile bench/profiles/nvidia-h200.json --kv-bits auto;;
     t3gpu) new --model facebook/opt-175b --dummy --kv-bits 4 --gpu-weight-share 1 --micro-batches 1 --batch-size ${T3G_B:-32};;
     cpudiag) nproc; cat /sys/fs/cgroup/cpu.max 2>/dev/null; lscpu | grep -E "^CPU\(s\)|Thread|Core|MHz"; python3 -c "import os;print(len(os.sched_getaffinity(0)))"
          for t in 1 4 8 16; do PYTHONPATH=$PWD timeout 100 python3 -m tools.bench_attention --batch ${CD_B:-64} --heads 56 --head-dim 128 --tokens 544 --dtype bfloat16 --threads $t --layers 4 --steps 5 --kv-bits 16,4; done 2>&1 | tee "$OUT/cpudiag.jsonl" | python3 -c "import sys,json;[print({k:d[k] for k in ('batch','threads','kv_bits','step_ms','kv_read_gbps')}) for d in map(json.loads,filter(lambda l:l.startswith('{'),sys.stdin))]"

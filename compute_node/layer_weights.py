@@ -177,8 +177,9 @@ class LayerWeights:
                  packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None,
                  fused_max_rows: int | None = None, kernels: KernelChoice = DEFAULT_KERNELS):
         """`device`: the node's Device (compute_node/device/; a torch device or its name
-        makes one). `resident_source(i) -> Packed on device` makes resident layers without
-        the host tier (dummy weights generated on the GPU); default: copy from the host.
+        makes one). `resident_source(shard name) -> Packed on device` makes the resident
+        layers, embeddings and head the host tier does not hold (dummy weights generated
+        on the GPU); default: copy from the host.
         `packed_resident`: resident layers stay packed (default: the device's choice).
         `fused_max_rows`: packed resident INT4 layers asked for with at most this many
         rows run the fused kernel (default FUSED_INT4_MAX_ROWS where the device runs it,
@@ -205,10 +206,11 @@ class LayerWeights:
         self._decode: dict[int, dict] = {}
         self._inflight: dict[int, object] = {}  # layer -> what its loader's `load` returned
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
-        self.embed = dense(self._copied("embed"), dtype)
-        self.head = dense(self._copied("head"), dtype)
+        self._source = resident_source
+        self.embed = dense(self._placed("embed"), dtype)
+        self.head = dense(self._placed("head"), dtype)
         for i in sorted(resident):
-            packed = resident_source(i) if resident_source else self._copied(layer_shard(i))
+            packed = self._placed(layer_shard(i))
             self._resident[i] = packed if self.packed_resident else dense(packed, dtype)
             if self.fused_max_rows and _all_matrices_int4(packed):
                 names = _separate_qkv(host.manifest.config)
@@ -216,6 +218,13 @@ class LayerWeights:
                 self._decode[i] = fused(packed, dtype, None if merged is None else (merged, names), kernels)
         if host.stager is not None:  # from now on, the disk reads run ahead of the passes
             host.stager.start([layer_shard(i) for i in self.streamed if layer_shard(i) in host.disk])
+
+    def _placed(self, name: str) -> Packed:
+        """A shard held on the device for the whole run: copied from where the host
+        holds it, else made there by the source."""
+        if self._source is not None and not self.host.holds(name):
+            return self._source(name)
+        return self._copied(name)
 
     def _copied(self, name: str) -> Packed:
         """A shard copied to the device once (from the host tier, or read from disk)."""

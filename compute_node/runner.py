@@ -8,6 +8,8 @@ layers, so a layer streamed from host or disk is loaded once for all of them.
         for each group g (a wavefront: g's attention in the KV store overlaps the others' GPU work):
             finish g's attention of layer i-1; h_g = post_attention(w_{i-1}, ...)
             q, k, v = pre_attention(w, h_g); start g's attention of layer i
+            (a group whose cache is on the GPU finishes layer i at once: w_{i-1} is
+            then dropped before layer i is dequantized, one dense copy at a time)
     finish every group's last layer; logits at each sequence's last token
 
 Where to put whom is the scheduler's (compute_node/scheduler.py): a pass gets the
@@ -145,19 +147,27 @@ class Runner:
         prefill_rows = max((c.tokens for c in chunks), default=0)
         decode_rows = max((d.ids.shape[0] for d in decoding), default=0)
         w.top_up()  # the ring loads the first streamed layers ahead of layer 0
+        # layer i-1's decode weights, kept only while a group's attention of it runs
+        # elsewhere (the KV store): else one dense layer copy is alive at a time
         w_prev = None
         for i in range(self.num_layers):
             w_pre, w_dec = w.get_pair(i, prefill_rows, decode_rows)
             for c in chunks:
                 self._prefill_layer(i, w_pre, c)
+            w_pre = None
             for d in decoding:
-                if w_prev is not None:
+                if d.handle is not None:
                     d.h = self.family.post_attention(w_prev, d.h, d.kv.decode_finish(d.handle))
                 q, k, v = self.family.pre_attention(w_dec, d.h, d.pos)
                 d.handle = d.kv.decode_start(i, d.view, q, k, v)
-            w_prev = w_dec
+                if not d.kv.overlaps:  # computed here: finish the layer now
+                    d.h = self.family.post_attention(w_dec, d.h, d.kv.decode_finish(d.handle))
+                    d.handle = None
+            w_prev = w_dec if any(d.handle is not None for d in decoding) else None
+            w_dec = None
         for d in decoding:
-            d.h = self.family.post_attention(w_prev, d.h, d.kv.decode_finish(d.handle))
+            if d.handle is not None:
+                d.h = self.family.post_attention(w_prev, d.h, d.kv.decode_finish(d.handle))
         head, embed = w.head, w.embed
         joined = None
         if chunks:

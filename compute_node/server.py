@@ -31,10 +31,9 @@ from compute_node.slots import Limits, default_max_queue, even_groups
 from compute_node.stops import StopWatch, TextStream
 from compute_node.tokenizer import TextCodec
 from compute_node.validation import RequestLimits, add_request_limit_flags, check_generate
-from compute_node.weights import HostWeights, check_manifest, dummy_layer_on_device
+from compute_node.weights import HostWeights, check_manifest, dummy_shard_on_device
 from strata.model.arch import dims_for
 from strata.model.kv_quant import default_group
-from strata.model.manifest import layer_shard
 from strata.policy.run_plan import RunPlan
 from strata.runtime import logs
 from strata.runtime.config import ComputeNodeConfig
@@ -101,8 +100,8 @@ class ComputeNode:
             self.host.pin(self.dev)
         resident = set(self.plan.resident_layers)
         source = None
-        if manifest.quantization.get("dummy") and not all(self.host.holds(layer_shard(i)) for i in resident):
-            source = lambda i: dummy_layer_on_device(manifest, i, self.device)  # noqa: E731
+        if manifest.quantization.get("dummy"):  # what the host tier lacks is made on the device
+            source = lambda name: dummy_shard_on_device(manifest, name, self.device)  # noqa: E731
         self.layers = LayerWeights(self.host, self.dev, self.dtype, resident, resident_source=source,
                                    kernels=self.kernels)
         self.exchange = None
@@ -156,7 +155,8 @@ class ComputeNode:
             self.metrics.set(f"kv_bytes_capacity:{home}", tokens * per_token if home == self.kv_home else 0)
             self.metrics.set(f"kv_bytes_used:{home}", 0)
         self.kv_token_bytes = per_token
-        chunk = self.config.prefill_chunk_tokens or max(self.batch_limits.groups) * self.batch_limits.capacity
+        chunk = (self.config.prefill_chunk_tokens or plan.prefill_chunk_tokens
+                 or max(self.batch_limits.groups) * self.batch_limits.capacity)
         graphs = plan.decode_graphs and self.dev.decode_graphs
         runner = Runner(self.layers, family, d.num_layers, groups, chunk, graphs)
         self.metrics.set("decode_graphs", float(runner.uses_graphs))  # what the node does, for bench and tests

@@ -134,6 +134,8 @@ class LocalSlots:
     """A group's KV on the compute device: [slots, kv_heads, capacity, head_dim] per
     layer in the compute dtype, or quantized to 8 or 4 bits."""
 
+    overlaps = False  # decode_start computes the attention; decode_finish waits for nothing
+
     def __init__(self, s: SlotShape, dtype: torch.dtype, device: Device | torch.device, kv_bits: int = 16):
         check_bits(kv_bits)
         self.dev = device_for(device)
@@ -225,6 +227,8 @@ class _LayersShape:
 class RemoteSlots:
     """A group's KV in the KV store: allocated once with `slots` rows; prompts append
     to their rows, decode steps send each row's position."""
+
+    overlaps = True  # the KV store computes between decode_start and decode_finish
 
     def __init__(self, s: SlotShape, dtype: torch.dtype, device: Device | torch.device, client: KVStoreClient,
                  exchange, kv_bits: int = 16):

@@ -153,14 +153,15 @@ def shard_views(shard: Shard, raw: torch.Tensor) -> dict[str, StoredTensor]:
     return out
 
 
-def dummy_layer_on_device(manifest: Manifest, i: int, device: torch.device) -> dict[str, StoredTensor]:
-    """A dummy model's layer made directly in device memory (never in the host tier),
-    a buffer per part as a layer read from files has (layer_weights.to_device): a part
-    replaced later (q, k, v merged for the fused kernel) frees its bytes, where views of
-    one shard buffer would keep them all alive."""
+def dummy_shard_on_device(manifest: Manifest, name: str, device: torch.device) -> dict[str, StoredTensor]:
+    """A dummy model's shard (a resident layer, the embeddings, the head) made directly
+    in device memory (never in the host tier), a buffer per part as a shard read from
+    files has (layer_weights.to_device): a part replaced later (q, k, v merged for the
+    fused kernel) frees its bytes, where views of one shard buffer would keep them all
+    alive."""
     from tools.dummy.weights import fill
 
-    shard = manifest.shards[layer_shard(i)]
+    shard = manifest.shards[name]
     raw = torch.empty(shard.size, dtype=torch.uint8, device=device)
     fill({shard.name: raw}, manifest, threads=1)
     views = shard_views(shard, raw)

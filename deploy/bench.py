@@ -57,6 +57,7 @@ class BenchArgs:
     w4a16_kernels: str = "auto"  # auto | wgmma | mma | triton: deploy/bench_cli.py's --w4a16-kernels
     kv_kernel_defines: dict = dataclasses.field(default_factory=dict)  # the KV store kernel's macros
     batch_requests: int = 0  # also this many requests through `strata batch` (deploy/bench_batch.py)
+    prefill_chunk_tokens: int = 0  # prompt tokens through a layer at once; 0 = the compute node's default
     profile: object = None  # strata.policy.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
     profile_path: str = ""
 
@@ -124,6 +125,7 @@ def _run_plan(a: BenchArgs, m: Manifest) -> RunPlan:
         m, gpu_weight_share=a.gpu_weight_share, disk_layers=a.disk_layers, disk_offload=a.disk_offload,
         host_budget_bytes=int(a.host_budget_gb * 2**30), kv_offload=a.kv_offload, kv_bits=a.kv_bits,
         micro_batches=a.micro_batches, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
+        prefill_chunk_tokens=a.prefill_chunk_tokens,
         max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0, decode_graphs=a.decode_graphs,
         w4a16_wgmma=a.w4a16_kernels in ("auto", "wgmma"), w4a16_mma=a.w4a16_kernels in ("auto", "mma"),
         kv_kernel_defines=a.kv_kernel_defines)
@@ -320,6 +322,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "kv": "host (KV store, CPU attention)" if a.kv_offload else a.device,
             "kv_bits": a.kv_bits,
             "micro_batches": a.micro_batches,
+            "prefill_chunk_tokens": a.prefill_chunk_tokens,
         },
         "decode_graphs": a.decode_graphs,  # asked for; run() puts what the compute node ran in its place
         "warmup": _warmup_kind(a),
@@ -374,7 +377,8 @@ def predict_run(run: dict, profile):
     dims, wbf, _ = model_for(run["model"], w["quant_bits"], w["group_size"])
     disk_share = w.get("disk_layers_per_pass", 0) / dims.num_layers
     pl = cm.Placement(w["gpu_share"], run["placement"]["kv"].startswith("host"), run["placement"]["micro_batches"],
-                      run["batch_size"], w["quant_bits"], disk_share, run["placement"].get("kv_bits", 16))
+                      run["batch_size"], w["quant_bits"], disk_share, run["placement"].get("kv_bits", 16),
+                      prefill_chunk_tokens=run["placement"].get("prefill_chunk_tokens", 0))
     return cm.predict(dims, wbf(w["quant_bits"]), cm.Workload(run["prompt_len"], run["gen_len"], run["batch_size"]),
                       pl, profile)
 
@@ -408,7 +412,7 @@ def planned(ns, profile_path: str | None = None) -> tuple[dict, dict]:
     pl, pr = result.placement, result.prediction
     fields = {"gpu_weight_share": pl.gpu_weight_share, "kv_offload": pl.kv_on_host,
               "micro_batches": pl.micro_batches, "batch_size": pl.batch_size, "kv_bits": pl.kv_bits,
-              "disk_layers": pl.layer_counts(dims.num_layers)[2]}
+              "disk_layers": pl.layer_counts(dims.num_layers)[2], "prefill_chunk_tokens": pl.prefill_chunk_tokens}
     return fields, prediction_dict(pr, where)
 
 
@@ -434,7 +438,8 @@ def _placement(ns) -> tuple[dict, dict | None]:
     if not serve_plan.pinned(ns):
         return planned(ns)
     return {"gpu_weight_share": serve_plan.pinned_share(ns), "kv_offload": ns.kv_offload, "micro_batches": ns.micro_batches or 1,
-            "batch_size": ns.batch_size or 8, "kv_bits": ns.kv_bits or 16, "disk_layers": 0}, None
+            "batch_size": ns.batch_size or 8, "kv_bits": ns.kv_bits or 16, "disk_layers": 0,
+            "prefill_chunk_tokens": 0}, None
 
 
 def _client_load(ns):
@@ -465,6 +470,7 @@ def main(ns) -> int:
         kv_threads=ns.kv_threads, kv_attention=ns.kv_attention, decode_graphs=not ns.no_decode_graphs,
         clients=_client_load(ns), batch_requests=ns.batch_requests,
         w4a16_kernels=ns.w4a16_kernels, kv_kernel_defines=ns.kv_kernel_defines, profile=profile, profile_path=profile_path,
+        prefill_chunk_tokens=ns.prefill_chunk_tokens or fields["prefill_chunk_tokens"],
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

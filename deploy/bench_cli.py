@@ -33,6 +33,9 @@ def add_bench_parser(sub) -> None:
                    help="share of layers resident on the GPU (with --micro-batches: a pinned placement; "
                         "without either, on a GPU the planner chooses)")
     b.add_argument("--micro-batches", type=int, default=None, help="micro-batches per loaded layer")
+    b.add_argument("--prefill-chunk-tokens", type=int, default=0,
+                   help="prompt tokens prefilled through a layer at once (default: the planner's choice, else "
+                        "a micro-batch's slots x their length)")
     b.add_argument("--profile", help="hardware profile for the planner and the floor (default: this machine's; "
                                      "measured if missing when the planner needs it)")
     b.add_argument("--device", default="cuda")

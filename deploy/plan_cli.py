@@ -100,6 +100,8 @@ def bench_command(model: str, w: cm.Workload, profile_path: str, fixed: planner.
 def _choice_dict(pl: cm.Placement, pr: cm.Prediction, num_layers: int) -> dict:
     flags = [f"--batch-size {pl.batch_size}", f"--gpu-weight-share {pl.gpu_weight_share:.4g}",
              f"--micro-batches {pl.micro_batches}", f"--quant-bits {pl.quant_bits}", f"--kv-bits {pl.kv_bits}"]
+    if pl.prefill_chunk_tokens:
+        flags.append(f"--prefill-chunk-tokens {pl.prefill_chunk_tokens}")
     if pl.kv_on_host:  # the KV store's capacity must hold the batch's cache
         flags += ["--kv-offload", f"--kv-capacity-gb {-(-pr.host_breakdown['KV'] // GIB) + 1:.0f}"]
     resident, host_n, disk_n = pl.layer_counts(num_layers)

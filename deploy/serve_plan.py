@@ -103,5 +103,6 @@ def _planned(a, m: Manifest, batch: dict) -> tuple[RunPlan, int]:
           file=sys.stderr, flush=True)
     plan = resolve(m, gpu_weight_share=pl.gpu_weight_share, disk_layers=disk_n, kv_offload=pl.kv_on_host,
                    kv_bits=pl.kv_bits, micro_batches=pl.micro_batches, max_batch=a.max_batch or pl.batch_size,
+                   prefill_chunk_tokens=pl.prefill_chunk_tokens,
                    max_seq_len=a.max_seq_len or a.plan_prompt_len + a.plan_gen_len, **batch)
     return plan, int(pr.host_breakdown.get("KV", 0.0)) + (256 << 20)

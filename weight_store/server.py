@@ -146,34 +146,39 @@ def load_manifest(config: WeightStoreConfig) -> Manifest:
 
 def plan_tiers(config: WeightStoreConfig, manifest: Manifest) -> TierPlan:
     """Which shards the host tier holds. Dummy runs have no files: they hold every
-    shard except the layers the compute node makes on the GPU itself. With a run plan,
-    its layers decide; else the flags (strata/policy/placement.py `tier_plan`)."""
+    streamed layer; the compute node makes its resident layers, embeddings and head on
+    the GPU itself (DUMMY_ON_DEVICE). With a run plan, its layers decide; else the flags
+    (strata/policy/placement.py `tier_plan`)."""
     if config.plan is not None:
         return _plan_tiers(config.plan, manifest, bool(config.dummy))
     if config.dummy:
         if config.disk_offload or config.host_budget_bytes:
             raise StrataError(ErrorKind.FAILED_PRECONDITION, DUMMY_ON_DISK)
         on_gpu = {layer_shard(i) for i in resident_layers(manifest.num_layers, config.gpu_share)}
-        return TierPlan(frozenset(set(manifest.shards) - on_gpu), frozenset(), 0, 0)
+        return TierPlan(frozenset(set(manifest.shards) - on_gpu - DUMMY_ON_DEVICE), frozenset(), 0, 0)
     return tier_plan(shard_sizes(manifest), manifest.num_layers, config.gpu_share, config.host_budget_bytes or None,
                      config.disk_offload)
 
 
+# Shards of a dummy model the compute node always makes on its device: it keeps them there
+# for the whole run, so a copy in the host tier would only take host memory.
+DUMMY_ON_DEVICE = frozenset({"embed", "head"})
 DUMMY_ON_DISK = ("dummy weights have no files to read from disk; write them to a directory first "
                  "(strata bench --dummy --disk-offload does)")
 
 
 def _plan_tiers(plan: RunPlan, manifest: Manifest, dummy: bool) -> TierPlan:
     """The plan's tiers: resident layers never in the host tier (read once from disk
-    through the staging slots, or made on the GPU when dummy), its disk layers read from
-    disk every pass, every other shard in the host tier."""
+    through the staging slots, or made on the GPU when dummy, as are a dummy's embeddings
+    and head), its disk layers read from disk every pass, every other shard in the host
+    tier."""
     plan.check_model(manifest.num_layers)
     resident = {layer_shard(i) for i in plan.resident_layers}
     every_pass = {layer_shard(i) for i in plan.disk_layers}
     if dummy:
         if every_pass:
             raise StrataError(ErrorKind.FAILED_PRECONDITION, DUMMY_ON_DISK)
-        return TierPlan(frozenset(set(manifest.shards) - resident), frozenset(), 0, 0)
+        return TierPlan(frozenset(set(manifest.shards) - resident - DUMMY_ON_DEVICE), frozenset(), 0, 0)
     disk = resident | every_pass
     if not disk:
         return TierPlan(frozenset(manifest.shards), frozenset(), 0, 0)

@@ -105,6 +105,9 @@ class Placement:
     disk_weight_share: float = 0.0  # share of layers read from disk every pass (the last streamed ones)
     kv_bits: int = 16  # KV cache precision (8/4: group-wise codes plus an fp16 scale and min per group)
     kv_group: int = 0  # head_dim elements per KV quantization group; 0 = default_kv_group
+    # prompt tokens prefilled through a layer at once; 0 = the compute node's default (a
+    # micro-batch's slots x their length: memory_model.Shape.chunk_rows)
+    prefill_chunk_tokens: int = 0
 
     def layer_counts(self, num_layers: int) -> tuple[int, int, int]:
         """(resident, host-streamed, disk-streamed) layers, rounded as
@@ -290,7 +293,8 @@ def _decode(dims, wb, w: Workload, pl, p) -> tuple[tuple[float, ...], float, dic
 
 def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> mm.Shape:
     resident, host_n, disk_n = pl.layer_counts(dims.num_layers)
-    # `--dummy` resident layers are made on the GPU (no staging slots) only where no
+    # `--dummy` resident layers (and embeddings, head) are made on the GPU (no staging
+    # slots, not in the host tier) only where no
     # layer is on disk: with a disk tier the bench runs a dummy directory (deploy/bench.py
     # _offload_dir), whose resident layers are read once through the staging slots, like
     # a converted model's
@@ -301,7 +305,7 @@ def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -
         kv_token_layer_bytes=kv_bytes_per_token_layer(dims, pl.kv_bits, pl.kv_group),
         quant_bits=pl.quant_bits, layer_bytes=wb.layer,
         other_bytes=wb.other, dense_layer_bytes=2 * wb.layer_params,
-        resident_from_files=not made_on_gpu,
+        resident_from_files=not made_on_gpu, prefill_chunk_tokens=pl.prefill_chunk_tokens,
     )
 
 

@@ -8,12 +8,12 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
   node keeps the last request's caches only for a request of the same shapes, which
   renews them in place, so they are never held twice);
 - the working set of the larger of two phases:
-    prefill: every joining prompt's hidden states; two dense copies of a layer (the one
-      running and the next, dequantized); one prefill chunk's layer activations (q, k, v,
+    prefill: every joining prompt's hidden states; the dense copies of a layer
+      (`dense_copies`); one prefill chunk's layer activations (q, k, v,
       attention output, residuals, the MLP's intermediates: one ffn-wide tensor where
       relu is fused into the matmul, two for another plain MLP, three gated); quantizing
       its keys and values where a quantized cache is on the GPU; the logits;
-    decode: two dense copies where a layer is dequantized (streamed, or more rows than
+    decode: the dense copies where a layer is dequantized (streamed, or more rows than
       the fused INT4 kernel takes), the fused decode attention's partial outputs (it
       reads a GPU cache where it lies, quantized or not), the logits.
   Held + the larger phase is PyTorch's allocated peak (torch.cuda.max_memory_allocated:
@@ -27,7 +27,7 @@ GPU. A plan fits when `GpuMemory.total` <= the device's bytes. Four kinds of byt
   place it is set.
 
 Host: the weight store's tier (every layer neither resident on the GPU nor on disk,
-embeddings and head), staging slots where some layer is read from disk, the KV store's
+embeddings and head unless dummy ones are made on the GPU), staging slots where some layer is read from disk, the KV store's
 cache with its spare, HOST_HEADROOM for the processes themselves, and HOST_OS_RESERVE
 left to the operating system (a profile's host_bytes is the machine's whole RAM).
 """
@@ -148,7 +148,10 @@ class Shape:
     layer_bytes: float  # one layer's shard
     other_bytes: float  # embeddings and head
     dense_layer_bytes: float  # one layer's matmul weights in the compute dtype
-    resident_from_files: bool = True  # resident layers read once through the staging slots (not --dummy)
+    # resident layers read once through the staging slots, embeddings and head in the host
+    # tier (not --dummy, which makes them on the GPU)
+    resident_from_files: bool = True
+    prefill_chunk_tokens: int = 0  # the placement's chunk; 0 = the compute node's default
 
     @property
     def streamed(self) -> int:
@@ -162,9 +165,10 @@ class Shape:
     @property
     def chunk_rows(self) -> int:
         """Prompt tokens through a layer at once: the compute node packs whole prompts into
-        chunks of up to a group's slots x (prompt + generation) tokens (compute_node/
-        runner.py, config prefill_chunk_tokens)."""
-        prompts = max(1, self.mb_rows * (self.prompt_len + self.gen_len) // max(self.prompt_len, 1))
+        chunks of up to the placement's prefill_chunk_tokens, by default a group's slots x
+        (prompt + generation) tokens (compute_node/runner.py)."""
+        tokens = self.prefill_chunk_tokens or self.mb_rows * (self.prompt_len + self.gen_len)
+        prompts = max(1, tokens // max(self.prompt_len, 1))
         return min(prompts, self.batch) * self.prompt_len
 
     @property
@@ -178,11 +182,18 @@ class Shape:
         return self.streamed == 0 and not self.kv_on_host
 
 
+def dense_copies(s: Shape) -> int:
+    """Dense layer copies alive at once (compute_node/runner.py): two where the KV store
+    attends (layer i-1's weights wait for its attention while layer i is dequantized),
+    else one (each layer finishes before the next is asked for)."""
+    return 2 if s.kv_on_host else 1
+
+
 def _decode_step(d: ModelDims, s: Shape, rows: int) -> dict[str, float]:
     """One decode step's working set over `rows` sequences (a group's, or a graph's bucket)."""
     out = {}
     if s.streamed or not (s.quant_bits == 4 and rows <= FUSED_INT4_MAX_ROWS):
-        out["dense layer copies"] = 2 * s.dense_layer_bytes
+        out["dense layer copies"] = dense_copies(s) * s.dense_layer_bytes
     if not s.kv_on_host:  # float32 partial outputs, max and sum of up to ATTENTION_SPLITS column splits
         out["attention partials"] = ATTENTION_SPLITS * rows * d.num_heads * (d.head_dim + 2) * 4
     out["activations"] = rows * activation_bytes_per_row(d)
@@ -213,7 +224,7 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
         per_row = max(per_row, quantize_bytes_per_row(d))
     prefill = {
         "hidden states": s.batch * s.prompt_len * d.hidden * 2,
-        "dense layer copies": 2 * s.dense_layer_bytes,
+        "dense layer copies": dense_copies(s) * s.dense_layer_bytes,
         "activations": rows * per_row,
         "logits": s.batch * d.vocab * 6,
     }
@@ -233,10 +244,12 @@ def gpu(d: ModelDims, s: Shape, gpu_bytes: float) -> GpuMemory:
 def host(s: Shape, total_weight_bytes: float) -> dict[str, float]:
     """Host bytes by item. The weight store holds neither GPU-resident layers (read once
     through the staging slots; dummy ones are made on the GPU) nor disk layers
-    (strata/policy/placement.py tier_plan)."""
+    (strata/policy/placement.py tier_plan), nor the embeddings and head where dummy ones
+    are made on the GPU."""
     kv = s.batch * (s.prompt_len + s.gen_len) * s.kv_token_layer_bytes * _layers(s) if s.kv_on_host else 0.0
     return {
-        "weights": total_weight_bytes - (s.resident + s.disk_layers) * s.layer_bytes,
+        "weights": total_weight_bytes - (s.resident + s.disk_layers) * s.layer_bytes
+        - (0.0 if s.resident_from_files else s.other_bytes),
         "staging": STAGING_SLOTS * s.layer_bytes if s.disk_layers or (s.resident and s.resident_from_files) else 0.0,
         "KV": kv,
         "KV store spare": KV_STORE_SPARE_SHARE * kv,

@@ -22,6 +22,10 @@ def resident_layers(num_layers: int, gpu_share: float) -> set[int]:
 
 
 STAGING_SLOTS = 3  # disk reads in flight while the compute node copies the third slot to the GPU
+# The smaller prefill chunk the planner may choose (cost_model.Placement.prefill_chunk_tokens):
+# at this many prompt tokens a layer's matmuls still run near the GPU's rate, and the
+# activation memory it saves can hold resident layers or a larger batch instead
+SMALL_PREFILL_CHUNK_TOKENS = 4096
 RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (packed slots)
 # Decode rows (sequences of a micro-batch) up to which a GPU-resident INT4 layer runs
 # the fused W4A16 kernels on its packed weights instead of dequantize + cuBLAS. The

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from strata.model.arch import ModelDims
 from strata.policy import cost_model as cm
 from strata.policy.hardware import HardwareProfile
+from strata.policy.placement import SMALL_PREFILL_CHUNK_TOKENS
 from strata.runtime.errors import ErrorKind, StrataError
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -143,6 +144,19 @@ def _kv_choices(fixed: Fixed) -> list[tuple[bool, int]]:
     return [(p, b) for p in places for b in bits]
 
 
+def _groups_and_chunks(fixed: Fixed, w: cm.Workload, batch: int | None) -> list[tuple[int, int]]:
+    """(micro-batches, prefill chunk tokens) pairs to try: each count with the compute
+    node's default chunk (0), and with SMALL_PREFILL_CHUNK_TOKENS where that is smaller
+    than a micro-batch's slots hold (it may be at any batch the search tries)."""
+    out = []
+    for m in [fixed.micro_batches] if fixed.micro_batches else MICRO_BATCHES:
+        out.append((m, 0))
+        rows = -(-batch // m) if batch else MAX_BATCH
+        if SMALL_PREFILL_CHUNK_TOKENS < rows * (w.prompt_len + w.gen_len):
+            out.append((m, SMALL_PREFILL_CHUNK_TOKENS))
+    return out
+
+
 def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
           max_batch: int) -> Iterator[tuple[cm.WeightBytes, cm.Placement]]:
     """Placements that fit, each with the largest share that fits for the rest (and,
@@ -153,9 +167,9 @@ def _grid(dims, wbf: WeightBytesFn, w: cm.Workload, profile, fixed: Fixed,
     for bits in [fixed.quant_bits] if fixed.quant_bits else QUANT_BITS:
         wb = wbf(bits)
         for kv, kv_bits in _kv_choices(fixed):
-            for m in [fixed.micro_batches] if fixed.micro_batches else MICRO_BATCHES:
+            for m, chunk in _groups_and_chunks(fixed, w, batch):
                 base = cm.Placement(shares[0], kv, m, max(batch or 1, m), bits,
-                                    1.0 if auto_disk else fixed.disk_weight_share, kv_bits)
+                                    1.0 if auto_disk else fixed.disk_weight_share, kv_bits, prefill_chunk_tokens=chunk)
                 most = batch or _most_batch(dims, wb, w, base, profile, shares, max_batch)
                 if most is None:
                     continue
@@ -200,7 +214,9 @@ def plan(dims: ModelDims, weight_bytes_fn: WeightBytesFn, workload: cm.Workload,
                for wb, pl in _grid(dims, weight_bytes_fn, workload, profile, fixed, max_batch)]
     if not choices:
         raise _does_not_fit(dims, weight_bytes_fn, workload, profile, fixed)
-    choices.sort(key=lambda c: (-c.prediction.total_tokens_per_s, c.prediction.gpu_bytes_needed))
+    # ties: the compute node's default prefill chunk (the larger matmuls), then less memory
+    choices.sort(key=lambda c: (-c.prediction.total_tokens_per_s, c.placement.prefill_chunk_tokens != 0,
+                                c.prediction.gpu_bytes_needed))
     best = choices[0]
     return Plan(best.placement, best.prediction, tuple(choices[1 : 1 + ALTERNATIVES]), len(choices), profile.machine)
 

@@ -45,6 +45,9 @@ class RunPlan:
     max_batch: int = 16  # sequence slots of the scheduler's running batch
     max_seq_len: int = 0  # tokens a slot holds (prompt + generated); 0 = the compute node's default
     max_queue: int = 0  # sequences waiting for a slot; 0 = the compute node's default
+    # prompt tokens prefilled through a layer at once (activation memory); 0 = a group's
+    # slots x max_seq_len
+    prefill_chunk_tokens: int = 0
     dtype: str = ""
     decode_graphs: bool = True  # decode-only passes replayed as fixed-shape steps where the placement allows
     # Kernels (bench configuration; the defaults are what runs otherwise): the CUDA W4A16
@@ -76,6 +79,7 @@ class RunPlan:
         _whole(self, "max_batch", low=1)
         _whole(self, "max_seq_len", low=0)
         _whole(self, "max_queue", low=0)
+        _whole(self, "prefill_chunk_tokens", low=0)
         _choice(self, "dtype", DTYPES)
         for flag in ("decode_graphs", "w4a16_wgmma", "w4a16_mma"):
             if not isinstance(getattr(self, flag), bool):

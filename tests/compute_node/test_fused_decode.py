@@ -77,11 +77,11 @@ def test_dummy_layers_made_on_the_device_free_the_qkv_bytes_they_merge():
     is: once q, k, v are merged for the fused kernel, their own bytes are no longer held
     (one shard buffer under every part kept them alive: ~21 GiB at OPT-175B)."""
     from compute_node.layer_weights import _separate_qkv, merge_qkv
-    from compute_node.weights import dummy_layer_on_device
+    from compute_node.weights import dummy_shard_on_device
     from tools.dummy.manifest import dummy_manifest
 
     manifest = dummy_manifest("facebook/opt-125m", 4, 64)
-    layer = dummy_layer_on_device(manifest, 0, torch.device("cpu"))
+    layer = dummy_shard_on_device(manifest, "layer.0", torch.device("cpu"))
     storages = {t.untyped_storage().data_ptr() for st in layer.values() for t in st.parts.values()}
     assert len(storages) == sum(len(st.parts) for st in layer.values())
     names = _separate_qkv(manifest.config)

@@ -53,10 +53,12 @@ def test_sampling_with_seed_is_reproducible_and_differs_with_another_seed(model)
 
 
 class _Recorded:
-    """A group's slots that log each decode start and finish as (event, layer, group)."""
+    """A group's slots that log each decode start and finish as (event, layer, group);
+    `overlaps`: whether they stand for a cache whose attention runs elsewhere (the KV
+    store) between start and finish."""
 
-    def __init__(self, kv, log, index):
-        self.kv, self.log, self.index = kv, log, index
+    def __init__(self, kv, log, index, overlaps=True):
+        self.kv, self.log, self.index, self.overlaps = kv, log, index, overlaps
 
     def __getattr__(self, name):
         return getattr(self.kv, name)
@@ -88,3 +90,25 @@ def test_decode_is_a_wavefront_the_next_attention_starts_before_the_last_one_fin
         expected += [("finish", i - 1, 0), ("start", i, 0), ("finish", i - 1, 1), ("start", i, 1)]
     expected += [("finish", n - 1, 0), ("finish", n - 1, 1)]
     assert step == expected and len(log) == 2 * len(step)  # two decode steps
+
+
+def test_a_cache_on_the_device_finishes_each_layer_before_the_next_is_loaded(model):
+    """Groups whose attention runs where they are (the GPU cache) finish layer i before
+    layer i+1's weights are asked for, so one dense copy of a layer is alive at a time.
+    Same tokens."""
+    _, shards, want = model
+    node = InProcess(shards, groups=(2, 1))
+    if node.weights.host.manifest.config["model_type"] != "opt":
+        pytest.skip("the schedule does not depend on the family")
+    log: list = []
+    node.runner.groups[:] = [_Recorded(kv, log, g, overlaps=False) for g, kv in enumerate(node.kvs)]
+    get_pair = node.weights.get_pair
+    node.weights.get_pair = lambda i, *a: (log.append(("get", i, None)), get_pair(i, *a))[1]
+    assert node.generate(PROMPTS, 3) == [w[:3] for w in want]
+    n = node.dims.num_layers
+    first = log.index(("start", 0, 0)) - 1  # the first decode pass's get of layer 0
+    step = log[first: first + 5 * n]
+    expected = []
+    for i in range(n):
+        expected += [("get", i, None), ("start", i, 0), ("finish", i, 0), ("start", i, 1), ("finish", i, 1)]
+    assert step == expected

@@ -146,28 +146,30 @@ def _t4_namespace(**kw):
 
 
 def test_a_dummy_run_plans_no_more_disk_layers_than_the_disk_holds(monkeypatch, tmp_path):
-    """Llama-3.1-405B on the H200: host memory short, so some layers stay on disk; a dummy
-    run writes those first, so the plan keeps within the offload directory's free space."""
+    """Llama-3.1-405B on an H200 with 110 GB of host memory: host memory short, so some
+    layers stay on disk; a dummy run writes those first, so the plan keeps within the
+    offload directory's free space, and with none it fails clearly. The H200's own 125
+    GiB hold every layer the GPU does not: no disk layer to write."""
     from deploy import bench
     from strata.runtime.errors import StrataError
     from weight_store import diskspace
 
-    monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 1e15)
-    roomy, _ = bench.planned(_t4_namespace())
-    assert roomy["disk_layers"] > 10
-    layer = 1.8e9
-    monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 2**30 + 10 * layer)
-    tight, prediction = bench.planned(_t4_namespace())
-    assert 0 < tight["disk_layers"] <= 10 and prediction["gpu_bytes_needed"] <= 139.8 * 2**30
-    monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 0)
-    none, prediction = bench.planned(_t4_namespace())  # every layer in GPU or host memory: a slow plan, but one
-    assert none["disk_layers"] == 0 and prediction["gpu_bytes_needed"] <= 139.8 * 2**30
-    small = tmp_path / "small-host.json"  # with 100 GB of host memory none fits without the disk
+    small = tmp_path / "small-host.json"
     small.write_text(json.dumps({**json.loads((ROOT / "bench/profiles/nvidia-h200.json").read_text()),
-                                 "host_bytes": 100e9}))
+                                 "host_bytes": 110e9}))
+    monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 1e15)
+    roomy, _ = bench.planned(_t4_namespace(profile=str(small)))
+    assert roomy["disk_layers"] > 20
+    layer = 1.8e9
+    monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 2**30 + 20 * layer)
+    tight, prediction = bench.planned(_t4_namespace(profile=str(small)))
+    assert 0 < tight["disk_layers"] <= 20 and prediction["gpu_bytes_needed"] <= 139.8 * 2**30
+    monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 0)
     with pytest.raises(StrataError) as e:
         bench.planned(_t4_namespace(profile=str(small)))
     assert "at most 0 layers may stay on disk" in e.value.message
+    h200, prediction = bench.planned(_t4_namespace())
+    assert h200["disk_layers"] == 0 and prediction["gpu_bytes_needed"] <= 139.8 * 2**30
 
 
 def test_the_floor_comes_from_the_profile_and_names_it():

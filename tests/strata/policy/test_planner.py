@@ -13,6 +13,7 @@ from strata.model.arch import dims_for
 from strata.policy import cost_model as cm
 from strata.policy import floor as fl
 from strata.policy import hardware, planner
+from strata.policy.placement import SMALL_PREFILL_CHUNK_TOKENS
 from strata.runtime.errors import ErrorKind, StrataError
 
 PROFILE = pathlib.Path(__file__).parents[3] / "bench" / "profiles" / "nvidia-h100-x1.json"
@@ -205,8 +206,10 @@ def test_t4_on_the_h200_fits_and_beats_the_old_disk_bound_plan():
     B=256 (4.1 tokens/s, 51 layers re-read from a 1.57 GB/s disk every step): the KV pinned
     at 16 bits took GPU memory from resident layers, and --dummy resident layers were
     charged their q/k/v bytes made on the GPU although a run with a disk tier reads them
-    from files. Now: a quantized GPU cache, as many resident layers as the GPU holds, the
-    fewest on disk that host memory needs, and more than twice the old prediction."""
+    from files. Then 45/62/19 (10.9): two dense layer copies, the dummy embeddings and head
+    in host memory too, a prefill chunk tied to the micro-batch. Now: a quantized GPU
+    cache, nothing on disk (the GPU and host memory hold every layer between them), and
+    more than five times the old prediction."""
     dims, wbf, w, h200, fixed = _t4()
     L, wb = dims.num_layers, wbf(4)
     got = planner.plan(dims, wbf, w, h200, fixed)
@@ -215,42 +218,41 @@ def test_t4_on_the_h200_fits_and_beats_the_old_disk_bound_plan():
     assert cm.fits(dims, wb, w, pl, h200) and pred.fits(h200)
     assert pred.gpu_bytes_needed <= h200.gpu_bytes and pred.host_bytes_needed <= h200.host_bytes
     old = cm.predict(dims, wb, w, cm.Placement(12 / L, False, 8, 256, 4, 51 / L, 16), h200)
-    assert pred.total_tokens_per_s > 2 * old.total_tokens_per_s
-    assert disk_n < 51 and resident > 12 and not pl.kv_on_host and pl.kv_bits < 16
-    # a disk tier: the bench runs a dummy directory, resident layers read from its files
-    assert disk_n and "resident q/k/v copies" not in pred.gpu_breakdown
-    # the fewest disk layers: one fewer does not fit host memory; one more resident
-    # layer does not fit the GPU
-    fewer = dataclasses.replace(pl, disk_weight_share=(disk_n - 1) / L)
-    assert not cm.fits(dims, wb, w, fewer, h200, gpu=False)
-    more = dataclasses.replace(pl, gpu_weight_share=(resident + 1) / L, disk_weight_share=(disk_n - 1) / L)
+    assert pred.total_tokens_per_s > 5 * old.total_tokens_per_s
+    assert disk_n == 0 and host_n > 0 and resident > 12 and not pl.kv_on_host and pl.kv_bits < 16
+    assert pred.decode_binding == "PCIe weights" and pl.prefill_chunk_tokens == SMALL_PREFILL_CHUNK_TOKENS
+    assert pred.gpu_breakdown["prefill: dense layer copies"] == pytest.approx(2 * wb.layer_params)  # one
+    # one more resident layer does not fit the GPU; one fewer does not fit host memory
+    more = dataclasses.replace(pl, gpu_weight_share=(resident + 1) / L)
     assert not cm.fits(dims, wb, w, more, h200, host=False)
+    fewer = dataclasses.replace(pl, gpu_weight_share=(resident - 1) / L)
+    assert not cm.fits(dims, wb, w, fewer, h200, gpu=False)
 
 
 def test_t4_on_the_h200_is_the_best_placement_that_fits():
-    """Every (KV place and bits, micro-batches, batch in steps of 16), with no layer on
-    disk and with some: the most resident layers that fit the GPU, then the fewest on disk
-    that fit host memory (more resident layers never predict slower). The planner's choice
-    is at least as fast as the best of them."""
+    """Every (KV place and bits, micro-batches, prefill chunk, batch in steps of 16), with
+    no layer on disk and with some: the most resident layers that fit the GPU, then the
+    fewest on disk that fit host memory (more resident layers never predict slower). The
+    planner's choice is at least as fast as the best of them."""
     dims, wbf, w, h200, fixed = _t4()
     L, wb = dims.num_layers, wbf(4)
     got = planner.plan(dims, wbf, w, h200, fixed).prediction.total_tokens_per_s
 
-    def most_resident(kv, kv_bits, m, b, on_disk: bool) -> int | None:
+    def most_resident(kv, kv_bits, m, b, on_disk: bool, chunk: int) -> int | None:
         for r in range(L - on_disk, -1, -1):
-            pl = cm.Placement(r / L, kv, m, b, 4, (L - r) / L if on_disk else 0.0, kv_bits)
+            pl = cm.Placement(r / L, kv, m, b, 4, (L - r) / L if on_disk else 0.0, kv_bits, prefill_chunk_tokens=chunk)
             if cm.fits(dims, wb, w, pl, h200, host=False):
                 return r
         return None
 
     best = 0.0
-    for (kv, kv_bits), m in itertools.product([(False, 16), (False, 8), (False, 4), (True, 4)],
-                                              planner.MICRO_BATCHES):
+    for (kv, kv_bits), m, chunk in itertools.product([(False, 16), (False, 8), (False, 4), (True, 4)],
+                                                     planner.MICRO_BATCHES, (0, SMALL_PREFILL_CHUNK_TOKENS)):
         for b in range(max(m, 16), planner.MAX_BATCH + 1, 16):
             for on_disk in (False, True):
-                r = most_resident(kv, kv_bits, m, b, on_disk)
+                r = most_resident(kv, kv_bits, m, b, on_disk, chunk)
                 for d in ([0] if not on_disk else range(1, L - r + 1)) if r is not None else []:
-                    pl = cm.Placement(r / L, kv, m, b, 4, d / L, kv_bits)
+                    pl = cm.Placement(r / L, kv, m, b, 4, d / L, kv_bits, prefill_chunk_tokens=chunk)
                     if cm.fits(dims, wb, w, pl, h200):
                         best = max(best, cm.predict(dims, wb, w, pl, h200).total_tokens_per_s)
                         break
