@@ -43,7 +43,9 @@ Design (decode sizes, M = 1..256):
 
 At 33-64 rows on CUDA a register-fed CUDA kernel runs instead where the kernel choice
 allows it, it is built and it takes the problem (w4a16_wgmma.cu on sm_90, else
-w4a16_mma.cu: no dequantized weight in shared memory). The choice (choice.py) is made
+w4a16_mma.cu: no dequantized weight in shared memory); at 65-128 rows the wgmma kernel
+takes them in one call (each weight dequantized once), the mma.sync kernel in 64-row
+chunks. The choice (choice.py) is made
 once at the compute node's start from its run plan and device; direct callers get
 `choice.DEFAULT` (both, where built).
 
@@ -62,7 +64,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from compute_node.kernels import choice as kernel_choice, w4a16_mma
+from compute_node.kernels import choice as kernel_choice, w4a16_mma, w4a16_wgmma
 from compute_node.kernels.choice import KernelChoice
 from strata.model import quant
 
@@ -203,8 +205,9 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> 
     if m > 32 and k % 128 == 0 and group_size == 64:
         # 33-64 rows: a register-fed CUDA kernel where one is built and takes the problem
         # (on sm_90 w4a16_wgmma.cu, else w4a16_mma.cu; MMA_KERNEL "wgmma" or "mma" picks
-        # one); else this Triton table.
-        cfg["MMA"] = m <= 64
+        # one); 65-128 rows: the wgmma kernel alone (int4_linear gives the mma.sync kernel
+        # chunks of at most 64); else this Triton table.
+        cfg["MMA"] = m <= w4a16_wgmma.MAX_ROWS
         # 64-row tiles, 128 output columns, nibbles unpacked by PTX into bf16x2/f16x2 FMAs;
         # 64-column steps split 2 ways, or for a long K (fc2) 128-column steps with two
         # groups joined into one dot, split to fill a wave. On each of OPT-30B's four
@@ -312,6 +315,14 @@ def _check(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torc
     return n, k
 
 
+def cuda_rows(x2: torch.Tensor, kernels: KernelChoice) -> int:
+    """Rows one CUDA kernel call takes: the wgmma kernel's MAX_ROWS where it may run and
+    is built for x2's GPU, else the mma.sync kernel's."""
+    if "wgmma" in kernels.names and x2.is_cuda and w4a16_wgmma.built(x2.device):
+        return w4a16_wgmma.MAX_ROWS
+    return w4a16_mma.MAX_ROWS
+
+
 def _cuda_linear(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None, num_sms: int, cfg: Mapping,
                  kernels: KernelChoice = kernel_choice.DEFAULT) -> torch.Tensor | None:
@@ -359,10 +370,11 @@ def int4_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min:
     num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 4
     kernels = kernel_choice.DEFAULT if kernels is None else kernels
-    tile = w4a16_mma.MAX_ROWS
-    if m > tile and not config and decide(tile, n, k, group_size, num_sms, kernels)["MMA"]:
-        # the CUDA kernels' 64-row tiles, once per chunk of rows: each reads the packed
-        # layer again, still far fewer bytes than a dense copy written and read
+    tile = cuda_rows(x2, kernels)
+    if m > tile and not config and decide(rows_bucket(tile), n, k, group_size, num_sms, kernels)["MMA"]:
+        # the CUDA kernels' tiles of rows (128 on the wgmma kernel, else 64), once per
+        # chunk of rows: each reads the packed layer again, still far fewer bytes than a
+        # dense copy written and read
         parts = [int4_linear(x2[a:z], data, scale, w_min, group_size, bias, kernels=kernels)
                  for a, z in row_chunks(m, tile)]
         return torch.cat(parts).reshape(*lead, n)

@@ -27,7 +27,7 @@ def prepare(device: torch.device) -> bool:
     return _KERNEL.on(device) is not None
 
 
-MAX_ROWS = 64  # rows of x one call of either CUDA kernel takes (more: int4_linear splits them)
+MAX_ROWS = 64  # rows of x one call takes (the wgmma kernel: its MAX_ROWS; more: int4_linear splits them)
 
 
 def shape_fits(n: int, k: int, group_size: int, n_multiple: int = 128) -> bool:
@@ -41,13 +41,13 @@ def _aligned(*ts: torch.Tensor) -> bool:
 
 
 def problem_fits(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, w_min: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None, n_multiple: int) -> bool:
-    """What both CUDA kernels (this one and w4a16_wgmma) need: x2 [M <= 64, K] bf16/fp16
+                 bias: torch.Tensor | None, n_multiple: int, max_rows: int = MAX_ROWS) -> bool:
+    """What both CUDA kernels (this one and w4a16_wgmma) need: x2 [M <= max_rows, K] bf16/fp16
     on CUDA with unit column stride, groups of 64, K a multiple of 512, N of `n_multiple`,
     contiguous fp16 scale and min, bias (if any) in x's dtype, 16-byte aligned."""
     m, k = x2.shape
     n = data.shape[0]
-    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= MAX_ROWS and shape_fits(n, k, group_size, n_multiple)):
+    if not (x2.is_cuda and x2.dtype in DTYPE_CODE and 0 < m <= max_rows and shape_fits(n, k, group_size, n_multiple)):
         return False
     if x2.stride(1) != 1 or x2.stride(0) % 8:
         return False

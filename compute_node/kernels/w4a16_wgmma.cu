@@ -1,4 +1,4 @@
-// W4A16 linear at decode sizes on Hopper's wgmma: Y[M, N] = X[M, K] @ W^T (+ bias), M <= 64.
+// W4A16 linear at decode sizes on Hopper's wgmma: Y[M, N] = X[M, K] @ W^T (+ bias), M <= 128.
 //
 // Why (ncu): w4a16_mma.cu is bound by mma.sync's issue rate at 64 rows: 64 HMMA among
 // ~410 instructions a group a warp, most of the rest loading X's fragments. Here the
@@ -23,8 +23,9 @@
 // kernel reads 1.0-1.5 TB/s of packed weights, about 1.4-1.6x the mma.sync kernel's rate
 // (bench/cuda/w4_time.cu; BENCHMARKS.md, eighth session).
 //
-// Block: WG warpgroups, each TM m64 tiles of output columns (BN = 64 * TM * WG), by all 64
-// rows of X (wgmma's n = 64; rows past M are zero-filled). K is walked one group at a
+// Block: WG warpgroups, each TM m64 tiles of output columns (BN = 64 * TM * WG), by all TOK
+// rows of X (wgmma's n: 64, or 128 for 65-128 rows, so that each weight is dequantized
+// once for all of them instead of once a 64-row call; rows past M are zero-filled). K is walked one group at a
 // time, one barrier a group. A group's weights (WeightRing, cp.async) and X tile (TMA, an
 // mbarrier a stage) share an NSTAGE ring, filled NSTAGE - 2 groups ahead: a stage is
 // refilled two groups after its wgmma was issued, when every warpgroup has waited for it.
@@ -37,8 +38,8 @@
 
 namespace {
 
-constexpr int TOKENS = 64;                    // wgmma's n: rows of X, zero-padded
-constexpr int X_TILE = TOKENS * GROUP * 2;    // X's group (8 KB; 128-byte rows, swizzled in 1 KB atoms)
+// X's group for TOK rows (wgmma's n, zero-padded): 8 or 16 KB, 128-byte rows swizzled in 1 KB atoms
+template <int TOK> constexpr int x_tile = TOK * GROUP * 2;
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -57,18 +58,20 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra wait;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
-// X's group gk (columns 64gk.., all 64 rows) into xs, completing on bar.
+// X's group gk (columns 64gk.., all TOK rows) into xs, completing on bar.
+template <int TOK>
 __device__ __forceinline__ void load_x(const CUtensorMap* map, int gk, unsigned char* xs, uint64_t* bar) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "n"(X_TILE) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "n"(x_tile<TOK>)
+               : "memory");
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
       ::"r"(smem_addr(xs)), "l"(reinterpret_cast<uint64_t>(map)), "r"(gk * GROUP), "r"(0), "r"(smem_addr(bar))
       : "memory");
 }
 // Keeps the compiler from moving accumulator registers across wgmma's asynchronous use.
-__device__ __forceinline__ void fence_operands(float (&d)[32]) {
+template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // The compiler sees wgmma's read of its A registers end with the asm statement; this use
@@ -92,33 +95,59 @@ __device__ __forceinline__ uint64_t x_desc(const unsigned char* p) {
 }
 
 // D[64 x 64] += A[64 x 16] (registers) * B[16 x 64] (shared memory, K-major), fp32 D.
-#define STRATA_WGMMA_M64N64K16(TY)                                                                           \
-  asm volatile(                                                                                              \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                          \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                           \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "   \
+#define STRATA_WGMMA_M64N64K16(TY) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
       "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
-template <typename T> __device__ __forceinline__ void wgmma(float (&d)[32], const uint32_t (&a)[4], uint64_t desc);
-template <> __device__ __forceinline__ void wgmma<__nv_bfloat16>(float (&d)[32], const uint32_t (&a)[4],
-                                                                 uint64_t desc) {
-  STRATA_WGMMA_M64N64K16("bf16");
-}
-template <> __device__ __forceinline__ void wgmma<__half>(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-  STRATA_WGMMA_M64N64K16("f16");
+// D[64 x 128] += A[64 x 16] (registers) * B[16 x 128] (shared memory, K-major), fp32 D.
+#define STRATA_WGMMA_M64N128K16(TY) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "\
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "\
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "\
+      "%56, %57, %58, %59, %60, %61, %62, %63}, " \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+// d += A * X^T over TOK rows of X (TOK / 2 accumulators a thread).
+template <typename T, int TOK> __device__ __forceinline__ void wgmma(float (&d)[TOK / 2], const uint32_t (&a)[4],
+                                                                     uint64_t desc) {
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  if constexpr (TOK == 64) {
+    if constexpr (bf16) STRATA_WGMMA_M64N64K16("bf16"); else STRATA_WGMMA_M64N64K16("f16");
+  } else {
+    static_assert(TOK == 128, "wgmma's n: 64 or 128 rows of X");
+    if constexpr (bf16) STRATA_WGMMA_M64N128K16("bf16"); else STRATA_WGMMA_M64N128K16("f16");
+  }
 }
 #undef STRATA_WGMMA_M64N64K16
+#undef STRATA_WGMMA_M64N128K16
 
-template <int WG, int TM, int NSTAGE> struct Tile {
+template <int TOK, int WG, int TM, int NSTAGE> struct Tile {
   static constexpr int THREADS = WG * 128;
   static constexpr int BN = WG * TM * 64;
   using Ring = WeightRing<BN, THREADS, NSTAGE>;
+  static constexpr int X_TILE = x_tile<TOK>;
   static constexpr int X_BYTES = NSTAGE * X_TILE;
   static constexpr int SMEM = 1024 + X_BYTES + Ring::BYTES + NSTAGE * 8;  // (1 KB: the X tiles' alignment)
 };
@@ -163,9 +192,9 @@ __device__ __forceinline__ void dequant_group(const Ring& ring, int st, int sb, 
   }
 }
 
-template <typename T, int TM>
+template <typename T, int TOK, int TM>
 __device__ __forceinline__ void issue_group(const unsigned char* xs, const uint32_t (&a)[TM][4][4],
-                                            float (&acc)[TM][32]) {
+                                            float (&acc)[TM][TOK / 2]) {
   uint64_t desc[4];  // made before the fence: no other instruction may define a wgmma input between it and the commit
 #pragma unroll
   for (int s = 0; s < 4; ++s) desc[s] = x_desc(xs + s * 32);
@@ -173,14 +202,14 @@ __device__ __forceinline__ void issue_group(const unsigned char* xs, const uint3
 #pragma unroll
   for (int s = 0; s < 4; ++s)
 #pragma unroll
-    for (int tm = 0; tm < TM; ++tm) wgmma<T>(acc[tm], a[tm][s], desc[s]);
+    for (int tm = 0; tm < TM; ++tm) wgmma<T, TOK>(acc[tm], a[tm][s], desc[s]);
   wgmma_commit();
 }
 
 // Accumulator d[4j + 2h + e] of tile tm is output column (weight row) 16w + g + 8h of the
 // tile, X row 8j + 2t + e.
-template <typename T, int TM>
-__device__ __forceinline__ void store(const Problem& p, int n0, const float (&acc)[TM][32]) {
+template <typename T, int TOK, int TM>
+__device__ __forceinline__ void store(const Problem& p, int n0, const float (&acc)[TM][TOK / 2]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int col0 = n0 + (threadIdx.x >> 7) * TM * 64 + ((threadIdx.x >> 5) & 3) * 16 + g;
   const bool partial = gridDim.y > 1;
@@ -191,7 +220,7 @@ __device__ __forceinline__ void store(const Problem& p, int n0, const float (&ac
       const int col = col0 + tm * 64 + 8 * h;
       const float b = (!partial && p.bias != nullptr) ? static_cast<float>(static_cast<const T*>(p.bias)[col]) : 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < TOK / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int row = 8 * j + 2 * t + e;
@@ -208,12 +237,13 @@ __device__ __forceinline__ void store(const Problem& p, int n0, const float (&ac
   }
 }
 
-template <typename T, int WG, int TM, int NSTAGE>
+template <typename T, int TOK, int WG, int TM, int NSTAGE>
 __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_constant__ Problem p,
                                                                   const __grid_constant__ CUtensorMap xmap) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  using TileT = Tile<WG, TM, NSTAGE>;
+  using TileT = Tile<TOK, WG, TM, NSTAGE>;
+  constexpr int X_TILE = TileT::X_TILE;
   const int n0 = blockIdx.x * TileT::BN;
   const int chunks = p.k / (GROUP * CHUNK);
   const int c0 = blockIdx.y * p.chunks_per_split;
@@ -227,11 +257,11 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  float acc[TM][32];
+  float acc[TM][TOK / 2];
 #pragma unroll
   for (int tm = 0; tm < TM; ++tm)
 #pragma unroll
-    for (int e = 0; e < 32; ++e) acc[tm][e] = 0.f;
+    for (int e = 0; e < TOK / 2; ++e) acc[tm][e] = 0.f;
 
   // cp.async commit j holds group j's weights (its X comes by TMA, completing on xbar[j %
   // NSTAGE]); chunk c+1's scales ride with the commit made at group 8c. Group i's stage
@@ -241,7 +271,7 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
   for (int j = 0; j < NSTAGE - 2; ++j) {
     if (j < groups) {
       ring.load_weights(p, j, j);
-      if (producer) load_x(&xmap, g0 + j, smem + j * X_TILE, xbar + j);
+      if (producer) load_x<TOK>(&xmap, g0 + j, smem + j * X_TILE, xbar + j);
     }
     cp_async_commit();
   }
@@ -254,12 +284,12 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
     __syncthreads();
     if (i + NSTAGE - 2 < groups) {
       ring.load_weights(p, i + NSTAGE - 2, fill);
-      if (producer) load_x(&xmap, g0 + i + NSTAGE - 2, smem + fill * X_TILE, xbar + fill);
+      if (producer) load_x<TOK>(&xmap, g0 + i + NSTAGE - 2, smem + fill * X_TILE, xbar + fill);
     }
     if (i % CHUNK == 0 && i + CHUNK < groups) ring.load_scales(p, i / CHUNK + 1, (i / CHUNK + 1) & 1);
     cp_async_commit();
     dequant_group<T, TileT::BN, TM>(ring, st, (i / CHUNK) & 1, i % CHUNK, ai);
-    issue_group<T, TM>(smem + st * X_TILE, ai, acc);
+    issue_group<T, TOK, TM>(smem + st * X_TILE, ai, acc);
     wgmma_wait<1>();  // group i - 1 is done: its A registers and stage are free
     keep_live<TM>(prev);
     fill = fill + 1 == NSTAGE ? 0 : fill + 1;
@@ -274,13 +304,13 @@ __global__ void __launch_bounds__(WG * 128, 1) w4a16_wgmma_kernel(const __grid_c
   wgmma_wait<0>();
 #pragma unroll
   for (int tm = 0; tm < TM; ++tm) fence_operands(acc[tm]);
-  store<T, TM>(p, n0, acc);
+  store<T, TOK, TM>(p, n0, acc);
 }
 
-// X as a 2D tensor (K columns, M rows, ldx apart) for TMA, 64 x 64 boxes, 128-byte
-// swizzle, rows past M read as zeros. cuTensorMapEncodeTiled comes from the driver
+// X as a 2D tensor (K columns, M rows, ldx apart) for TMA, boxes of 64 columns x TOK rows,
+// 128-byte swizzle, rows past M read as zeros. cuTensorMapEncodeTiled comes from the driver
 // through the runtime (no link to libcuda).
-template <typename T> cudaError_t x_tensor_map(const Problem& p, CUtensorMap* map) {
+template <typename T, int TOK> cudaError_t x_tensor_map(const Problem& p, CUtensorMap* map) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   if (encode == nullptr) {
     cudaDriverEntryPointQueryResult found;
@@ -293,7 +323,7 @@ template <typename T> cudaError_t x_tensor_map(const Problem& p, CUtensorMap* ma
   }
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k), static_cast<cuuint64_t>(p.m)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.ldx) * 2};
-  const cuuint32_t box[2] = {GROUP, TOKENS}, unit[2] = {1, 1};
+  const cuuint32_t box[2] = {GROUP, TOK}, unit[2] = {1, 1};
   const CUtensorMapDataType type =
       std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   CUresult r = encode(map, type, 2, const_cast<void*>(p.x), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -301,12 +331,13 @@ template <typename T> cudaError_t x_tensor_map(const Problem& p, CUtensorMap* ma
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int WG, int TM, int NSTAGE> cudaError_t launch(const Problem& p, int splits, cudaStream_t stream) {
-  using TileT = Tile<WG, TM, NSTAGE>;
+template <typename T, int TOK, int WG, int TM, int NSTAGE>
+cudaError_t launch(const Problem& p, int splits, cudaStream_t stream) {
+  using TileT = Tile<TOK, WG, TM, NSTAGE>;
   CUtensorMap xmap;
-  cudaError_t me = x_tensor_map<T>(p, &xmap);
+  cudaError_t me = x_tensor_map<T, TOK>(p, &xmap);
   if (me != cudaSuccess) return me;
-  auto kernel = w4a16_wgmma_kernel<T, WG, TM, NSTAGE>;
+  auto kernel = w4a16_wgmma_kernel<T, TOK, WG, TM, NSTAGE>;
   static bool configured = false;  // the opt-in above 48 KB of shared memory, once per kernel
   if (!configured) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TileT::SMEM);
@@ -319,30 +350,38 @@ template <typename T, int WG, int TM, int NSTAGE> cudaError_t launch(const Probl
   return cudaGetLastError();
 }
 
-template <typename T> cudaError_t launch_shape(const Problem& p, int wg, int tm, int stages, int splits,
+template <typename T> cudaError_t launch_shape(const Problem& p, int tokens, int wg, int tm, int stages, int splits,
                                                cudaStream_t stream) {
-  if (wg == 1 && tm == 2 && stages == 6) return launch<T, 1, 2, 6>(p, splits, stream);
-  if (wg == 2 && tm == 1 && stages == 6) return launch<T, 2, 1, 6>(p, splits, stream);
-  if (wg == 2 && tm == 1 && stages == 8) return launch<T, 2, 1, 8>(p, splits, stream);
-  if (wg == 2 && tm == 2 && stages == 6) return launch<T, 2, 2, 6>(p, splits, stream);
+  if (tokens == 64) {
+    if (wg == 1 && tm == 2 && stages == 6) return launch<T, 64, 1, 2, 6>(p, splits, stream);
+    if (wg == 2 && tm == 1 && stages == 6) return launch<T, 64, 2, 1, 6>(p, splits, stream);
+    if (wg == 2 && tm == 1 && stages == 8) return launch<T, 64, 2, 1, 8>(p, splits, stream);
+    if (wg == 2 && tm == 2 && stages == 6) return launch<T, 64, 2, 2, 6>(p, splits, stream);
+  } else if (tokens == 128) {
+    if (wg == 2 && tm == 1 && stages == 4) return launch<T, 128, 2, 1, 4>(p, splits, stream);
+    if (wg == 2 && tm == 1 && stages == 6) return launch<T, 128, 2, 1, 6>(p, splits, stream);
+    if (wg == 4 && tm == 1 && stages == 4) return launch<T, 128, 4, 1, 4>(p, splits, stream);
+    if (wg == 1 && tm == 2 && stages == 4) return launch<T, 128, 1, 2, 4>(p, splits, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-// dtype: 0 bfloat16, 1 float16; (wg, tm, stages): (1, 2, 6), (2, 1, 6), (2, 1, 8) or
-// (2, 2, 6). Preconditions (checked by the caller, w4a16_mma.py): 0 < m <= 64; n a
-// multiple of 64 * tm * wg; k a multiple of 512; all pointers 16-byte aligned, w, scale,
+// dtype: 0 bfloat16, 1 float16; tokens (wgmma's n, rows of X a block takes): 64 with
+// (wg, tm, stages) (1, 2, 6), (2, 1, 6), (2, 1, 8) or (2, 2, 6); 128 with (2, 1, 4),
+// (2, 1, 6), (4, 1, 4) or (1, 2, 4) (w4a16_wgmma.py SHAPES). Preconditions (checked by the
+// caller, w4a16_wgmma.py): 0 < m <= tokens; n a multiple of 64 * tm * wg; k a multiple of 512; all pointers 16-byte aligned, w, scale,
 // min and y contiguous, x's rows ldx elements apart (ldx a multiple of 8); `part` holds
 // splits * m * n floats when splits > 1; splits = ceil(k / 512 / chunks_per_split).
 // Returns a cudaError_t (0: launched).
-extern "C" int strata_w4a16_wgmma(int dtype, int wg, int tm, int stages, const void* x, long ldx, const void* w,
+extern "C" int strata_w4a16_wgmma(int dtype, int tokens, int wg, int tm, int stages, const void* x, long ldx, const void* w,
                                   const void* scale, const void* wmin, const void* bias, void* y, void* part, int m,
                                   int n, int k, int chunks_per_split, int splits, void* stream) {
   Problem p{x,  ldx, static_cast<const uint8_t*>(w), static_cast<const __half*>(scale),
             static_cast<const __half*>(wmin), bias, y, static_cast<float*>(part), m, n, k, chunks_per_split};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = dtype == 0 ? launch_shape<__nv_bfloat16>(p, wg, tm, stages, splits, s)
-                             : launch_shape<__half>(p, wg, tm, stages, splits, s);
+  cudaError_t e = dtype == 0 ? launch_shape<__nv_bfloat16>(p, tokens, wg, tm, stages, splits, s)
+                             : launch_shape<__half>(p, tokens, wg, tm, stages, splits, s);
   return static_cast<int>(e);
 }

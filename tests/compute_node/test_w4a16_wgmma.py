@@ -30,6 +30,13 @@ CASES = [
     (1, 256, 512, "bfloat16", True, 2, 1, 6, 1),
     (64, 256, 8192, "float16", True, 2, 1, 8, 1),
     (17, 768, 7168, "bfloat16", False, 0, 0, 0, 0),
+    # 65-128 rows: 128 rows of X a block (wgmma's n = 128)
+    (128, 256, 512, "bfloat16", False, 0, 0, 0, 0),
+    (100, 512, 2048, "float16", True, 2, 1, 6, 1),
+    (65, 512, 1024, "bfloat16", True, 4, 1, 4, 2),
+    (128, 384, 1536, "bfloat16", True, 1, 2, 4, 0),
+    (97, 1024, 3072, "bfloat16", False, 2, 1, 4, 3),
+    (128, 7168, 7168, "bfloat16", True, 0, 0, 0, 0),
 ]
 
 
@@ -76,13 +83,15 @@ def test_unsupported_problems_are_declined():
 
 @pytest.mark.parametrize("n, k", [(7168, 7168), (21504, 7168), (28672, 7168), (7168, 28672), (384, 512),
                                   (128, 1536), (12288, 49152)])
-@pytest.mark.parametrize("wg, tm, stages, split", [(0, 0, 0, 0), (1, 2, 6, 0), (2, 1, 8, 3), (2, 2, 6, 5)])
-def test_launch_shape_covers_k_with_no_empty_split(n, k, wg, tm, stages, split):
+@pytest.mark.parametrize("m, wg, tm, stages, split", [(64, 0, 0, 0, 0), (64, 1, 2, 6, 0), (64, 2, 1, 8, 3),
+                                                      (64, 2, 2, 6, 5), (128, 0, 0, 0, 0), (100, 4, 1, 4, 0),
+                                                      (128, 2, 1, 6, 3)])
+def test_launch_shape_covers_k_with_no_empty_split(n, k, m, wg, tm, stages, split):
     if n % (64 * max(wg, 1) * max(tm, 1)):
         wg = tm = stages = 0
-    g, t, st, per_split, splits = w4a16_wgmma.launch_shape(n, k, 132, wg, tm, stages, split)
+    g, t, st, per_split, splits = w4a16_wgmma.launch_shape(n, k, 132, wg, tm, stages, split, m)
     chunks = k // w4a16_mma.CHUNK_K
-    assert (g, t, st) in w4a16_wgmma.SHAPES and n % (64 * g * t) == 0
+    assert (g, t, st) in w4a16_wgmma.SHAPES[w4a16_wgmma.tokens_for(m)] and n % (64 * g * t) == 0
     assert per_split * (splits - 1) < chunks <= per_split * splits  # every chunk once, the last split non-empty
     if split:
         assert splits <= split
@@ -106,6 +115,7 @@ def test_rows_past_the_kernels_tile_split_evenly():
     from strata.policy.placement import FUSED_KERNEL_ROWS
 
     assert FUSED_KERNEL_ROWS == w4a16_mma.MAX_ROWS == 64  # the cost model reads the layer once a chunk of these
+    assert w4a16_wgmma.MAX_ROWS == 128 and w4a16_wgmma.tokens_for(64) == 64 and w4a16_wgmma.tokens_for(65) == 128
     assert w4a16.row_chunks(128, 64) == [(0, 64), (64, 128)]
     assert w4a16.row_chunks(100, 64) == [(0, 50), (50, 100)]
     assert w4a16.row_chunks(64, 64) == [(0, 64)]
@@ -116,7 +126,7 @@ def test_rows_past_the_kernels_tile_split_evenly():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_SM90, reason="needs an sm_90 GPU and nvcc")
-@pytest.mark.parametrize("m", [65, 128, 200])
+@pytest.mark.parametrize("m", [65, 128, 200, 300])
 def test_int4_linear_runs_rows_past_64_on_the_cuda_kernel_in_chunks(monkeypatch, m):
     gen = torch.Generator().manual_seed(7)
     data, scale, w_min = (t.cuda() for t in quant.quantize(torch.randn(512, 1024, generator=gen) * 0.05, 4, 64))
@@ -126,9 +136,11 @@ def test_int4_linear_runs_rows_past_64_on_the_cuda_kernel_in_chunks(monkeypatch,
     real = w4a16_wgmma.linear
     monkeypatch.setattr(w4a16_wgmma, "linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     out = int4_linear(x, data, scale, w_min, 64, bias)
-    # every chunk of 33-64 rows on the wgmma kernel (65 = 33 + 32: the 32 rows take Triton's)
-    assert sorted(calls) == sorted(z - a for a, z in w4a16.row_chunks(m, 64) if z - a > 32)
+    # up to 128 rows a call on the wgmma kernel, larger batches in even chunks of at most 128
+    assert sorted(calls) == sorted(z - a for a, z in w4a16.row_chunks(m, 128))
     ref = reference(x, data, scale, w_min, 64, bias)
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
     triton = int4_linear(x, data, scale, w_min, 64, bias, kernels=KernelChoice(wgmma=False, mma=False))
     assert ((out.float() - triton.float()).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
+    mma = int4_linear(x, data, scale, w_min, 64, bias, kernels=KernelChoice(wgmma=False))  # 64-row chunks
+    assert ((out.float() - mma.float()).abs().max() / ref.abs().max()).item() < TOL["bfloat16"]
