@@ -164,9 +164,10 @@ class Decoder:
     def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
         x = self._norm(h, w, self.n.attn_norm) if self.m.pre_norm else h
         nh, kvh, hd = self.dims.num_heads, self.dims.kv_heads, self.dims.head_dim
-        if MERGED_QKV in w:  # a resident INT4 layer at decode: q, k, v in one fused matmul
+        if MERGED_QKV in w:  # a resident INT4 layer: q, k, v in one matmul (fused at decode, dense at prefill)
             matrix, bias = w[MERGED_QKV]
-            q, k, v = matrix.linear(x, bias).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+            qkv = matrix.linear(x, bias) if isinstance(matrix, PackedInt4) else F.linear(x, matrix, bias)
+            q, k, v = qkv.split([nh * hd, kvh * hd, kvh * hd], dim=-1)
             q, k, v = _heads(q, nh), _heads(k, kvh), _heads(v, kvh)
         elif self.m.qkv == "fused":  # [B, T, heads, (q, k, v), head_dim]
             b, t, _ = x.shape
