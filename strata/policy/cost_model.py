@@ -65,10 +65,12 @@ STREAM_EFFICIENCY = 0.95
 # read rate (36-43 GB/s against 97 on the H100's host).
 HOST_SHARED_SHARE = 0.45
 # The fused W4A16 kernels (GPU-resident INT4 layers at up to FUSED_INT4_MAX_ROWS rows)
-# read a layer's packed bytes at this share of the profile's HBM rate, by rows: 0.81 and
-# 0.51 TB/s at 16 and 32 rows (mma.sync), 1.3-1.4 TB/s at 33-64 (the wgmma kernel) on an
-# H100 (2.96 TB/s).
-FUSED_HBM_SHARE = ((16, 0.27), (32, 0.17), (64, 0.45))
+# read a layer's packed bytes at this share of the profile's HBM rate, by rows a call: 0.81
+# and 0.51 TB/s at 16 and 32 rows (mma.sync), 1.3-1.4 TB/s at 33-64 (the wgmma kernel) on
+# an H100 (2.96 TB/s); at 65-128 rows the wgmma kernel's one call takes 0.667 of two 64-row
+# calls' time on an H200 (OPT-30B's four shapes, run 102: 0.371 against 0.556 ms a
+# layer), so half the 64-row share over 0.667.
+FUSED_HBM_SHARE = ((16, 0.27), (32, 0.17), (64, 0.45), (128, 0.34))
 # The fused decode attention (compute_node/kernels/decode_attention.py) reads a GPU cache
 # at this share of the profile's HBM rate, codes and scales alike, by KV bits: on the H200
 # at T2's shape (128 rows, 56 heads, 544 columns) the 16-bit cache at the HBM's rate, the

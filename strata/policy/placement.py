@@ -29,12 +29,13 @@ SMALL_PREFILL_CHUNK_TOKENS = 4096
 RING_DEPTH = 3  # streamed layers loading or loaded on the GPU ahead of use (packed slots)
 # Decode rows (sequences of a micro-batch) up to which a GPU-resident INT4 layer runs
 # the fused W4A16 kernels on its packed weights instead of dequantize + cuBLAS. The
-# kernels take 64 rows a call (FUSED_KERNEL_ROWS); more rows go in even chunks, each
-# reading the packed layer again: 4 chunks read 4 x 0.28 of the bf16 bytes, still under
-# the dense copy's write and read (2 x 1.0). The kernel is faster than the dequantize
-# + cuBLAS pair on every OPT-30B shape measured (BENCHMARKS.md, "Kernel measurements").
+# wgmma kernel takes 128 rows a call (FUSED_KERNEL_ROWS; the mma.sync kernel of GPUs
+# before Hopper 64); more rows go in even chunks, each reading the packed layer again:
+# 2 chunks read 2 x 0.28 of the bf16 bytes, still under the dense copy's write and read
+# (2 x 1.0). The kernel is faster than the dequantize + cuBLAS pair on every OPT-30B
+# shape measured (BENCHMARKS.md, "Kernel measurements").
 FUSED_INT4_MAX_ROWS = 256
-FUSED_KERNEL_ROWS = 64  # as compute_node/kernels/w4a16_mma.py MAX_ROWS (a test holds them equal)
+FUSED_KERNEL_ROWS = 128  # as compute_node/kernels/w4a16_wgmma.py MAX_ROWS (a test holds them equal)
 
 
 @dataclasses.dataclass(frozen=True)

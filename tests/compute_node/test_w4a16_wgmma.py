@@ -114,8 +114,8 @@ def test_split_rule_weighs_idle_slots_against_partials():
 def test_rows_past_the_kernels_tile_split_evenly():
     from strata.policy.placement import FUSED_KERNEL_ROWS
 
-    assert FUSED_KERNEL_ROWS == w4a16_mma.MAX_ROWS == 64  # the cost model reads the layer once a chunk of these
-    assert w4a16_wgmma.MAX_ROWS == 128 and w4a16_wgmma.tokens_for(64) == 64 and w4a16_wgmma.tokens_for(65) == 128
+    assert FUSED_KERNEL_ROWS == w4a16_wgmma.MAX_ROWS == 128  # the cost model reads the layer once a chunk of these
+    assert w4a16_mma.MAX_ROWS == 64 and w4a16_wgmma.tokens_for(64) == 64 and w4a16_wgmma.tokens_for(65) == 128
     assert w4a16.row_chunks(128, 64) == [(0, 64), (64, 128)]
     assert w4a16.row_chunks(100, 64) == [(0, 50), (50, 100)]
     assert w4a16.row_chunks(64, 64) == [(0, 64)]
