@@ -84,7 +84,9 @@ def test_plan_cases_predicts_each_design_case_with_its_bench_command():
     assert list(cases) == ["T1", "T1 INT4 KV", "T2", "T3", "T4"]
     assert cases["T1"]["placement"]["kv_on_host"] and cases["T1"]["placement"]["kv_bits"] == 16
     assert cases["T1 INT4 KV"]["placement"]["kv_bits"] == 4
-    assert cases["T4"]["model"] == "meta-llama/Llama-3.1-405B" and cases["T4"]["layers"]["disk"] > 0
+    # T4: larger than the GPU, split between it and host memory, nothing on disk
+    t4_layers = cases["T4"]["layers"]
+    assert cases["T4"]["model"] == "meta-llama/Llama-3.1-405B" and t4_layers["host"] > 0 and t4_layers["disk"] == 0
     for c in cases.values():
         assert c["gpu_peak_allocated_bytes"] < c["gpu_bytes_needed"] <= c["profile"]["gpu_bytes"]
         assert c["total_tokens_per_s"] > 0
@@ -95,7 +97,7 @@ def test_plan_cases_predicts_each_design_case_with_its_bench_command():
     # GPU memory of resident layers: 12/63/51 layers, 4.1 tokens/s)
     t4 = cases["T4"]
     assert "--kv-bits auto" in t4["bench_command"] and t4["placement"]["kv_bits"] < 16
-    assert t4["layers"]["disk"] < 51 and t4["total_tokens_per_s"] > 2 * 4.12
+    assert t4["total_tokens_per_s"] > 5 * 4.12
     assert t4["host_bytes_needed"] <= t4["profile"]["host_bytes"]
 
 
@@ -118,7 +120,9 @@ def test_plan_cases_t4_bench_command_parses_and_plans_the_table_row(monkeypatch)
     pl = row["placement"]
     assert fields == {"gpu_weight_share": pytest.approx(pl["gpu_weight_share"]), "kv_offload": pl["kv_on_host"],
                       "micro_batches": pl["micro_batches"], "batch_size": pl["batch_size"],
-                      "kv_bits": pl["kv_bits"], "disk_layers": row["layers"]["disk"]}
+                      "kv_bits": pl["kv_bits"], "disk_layers": row["layers"]["disk"],
+                      "prefill_chunk_tokens": pl["prefill_chunk_tokens"]}
+    assert "--prefill-chunk-tokens" not in row["bench_command"]  # the bench plans it as the row did
     assert predicted["total_tokens_per_s"] == pytest.approx(row["total_tokens_per_s"], rel=1e-3)
 
 
