@@ -174,10 +174,10 @@ class DenseCopies:
 
 class LayerWeights:
     def __init__(self, host: HostWeights, device: Device | torch.device | str, dtype: torch.dtype, resident: set[int],
-                 packed_resident: bool | None = None, depth: int = RING_DEPTH, resident_source=None,
+                 packed_resident: bool | None = None, depth: int = RING_DEPTH, device_source=None,
                  fused_max_rows: int | None = None, kernels: KernelChoice = DEFAULT_KERNELS):
         """`device`: the node's Device (compute_node/device/; a torch device or its name
-        makes one). `resident_source(shard name) -> Packed on device` makes the resident
+        makes one). `device_source(shard name) -> Packed on device` makes the resident
         layers, embeddings and head the host tier does not hold (dummy weights generated
         on the GPU); default: copy from the host.
         `packed_resident`: resident layers stay packed (default: the device's choice).
@@ -206,7 +206,7 @@ class LayerWeights:
         self._decode: dict[int, dict] = {}
         self._inflight: dict[int, object] = {}  # layer -> what its loader's `load` returned
         self.loads: list[int] = []  # layers streamed, in order (the schedule, for tests and stats)
-        self._source = resident_source
+        self._source = device_source
         self.embed = dense(self._placed("embed"), dtype)
         self.head = dense(self._placed("head"), dtype)
         for i in sorted(resident):

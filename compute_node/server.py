@@ -102,7 +102,7 @@ class ComputeNode:
         source = None
         if manifest.quantization.get("dummy"):  # what the host tier lacks is made on the device
             source = lambda name: dummy_shard_on_device(manifest, name, self.device)  # noqa: E731
-        self.layers = LayerWeights(self.host, self.dev, self.dtype, resident, resident_source=source,
+        self.layers = LayerWeights(self.host, self.dev, self.dtype, resident, device_source=source,
                                    kernels=self.kernels)
         self.exchange = None
         if self.kv is not None:
