@@ -256,7 +256,7 @@ class LayerWeights:
             small = rows is not None and rows <= self.fused_max_rows
             if small and i in self._decode:
                 return self._decode[i]
-            return self._dense_resident(i)
+            return dense(r, self.dtype)  # type: ignore[arg-type]
         if i not in self._inflight:  # out of the cyclic order (a new request mid-ring): restart the ring at i
             self._inflight.clear()
             self._next = self.streamed.index(i)
@@ -265,21 +265,6 @@ class LayerWeights:
         w = self.loader.ready(self._inflight.pop(i), self.host.manifest.shards[layer_shard(i)], self.dtype)
         self.top_up()
         return w
-
-    def _dense_resident(self, i: int) -> dict:
-        """A packed resident layer dequantized for many rows (prefill); where decode runs
-        its q, k, v as one merged matrix, dequantized as that one matrix too (one GEMM
-        over the prompt tokens instead of three)."""
-        r = self._resident[i]
-        merged = self._decode.get(i, {}).get(MERGED_QKV)
-        if merged is None:
-            return dense(r, self.dtype)  # type: ignore[arg-type]
-        matrix, bias = merged
-        names = _separate_qkv(self.host.manifest.config)
-        rest = {k: v for k, v in r.items() if k not in {f"{n}.{s}" for n in names for s in ("weight", "bias")}}
-        out = dense(rest, self.dtype)  # type: ignore[arg-type]
-        out[MERGED_QKV] = (dequantize(matrix.data, matrix.scale, matrix.w_min, 4, matrix.group_size, self.dtype), bias)
-        return out
 
     def get_pair(self, i: int, prefill_rows: int, decode_rows: int) -> tuple[dict, dict]:
         """Layer i's weights for a pass that prefills `prefill_rows` tokens at once and
