@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from compute_node.kernels import MERGED_QKV, PackedInt4
+from compute_node.kernels import MERGED_QKV, PackedInt4, add_norm
 from strata.model import arch
 from strata.model.arch import ModelDims
 
@@ -58,10 +58,14 @@ def _linear_relu(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
 
 
 def _layer_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
+    if add_norm.available(x):
+        return add_norm.norm(x, w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps, rms=False)
     return F.layer_norm(x, (x.shape[-1],), w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps)
 
 
 def _rms_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
+    if add_norm.available(x):
+        return add_norm.norm(x, w[f"{name}.weight"], None, eps, rms=True)
     x32 = x.float()
     return w[f"{name}.weight"] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -148,9 +152,10 @@ class Decoder:
         self.rope = Rope(config, dims.head_dim) if m.positions == "rope" else None
         self.act = _activation(m.activation)
         self._norm_fn = _NORMS[m.norm]
-        self.q_scale = dims.head_dim**-0.5 if m.query_scale == "projection" else None
+        # "projection" (OPT: transformers scales the projected queries) is applied as the
+        # softmax scale, the same product without a pass over the queries
         self.scale = {"attention": dims.head_dim**-0.5, "attention_inv_sqrt": 1.0 / math.sqrt(dims.head_dim),
-                      "projection": 1.0}[m.query_scale]
+                      "projection": dims.head_dim**-0.5}[m.query_scale]
 
     def _norm(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
         return self._norm_fn(x, w, name, self.m.eps)
@@ -164,10 +169,9 @@ class Decoder:
     def pre_attention(self, w: Weights, h: torch.Tensor, pos: torch.Tensor):
         x = self._norm(h, w, self.n.attn_norm) if self.m.pre_norm else h
         nh, kvh, hd = self.dims.num_heads, self.dims.kv_heads, self.dims.head_dim
-        if MERGED_QKV in w:  # a resident INT4 layer: q, k, v in one matmul (fused at decode, dense at prefill)
+        if MERGED_QKV in w:  # a resident INT4 layer at decode: q, k, v in one fused matmul
             matrix, bias = w[MERGED_QKV]
-            qkv = matrix.linear(x, bias) if isinstance(matrix, PackedInt4) else F.linear(x, matrix, bias)
-            q, k, v = qkv.split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+            q, k, v = matrix.linear(x, bias).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
             q, k, v = _heads(q, nh), _heads(k, kvh), _heads(v, kvh)
         elif self.m.qkv == "fused":  # [B, T, heads, (q, k, v), head_dim]
             b, t, _ = x.shape
@@ -176,8 +180,6 @@ class Decoder:
         else:
             qn, kn, vn = self.n.qkv
             q, k, v = _heads(_linear(x, w, qn), nh), _heads(_linear(x, w, kn), kvh), _heads(_linear(x, w, vn), kvh)
-        if self.q_scale is not None:
-            q = q * self.q_scale
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
         return q, k, v
@@ -200,8 +202,12 @@ class Decoder:
             h = self._norm(h + a, w, n.attn_norm)
             return self._norm(h + self._mlp(w, h), w, n.mlp_norm)
         residual = self._norm(h, w, n.attn_norm) if m.residual_from_norm else h
-        h = residual + a
-        x = self._norm(h, w, n.mlp_norm)
+        if add_norm.available(a) and residual.shape == a.shape:  # the sum and its norm in one pass
+            h, x = add_norm.add_norm(residual, a, w.get(f"{n.mlp_norm}.weight"), w.get(f"{n.mlp_norm}.bias"),
+                                     m.eps, rms=m.norm == "rmsnorm")
+        else:
+            h = residual + a
+            x = self._norm(h, w, n.mlp_norm)
         return (x if m.residual_from_norm else h) + self._mlp(w, x)
 
     def logits(self, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
@@ -234,12 +240,19 @@ def attention_bias(
 
 
 _PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_WIDE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *_PREFILL_BACKENDS]
+# A causal prefill of at least this many tokens (sequences x length) runs cuDNN's attention
+# first: 1.26 ms against flash's 2.34 for 128 x 512 tokens of OPT-30B's heads on the H200
+# (BENCHMARKS.md, fifteenth session). cuDNN builds a graph per new shape (~5 ms of host
+# time, once: it is cached), which only a wide prefill hides; decode never uses it.
+CUDNN_MIN_TOKENS = 4096
 
 
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention over a prompt with no padding and no ALiBi: no mask tensor, so
-    the flash kernel can run."""
-    with sdpa_kernel(_PREFILL_BACKENDS):
+    the flash kernels (cuDNN's or flash-attention's) can run."""
+    wide = q.is_cuda and q.shape[0] * q.shape[2] >= CUDNN_MIN_TOKENS
+    with sdpa_kernel(_WIDE_BACKENDS if wide else _PREFILL_BACKENDS, set_priority=wide):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
 

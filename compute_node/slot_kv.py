@@ -100,7 +100,10 @@ def packed_attention(s: SlotShape, joining: Joining, q, k, v, store, gemv: bool 
         qs, ks, vs = (packed.stacked(x, a, m, n) for x in (q, k, v))
         store(rows[i:j], ks, vs)
         out = causal_attention(s, qs, ks, vs, gemv)  # [m, heads, n, hd]
-        outs.append(out.permute(1, 0, 2, 3).reshape(1, out.shape[1], m * n, out.shape[3]))
+        # as [1, heads, m * n, hd] through the token-major order: a view where the kernel
+        # wrote its output token-major (flash's and cuDNN's do), and the merge of heads
+        # after it (model._merge) is a view then too
+        outs.append(out.transpose(1, 2).reshape(1, m * n, out.shape[1], out.shape[3]).transpose(1, 2))
         a += m * n
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

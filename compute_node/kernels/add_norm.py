@@ -1,18 +1,20 @@
-"""A residual add and the norm after it in one pass: s = h + a, y = norm(s), for the
-pre-norm decoder's `h = residual + attention; x = norm(h)` (model.py). Separately the
-add reads two rows and writes one and the norm reads it again and writes one: five
-row passes over HBM; fused, four. At prefill these are wide (B x prompt rows of the
-hidden size), so the pass saved is ~0.2 ms a layer on OPT-30B at 65536 rows.
+"""Layer norm and RMSNorm in one pass over the rows, alone (`norm`) or with the residual
+add before them (`add_norm`: s = h + a, y = norm(s), the pre-norm decoder's
+`h = residual + attention; x = norm(h)` in model.py).
 
-On CUDA a Triton kernel, one row a program; elsewhere the torch ops it replaces. The
-rounding matches them: the sum is rounded to the compute dtype before the norm reads
-it, statistics in fp32, and RMSNorm rounds the normalized row before the weight
-multiplies it (as transformers' LlamaRMSNorm and model._rms_norm do)."""
+At prefill these rows are wide (B x prompt rows of the hidden size) and HBM-bound:
+torch's layer norm runs at 2.5 TB/s there, its RMSNorm (six fp32 ops) at 0.3 TB/s,
+and the add is a pass of its own; this kernel runs at ~4 TB/s and saves the add's
+re-read (BENCHMARKS.md, fifteenth session: bench/prefill_ops.py).
+
+A Triton kernel, one row a program, on CUDA only (`available`); model.py runs the
+torch ops elsewhere. The rounding is theirs: the sum is rounded to the compute dtype
+before the norm reads it, statistics in fp32, and RMSNorm rounds the normalized row
+before the weight multiplies it (as transformers' LlamaRMSNorm and model._rms_norm)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:  # Triton ships with CUDA builds of PyTorch only
     import triton
@@ -24,56 +26,65 @@ MAX_WIDTH = 32768  # one row in one program's registers
 
 
 def available(x: torch.Tensor) -> bool:
-    return (triton is not None and x.is_cuda and x.shape[-1] <= MAX_WIDTH
+    return (triton is not None and x.is_cuda and 0 < x.shape[-1] <= MAX_WIDTH
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+         rms: bool) -> torch.Tensor:
+    """norm(x) over the last dimension: layer norm (weight and bias optional), or RMSNorm
+    with `rms` (weight required)."""
+    return _run(x, None, weight, bias, eps, rms)[1]
 
 
 def add_norm(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
              eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + a, norm(h + a)) over the last dimension; layer norm (weight and bias
-    optional), or RMSNorm with `rms` (weight required)."""
-    if not (available(h) and h.shape == a.shape and h.dtype == a.dtype):
-        s = h + a
-        return s, _torch_norm(s, weight, bias, eps, rms)
+    """(h + a, norm(h + a)); h and a of one shape and dtype."""
+    if h.shape != a.shape or h.dtype != a.dtype:
+        raise ValueError(f"add_norm: {tuple(h.shape)} {h.dtype} and {tuple(a.shape)} {a.dtype} differ")
+    return _run(h, a, weight, bias, eps, rms)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _run(h, a, weight, bias, eps: float, rms: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    if rms and weight is None:
+        raise ValueError("RMSNorm needs its weight")
     width = h.shape[-1]
-    h2, a2 = h.reshape(-1, width), a.reshape(-1, width)
-    if h2.stride(-1) != 1 or a2.stride(-1) != 1:
-        h2, a2 = h2.contiguous(), a2.contiguous()
-    rows = h2.shape[0]
-    s, y = torch.empty_like(h2), torch.empty_like(h2)
-    if rows:
+    h2 = _rows(h)
+    a2 = _rows(a) if a is not None else h2
+    y = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
+    s = torch.empty_like(y) if a is not None else y  # the sum's output (unused without an add)
+    if h2.shape[0]:
         block = triton.next_power_of_2(width)
-        dummy = s  # an unused pointer argument where a parameter is absent
-        _add_norm_kernel[(rows,)](
-            h2, a2, s, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
-            width, h2.stride(0), a2.stride(0), eps, RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK=block, num_warps=max(4, min(16, block // 512)))
-    return s.view(h.shape), y.view(h.shape)
-
-
-def _torch_norm(s: torch.Tensor, weight, bias, eps: float, rms: bool) -> torch.Tensor:
-    if not rms:
-        return F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-    s32 = s.float()
-    return weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+        _norm_kernel[(h2.shape[0],)](
+            h2, a2, s, y, weight if weight is not None else y, bias if bias is not None else y,
+            width, h2.stride(0), a2.stride(0), eps, ADD=a is not None, RMS=rms, HAS_W=weight is not None,
+            HAS_B=bias is not None, BLOCK=block, num_warps=max(4, min(16, block // 512)))
+    return (s.view(h.shape) if a is not None else None), y.view(h.shape)
 
 
 if triton is not None:
 
     @triton.jit
-    def _add_norm_kernel(h_ptr, a_ptr, s_ptr, y_ptr, w_ptr, b_ptr, width, h_stride, a_stride, eps,
-                         RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_kernel(h_ptr, a_ptr, s_ptr, y_ptr, w_ptr, b_ptr, width, h_stride, a_stride, eps,
+                     ADD: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        h = tl.load(h_ptr + row * h_stride + cols, mask=mask, other=0.0)
-        a = tl.load(a_ptr + row * a_stride + cols, mask=mask, other=0.0)
-        s = (h.to(tl.float32) + a.to(tl.float32)).to(h.dtype)  # rounded to the compute dtype, as torch's add
-        tl.store(s_ptr + row * width + cols, s, mask=mask)
-        x = s.to(tl.float32)
+        x = tl.load(h_ptr + row * h_stride + cols, mask=mask, other=0.0)
+        if ADD:
+            a = tl.load(a_ptr + row * a_stride + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(s_ptr.dtype.element_ty)  # rounded, as torch's add
+            tl.store(s_ptr + row * width + cols, x, mask=mask)
+        x = x.to(tl.float32)
         if RMS:
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / width + eps)
-            y = (x * rstd).to(s.dtype).to(tl.float32)
+            y = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
         else:
             mean = tl.sum(x, axis=0) / width
             d = tl.where(mask, x - mean, 0.0)
