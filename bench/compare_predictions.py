@@ -20,7 +20,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy.bench import predict_run  # noqa: E402
+from deploy.bench_plan import predict_run  # noqa: E402
 from strata.policy import cost_model as cm  # noqa: E402
 from strata.policy import hardware  # noqa: E402
 

@@ -66,7 +66,7 @@ def test_without_placement_flags_the_planner_places_a_gpu_run():
     import argparse
     import pathlib
 
-    from deploy.bench import planned
+    from deploy.bench_plan import planned
 
     profile = pathlib.Path(__file__).resolve().parents[2] / "bench/profiles/nvidia-h100-x1.json"
     ns = argparse.Namespace(model="facebook/opt-30b", quant_bits=4, group_size=64, kv_offload=True, batch_size=None,
@@ -150,7 +150,7 @@ def test_a_dummy_run_plans_no_more_disk_layers_than_the_disk_holds(monkeypatch, 
     layers stay on disk; a dummy run writes those first, so the plan keeps within the
     offload directory's free space, and with none it fails clearly. The H200's own 125
     GiB hold every layer the GPU does not: no disk layer to write."""
-    from deploy import bench
+    from deploy import bench_plan
     from strata.runtime.errors import StrataError
     from weight_store import diskspace
 
@@ -158,17 +158,17 @@ def test_a_dummy_run_plans_no_more_disk_layers_than_the_disk_holds(monkeypatch, 
     small.write_text(json.dumps({**json.loads((ROOT / "bench/profiles/nvidia-h200.json").read_text()),
                                  "host_bytes": 110e9}))
     monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 1e15)
-    roomy, _ = bench.planned(_t4_namespace(profile=str(small)))
+    roomy, _ = bench_plan.planned(_t4_namespace(profile=str(small)))
     assert roomy["disk_layers"] > 20
     layer = 1.8e9
     monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 2**30 + 20 * layer)
-    tight, prediction = bench.planned(_t4_namespace(profile=str(small)))
+    tight, prediction = bench_plan.planned(_t4_namespace(profile=str(small)))
     assert 0 < tight["disk_layers"] <= 20 and prediction["gpu_bytes_needed"] <= 139.8 * 2**30
     monkeypatch.setattr(diskspace, "disk_free_bytes", lambda path: 0)
     with pytest.raises(StrataError) as e:
-        bench.planned(_t4_namespace(profile=str(small)))
+        bench_plan.planned(_t4_namespace(profile=str(small)))
     assert "at most 0 layers may stay on disk" in e.value.message
-    h200, prediction = bench.planned(_t4_namespace())
+    h200, prediction = bench_plan.planned(_t4_namespace())
     assert h200["disk_layers"] == 0 and prediction["gpu_bytes_needed"] <= 139.8 * 2**30
 
 
@@ -204,7 +204,7 @@ def test_the_floor_comes_from_the_profile_and_names_it():
 
 
 def test_a_run_is_predicted_for_the_placement_it_ran():
-    from deploy.bench import predict_run
+    from deploy.bench_plan import predict_run
     from strata.policy import hardware
 
     h200 = hardware.load(ROOT / "bench/profiles/nvidia-h200.json")

@@ -106,7 +106,7 @@ def test_plan_cases_t4_bench_command_parses_and_plans_the_table_row(monkeypatch)
     placement (disk space for the dummy disk layers taken as ample)."""
     import shlex
 
-    from deploy import bench, cli, serve_plan
+    from deploy import bench_plan, cli, serve_plan
     from deploy.plan_cases import CASES, case_report
     from deploy.profile_cli import load_profile
 
@@ -115,8 +115,8 @@ def test_plan_cases_t4_bench_command_parses_and_plans_the_table_row(monkeypatch)
     ns = cli.build_parser().parse_args(shlex.split(row["bench_command"])[1:])
     assert ns.model == "meta-llama/Llama-3.1-405B" and ns.dummy and ns.kv_bits is None
     assert not serve_plan.pinned(ns)
-    monkeypatch.setattr(bench, "_disk_layers_room", lambda ns, layer_bytes: None)
-    fields, predicted = bench.planned(ns)
+    monkeypatch.setattr(bench_plan, "_disk_layers_room", lambda ns, layer_bytes: None)
+    fields, predicted = bench_plan.planned(ns)
     pl = row["placement"]
     assert fields == {"gpu_weight_share": pytest.approx(pl["gpu_weight_share"]), "kv_offload": pl["kv_on_host"],
                       "micro_batches": pl["micro_batches"], "batch_size": pl["batch_size"],
