@@ -8,8 +8,8 @@ frozen `KernelChoice` handed to the layers (compute_node/layer_weights.py ->
 (w4a16.decide): nothing is read from the environment per matmul.
 
 At 33-64 rows the allowed kernels are tried in the order wgmma (w4a16_wgmma.cu, sm_90a),
-then mma.sync (w4a16_mma.cu, sm_80+); where none takes the problem the Triton kernel
-runs. The compute node reports the choice in Stats as kernel:w4a16_wgmma and
+then mma.sync (w4a16_mma.cu, sm_80+), at 65-128 rows the same (wgmma in one call,
+mma.sync in 64-row chunks); where none takes the problem the Triton kernel runs. The compute node reports the choice in Stats as kernel:w4a16_wgmma and
 kernel:w4a16_mma (compute_node/metrics.py)."""
 
 from __future__ import annotations
