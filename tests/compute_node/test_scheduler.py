@@ -102,7 +102,14 @@ def test_a_cancelled_call_frees_its_slot_and_disturbs_no_other(opt):
         cut = _concurrently(
             lambda x: generate(server.address, long_request, timeout=120, stop_after=3) if x is None
             else _run(server.address, x), [None, *work])
-        stats = _stats(server.address)
+        # the server sees the cancellation at its next pass, which may come after the
+        # other calls have returned
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = _stats(server.address)
+            if stats["requests_total:cancelled"] >= 1 and stats["running_sequences"] == 0:
+                break
+            time.sleep(0.1)
     finally:
         server.stop()
     assert cut[0] is None and cut[1:] == alone
