@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.micro_gpu import timed
+from compute_node import model
 from compute_node.kernels.add_norm import add_norm, norm
 
 
@@ -45,9 +46,7 @@ def elementwise(rows: int, width: int, rms: bool) -> list[dict]:
     bias = None if rms else b
     gb = rows * width * 2 / 1e9
     def torch_norm(x):
-        if not rms:
-            return F.layer_norm(x, (width,), w, bias, 1e-5)
-        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+        return model.torch_norm(x, w, bias, 1e-5, rms)
 
     s, y = add_norm(h, a, w, bias, 1e-5, rms)
     diff = max((s.float() - (h + a).float()).abs().max().item(), (y.float() - torch_norm(h + a).float()).abs().max().item())

@@ -57,17 +57,28 @@ def _linear_relu(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _layer_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
+def torch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               rms: bool) -> torch.Tensor:
+    """Layer norm, or RMSNorm as transformers' LlamaRMSNorm rounds it, in torch ops: the
+    model's norms where the kernel (kernels/add_norm.py) cannot run, and its reference."""
+    if not rms:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _normed(x: torch.Tensor, weight, bias, eps: float, rms: bool) -> torch.Tensor:
     if add_norm.available(x):
-        return add_norm.norm(x, w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps, rms=False)
-    return F.layer_norm(x, (x.shape[-1],), w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps)
+        return add_norm.norm(x, weight, bias, eps, rms)
+    return torch_norm(x, weight, bias, eps, rms)
+
+
+def _layer_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
+    return _normed(x, w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps, rms=False)
 
 
 def _rms_norm(x: torch.Tensor, w: Weights, name: str, eps: float) -> torch.Tensor:
-    if add_norm.available(x):
-        return add_norm.norm(x, w[f"{name}.weight"], None, eps, rms=True)
-    x32 = x.float()
-    return w[f"{name}.weight"] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return _normed(x, w[f"{name}.weight"], None, eps, rms=True)
 
 
 _NORMS = {"layernorm": _layer_norm, "rmsnorm": _rms_norm}

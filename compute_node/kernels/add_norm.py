@@ -10,7 +10,7 @@ re-read (BENCHMARKS.md, fifteenth session: bench/prefill_ops.py).
 A Triton kernel, one row a program, on CUDA only (`available`); model.py runs the
 torch ops elsewhere. The rounding is theirs: the sum is rounded to the compute dtype
 before the norm reads it, statistics in fp32, and RMSNorm rounds the normalized row
-before the weight multiplies it (as transformers' LlamaRMSNorm and model._rms_norm)."""
+before the weight multiplies it (as transformers' LlamaRMSNorm and model.torch_norm)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ frozen `KernelChoice` handed to the layers (compute_node/layer_weights.py ->
 
 At 33-64 rows the allowed kernels are tried in the order wgmma (w4a16_wgmma.cu, sm_90a),
 then mma.sync (w4a16_mma.cu, sm_80+), at 65-128 rows the same (wgmma in one call,
-mma.sync in 64-row chunks); where none takes the problem the Triton kernel runs. The compute node reports the choice in Stats as kernel:w4a16_wgmma and
-kernel:w4a16_mma (compute_node/metrics.py)."""
+mma.sync in 64-row chunks); where none takes the problem the Triton kernel runs. The
+compute node reports the choice in Stats as kernel:w4a16_wgmma and kernel:w4a16_mma
+(compute_node/metrics.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The fused norm kernel (compute_node/kernels/add_norm.py) against the torch ops the
-model runs without it (model._layer_norm, model._rms_norm and the residual add): on a
-CUDA device with Triton; elsewhere, that the model keeps to the torch ops."""
+model runs without it (model.torch_norm and the residual add): on a CUDA device with
+Triton; elsewhere, that the model's norms are those torch ops and equal transformers'."""
 
 from __future__ import annotations
 
@@ -12,13 +12,6 @@ from compute_node import model
 from compute_node.kernels import add_norm
 
 ON_CUDA = torch.cuda.is_available() and add_norm.triton is not None
-
-
-def torch_norm(x, weight, bias, eps, rms):
-    if rms:
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def ulps(dtype) -> float:
@@ -36,11 +29,11 @@ def test_the_kernel_equals_the_torch_ops(shape, dtype, rms):
     b = None if rms else torch.randn(shape[-1], generator=g, device="cuda").to(dtype)
     s, y = add_norm.add_norm(h, a, w, b, 1e-5, rms)
     assert torch.equal(s, h + a)  # the sum is torch's, bit for bit
-    want = torch_norm(h + a, w, b, 1e-5, rms)
+    want = model.torch_norm(h + a, w, b, 1e-5, rms)
     scale = want.float().abs().max().item()
     torch.testing.assert_close(y.float(), want.float(), rtol=0, atol=2 * ulps(dtype) * scale)
     alone = add_norm.norm(h, w, b, 1e-5, rms)
-    torch.testing.assert_close(alone.float(), torch_norm(h, w, b, 1e-5, rms).float(), rtol=0,
+    torch.testing.assert_close(alone.float(), model.torch_norm(h, w, b, 1e-5, rms).float(), rtol=0,
                                atol=2 * ulps(dtype) * scale)
 
 
@@ -55,9 +48,18 @@ def test_strided_rows_and_no_affine():
         add_norm.add_norm(x, x.float(), None, None, 1e-5, rms=False)
 
 
-def test_off_cuda_the_model_runs_the_torch_ops():
-    x = torch.randn(4, 3, 64)
-    w = {"n.weight": torch.randn(64), "n.bias": torch.randn(64)}
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_off_cuda_the_model_runs_the_torch_ops_and_they_are_transformers_norms(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = (torch.randn(4, 3, 64) * 3).to(dtype)
+    w = {"n.weight": torch.randn(64).to(dtype), "n.bias": torch.randn(64).to(dtype)}
     assert not add_norm.available(x)
-    assert torch.equal(model._layer_norm(x, w, "n", 1e-5), F.layer_norm(x, (64,), w["n.weight"], w["n.bias"], 1e-5))
-    assert torch.equal(model._rms_norm(x, w, "n", 1e-6), torch_norm(x, w["n.weight"], None, 1e-6, rms=True))
+    layer_norm = torch.nn.LayerNorm(64, eps=1e-5).to(dtype)
+    rms_norm = LlamaRMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        layer_norm.weight.copy_(w["n.weight"])
+        layer_norm.bias.copy_(w["n.bias"])
+        rms_norm.weight.copy_(w["n.weight"])
+        assert torch.equal(model._layer_norm(x, w, "n", 1e-5), layer_norm(x))
+        assert torch.equal(model._rms_norm(x, w, "n", 1e-6), rms_norm(x))
