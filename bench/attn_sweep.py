@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kv_store.group_cache import GroupCache, GroupSpec, huge_page_tensor
+from kv_store.group_cache import GroupCache, GroupSpec
+from kv_store.host_pages import huge_page_tensor
 from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
 

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from kv_store.group_cache import GroupCache, GroupSpec, huge_page_tensor
+from kv_store.group_cache import GroupCache, GroupSpec
+from kv_store.host_pages import huge_page_tensor
 
 
 def run(batch=32, threads=14, worker=False, arena=False, layers=1, steps=6) -> dict:

@@ -12,6 +12,15 @@ old() { (cd .old && PYTHONPATH=$PWD${EXTRA_PATH:+:$EXTRA_PATH} timeout "${BENCH_
 T2="--model facebook/opt-30b --dummy --gpu-weight-share 1 --micro-batches 1 --batch-size ${T2_B:-128}"
 T1="--model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 --micro-batches ${T1_M:-4} --batch-size ${T1_B:-159}"
 T3="--model facebook/opt-175b --dummy --kv-bits 4 --gpu-weight-share 0 --micro-batches ${T3_M:-8} --batch-size ${T3_B:-89}"
+# host memory facts for the KV store's cache: THP mode, free memory and page cache, THP fault counters
+hostmem() { echo "kernel $(uname -r); THP $(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
+            grep -E "^(MemTotal|MemFree|MemAvailable|Cached|AnonHugePages|Shmem):" /proc/meminfo | tr -s ' ' | tr '\n' ';'; echo
+            grep -E "^(thp_fault_alloc|thp_fault_fallback|compact_stall|compact_fail|compact_success|pgmajfault) " /proc/vmstat | tr '\n' ';'; echo; }
+# every 5 s while $1 runs: free memory, page cache, the KV store's RSS and huge pages
+sampler() { while kill -0 "$1" 2>/dev/null; do
+              pid=$(pgrep -f "m kv_store" | head -1)
+              echo "$(date -u +%T) $(grep -E '^(MemFree|Cached):' /proc/meminfo | tr -s ' ' | tr '\n' ' ') kv: $( [ -n "$pid" ] && grep -E '^(Rss|AnonHugePages):' /proc/$pid/smaps_rollup 2>/dev/null | tr -s ' ' | tr '\n' ' ')"
+              sleep 5; done; }
 for step in "$@"; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in
@@ -25,6 +34,10 @@ for step in "$@"; do
     dabench) for shape in "--rows 128" "--rows 32" "--rows 4" "--rows 64 --heads 128 --kv-heads 8 --columns 544"; do
            PYTHONPATH=$PWD timeout 120 python3 -m tools.bench_gpu_attention $shape; done 2>&1 | tee "$OUT/dabench.jsonl" | python3 -c "import sys,json;[print({k:d.get(k) for k in ('path','kv_bits','rows','kv_heads','qblock','ms','gbps','of_hbm','max_abs_diff_vs_before')}) if l.startswith('{') else print(l.rstrip()[:300]) for l in sys.stdin for d in [json.loads(l) if l.startswith('{') else {}]]";;
     t1s) new $T1;;
+    t1diag) hostmem; (sleep 1; new $T1) & job=$!; sampler $job > "$OUT/t1diag-samples.txt"; wait $job
+            hostmem; grep -E "KV arena|still allocated" "$OUT/bench.log" | tail -3 | cut -c1-400; tail -4 "$OUT/t1diag-samples.txt";;
+    pagecache) dd if=/dev/zero of=/tmp/strata-fill bs=1M count=${FILL_MB:-40000} status=none; sync; cat /tmp/strata-fill > /dev/null; hostmem;;
+    unfill) rm -f /tmp/strata-fill; hostmem;;
     t2old) old $T2;;
     t1) new $T1 --clients ${S2_N:-256};;
     t1old) old $T1;;

@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import mmap
 
 import torch
 import torch.nn.functional as F
 
+from kv_store.host_pages import huge_page_tensor
 from strata.model.alibi import alibi_slopes
 from strata.model.kv_quant import default_group
 from strata.runtime.errors import ErrorKind, StrataError
@@ -103,17 +103,6 @@ def one_thread(when: bool = True):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def huge_page_tensor(nbytes: int) -> torch.Tensor:
-    """Uninitialized uint8 bytes in anonymous memory advised for transparent huge
-    pages: first-touch faults of a ~100 GB cache are 512x fewer than with 4 KiB pages."""
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes)
 
 
 class GroupCache:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kv_store.group_cache import GroupCache, GroupSpec, build_mask, huge_page_tensor, one_thread
+from kv_store.group_cache import GroupCache, GroupSpec, build_mask, one_thread
+from kv_store.host_pages import huge_page_tensor
 from strata.model.kv_quant import KVFormat
 
 CHUNK = 64  # tokens dequantized at a time (64 beat 16, 32 and 128 in the measurement above)

@@ -11,6 +11,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -21,7 +22,9 @@ import time
 import grpc
 import torch
 
-from kv_store.group_cache import huge_page_tensor, one_thread, GroupCache, GroupSpec
+from kv_store import host_pages
+from kv_store.group_cache import one_thread, GroupCache, GroupSpec
+from kv_store.host_pages import huge_page_tensor
 from kv_store.ledger import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
 from kv_store.quantized import QuantizedGroupCache, quantized_bytes
@@ -45,8 +48,15 @@ class _Group:
     # attend_s / append_s: per call, queueing included; compute_s: the compute thread's
     # time in this group's attention (kernel, append, output copy), queueing excluded;
     # span: (first, last) attend's end, for the share of the decode the thread was busy
+    # bytes: cache bytes the attends read (rows x attended tokens x row_token_bytes)
     timing: dict = dataclasses.field(default_factory=lambda: {"attends": 0, "attend_s": 0.0, "append_s": 0.0,
-                                                              "compute_s": 0.0, "span": None})
+                                                              "compute_s": 0.0, "span": None, "bytes": 0})
+
+    @functools.cached_property
+    def row_token_bytes(self) -> float:
+        """Bytes of one row's K and V at one token of one layer, as stored."""
+        s = self.cache.spec
+        return self.cache.nbytes / (s.num_layers * s.batch * s.max_tokens)
 
 
 def spec_from_request(req: kv_store_pb2.AllocateRequest) -> GroupSpec:
@@ -101,8 +111,11 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             # The whole capacity, faulted in once at start by every core: a request's
             # prefill then writes into ready memory (first touch measured ~7 GB/s).
             try:
+                t0 = time.perf_counter()
                 self.arena_bytes = huge_page_tensor(config.capacity_bytes)
                 self._cpu.submit(self.arena_bytes.zero_).result()
+                LOG.info("KV arena faulted in in %.1f s: %s", time.perf_counter() - t0,
+                         host_pages.describe(self.arena_bytes))
             except (OSError, RuntimeError) as e:
                 self._cpu.shutdown()
                 if self.native is not None:
@@ -115,8 +128,10 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             self.arena = ArenaAllocator(config.capacity_bytes)
 
     def close(self) -> None:
-        """Drop every group and unmap every region."""
+        """Drop every group (logging the timing of each still allocated) and unmap every region."""
         with self._groups_lock:
+            for name, group in self._groups.items():
+                log_timing(name, group, "still allocated at stop")
             self._groups.clear()
         self._cpu.shutdown(wait=True)
         if self.native is not None:
@@ -223,6 +238,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             t["attends"] += 1
             t["span"] = (t["span"][0] if t["span"] else t1, t1)
             length = max(positions) + 1 if positions else group.cache.lengths[request.layer]
+            t["bytes"] += (len(positions) if positions else group.cache.spec.batch) * length * group.row_token_bytes
         if dst is None:
             return kv_store_pb2.AttendResponse(output=inline_ref(out), length=length)
         return kv_store_pb2.AttendResponse(output=request.output, length=length)
@@ -259,12 +275,20 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             free = self.ledger.free(request.group)
             if self.arena is not None:
                 self.arena.release(request.group)
-        t = group.timing
-        span = t["span"][1] - t["span"][0] if t["span"] else 0.0
-        LOG.info("group %s freed: %d attends, %.3f s attention, %.3f s prefill append (both incl. queueing); "
-                 "%.3f s of attention on the compute thread, over %.3f s from the first attend to the last",
-                 request.group[:8], t["attends"], t["attend_s"], t["append_s"], t["compute_s"], span)
+        log_timing(request.group, group, "freed")
         return kv_store_pb2.FreeResponse(bytes_free=free)
+
+
+def log_timing(name: str, group: _Group, event: str) -> None:
+    """One log line of a group's attention timing, with the cache bytes its attends read
+    per second of the compute thread's attention: the decode kernel's in-service rate."""
+    t = group.timing
+    span = t["span"][1] - t["span"][0] if t["span"] else 0.0
+    rate = t["bytes"] / t["compute_s"] / 1e9 if t["compute_s"] else 0.0
+    LOG.info("group %s %s: %d attends, %.3f s attention, %.3f s prefill append (both incl. queueing); "
+             "%.3f s of attention on the compute thread (%.4g GB of cache read, %.4g GB/s), over %.3f s "
+             "from the first attend to the last",
+             name[:8], event, t["attends"], t["attend_s"], t["append_s"], t["compute_s"], t["bytes"] / 1e9, rate, span)
 
 
 def serve(config: KVStoreConfig, servicer: KVStoreServicer | None = None) -> grpc.Server:

@@ -40,10 +40,8 @@ class KVProcess:
     def stop(self) -> int:
         self.channel.close()
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            self.proc.stderr.close()
+        self.log = self.proc.communicate(timeout=30)[1]  # its stderr: the log
+        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +202,17 @@ def test_sigterm_exits_zero_with_a_region_registered():
         register = common_pb2.RegisterRegionRequest(name=region.name, byte_size=region.size)
         server.stub.RegisterRegion(register)
         allocate(server, "live")
+        _, k, v = random_qkv(5, seed=1)
+        server.stub.Append(kv_store_pb2.AppendRequest(group="live", layer=0, key=inline_ref(k), value=inline_ref(v)))
+        server.stub.Attend(attend_inline("live", 0, *random_qkv(1, seed=2)))
         assert server.stop() == 0
     finally:
         region.close()
+    # the arena's pages at start; at stop, the group still allocated with what its one
+    # attend read: 2 rows x 6 tokens x (K and V of 4 heads x 8 float32)
+    assert "KV arena faulted in" in server.log and "on huge pages" in server.log
+    assert "group live still allocated at stop: 1 attends" in server.log
+    assert f"({2 * 6 * 2 * 4 * 8 * 4 / 1e9:.4g} GB of cache read" in server.log
     assert not os.path.exists(server.socket)
     assert not list(pathlib.Path("/dev/shm").glob(f"strata-{server.session}-*"))
 
