@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -23,16 +26,28 @@ from kv_store.native import NativeDecodeAttention
 from strata.policy.run_plan import parse_kv_kernel_defines
 
 
-def pass_s(kernel, cache, layers: int, rounds: int) -> float:
-    """Best seconds of one pass of attends over layers [0, layers)."""
+def pass_s(kernel, cache, layers: int, rounds: int, service: bool = False) -> float:
+    """Best seconds of one pass of attends over layers [0, layers): the bare kernel, or
+    with `service` the KV store's whole slot step (GroupCache.attend_at: the new token's
+    store, then the kernel over TOKENS tokens)."""
     q = torch.randn(cache.spec.batch, HEADS, 1, HEAD_DIM).to(torch.bfloat16)
+    positions = [TOKENS - 1] * cache.spec.batch
+    cache.native = kernel
     best = float("inf")
     for _ in range(rounds + 1):  # the first round warms the kernel's pool
         t0 = time.perf_counter()
         for layer in range(layers):
-            kernel(q, cache.keys[layer][:, :, :TOKENS], cache.values[layer][:, :, :TOKENS], None, cache.spec.scale)
+            if service:
+                cache.attend_at(layer, q, q, q, positions)
+            else:
+                kernel(q, cache.keys[layer][:, :, :TOKENS], cache.values[layer][:, :, :TOKENS], None, cache.spec.scale)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def busy_loops(n: int) -> list[subprocess.Popen]:
+    """n processes that each keep one core busy (a stand-in for the peers' threads)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def main() -> None:
@@ -44,6 +59,8 @@ def main() -> None:
                    help="kernel macro sets, comma-separated ('' = the sources' defaults)")
     p.add_argument("--threads", default="16", help="kernel thread counts, comma-separated")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--modes", default="kernel", help="comma-separated: kernel, service (GroupCache.attend_at), "
+                   "busyN (the kernel while N other processes spin)")
     a = p.parse_args()
     per_layer = 2 * a.batch * HEADS * TOKENS * HEAD_DIM * 2
     rows = []
@@ -58,17 +75,23 @@ def main() -> None:
             for threads in map(int, a.threads.split(",")):
                 kernel = NativeDecodeAttention.create(threads, parse_kv_kernel_defines(variant) if variant else {})
                 try:
-                    for layers in map(int, a.sets.split(",")):
-                        s = worker.submit(pass_s, kernel, cache, min(layers, a.layers), a.rounds).result()
-                        rows.append({"way": f"{variant or 'default'}@{threads}", "layers": layers,
+                    for mode, layers in itertools.product(a.modes.split(","), map(int, a.sets.split(","))):
+                        busy = busy_loops(int(mode[4:]) if mode.startswith("busy") else 0)
+                        try:
+                            s = worker.submit(pass_s, kernel, cache, min(layers, a.layers), a.rounds,
+                                              mode == "service").result()
+                        finally:
+                            for b in busy:
+                                b.kill()
+                        rows.append({"way": f"{variant or 'default'}@{threads} {mode}", "layers": layers,
                                      "GB": round(per_layer * layers / 1e9, 1), "ms_per_layer": round(s / layers * 1e3, 2),
                                      "GBps": round(per_layer * layers / s / 1e9, 1)})
                         print(json.dumps(rows[-1]), flush=True)
                 finally:
                     kernel.close()
-    print(f"{'way':<28} {'layers':>6} {'GB/s':>6}")
+    print(f"{'way':<36} {'layers':>6} {'GB/s':>6}")
     for r in rows[1:]:
-        print(f"{r['way']:<28} {r['layers']:>6} {r['GBps']:>6}")
+        print(f"{r['way']:<36} {r['layers']:>6} {r['GBps']:>6}")
     print(f"dram@16 {rows[0]['GBps']}")
 
 

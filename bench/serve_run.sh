@@ -16,10 +16,13 @@ T3="--model facebook/opt-175b --dummy --kv-bits 4 --gpu-weight-share 0 --micro-b
 hostmem() { echo "kernel $(uname -r); THP $(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
             grep -E "^(MemTotal|MemFree|MemAvailable|Cached|AnonHugePages|Shmem):" /proc/meminfo | tr -s ' ' | tr '\n' ';'; echo
             grep -E "^(thp_fault_alloc|thp_fault_fallback|compact_stall|compact_fail|compact_success|pgmajfault) " /proc/vmstat | tr '\n' ';'; echo; }
-# every 5 s while $1 runs: free memory, page cache, the KV store's RSS and huge pages
+# every 5 s while $1 runs: free memory, page cache, the KV store's RSS and huge pages, each
+# process's CPU seconds so far
 sampler() { while kill -0 "$1" 2>/dev/null; do
               pid=$(pgrep -f "m kv_store" | head -1)
-              echo "$(date -u +%T) $(grep -E '^(MemFree|Cached):' /proc/meminfo | tr -s ' ' | tr '\n' ' ') kv: $( [ -n "$pid" ] && grep -E '^(Rss|AnonHugePages):' /proc/$pid/smaps_rollup 2>/dev/null | tr -s ' ' | tr '\n' ' ')"
+              cpu=$(for n in kv_store compute_node weight_store deploy.cli; do p=$(pgrep -f "python3 -m $n" | head -1)
+                      [ -n "$p" ] && awk -v t=$(getconf CLK_TCK) -v n=$n '{printf "%s=%.1f ", n, ($14+$15)/t}' /proc/$p/stat 2>/dev/null; done)
+              echo "$(date -u +%T) $(grep -E '^(MemFree|Cached):' /proc/meminfo | tr -s ' ' | tr '\n' ' ') kv: $( [ -n "$pid" ] && grep -E '^(Rss|AnonHugePages):' /proc/$pid/smaps_rollup 2>/dev/null | tr -s ' ' | tr '\n' ' ') cpu_s: $cpu"
               sleep 5; done; }
 for step in "$@"; do
   echo "== $step $(date -u +%H:%M:%S)"
