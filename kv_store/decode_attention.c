@@ -106,10 +106,21 @@ static inline float softmax_unnormalized(float *s, int64_t T, const float *m) {
     return 1.f / sum;
 }
 
+/* The decode step's new key and value, stored by the kernel (each row by the thread that
+ * claimed it, just before it reads the row) instead of by the caller on one thread ahead
+ * of the call: k_new, v_new [B, Hkv, 1, D] with strides sn_b, sn_h (the same for both);
+ * cols[b] the column sequence b's vectors go to (negative: none, an idle row). NULL
+ * k_new: nothing to store. */
 typedef struct {
-    const uint16_t *q, *k, *v; const float *mask; uint16_t *out;
+    const uint16_t *k_new, *v_new; const int64_t *cols;
+    int64_t sn_b, sn_h;
+} bf16_new;
+
+typedef struct {
+    const uint16_t *q; uint16_t *k, *v; const float *mask; uint16_t *out;
     int64_t H, Hkv, T, sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_h, so_b, so_h;
     float scale;
+    bf16_new nw;
 } bf16_args;
 
 #if defined(__AVX512BF16__) && !defined(STRATA_NO_BF16DOT) /* -D...: the plain paths, for comparison */
@@ -156,6 +167,11 @@ static inline __attribute__((always_inline)) void bf16_rows(const bf16_args *a, 
         const int64_t b = r / a->Hkv, h = r % a->Hkv;
         const uint16_t *kb = a->k + b * a->sk_b + h * a->sk_h;
         const uint16_t *vb = a->v + b * a->sv_b + h * a->sv_h;
+        if (a->nw.k_new && a->nw.cols[b] >= 0) {
+            const int64_t c = a->nw.cols[b], n = b * a->nw.sn_b + h * a->nw.sn_h;
+            memcpy(a->k + b * a->sk_b + h * a->sk_h + c * a->sk_t, a->nw.k_new + n, (size_t)D * 2);
+            memcpy(a->v + b * a->sv_b + h * a->sv_h + c * a->sv_t, a->nw.v_new + n, (size_t)D * 2);
+        }
         for (int64_t g = 0; g < G; g++) {
             const int64_t head = h * G + g;
             const uint16_t *qh = a->q + b * a->sq_b + head * a->sq_h;
@@ -198,13 +214,14 @@ static inline __attribute__((always_inline)) void bf16_rows(const bf16_args *a, 
 }
 
 void strata_decode_attention_bf16(
-    const uint16_t *q, const uint16_t *k, const uint16_t *v, const float *mask, uint16_t *out,
+    const uint16_t *q, uint16_t *k, uint16_t *v, const float *mask, uint16_t *out,
     int64_t H, int64_t Hkv, int64_t T, int64_t D,
     int64_t sq_b, int64_t sq_h, int64_t sk_b, int64_t sk_h, int64_t sk_t,
     int64_t sv_b, int64_t sv_h, int64_t sv_t, int64_t sm_b, int64_t sm_h,
-    int64_t so_b, int64_t so_h, float scale, int64_t *next, int64_t rows, int64_t chunk, float *scratch) {
+    int64_t so_b, int64_t so_h, float scale, bf16_new nw, int64_t *next, int64_t rows, int64_t chunk,
+    float *scratch) {
     const bf16_args a = {q, k, v, mask, out, H, Hkv, T, sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-                         sm_b, sm_h, so_b, so_h, scale};
+                         sm_b, sm_h, so_b, so_h, scale, nw};
     FOR_EACH_CHUNK(next, rows, chunk, r0, r1) {
         if (D == 128)
             bf16_rows(&a, 128, r0, r1, scratch);

@@ -98,10 +98,13 @@ static int pool_task(strata_pool *p, int tid) {
     float *s = p->scratch[tid];
     switch (p->kind) {
     case JOB_BF16:
-        strata_decode_attention_bf16((const uint16_t *)a[0], (const uint16_t *)a[1], (const uint16_t *)a[2],
+        strata_decode_attention_bf16((const uint16_t *)a[0], (uint16_t *)a[1], (uint16_t *)a[2],
                                      (const float *)a[3], (uint16_t *)a[4], a[5], a[6], a[7], a[8], a[9], a[10],
                                      a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18], a[19], a[20],
-                                     pool_f32(a[21]), &p->next, p->rows, p->chunk, s);
+                                     pool_f32(a[21]),
+                                     (bf16_new){(const uint16_t *)a[22], (const uint16_t *)a[23],
+                                                (const int64_t *)a[24], a[25], a[26]},
+                                     &p->next, p->rows, p->chunk, s);
         return 0;
     case JOB_QUANT:
         strata_decode_attention_quant((const uint16_t *)a[0], (const uint8_t *)a[1], (const uint16_t *)a[2],

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kv_store.host_pages import huge_page_tensor
+from kv_store.native import NewVectors
 from strata.model.alibi import alibi_slopes
 from strata.model.kv_quant import default_group
 from strata.runtime.errors import ErrorKind, StrataError
@@ -149,22 +150,21 @@ class GroupCache:
         self.lengths[layer] = start + n
         return start + n
 
-    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Append one decode token, then softmax(scale * q.K^T + bias + mask) . V over
-        every cached token of the layer. Returns [batch, heads, 1, head_dim]."""
+        every cached token of the layer. Returns [batch, heads, 1, head_dim] (in `out`
+        where given: q's shape and dtype)."""
         self._check_layer(layer)
         self._check(q, "query", 1, self.spec.num_heads)
         self._check(k_new, "key", 1, self.spec.kv_heads)
         self._check(v_new, "value", 1, self.spec.kv_heads)
-        with one_thread(self.native is not None):
-            length = self.append(layer, k_new, v_new)
-        keys = self.keys[layer][:, :, :length]
-        values = self.values[layer][:, :, :length]
-        mask = None if self.mask is None else self.mask[..., :length]
-        if self.native is not None and self.native.supports(q, keys):
-            return self.native(q, keys, values, mask, self.spec.scale)
-        gqa = self.spec.kv_heads != self.spec.num_heads
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.spec.scale, enable_gqa=gqa)
+        start = self.lengths[layer]
+        self._check_room(layer, 1)
+        mask = None if self.mask is None else self.mask[..., : start + 1]
+        out = self._step(layer, q, k_new, v_new, [start] * q.shape[0], start + 1, mask, out)
+        self.lengths[layer] = start + 1
+        return out
 
     # Slots (compute_node/slot_kv.py): each row one sequence with its own length, told
     # by the caller; the layer's shared length is not used.
@@ -180,10 +180,11 @@ class GroupCache:
             a += m * n
 
     def attend_at(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                  positions: list[int], idle: list[int] = ()) -> torch.Tensor:
+                  positions: list[int], idle: list[int] = (), out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows 0..n-1 (n = len(positions)): row r's new key and value at column
         positions[r], then its attention over columns [0, positions[r]]. Rows in `idle`
-        store nothing and attend over column 0 (their position must be 0)."""
+        store nothing and attend over column 0 (their position must be 0). The result
+        goes to `out` where given (q's shape and dtype)."""
         self._check_layer(layer)
         n = self._check_positions(positions)
         self._check_slot_step(q, k_new, v_new, n)
@@ -191,16 +192,43 @@ class GroupCache:
         if any(r >= n or positions[r] != 0 for r in idle_set):
             raise StrataError(ErrorKind.INVALID_ARGUMENT, f"idle rows {sorted(idle_set)} must be rows at position 0")
         first = positions[0]
-        if not idle_set and all(p == first for p in positions):  # one column for all: as a shared length
+        uniform = not idle_set and all(p == first for p in positions)  # one column for all: as a shared length
+        mask = None if uniform and self.mask is None else self._slot_mask(positions)
+        cols = [-1 if r in idle_set else positions[r] for r in range(n)]
+        return self._step(layer, q, k_new, v_new, cols, max(positions) + 1, mask, out)
+
+    def _step(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cols: list[int],
+              length: int, mask: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+        """A decode step on q's rows (the group's first q.shape[0]): row r's new vectors
+        at column cols[r] (negative: none), then its attention over columns [0, length).
+        The bfloat16 kernel stores the vectors itself, each row on the thread that then
+        reads it; otherwise they are stored here first, on this one thread."""
+        n = q.shape[0]
+        if self._kernel_stores(layer, q, k_new, v_new):
+            keys, values = self.keys[layer][:n, :, :length], self.values[layer][:n, :, :length]
+            into = out if out is not None and out.is_contiguous() else None
+            result = self.native(q, keys, values, mask, self.spec.scale, NewVectors(k_new, v_new, cols), into)
+        else:
             with one_thread(self.native is not None):
-                self._store_row_block(layer, n, first, k_new, v_new)
-            return self._attend_rows(layer, q, first + 1, None if self.mask is None else self._slot_mask(positions))
-        active = [r for r in range(n) if r not in idle_set]
-        rows = torch.tensor(active, dtype=torch.long)
-        cols = torch.tensor([positions[r] for r in active], dtype=torch.long)
+                self._store_new(layer, n, cols, k_new, v_new)
+            result = self._attend_rows(layer, q, length, mask)
+        if out is None or result is out:
+            return result
         with one_thread(self.native is not None):
-            self._store_columns(layer, rows, cols, k_new, v_new)
-        return self._attend_rows(layer, q, max(positions) + 1, self._slot_mask(positions))
+            return out.copy_(result)
+
+    def _kernel_stores(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
+        return (self.native is not None and NewVectors.fits(k_new, v_new)
+                and self.native.supports(q, self.keys[layer]))
+
+    def _store_new(self, layer: int, n: int, cols: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Row r's new key and value at column cols[r] (negative: none), r < n."""
+        if cols and cols[0] >= 0 and all(c == cols[0] for c in cols):
+            self._store_row_block(layer, n, cols[0], k, v)
+            return
+        active = [r for r in range(n) if cols[r] >= 0]
+        rows = torch.tensor(active, dtype=torch.long)
+        self._store_columns(layer, rows, torch.tensor([cols[r] for r in active], dtype=torch.long), k, v)
 
     def _store_row_block(self, layer: int, n: int, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows 0..n-1's new vectors, all at column `col`."""

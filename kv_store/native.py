@@ -115,6 +115,27 @@ def quant_shape_supported(head_dim: int, group: int, bits: int) -> bool:
     return bits in (4, 8) and 0 < group and head_dim <= MAX_HEAD_DIM and head_dim % group == 0 and code_bytes % 16 == 0
 
 
+class NewVectors:
+    """A decode step's key and value for the bfloat16 kernel to store before it reads:
+    k, v [B, Hkv, 1, D] bfloat16 with the same strides (D contiguous), sequence b's going
+    to column cols[b] (negative: none)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, cols: list[int]):
+        if k.dtype != torch.bfloat16 or v.dtype != k.dtype or k.shape != v.shape or k.stride() != v.stride() \
+                or k.stride(3) != 1 or len(cols) != k.shape[0]:
+            raise ValueError("new vectors: k and v bfloat16 [B, Hkv, 1, D] with one layout and a column per row")
+        self.k, self.v = k, v
+        self.cols = torch.tensor(cols, dtype=torch.int64)  # kept alive for the call
+
+    @staticmethod
+    def fits(k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether the kernel takes these as they are (else the caller stores them)."""
+        return k.dtype == v.dtype == torch.bfloat16 and k.stride() == v.stride() and k.stride(3) == 1
+
+    def args(self) -> tuple[int, ...]:
+        return self.k.data_ptr(), self.v.data_ptr(), self.cols.data_ptr(), self.k.stride(0), self.k.stride(1)
+
+
 class NativeDecodeAttention:
     """softmax(scale * q.K^T + mask) . V for one query per head over a bfloat16 cache,
     on `threads` threads. The pool runs one call at a time: calls from several threads
@@ -147,15 +168,19 @@ class NativeDecodeAttention:
                 and dim <= MAX_HEAD_DIM and q.stride(3) == 1 and cache_ok)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                 scale: float) -> torch.Tensor:
+                 scale: float, new: NewVectors | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, H, 1, D]; keys, values [B, Hkv, T, D] bfloat16 (strided, D contiguous);
-        mask None or float32 [B, 1 or H, 1, >= T] (D contiguous). Returns [B, H, 1, D]."""
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        mask None or float32 [B, 1 or H, 1, >= T] (D contiguous). Returns [B, H, 1, D],
+        written into `out` where given ([B, H, 1, D] bfloat16, D contiguous).
+        `new`: the step's key and value, stored into keys and values by the kernel's
+        threads first (`NewVectors`; the caller has checked their shapes)."""
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
         mask, m_args = _mask_args(mask)
         args = (q.data_ptr(), keys.data_ptr(), values.data_ptr(), m_args[0], out.data_ptr(),
                 q.shape[1], keys.shape[1], keys.shape[2], q.shape[3],
                 q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3], *m_args[1:],
-                out.stride(0), out.stride(1), float(scale))
+                out.stride(0), out.stride(1), float(scale), *(new.args() if new is not None else (0,) * 5))
         self._parallel(JOB_BF16, args, q.shape[0] * keys.shape[1], keys.shape[2])
         return out
 

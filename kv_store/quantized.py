@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kv_store.group_cache import GroupCache, GroupSpec, build_mask, one_thread
+from kv_store.group_cache import GroupCache, GroupSpec, build_mask
 from kv_store.host_pages import huge_page_tensor
 from strata.model.kv_quant import KVFormat
 
@@ -87,13 +87,8 @@ class QuantizedGroupCache(GroupCache):
         self.lengths[layer] = start + n
         return start + n
 
-    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-        self._check_layer(layer)
-        self._check(q, "query", 1, self.spec.num_heads)
-        with one_thread(self.native is not None):
-            length = self.append(layer, k_new, v_new)
-        mask = None if self.mask is None else self.mask[..., :length]
-        return self._attend_rows(layer, q, length, mask)
+    def _kernel_stores(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
+        return False  # quantized on store: _store_new, through the kernel's quantizer
 
     def _store_rows(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._store(0, layer, 0, k, slice(row, row + k.shape[0]))

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from kv_store import host_pages
-from kv_store.group_cache import one_thread, GroupCache, GroupSpec
+from kv_store.group_cache import GroupCache, GroupSpec
 from kv_store.host_pages import huge_page_tensor
 from kv_store.ledger import ArenaAllocator, CapacityLedger, cache_bytes
 from kv_store.native import NativeDecodeAttention
@@ -245,20 +245,16 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
 
     @staticmethod
     def _attend(cache: GroupCache, layer: int, q, k, v, dst, slots=None) -> tuple[torch.Tensor, float]:
-        """On the compute thread: attention, then its copy into the caller's output
-        region on this thread alone (an OpenMP team started for the copy would keep
-        spinning on the cores the next call's kernel threads use). Returns the output
-        and the seconds this took."""
+        """On the compute thread: the step's store and attention, the result written
+        into the caller's output region where one is given. Returns the output and the
+        seconds this took."""
         t0 = time.perf_counter()
-        out = cache.attend(layer, q, k, v) if slots is None else cache.attend_at(layer, q, k, v, *slots)
-        if dst is not None:
-            if dst.shape != out.shape or dst.dtype != out.dtype:
-                raise StrataError(
-                    ErrorKind.INVALID_ARGUMENT,
-                    f"output ref is {list(dst.shape)} {dst.dtype}, attention gives {list(out.shape)} {out.dtype}",
-                )
-            with one_thread():
-                dst.copy_(out)
+        if dst is not None and (dst.shape != q.shape or dst.dtype != q.dtype):
+            raise StrataError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"output ref is {list(dst.shape)} {dst.dtype}, attention gives {list(q.shape)} {q.dtype}",
+            )
+        out = cache.attend(layer, q, k, v, dst) if slots is None else cache.attend_at(layer, q, k, v, *slots, dst)
         return out, time.perf_counter() - t0
 
     @grpc_method

@@ -84,6 +84,48 @@ def test_group_cache_uses_it_and_agrees_with_sdpa(kernel):
     assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2)
 
 
+def test_the_kernel_stores_each_step_s_vectors_as_the_python_path_does(kernel):
+    """Slot steps through the kernel (which stores the new key and value itself, row by
+    row on its threads) against the same steps without it: the same cache contents bit
+    for bit, idle rows untouched, close outputs; the result lands in the given output."""
+    spec = GroupSpec(num_layers=1, batch=4, num_heads=8, num_kv_heads=2, head_dim=64, max_tokens=40,
+                     dtype=torch.bfloat16, scale=64**-0.5)
+    with_kernel, plain = GroupCache(spec, native=kernel), GroupCache(spec)
+    torch.manual_seed(3)
+    k, v = (torch.randn(4, 2, 10, 64).to(torch.bfloat16) for _ in range(2))
+    for cache in (with_kernel, plain):
+        cache.append(0, k, v)
+    steps = [([10] * 4, []), ([11, 11, 0, 11], [2]), ([12, 12, 0, 5], [2])]  # uniform; an idle row; mixed
+    for i, (positions, idle) in enumerate(steps):
+        q = torch.randn(4, 8, 1, 64).to(torch.bfloat16)
+        kv_new = torch.randn(2, 4, 2, 1, 64).to(torch.bfloat16)
+        out = torch.full_like(q, float("nan"))
+        assert with_kernel._kernel_stores(0, q, kv_new[0], kv_new[1])
+        got = with_kernel.attend_at(0, q, kv_new[0], kv_new[1], positions, idle, out=out)
+        want = plain.attend_at(0, q, kv_new[0], kv_new[1], positions, idle)
+        assert got is out, f"step {i}: the result was not written into the given output"
+        assert torch.equal(with_kernel.keys[0], plain.keys[0]) and torch.equal(with_kernel.values[0], plain.values[0])
+        active = [r for r in range(4) if r not in idle]
+        assert torch.allclose(got[active].float(), want[active].float(), atol=1e-2, rtol=1e-2), f"step {i}"
+    assert not with_kernel.keys[0][2, :, 11:].any()  # idle after the first step: no vectors past column 10
+
+
+def test_new_vectors_of_another_layout_are_stored_by_the_caller(kernel):
+    """k and v with different strides are not the kernel's to store: the step stores
+    them first and the result is the same."""
+    spec = GroupSpec(num_layers=1, batch=2, num_heads=4, head_dim=32, max_tokens=16, dtype=torch.bfloat16,
+                     scale=32**-0.5)
+    with_kernel, plain = GroupCache(spec, native=kernel), GroupCache(spec)
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 1, 32).to(torch.bfloat16)
+    k_new = torch.randn(2, 4, 1, 32).to(torch.bfloat16)
+    v_new = torch.randn(4, 2, 1, 32).to(torch.bfloat16).transpose(0, 1)  # same shape, other strides
+    assert not native.NewVectors.fits(k_new, v_new)
+    got, want = with_kernel.attend(0, q, k_new, v_new), plain.attend(0, q, k_new, v_new)
+    assert torch.equal(with_kernel.values[0], plain.values[0]) and with_kernel.lengths == [1]
+    assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_no_compiler_means_no_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert native.build(tmp_path) is None
