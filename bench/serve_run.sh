@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 new() { PYTHONPATH=$PWD${EXTRA_PATH:+:$EXTRA_PATH} timeout "${BENCH_TIMEOUT:-500}" python3 -m deploy.cli bench --json --output "$RES" "$@" 2>>"$OUT/bench.log" | tail -1 | cut -c1-400; }
 old() { (cd .old && PYTHONPATH=$PWD${EXTRA_PATH:+:$EXTRA_PATH} timeout "${BENCH_TIMEOUT:-500}" python3 -m deploy.cli bench --json --output "$RES.old" "$@" 2>>"$OUT/bench-old.log" | tail -1 | cut -c1-300); }
 T2="--model facebook/opt-30b --dummy --gpu-weight-share 1 --micro-batches 1 --batch-size ${T2_B:-128}"
-T1="--model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 --micro-batches ${T1_M:-4} --batch-size ${T1_B:-159}"
+T1="--model facebook/opt-30b --dummy --kv-offload --gpu-weight-share 1 --micro-batches ${T1_M:-4} --batch-size ${T1_B:-159} ${T1_X:-}"
 T3="--model facebook/opt-175b --dummy --kv-bits 4 --gpu-weight-share 0 --micro-batches ${T3_M:-8} --batch-size ${T3_B:-89}"
 # host memory facts for the KV store's cache: THP mode, free memory and page cache, THP fault counters
 hostmem() { echo "kernel $(uname -r); THP $(cat /sys/kernel/mm/transparent_hugepage/enabled) defrag $(cat /sys/kernel/mm/transparent_hugepage/defrag)"
