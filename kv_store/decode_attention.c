@@ -165,12 +165,12 @@ static inline __attribute__((always_inline)) void bf16_rows(const bf16_args *a, 
     float qf[256], acc[256];
     for (int64_t r = r0; r < r1; r++) {
         const int64_t b = r / a->Hkv, h = r % a->Hkv;
-        const uint16_t *kb = a->k + b * a->sk_b + h * a->sk_h;
-        const uint16_t *vb = a->v + b * a->sv_b + h * a->sv_h;
+        uint16_t *kb = a->k + b * a->sk_b + h * a->sk_h;
+        uint16_t *vb = a->v + b * a->sv_b + h * a->sv_h;
         if (a->nw.k_new && a->nw.cols[b] >= 0) {
             const int64_t c = a->nw.cols[b], n = b * a->nw.sn_b + h * a->nw.sn_h;
-            memcpy(a->k + b * a->sk_b + h * a->sk_h + c * a->sk_t, a->nw.k_new + n, (size_t)D * 2);
-            memcpy(a->v + b * a->sv_b + h * a->sv_h + c * a->sv_t, a->nw.v_new + n, (size_t)D * 2);
+            memcpy(kb + c * a->sk_t, a->nw.k_new + n, (size_t)D * 2);
+            memcpy(vb + c * a->sv_t, a->nw.v_new + n, (size_t)D * 2);
         }
         for (int64_t g = 0; g < G; g++) {
             const int64_t head = h * G + g;

@@ -121,8 +121,7 @@ class NewVectors:
     to column cols[b] (negative: none)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, cols: list[int]):
-        if k.dtype != torch.bfloat16 or v.dtype != k.dtype or k.shape != v.shape or k.stride() != v.stride() \
-                or k.stride(3) != 1 or len(cols) != k.shape[0]:
+        if not self.fits(k, v) or k.shape != v.shape or len(cols) != k.shape[0]:
             raise ValueError("new vectors: k and v bfloat16 [B, Hkv, 1, D] with one layout and a column per row")
         self.k, self.v = k, v
         self.cols = torch.tensor(cols, dtype=torch.int64)  # kept alive for the call
