@@ -5,9 +5,9 @@ them, for each kernel build (prefetch macros) and thread count asked.
 
     PYTHONPATH=. python3 bench/attn_size.py [--layers 84] [--sets 4,84] [--variants ",PF_TOKENS=32"] [--threads 16]
 
-Why: alone on a few GB the kernel reads 110-124 GB/s on the H200 hosts; in the service,
-over a ~120 GB cache, it read 80-95 on some. One JSON line per (variant, threads, set);
-the table last."""
+Why: whether the cache's size, the prefetch build, the step's own work or busy
+neighbours explain a service that reads slower than the kernel alone (BENCHMARKS.md,
+sixteenth session). One JSON line per (variant, threads, mode, set); the table last."""
 
 from __future__ import annotations
 
