@@ -118,7 +118,7 @@ def write_dummy_model(name: str, bits: int, group_size: int, directory: str | pa
                 if shard_name not in data:
                     shards[shard_name] = _sparse(shard, tmp / shard.file)
                 else:
-                    raw = torch.empty(shard.size, dtype=torch.uint8)
+                    raw = torch.zeros(shard.size, dtype=torch.uint8)  # the padding between parts: zeros
                     fill({shard_name: raw}, m, threads=1)
                     shards[shard_name] = _hashed(shard, raw, pool)
                     _write_shard(tmp / shard.file, raw)

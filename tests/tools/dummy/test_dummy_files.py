@@ -34,7 +34,7 @@ def test_only_the_data_shards_take_disk_space_and_every_shard_verifies(tmp_path)
     finally:
         reader.close()
     # the data shard holds the dummy fill's bytes, as a fully written directory would
-    want = torch.empty(data.size, dtype=torch.uint8)
+    want = torch.zeros(data.size, dtype=torch.uint8)
     fill({"layer.11": want}, m, threads=1)
     got = torch.frombuffer(bytearray((out / data.file).read_bytes()), dtype=torch.uint8)  # read, not mapped
     assert torch.equal(got, want)
