@@ -16,6 +16,7 @@ Names (a label, where there is one, follows a colon):
   resident_layer:<i>            1 for each resident layer, by index
   plan_micro_batches            groups of the running batch
   plan_kv_bits                  the KV cache's bits (16, 8 or 4)
+  plan_prefill_tokens_per_pass  prompt tokens a pass prefills, at most (0: no bound)
   kernel:<name>                 1 where the CUDA kernel (w4a16_wgmma, w4a16_mma) is built and switched on
   oom_shrinks_total             passes retried with smaller prefill chunks after running out of memory
   oom_preemptions_total         requests taken out of a pass that ran out of memory, recomputed later

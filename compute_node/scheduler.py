@@ -4,8 +4,10 @@ into the engine's passes (iteration-level batching).
 One thread owns the device and loops:
 
     drop cancelled and expired requests (their slots free at once)
-    admit waiting requests while their sequences fit the free slots (compute_node/slots.py)
-    one pass (compute_node/runner.py): the admitted prompts are prefilled and every
+    admit waiting requests while their sequences fit the free slots (compute_node/slots.py);
+        their sequences take slots at once
+    one pass (compute_node/runner.py): seated prompts are prefilled (all of them, or
+        with a prefill budget the next ones in line, up to the budget's tokens) and every
         running sequence decodes a token, in the same pass over the layers
     choose each sequence's token (its request's sampling), stream it to its call,
         end sequences at EOS, a stop string or max tokens; free their slots
@@ -77,14 +79,20 @@ class Request:
 class Scheduler:
     def __init__(self, runner: Runner, limits: Limits, eos_id: int | None, pad_id: int, metrics: Metrics,
                  peak_bytes=lambda: 0, kv_gauge: tuple[str, int] = ("", 0), prompt_pieces: bool = False,
-                 empty_cache=lambda: None):
+                 empty_cache=lambda: None, prefill_budget: int = 0):
         """`peak_bytes()`: the device's peak allocated bytes; `empty_cache()`: hands its
         cached free memory back (compute_node/device/). `kv_gauge`: (metric name, bytes a
         cached token takes): the KV bytes in use. `prompt_pieces`: a prompt longer than
         the runner's chunk goes in over several passes, a chunk each, while the running
         sequences decode (the KV cache must be on the device: the pieces attend over the
-        earlier ones there)."""
+        earlier ones there). `prefill_budget`: prompt tokens a pass prefills, at most (at
+        least one prompt or piece: a longer one goes alone); the seated sequences past it
+        wait, idle in their rows, for the next passes, so a large request's prefill is
+        spread over passes that also decode its first sequences (the KV store's attention
+        of those runs while the GPU prefills the next: compute_node/runner.py). 0: no
+        bound, every seated prompt in the first pass after its admission."""
         self.prompt_pieces = prompt_pieces
+        self.prefill_budget = prefill_budget
         self.runner, self.limits, self.eos, self.pad = runner, limits, eos_id, pad_id
         self.metrics, self.peak_bytes, self.kv_gauge = metrics, peak_bytes, kv_gauge
         self.empty_cache = empty_cache
@@ -153,8 +161,9 @@ class Scheduler:
                     break
                 self._drop_ended()
                 admitted = self.waiting.admissible(self.pool.free)
-                joins = self._continuing() + self._seat(admitted)
+                self._seat(admitted)
                 self.running.extend(admitted)
+                joins = self._joins()
                 self.metrics.set("queue_depth", self.waiting.sequences)
             if not self.running:
                 continue
@@ -219,32 +228,46 @@ class Scheduler:
                     len(victim.live), self.pool.cap)
         return victim
 
-    def _seat(self, admitted: list[Request]) -> list[tuple[Sequence, Join]]:
+    def _seat(self, admitted: list[Request]) -> None:
+        """Slots for the admitted requests' sequences; their prefill follows (_joins)."""
         now = time.monotonic()
-        joins = []
         for r in admitted:
             r.admitted = r.admitted or now  # a preempted request keeps its first admission
             for s in r.live:
                 s.slot = self.pool.take()
-                joins.append((s, self._piece(s)))
                 if not s.generated:
                     self.metrics.count("prompt_tokens_total", len(s.prompt))
+
+    def _joins(self) -> list[tuple[Sequence, Join]]:
+        """This pass's prefill: the next piece of each seated sequence's context not yet
+        in its KV cache, in admission order, within the prefill budget (at least one)."""
+        joins: list[tuple[Sequence, Join]] = []
+        tokens = 0
+        for r in self.running:
+            for s in r.live:
+                if s.slot is None or s.prefilled >= len(s.context):
+                    continue
+                n = self._piece_end(s) - s.prefilled
+                if self.prefill_budget and joins and tokens + n > self.prefill_budget:
+                    return joins
+                joins.append((s, self._piece(s)))
+                tokens += n
         return joins
 
-    def _piece(self, s: Sequence) -> Join:
-        """The next part of s's context to prefill: all of it, or with prompt_pieces at
-        most a chunk."""
+    def _piece_end(self, s: Sequence) -> int:
+        """Where the next part of s's context to prefill ends: all of it, or with
+        prompt_pieces at most a chunk."""
         end = len(s.context)
         if self.prompt_pieces:
             end = min(end, s.prefilled + max(1, self.runner.chunk_tokens))
+        return end
+
+    def _piece(self, s: Sequence) -> Join:
+        """The next part of s's context to prefill, marked as prefilled."""
+        end = self._piece_end(s)
         join = Join(s.slot[0], s.slot[1], s.context[s.prefilled : end], s.prefilled)
         s.prefilled = end
         return join
-
-    def _continuing(self) -> list[tuple[Sequence, Join]]:
-        """The next piece of every prompt partly prefilled."""
-        return [(s, self._piece(s)) for r in self.running for s in r.live
-                if s.slot is not None and 0 < s.prefilled < len(s.context)]
 
     def _drop_ended(self) -> None:
         """Cancelled or expired requests, waiting or running, end now."""
@@ -322,11 +345,12 @@ class Scheduler:
             self.metrics.set(name, per_token * sum(s.position + 1 for s in live))
 
     def _group_steps(self, joining: set[int]) -> tuple[list[GroupStep], dict[int, dict[int, Sequence]]]:
-        """Each group's decode step over its rows in use; rows joining this pass idle."""
+        """Each group's decode step over its rows in use; rows joining this pass, or
+        seated but not yet prefilled, idle."""
         by_group: dict[int, dict[int, Sequence]] = {}
         for r in self.running:
             for s in r.live:
-                if id(s) not in joining:
+                if id(s) not in joining and s.slot is not None and s.prefilled == len(s.context):
                     g, row = s.slot
                     by_group.setdefault(g, {})[row] = s
         steps = []

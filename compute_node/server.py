@@ -63,7 +63,8 @@ def run_plan(config: ComputeNodeConfig, dims) -> RunPlan:
             dims.num_layers, config.gpu_weight_share, kv_home="kv_store" if config.kv_offload else "gpu",
             kv_bits=config.kv_bits, kv_group_size=group if config.kv_bits != 16 else 0,
             micro_batches=config.micro_batches, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
-            max_queue=config.max_queue, dtype=config.dtype, decode_graphs=config.decode_graphs)
+            max_queue=config.max_queue, dtype=config.dtype, decode_graphs=config.decode_graphs,
+            prefill_tokens_per_pass=config.prefill_tokens_per_pass)
     plan.check_model(dims.num_layers)
     if plan.kv_bits != 16 and plan.kv_group_size != group:
         raise StrataError(ErrorKind.INVALID_ARGUMENT, f"run plan: kv_group_size {plan.kv_group_size} is not the "
@@ -117,7 +118,8 @@ class ComputeNode:
         self.scheduler = Scheduler(self._runner(self.plan), self.batch_limits, self.dims.eos_token_id,
                                    self.dims.pad_token_id or 0, self.metrics, self.dev.max_memory_allocated,
                                    kv_gauge=(f"kv_bytes_used:{self.kv_home}", self.kv_token_bytes),
-                                   prompt_pieces=self.kv is None, empty_cache=self.dev.empty_cache)
+                                   prompt_pieces=self.kv is None, empty_cache=self.dev.empty_cache,
+                                   prefill_budget=self.plan.prefill_tokens_per_pass)
 
     def _batch_limits(self, plan: RunPlan) -> Limits:
         """The running batch: slots in micro-batch groups, tokens per slot, wait queue."""
@@ -133,6 +135,7 @@ class ComputeNode:
         for i in resident:
             self.metrics.set(f"resident_layer:{i}", 1)
         self.metrics.set("plan_micro_batches", len(self.batch_limits.groups))
+        self.metrics.set("plan_prefill_tokens_per_pass", self.plan.prefill_tokens_per_pass)
         self.metrics.set("plan_kv_bits", self.plan.kv_bits)
         for name, on in self.kernels.report().items():  # the CUDA kernels the decode matmuls may run
             self.metrics.set(f"kernel:{name}", float(on))
@@ -291,11 +294,15 @@ def parse_args(argv=None) -> tuple[ComputeNodeConfig, str]:
                    help="sequences waiting for a slot before calls get RESOURCE_EXHAUSTED (0 = max(64, 8 x max-batch))")
     p.add_argument("--prefill-chunk-tokens", type=int, default=0,
                    help="prompt tokens through a layer at once (0 = a micro-batch's slots x max-seq-len)")
+    p.add_argument("--prefill-tokens-per-pass", type=int, default=None,
+                   help="prompt tokens a pass prefills, at most; the other admitted prompts wait for the next "
+                        "passes, which also decode (0 = no bound)")
     a = p.parse_args(argv)
     placement = {"dtype": a.dtype, "kv_offload": a.kv_offload, "kv_bits": a.kv_bits,
                  "gpu_weight_share": a.gpu_weight_share, "micro_batches": a.micro_batches,
                  "decode_graphs": None if a.no_decode_graphs is None else False, "max_batch": a.max_batch,
-                 "max_seq_len": a.max_seq_len, "max_queue": a.max_queue}
+                 "max_seq_len": a.max_seq_len, "max_queue": a.max_queue,
+                 "prefill_tokens_per_pass": a.prefill_tokens_per_pass}
     given = {k: v for k, v in placement.items() if v is not None}
     plan = None
     if a.plan:

@@ -57,6 +57,7 @@ class BenchArgs:
     kv_kernel_defines: dict = dataclasses.field(default_factory=dict)  # the KV store kernel's macros
     batch_requests: int = 0  # also this many requests through `strata batch` (deploy/bench_batch.py)
     prefill_chunk_tokens: int = 0  # prompt tokens through a layer at once; 0 = the compute node's default
+    prefill_tokens_per_pass: int = 0  # prompt tokens a pass prefills, at most; 0 = no bound
     profile: object = None  # strata.policy.hardware.HardwareProfile of the floor and the prediction (None: DESIGN.md's H100)
     profile_path: str = ""
 
@@ -124,7 +125,7 @@ def _run_plan(a: BenchArgs, m: Manifest) -> RunPlan:
         m, gpu_weight_share=a.gpu_weight_share, disk_layers=a.disk_layers, disk_offload=a.disk_offload,
         host_budget_bytes=int(a.host_budget_gb * 2**30), kv_offload=a.kv_offload, kv_bits=a.kv_bits,
         micro_batches=a.micro_batches, max_batch=a.batch_size, max_seq_len=a.prompt_len + a.gen_len,
-        prefill_chunk_tokens=a.prefill_chunk_tokens,
+        prefill_chunk_tokens=a.prefill_chunk_tokens, prefill_tokens_per_pass=a.prefill_tokens_per_pass,
         max_queue=max(a.clients.clients, 8 * a.batch_size) if a.clients else 0, decode_graphs=a.decode_graphs,
         w4a16_wgmma=a.w4a16_kernels in ("auto", "wgmma"), w4a16_mma=a.w4a16_kernels in ("auto", "mma"),
         kv_kernel_defines=a.kv_kernel_defines)
@@ -318,6 +319,7 @@ def _report(a: BenchArgs, dims, weight_bytes: float, disk: tuple[int, float], re
             "kv_bits": a.kv_bits,
             "micro_batches": a.micro_batches,
             "prefill_chunk_tokens": a.prefill_chunk_tokens,
+            "prefill_tokens_per_pass": a.prefill_tokens_per_pass,
         },
         "decode_graphs": a.decode_graphs,  # asked for; run() puts what the compute node ran in its place
         "warmup": _warmup_kind(a),
@@ -382,6 +384,7 @@ def main(ns) -> int:
         clients=_client_load(ns), batch_requests=ns.batch_requests,
         w4a16_kernels=ns.w4a16_kernels, kv_kernel_defines=ns.kv_kernel_defines, profile=profile, profile_path=profile_path,
         prefill_chunk_tokens=ns.prefill_chunk_tokens or fields["prefill_chunk_tokens"],
+        prefill_tokens_per_pass=ns.prefill_tokens_per_pass,
     )
     report = run(a, progress=not ns.json)
     report["planned"] = prediction  # None when the placement was given

@@ -36,6 +36,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--prefill-chunk-tokens", type=int, default=0,
                    help="prompt tokens prefilled through a layer at once (default: the planner's choice, else "
                         "a micro-batch's slots x their length)")
+    b.add_argument("--prefill-tokens-per-pass", type=int, default=0,
+                   help="prompt tokens a pass prefills, at most: the batch's prompts go in over several passes "
+                        "that also decode the first ones (0 = all in the first pass)")
     b.add_argument("--profile", help="hardware profile for the planner and the floor (default: this machine's; "
                                      "measured if missing when the planner needs it)")
     b.add_argument("--device", default="cuda")

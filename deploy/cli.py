@@ -322,6 +322,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefill-chunk-tokens", type=int, default=0,
                    help="prompt tokens through a layer at once (0 = a micro-batch's slots x max-seq-len); with the "
                         "KV cache on the device a longer prompt goes in a chunk a pass while the others decode")
+    s.add_argument("--prefill-tokens-per-pass", type=int, default=0,
+                   help="prompt tokens a pass prefills, at most: the other admitted prompts wait for the next "
+                        "passes, which also decode the first ones, so a large request's prefill overlaps its "
+                        "decode (0 = every admitted prompt at once)")
     s.add_argument("--max-queue", type=int, default=0,
                    help="sequences waiting for a slot before calls get RESOURCE_EXHAUSTED (0 = max(64, 8 x batch))")
     logs.add_arguments(s)  # passed on to the three services

@@ -60,7 +60,8 @@ def serve_plan(a) -> tuple[RunPlan, int]:
     """`strata serve`'s run plan from its flags, and the KV store capacity the plan needs
     (0 = the flag's)."""
     m = Manifest.load(a.model)
-    batch = dict(max_queue=a.max_queue, dtype=a.dtype, decode_graphs=not a.no_decode_graphs)
+    batch = dict(max_queue=a.max_queue, dtype=a.dtype, decode_graphs=not a.no_decode_graphs,
+                 prefill_tokens_per_pass=a.prefill_tokens_per_pass)
     if pinned(a):
         plan = resolve(m, gpu_weight_share=pinned_share(a), disk_offload=a.disk_offload,
                        host_budget_bytes=int(a.host_budget_gb * 2**30), kv_offload=a.kv_offload,

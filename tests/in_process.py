@@ -32,11 +32,12 @@ class InProcess:
     `capacity` tokens each, every layer resident unless `resident` says which.
     `device`: a device name ("mock-cuda"), torch device or Device (compute_node/device/).
     `graphs`: fixed-shape decode steps, captured by the device (compute_node/slot_graphs.py).
-    `slots(shape) -> a group's KV cache` stands in for LocalSlots where given."""
+    `slots(shape) -> a group's KV cache` stands in for LocalSlots where given.
+    `prefill_budget`: the scheduler's prompt tokens per pass (0: no bound)."""
 
     def __init__(self, shards, groups: tuple[int, ...] = (3,), capacity: int = 48, kv_bits: int = 16,
                  graphs: bool = False, resident: set[int] | None = None, device=CPU,
-                 dtype: torch.dtype = torch.float32, slots=None, **weights_kw):
+                 dtype: torch.dtype = torch.float32, slots=None, prefill_budget: int = 0, **weights_kw):
         self.device = device = device_for(device)
         host = HostWeights.from_directory(shards)
         self.dims = d = dims_for(host.manifest.config)
@@ -49,11 +50,13 @@ class InProcess:
         self.limits = Limits(tuple(groups), capacity, max_queue=64)
         self.runner = Runner(self.weights, family, d.num_layers, self.kvs, max(groups) * capacity, graphs)
         self.eos = d.eos_token_id
+        self.prefill_budget = prefill_budget
 
     @contextlib.contextmanager
     def scheduler(self):
         """A Scheduler over this runner (its thread), stopped at the end."""
-        s = Scheduler(self.runner, self.limits, self.eos, self.dims.pad_token_id or 0, Metrics())
+        s = Scheduler(self.runner, self.limits, self.eos, self.dims.pad_token_id or 0, Metrics(),
+                      prefill_budget=self.prefill_budget)
         try:
             yield s
         finally:

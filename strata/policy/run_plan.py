@@ -48,6 +48,9 @@ class RunPlan:
     # prompt tokens prefilled through a layer at once (activation memory); 0 = a group's
     # slots x max_seq_len
     prefill_chunk_tokens: int = 0
+    # prompt tokens a pass prefills, at most, the seated prompts past it waiting for the
+    # next passes, which also decode the first ones (compute_node/scheduler.py); 0 = no bound
+    prefill_tokens_per_pass: int = 0
     dtype: str = ""
     decode_graphs: bool = True  # decode-only passes replayed as fixed-shape steps where the placement allows
     # Kernels (bench configuration; the defaults are what runs otherwise): the CUDA W4A16
@@ -80,6 +83,7 @@ class RunPlan:
         _whole(self, "max_seq_len", low=0)
         _whole(self, "max_queue", low=0)
         _whole(self, "prefill_chunk_tokens", low=0)
+        _whole(self, "prefill_tokens_per_pass", low=0)
         _choice(self, "dtype", DTYPES)
         for flag in ("decode_graphs", "w4a16_wgmma", "w4a16_mma"):
             if not isinstance(getattr(self, flag), bool):

@@ -70,7 +70,8 @@ class ComputeNodeConfig:
     max_seq_len: int = 0  # tokens a slot holds (prompt + generated); 0 = 2048 or the model's positions
     max_queue: int = 0  # sequences waiting for a slot, at most; 0 = max(64, 8 x max_batch)
     prefill_chunk_tokens: int = 0  # prompt tokens through a layer at once; 0 = a group's slots x max_seq_len
+    prefill_tokens_per_pass: int = 0  # prompt tokens a pass prefills, at most; 0 = no bound
     # The run plan (strata/policy/run_plan.py), where the launcher gives one: it replaces the placement
     # fields above (dtype, kv_offload, kv_bits, gpu_weight_share, micro_batches, decode_graphs,
-    # max_batch, max_seq_len, max_queue), which are for direct use
+    # max_batch, max_seq_len, max_queue, prefill_tokens_per_pass), which are for direct use
     plan: RunPlan | None = None

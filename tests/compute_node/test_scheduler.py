@@ -67,8 +67,9 @@ def _stats(address: str) -> dict[str, float]:
         return dict(generate_pb2_grpc.GeneratorStub(ch).Stats(generate_pb2.StatsRequest(), timeout=5).values)
 
 
-@pytest.mark.parametrize("kv_flags", [[], ["--kv-offload"], ["--device", "mock-cuda"]],
-                         ids=["kv-local", "kv-offload", "mock-cuda-graph-buckets"])
+@pytest.mark.parametrize("kv_flags", [[], ["--kv-offload"], ["--device", "mock-cuda"],
+                                      ["--kv-offload", "--prefill-tokens-per-pass", "16"]],
+                         ids=["kv-local", "kv-offload", "mock-cuda-graph-buckets", "kv-offload-prefill-budget"])
 def test_concurrent_clients_are_batched_and_each_gets_its_tokens_alone(opt, kv_flags):
     hf, shards = opt
     work = _workload()
@@ -90,6 +91,8 @@ def test_concurrent_clients_are_batched_and_each_gets_its_tokens_alone(opt, kv_f
     assert stats["requests_total:ok"] == 2 * CLIENTS
     on_cuda = "--device" in device_flags() and not kv_flags  # the test device's own graphs
     assert stats["decode_graphs"] == (1.0 if "mock-cuda" in kv_flags or on_cuda else 0.0)
+    # with a budget, the clients' prompts (2-39 tokens) join over passes that decode the others
+    assert stats["plan_prefill_tokens_per_pass"] == (16 if "--prefill-tokens-per-pass" in kv_flags else 0)
 
 
 def test_a_cancelled_call_frees_its_slot_and_disturbs_no_other(opt):

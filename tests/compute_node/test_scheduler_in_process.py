@@ -1,7 +1,8 @@
 """The scheduler over a real Runner in one process (the services: test_scheduler.py):
 greedy tokens and the sampling path's argmax are transformers' tokens, sequences of a
 request end at EOS at different steps with no pass after the last, and a cancelled
-request frees its slots without disturbing a request running beside it."""
+request frees its slots without disturbing a request running beside it; with a prefill
+budget a request's prompts go in over several passes that decode the first ones."""
 
 import pytest
 
@@ -80,3 +81,26 @@ def test_a_cancelled_request_frees_its_slots_and_disturbs_no_other(model):
         assert e.value.kind is ErrorKind.CANCELLED
         assert s.pool.free == 4 and not s.running
     assert got == alone
+
+
+@pytest.mark.parametrize("groups", [(3,), (2, 1)])
+def test_a_prefill_budget_spreads_a_requests_prompts_over_passes_that_decode(model, groups):
+    hf, shards = model
+    want = tiny_models.greedy_reference(hf, PROMPTS, 7)
+    node = InProcess(shards, groups=groups, prefill_budget=8)  # prompts of 6, 3 and 10 tokens
+    passes = []
+    step = node.runner.step
+
+    def recording(joins, steps):
+        passes.append(([len(j.ids) for j in joins], sorted(n for s in steps for n in range(len(s.ids))
+                                                           if n not in s.idle)))
+        return step(joins, steps)
+
+    node.runner.step = recording
+    got = node.steps(PROMPTS, 7)
+    # 6 fits the budget, 6 + 3 does not: a pass each; 10 is over it and goes alone
+    assert [p[0] for p in passes[:3]] == [[6], [3], [10]] and all(not p[0] for p in passes[3:])
+    assert [len(p[1]) for p in passes[:4]] == [0, 1, 2, 3]  # each pass decodes those prefilled before it
+    # the first step has the first prompt's token alone; each sequence has its 7 tokens
+    assert got[0] == [want[0][0], -1, -1] and columns(got) == want
+    assert len(passes) == len(got) == 7 + 2

@@ -12,8 +12,9 @@ FIELDS = {"case", "model", "batch_size", "placement", "prefill_s", "decode_s", "
           "measured_over_floor", "date", "command"}
 
 
-@pytest.mark.parametrize("flags", [[], ["--kv-offload", "--micro-batches", "2", "--gpu-weight-share", "0.5"]],
-                         ids=["resident-kv-local", "streamed-kv-offload"])
+@pytest.mark.parametrize("flags", [[], ["--kv-offload", "--micro-batches", "2", "--gpu-weight-share", "0.5",
+                                    "--prefill-tokens-per-pass", "16"]],
+                         ids=["resident-kv-local", "streamed-kv-offload-prefill-budget"])
 def test_bench_prints_one_json_line_with_the_design_fields(flags):
     out = strata("bench", "--model", "facebook/opt-125m", "--dummy", "--batch-size", "3", "--prompt-len", "16",
                  "--gen-len", "4", "--device", "cpu", "--json", "--no-warmup", "--batch-requests", "5", *flags,
@@ -31,10 +32,12 @@ def test_bench_prints_one_json_line_with_the_design_fields(flags):
     # what the compute node reports it ran (its Stats), beside the run plan the services read
     assert r["placement"]["resident_layers"] == (6 if flags else 12) == len(r["run_plan"]["resident_layers"])
     assert r["run_plan"]["kv_home"] == ("kv_store" if flags else "gpu") and r["decode_graphs"] is False  # on the CPU
+    assert r["placement"]["prefill_tokens_per_pass"] == r["run_plan"]["prefill_tokens_per_pass"] == (16 if flags else 0)
     assert r["w4a16_mma"] is False and r["w4a16_wgmma"] is False  # no CUDA kernel built on the CPU
-    # the single call's passes as the compute node counted them: prefill, then 3 decode steps
+    # the single call's passes as the compute node counted them: prefill, then 3 decode steps;
+    # with a budget of one 16-token prompt a pass, the prompts join in the first three
     p = r["passes"]
-    assert p["passes"] == 4 and p["issue_s"] > 0 and p["wait_s"] >= 0 and p["host_s"] >= 0
+    assert p["passes"] == (6 if flags else 4) and p["issue_s"] > 0 and p["wait_s"] >= 0 and p["host_s"] >= 0
     assert p["issue_s"] + p["wait_s"] + p["host_s"] <= r["client_wall_s"]
     # the offline job through the real `strata batch` process: every request answered in full
     b = r["batch"]
