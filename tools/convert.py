@@ -1,11 +1,16 @@
 """Offline conversion: a Hugging Face checkpoint -> Strata layer shards + manifest.
 
+This module reads the checkpoint, decides what goes where and runs the conversion:
+which tensors make up each shard ("embed", "layer.{i}", "head"; `plan_shards`), which
+layer linears are quantized (`QuantPolicy`), the free-space check, and the temporary
+directory the output is written into. How a shard file is laid out (4 KiB aligned,
+sha256-hashed parts) and what that layout costs is `tools.shard_writer`.
+
 Streams tensor by tensor with `safetensors.safe_open` (memory bounded by one tensor
-plus its quantized parts), one shard file at a time: "embed", "layer.{i}", "head".
-Every part is 4 KiB aligned in its file and hashed (sha256). Everything is written
-into a temporary directory next to `dst` and renamed into place at the end; on any
-failure the temporary directory is removed, so nothing that looks complete is left;
-one left by a conversion that was killed is removed by the next conversion beside it.
+plus its quantized parts), one shard file at a time. Everything is written into a
+temporary directory next to `dst` and renamed into place at the end; on any failure
+the temporary directory is removed, so nothing that looks complete is left; one left
+by a conversion that was killed is removed by the next conversion beside it.
 A damaged checkpoint file is DATA_LOSS naming the file.
 Before writing, the output's size is estimated from the checkpoint's headers and
 checked against the destination filesystem's free space; a disk that fills anyway
@@ -19,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import shutil
@@ -34,6 +37,10 @@ from safetensors import SafetensorError, safe_open
 from strata.model import arch, manifest, quant
 from strata.runtime.errors import ErrorKind, StrataError
 from strata.runtime.lifetime import process_alive
+from tools.shard_writer import MANIFEST_BYTES, PER_TENSOR_BYTES  # noqa: F401 - read from here by callers
+# _write_shards calls write_shard through this module's name, so replacing
+# tools.convert.write_shard (as the tests do) takes effect
+from tools.shard_writer import estimate_output_bytes, write_shard
 from weight_store.diskspace import FreeBytes, check_free_space, writing
 
 TOKENIZER_FILES = (
@@ -45,9 +52,6 @@ INDEX_FILE = "model.safetensors.index.json"
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("strata.convert")
-MANIFEST_BYTES, PER_TENSOR_BYTES = 1 << 20, 1 << 10  # room kept for manifest.json: fixed + a tensor
-# bytes per element of safetensors dtypes that are stored as they are (floats become 16-bit)
-_ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +151,9 @@ def _read_config(src: pathlib.Path) -> dict:
 
 
 def _corrupt(path: pathlib.Path, e: Exception) -> StrataError:
-    return StrataError(ErrorKind.DATA_LOSS, f"{str(path)!r} is corrupt or truncated: not a valid safetensors file ({e})")
+    return StrataError(
+        ErrorKind.DATA_LOSS, f"{str(path)!r} is corrupt or truncated: not a valid safetensors file ({e})"
+    )
 
 
 def _open_safetensors(path: pathlib.Path):
@@ -194,94 +200,6 @@ def plan_shards(spec: arch.ArchSpec, config: dict, names: list[str]) -> dict[str
     return plan
 
 
-def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
-    """16-bit dtype a source tensor is stored (or dequantized) as."""
-    if dtype == torch.bfloat16:
-        return torch.bfloat16
-    if dtype.is_floating_point:
-        return torch.float16
-    return dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-class _ShardWriter:
-    """Appends 4 KiB aligned parts to one shard file, hashing each."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        with writing(path):
-            self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()
-        self._pos = 0
-
-    def write_part(self, t: torch.Tensor) -> manifest.Part:
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        with writing(self.path):
-            self._pad_to(manifest.align(self._pos))
-            self._file.write(memoryview(raw))
-        part = manifest.Part(
-            offset=self._pos, length=raw.nbytes, dtype=_dtype_name(t.dtype),
-            shape=tuple(t.shape), sha256=hashlib.sha256(memoryview(raw)).hexdigest(),
-        )
-        self._pos += raw.nbytes
-        return part
-
-    def _pad_to(self, pos: int) -> None:
-        if pos > self._pos:
-            self._file.write(b"\0" * (pos - self._pos))
-            self._pos = pos
-
-    def finish(self) -> int:
-        """Pads the file to a multiple of ALIGN, closes it and returns its size."""
-        with writing(self.path):
-            self._pad_to(manifest.align(self._pos))
-            self._file.close()
-        return self._pos
-
-    def close(self) -> None:
-        """Closes the file, if finish() did not; the file is being abandoned, so a
-        failing flush of its buffer (the disk that failed the write) is not reported."""
-        with contextlib.suppress(OSError):
-            self._file.close()
-
-
-def _tensor_entry(
-    writer: _ShardWriter, t: torch.Tensor, qspec: manifest.QuantSpec | None
-) -> manifest.TensorEntry:
-    """Writes one tensor's parts and returns its manifest entry."""
-    logical = _storage_dtype(t.dtype)
-    if qspec is None:
-        parts = {"data": writer.write_part(t.to(logical))}
-    else:
-        data, scale, w_min = quant.quantize(t, qspec.bits, qspec.group_size)
-        parts = {"data": writer.write_part(data), "scale": writer.write_part(scale), "min": writer.write_part(w_min)}
-    return manifest.TensorEntry(tuple(t.shape), _dtype_name(logical), qspec, parts)
-
-
-def write_shard(
-    directory: pathlib.Path, shard: str, tensors: list[tuple[str, str]],
-    read: Callable[[str], torch.Tensor], policy: QuantPolicy,
-) -> manifest.Shard:
-    """Writes one shard file from (HF name, local name) pairs, one tensor in memory at
-    a time; only layer tensors are quantization candidates."""
-    file = manifest.shard_file(shard)
-    writer = _ShardWriter(directory / file)
-    is_layer = shard.startswith("layer.")
-    entries = {}
-    try:
-        for hf_name, local in tensors:
-            t = read(hf_name)
-            qspec = policy.spec_for(hf_name, local, tuple(t.shape)) if is_layer else None
-            entries[local] = _tensor_entry(writer, t, qspec)
-            del t
-        size = writer.finish()
-    finally:
-        writer.close()
-    return manifest.Shard(shard, file, size, entries)
-
-
 @contextlib.contextmanager
 def _handles(src: pathlib.Path, files: dict[str, str]) -> Iterator[Callable[[str], object]]:
     """A function HF name -> the open safetensors file holding it (each file opened
@@ -299,35 +217,6 @@ def _handles(src: pathlib.Path, files: dict[str, str]) -> Iterator[Callable[[str
 
         handle.path = lambda name: src / files[name]  # type: ignore[attr-defined]
         yield handle
-
-
-def _stored_part_bytes(shape: tuple[int, ...], st_dtype: str, qspec: manifest.QuantSpec | None) -> list[int]:
-    """The byte length of each part a tensor is written as (see `_tensor_entry`)."""
-    numel = math.prod(shape)
-    if qspec is None:
-        return [numel * _ITEMSIZE.get(st_dtype, 2)]  # floats are stored 16-bit
-    groups = numel // qspec.group_size
-    return [numel * qspec.bits // 8, 2 * groups, 2 * groups]  # data, fp16 scale, fp16 min
-
-
-def estimate_output_bytes(
-    plan: dict[str, list[tuple[str, str]]], handle: Callable[[str], object], policy: QuantPolicy
-) -> int:
-    """The bytes `convert` will write for `plan`, from the safetensors headers only
-    (shapes and dtypes; no tensor is read): every shard laid out as `_ShardWriter` lays
-    it out, plus room for the manifest."""
-    total, tensors = MANIFEST_BYTES, 0
-    for shard, entries in plan.items():
-        pos = 0
-        for hf_name, local in entries:
-            piece = handle(hf_name).get_slice(hf_name)
-            shape = tuple(piece.get_shape())
-            qspec = policy.spec_for(hf_name, local, shape) if shard.startswith("layer.") else None
-            for n in _stored_part_bytes(shape, piece.get_dtype(), qspec):
-                pos = manifest.align(pos) + n
-            tensors += 1
-        total += manifest.align(pos)
-    return total + tensors * PER_TENSOR_BYTES
 
 
 def _check_arguments(src: pathlib.Path, dst: pathlib.Path, bits: int, group_size: int) -> dict:
