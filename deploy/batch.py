@@ -130,77 +130,99 @@ async def run_batch(src: str, dst: str, client: AsyncClient, *, template=None, c
                     timeout: float | None = None, progress=None) -> Progress:
     """Answers every request of `src` not yet in `dst`; `progress(state, total)` after each."""
     done = read_done(dst)
-    with open(src, "rb") as f:
-        total = max(0, sum(1 for line in f if line.strip()) - len(done.custom_ids) - len(done.lines))
+    total = _requests_left(src, done)
     if concurrency <= 0:
-        slots = 0
-        try:
-            slots = int((await client.stats(timeout=10))[0].get("batch_slots", 0))
-        except CallError:
-            pass
-        concurrency = 2 * slots if slots else 32
+        concurrency = await _default_concurrency(client)
     state = Progress()
     if progress is not None:
         progress(state, total)
-    work: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)
-    out: asyncio.Queue = asyncio.Queue()
-    failed: list[BaseException] = []
-
-    async def produce():
-        seen = set()  # custom_ids of earlier lines: a custom_id belongs to its first line
-        n = 0
-        async with aiofiles.open(src, encoding="utf-8", errors="replace") as f:
-            async for raw in f:
-                n += 1
-                if not raw.strip() or n in done.lines:
-                    continue
-                cid, item = parse_line(n, raw, template)
-                if cid is not None and cid in seen:
-                    item = _line_error(n, None, "duplicate_custom_id", f"line {n}: custom_id {cid!r} was used before")
-                elif cid is not None:
-                    seen.add(cid)
-                    if cid in done.custom_ids:
-                        continue
-                if isinstance(item, dict):
-                    await out.put((item, 0))
-                else:
-                    await work.put((cid, item))
-        for _ in range(concurrency):
-            await work.put(None)
-
-    async def call():
-        while (item := await work.get()) is not None:
-            if failed:
-                continue
-            try:
-                await out.put(await answer(client, item[0], item[1], timeout))
-            except Stopped as e:
-                failed.append(e)
-
-    async def write():
-        pending, last_sync = 0, time.monotonic()
-        async with aiofiles.open(dst, "a", encoding="utf-8") as f:
-            while (item := await out.get()) is not None:
-                line, tokens = item
-                await f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                state.done += 1
-                state.tokens += tokens
-                state.errors += (line["error"] is not None) or line["response"]["status_code"] != 200
-                pending += 1
-                if pending >= FSYNC_LINES or time.monotonic() - last_sync >= FSYNC_SECONDS or out.empty():
-                    await f.flush()
-                    await asyncio.to_thread(os.fsync, f.fileno())
-                    pending, last_sync = 0, time.monotonic()
-                if progress is not None:
-                    progress(state, total)
-
-    writer = asyncio.create_task(write())
-    await asyncio.gather(produce(), *(call() for _ in range(concurrency)))
+    work: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)  # (custom_id, Job), then one None a caller
+    out: asyncio.Queue = asyncio.Queue()  # (output line, tokens), then None
+    failed: list[BaseException] = []  # the Stopped of a caller: the others stop calling
+    writer = asyncio.create_task(_write_results(dst, out, state, total, progress))
+    await asyncio.gather(_read_requests(src, done, template, work, out, concurrency),
+                         *(_call_server(client, work, out, failed, timeout) for _ in range(concurrency)))
     await out.put(None)
     await writer
     if failed:
         raise Stopped(str(failed[0]))
     return state
+
+
+def _requests_left(src: str, done: Done) -> int:
+    """The progress total: the non-blank lines of `src` less those OUT already answers."""
+    with open(src, "rb") as f:
+        return max(0, sum(1 for line in f if line.strip()) - len(done.custom_ids) - len(done.lines))
+
+
+async def _default_concurrency(client: AsyncClient) -> int:
+    """Twice the server's batch slots, or 32 when its Stats do not say."""
+    slots = 0
+    try:
+        slots = int((await client.stats(timeout=10))[0].get("batch_slots", 0))
+    except CallError:
+        pass
+    return 2 * slots if slots else 32
+
+
+async def _read_requests(src: str, done: Done, template, work: asyncio.Queue, out: asyncio.Queue,
+                         concurrency: int) -> None:
+    """Parses the lines of `src` not answered in `done`: each Job onto `work`, each line
+    answered without a call onto `out`; then one None onto `work` for each caller."""
+    seen = set()  # custom_ids of earlier lines: a custom_id belongs to its first line
+    n = 0
+    async with aiofiles.open(src, encoding="utf-8", errors="replace") as f:
+        async for raw in f:
+            n += 1
+            if not raw.strip() or n in done.lines:
+                continue
+            cid, item = parse_line(n, raw, template)
+            if cid is not None and cid in seen:
+                item = _line_error(n, None, "duplicate_custom_id", f"line {n}: custom_id {cid!r} was used before")
+            elif cid is not None:
+                seen.add(cid)
+                if cid in done.custom_ids:
+                    continue
+            if isinstance(item, dict):
+                await out.put((item, 0))
+            else:
+                await work.put((cid, item))
+    for _ in range(concurrency):
+        await work.put(None)
+
+
+async def _call_server(client: AsyncClient, work: asyncio.Queue, out: asyncio.Queue,
+                       failed: list[BaseException], timeout: float | None) -> None:
+    """One caller: answers the Jobs from `work` onto `out` until its None; once any
+    caller is Stopped (in `failed`), the rest of `work` is drained without calls."""
+    while (item := await work.get()) is not None:
+        if failed:
+            continue
+        try:
+            await out.put(await answer(client, item[0], item[1], timeout))
+        except Stopped as e:
+            failed.append(e)
+
+
+async def _write_results(dst: str, out: asyncio.Queue, state: Progress, total: int, progress) -> None:
+    """The one writer: appends each output line from `out` to `dst` until None, counting
+    it in `state`; flushed and fsync'd once FSYNC_LINES lines are pending or FSYNC_SECONDS
+    have passed, and whenever `out` runs empty."""
+    pending, last_sync = 0, time.monotonic()
+    async with aiofiles.open(dst, "a", encoding="utf-8") as f:
+        while (item := await out.get()) is not None:
+            line, tokens = item
+            await f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            state.done += 1
+            state.tokens += tokens
+            state.errors += (line["error"] is not None) or line["response"]["status_code"] != 200
+            pending += 1
+            if pending >= FSYNC_LINES or time.monotonic() - last_sync >= FSYNC_SECONDS or out.empty():
+                await f.flush()
+                await asyncio.to_thread(os.fsync, f.fileno())
+                pending, last_sync = 0, time.monotonic()
+            if progress is not None:
+                progress(state, total)
 
 
 def add_batch_parser(sub) -> None:

@@ -57,7 +57,6 @@ def create_app(config: GatewayConfig, template=None) -> FastAPI:
     http = HttpMetrics(registry)
     stats_client = Client(config.endpoint, **{**client_kw, "timeout": 5.0}, retry=Retry(attempts=1))
     registry.register(ComputeNodeCollector(lambda: stats_client.stats()[0]))
-    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +66,17 @@ def create_app(config: GatewayConfig, template=None) -> FastAPI:
         stats_client.close()
 
     app = FastAPI(title="Strata", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _add_auth_and_metrics(app, config, http)
+    _add_error_handlers(app)
+    _add_health_routes(app)
+    _add_openai_routes(app, config, template)
+    _add_metrics_route(app, registry)
+    return app
+
+
+def _add_auth_and_metrics(app: FastAPI, config: GatewayConfig, http: HttpMetrics) -> None:
+    """The middleware every request passes: the API key check on /v1/*, and the
+    request's route, status and duration counted in `http`."""
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -80,6 +90,11 @@ def create_app(config: GatewayConfig, template=None) -> FastAPI:
         http.observe(getattr(route, "path", "other"), response.status_code, time.monotonic() - start)
         return response
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered as an OpenAI error body: API errors, the compute node's
+    errors, and the framework's own (404, 405, ...)."""
+
     @app.exception_handler(oai.APIError)
     async def api_error(request: Request, e: oai.APIError):
         return _error(e)
@@ -91,6 +106,10 @@ def create_app(config: GatewayConfig, template=None) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         return _error(oai.APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+
+def _add_health_routes(app: FastAPI) -> None:
+    """GET /health (the gateway answers) and GET /ready (the compute node answers Health)."""
 
     @app.get("/health")
     async def health():
@@ -104,6 +123,11 @@ def create_app(config: GatewayConfig, template=None) -> FastAPI:
         except StrataError:
             pass
         return _error(oai.APIError(503, "the compute node is not ready", code="not_ready"))
+
+
+def _add_openai_routes(app: FastAPI, config: GatewayConfig, template) -> None:
+    """The OpenAI API: /v1/models (the one served model), /v1/completions and /v1/chat/completions."""
+    created = int(time.time())
 
     @app.get("/v1/models")
     async def models():
@@ -124,11 +148,13 @@ def create_app(config: GatewayConfig, template=None) -> FastAPI:
     async def chat(request: Request):
         return await _answer(app.state.client, oai.chat_job(await _body(request), template))
 
+
+def _add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
+    """GET /metrics: `registry` (the compute node's Stats and the gateway's requests) for Prometheus."""
+
     @app.get("/metrics")
     def metrics():  # sync: the Stats call runs in the thread pool
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def _model(name: str, created: int) -> dict:
