@@ -37,6 +37,7 @@ for step in "$@"; do
     dabench) for shape in "--rows 128" "--rows 32" "--rows 4" "--rows 64 --heads 128 --kv-heads 8 --columns 544"; do
            PYTHONPATH=$PWD timeout 120 python3 -m tools.bench_gpu_attention $shape; done 2>&1 | tee "$OUT/dabench.jsonl" | python3 -c "import sys,json;[print({k:d.get(k) for k in ('path','kv_bits','rows','kv_heads','qblock','ms','gbps','of_hbm','max_abs_diff_vs_before')}) if l.startswith('{') else print(l.rstrip()[:300]) for l in sys.stdin for d in [json.loads(l) if l.startswith('{') else {}]]";;
     t1s) new $T1;;
+    t1b) new $T1 --prefill-tokens-per-pass ${T1_PB:-4096};;  # T1 with its prefill spread over passes that decode
     t1diag) hostmem; (sleep 1; new $T1) & job=$!; sampler $job > "$OUT/t1diag-samples.txt"; wait $job
             hostmem; grep -E "KV arena|still allocated" "$OUT/bench.log" | tail -3 | cut -c1-400; tail -4 "$OUT/t1diag-samples.txt";;
     pagecache) dd if=/dev/zero of=/tmp/strata-fill bs=1M count=${FILL_MB:-40000} status=none; sync; cat /tmp/strata-fill > /dev/null; hostmem;;
