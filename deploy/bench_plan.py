@@ -35,7 +35,8 @@ def predict_run(run: dict, profile):
     disk_share = w.get("disk_layers_per_pass", 0) / dims.num_layers
     pl = cm.Placement(w["gpu_share"], run["placement"]["kv"].startswith("host"), run["placement"]["micro_batches"],
                       run["batch_size"], w["quant_bits"], disk_share, run["placement"].get("kv_bits", 16),
-                      prefill_chunk_tokens=run["placement"].get("prefill_chunk_tokens", 0))
+                      prefill_chunk_tokens=run["placement"].get("prefill_chunk_tokens", 0),
+                      prefill_tokens_per_pass=run["placement"].get("prefill_tokens_per_pass", 0))
     return cm.predict(dims, wbf(w["quant_bits"]), cm.Workload(run["prompt_len"], run["gen_len"], run["batch_size"]),
                       pl, profile)
 

@@ -17,7 +17,9 @@ its packed bytes once per micro-batch in the fused kernel instead; or FLOPs at a
 efficiency, whichever is larger. With KV in the KV store, its attention of micro-batch j
 overlaps the GPU work of j-1 (a two-stage pipeline: max + min / micro_batches); the KV
 store serves one micro-batch's call at a time, each with a fixed cost (KV_CALL_S) and
-its KV bytes at the profile's rate for the cache's bits. Memory: strata/policy/memory_model.py."""
+its KV bytes at the profile's rate for the cache's bits. With a prefill budget the
+prompts join in waves, a pass each, beside the decode of those before (_budgeted).
+Memory: strata/policy/memory_model.py."""
 
 from __future__ import annotations
 
@@ -110,6 +112,9 @@ class Placement:
     # prompt tokens prefilled through a layer at once; 0 = the compute node's default (a
     # micro-batch's slots x their length: memory_model.Shape.chunk_rows)
     prefill_chunk_tokens: int = 0
+    # prompt tokens a pass prefills, at most (compute_node/scheduler.py); 0 = the whole
+    # batch in the first pass
+    prefill_tokens_per_pass: int = 0
 
     def layer_counts(self, num_layers: int) -> tuple[int, int, int]:
         """(resident, host-streamed, disk-streamed) layers, rounded as
@@ -293,6 +298,32 @@ def _decode(dims, wb, w: Workload, pl, p) -> tuple[tuple[float, ...], float, dic
     return tuple(times), sum(times) / n * steps, totals
 
 
+def _budgeted(dims, wb, w: Workload, pl, p) -> tuple[float, float]:
+    """(first pass, the passes after it) in seconds with a prefill budget: prompts join a
+    wave of max(1, budget // prompt_len) a pass, and each pass takes its wave's prefill
+    and the running sequences' decode step, side by side with KV in the KV store (its
+    attention of one runs while the GPU prefills the other: compute_node/runner.py), one
+    after the other with KV on the GPU."""
+    wave = max(1, pl.prefill_tokens_per_pass // max(w.prompt_len, 1))
+    waiting, running, passes = pl.batch_size, [], []  # running: each sequence's tokens so far
+    while waiting or running:
+        n = min(wave, waiting)
+        waiting -= n
+        pre = dec = 0.0
+        if n:
+            at = dataclasses.replace(pl, batch_size=n)
+            pre = _pass_time(dims, wb, at, p, _pass_terms(dims, wb, at, p, w.prompt_len, w.prompt_len, True))[0]
+        if running:
+            at = dataclasses.replace(pl, batch_size=len(running))
+            kv_len = w.prompt_len + round(sum(running) / len(running))
+            dec = _pass_time(dims, wb, at, p, _pass_terms(dims, wb, at, p, 1, kv_len, False))[0]
+        passes.append(max(pre, dec) if pl.kv_on_host else pre + dec)
+        running = [g + 1 for g in running if g + 1 < w.gen_len] + [1] * n  # the prefill yields a first token
+        if w.gen_len <= 1:
+            running = []
+    return passes[0], sum(passes[1:])
+
+
 def memory_shape(dims: ModelDims, wb: WeightBytes, w: Workload, pl: Placement) -> mm.Shape:
     resident, host_n, disk_n = pl.layer_counts(dims.num_layers)
     # `--dummy` resident layers (and embeddings, head) are made on the GPU (no staging
@@ -339,6 +370,8 @@ def predict(dims: ModelDims, weight_bytes: WeightBytes, workload: Workload, plac
     pre_t = _pass_terms(dims, wb, pl, profile, w.prompt_len, w.prompt_len, True)
     prefill, pre_totals = _pass_time(dims, wb, pl, profile, pre_t)
     steps, decode, dec_totals = _decode(dims, wb, w, pl, profile)
+    if pl.prefill_tokens_per_pass and pl.prefill_tokens_per_pass < pl.batch_size * w.prompt_len:
+        prefill, decode = _budgeted(dims, wb, w, pl, profile)  # the bench's prefill_s is its first pass
     shape = memory_shape(dims, wb, w, pl)
     gpu = mm.gpu(dims, shape, profile.gpu_bytes)
     host = mm.host(shape, wb.total)

@@ -287,3 +287,22 @@ def test_dummy_resident_layers_are_made_on_the_gpu_only_without_a_disk_tier(h100
     gpu_no_disk = cm.gpu_memory(dims, wb, W, cm.Placement(40 / L, False, 1, 8), h100.gpu_bytes)
     assert gpu_no_disk.held["resident weights"] == pytest.approx(40 * wb.layer + wb.other)
     assert "layer ring" in gpu_no_disk.held and "resident q/k/v copies" not in gpu_no_disk.held
+
+
+def test_a_prefill_budget_overlaps_prefill_with_decode_only_where_the_kv_store_attends():
+    h200 = hardware.load(PROFILE.with_name("nvidia-h200.json"))
+    dims, wb = opt()
+    w = cm.Workload(512, 32, 159)
+    for kv_on_host in (True, False):
+        base = cm.Placement(1.0, kv_on_host, 2, 159, kv_bits=16)
+        none = cm.predict(dims, wb, w, base, h200)
+        # a budget the whole batch fits changes nothing
+        same = cm.predict(dims, wb, w, dataclasses.replace(base, prefill_tokens_per_pass=159 * 512), h200)
+        assert (same.prefill_s, same.decode_s) == (none.prefill_s, none.decode_s)
+        waves = cm.predict(dims, wb, w, dataclasses.replace(base, prefill_tokens_per_pass=8 * 512), h200)
+        assert waves.prefill_s < none.prefill_s / 10  # the first pass prefills 8 of the 159 prompts
+        if kv_on_host:  # the KV store's attention runs while the GPU prefills the later waves
+            assert waves.total_tokens_per_s > 1.03 * none.total_tokens_per_s
+            assert waves.prefill_s + waves.decode_s > max(none.prefill_s, none.decode_s)
+        else:  # one GPU does both, one after the other, and reads its weights in more passes
+            assert waves.total_tokens_per_s < none.total_tokens_per_s
