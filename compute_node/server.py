@@ -211,11 +211,12 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                 raise message
             if text is not None and not message.done:  # decoded here, on the call's thread
                 message.text_deltas.extend(text.step(list(message.tokens)))
+            if message.done:  # logged before the call sees it: the caller may stop the node next
+                log.debug("generate: %d prompts, %d tokens, queued %.3f s, first token %.3f s, decode %.3f s",
+                          len(prompts), message.stats.generated_tokens, message.stats.queued_s,
+                          message.stats.first_token_s, message.stats.decode_s)
             yield message
             if message.done:
-                log.debug("generate: %d prompts, %d tokens, queued %.3f s, first token %.3f s, decode %.3f s",
-                         len(prompts), message.stats.generated_tokens, message.stats.queued_s,
-                         message.stats.first_token_s, message.stats.decode_s)
                 return
 
     def _prompt_ids(self, i: int, prompt) -> list[int]:
