@@ -322,6 +322,9 @@ class Scheduler:
             offset += logit.shape[0]
         now = time.monotonic()
         with self.cv:
+            # counted before any call sees this pass's tokens: a caller reading Stats after
+            # its last message finds its passes there
+            self.metrics.step(sum(len(r.live) for r in self.running), self.limits.slots)
             for r in list(self.running):
                 live = [s for s in r.live if id(s) in rows]
                 if not live:
@@ -338,7 +341,6 @@ class Scheduler:
 
     def _gauges(self) -> None:
         live = [s for r in self.running for s in r.live]
-        self.metrics.step(len(live), self.limits.slots)
         self.metrics.set("running_sequences", len(live))
         name, per_token = self.kv_gauge
         if name:
