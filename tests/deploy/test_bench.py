@@ -218,6 +218,9 @@ def test_a_run_is_predicted_for_the_placement_it_ran():
     # measured 123.83 tokens/s on the H200 (run 93, BENCHMARKS.md): within 20%
     assert 0.8 * 123.83 < p.total_tokens_per_s < 1.2 * 123.83
     assert p.decode_binding == "CPU KV read"
+    # a run with a prefill budget is predicted with it: its first pass prefills 8 prompts
+    budget = predict_run({**run, "placement": {**run["placement"], "prefill_tokens_per_pass": 8 * 512}}, h200)
+    assert budget.prefill_s < p.prefill_s / 10 and budget.total_tokens_per_s != p.total_tokens_per_s
 
 
 def test_only_the_shards_read_from_disk_every_pass_are_written_with_their_bytes():
@@ -246,6 +249,3 @@ def test_the_warm_up_request_fits_the_slots_of_a_short_run(monkeypatch):
         r = sent[-1]
         assert len(r.prompts) == 3 and all(len(p.ids.ids) <= prompt_len for p in r.prompts)
         assert r.max_new_tokens == min(bench.WARMUP_TOKENS, gen_len)
-    # a run with a prefill budget is predicted with it: its first pass prefills 8 prompts
-    budget = predict_run({**run, "placement": {**run["placement"], "prefill_tokens_per_pass": 8 * 512}}, h200)
-    assert budget.prefill_s < p.prefill_s / 10 and budget.total_tokens_per_s != p.total_tokens_per_s
