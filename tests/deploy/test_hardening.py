@@ -43,8 +43,10 @@ class Drained:
 
     def __init__(self, server: Server):
         self.server, self.out, self.err = server, [], []
-        for pipe, lines in ((server.proc.stdout, self.out), (server.proc.stderr, self.err)):
-            threading.Thread(target=self._read, args=(pipe, lines), daemon=True).start()
+        self.readers = [threading.Thread(target=self._read, args=(pipe, lines), daemon=True)
+                        for pipe, lines in ((server.proc.stdout, self.out), (server.proc.stderr, self.err))]
+        for t in self.readers:
+            t.start()
 
     @staticmethod
     def _read(pipe, lines):
@@ -62,7 +64,9 @@ class Drained:
 
     def wait(self, timeout: float) -> int:
         code = self.server.proc.wait(timeout=timeout)
-        time.sleep(0.2)  # the readers' last lines
+        self.exited_at = time.monotonic()
+        for t in self.readers:  # to the pipes' end: every line written is read
+            t.join(timeout=20)
         return code
 
 
@@ -312,7 +316,7 @@ def test_a_hung_compute_node_times_clients_out_and_serve_stops_everything(fragil
     # serve notices the compute node answers no health check, names it, stops all
     code = fragile.wait(timeout=60)
     assert code == 1
-    assert 5 <= time.monotonic() - t_hung < 40  # 8 s after its last answer, checked every 2 s
+    assert 5 <= fragile.exited_at - t_hung < 40  # 8 s after its last answer, checked every 2 s
     err = "".join(fragile.err)
     assert "compute node answered no health check for 8 s; stopping" in err
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in server.children)
