@@ -25,7 +25,8 @@ from compute_node.model import family_for
 from compute_node.peers import KVStoreClient, WeightStoreClient
 from compute_node.runner import Runner
 from compute_node.sampling import Sampling
-from compute_node.scheduler import Request, Scheduler
+from compute_node.requests import Request
+from compute_node.scheduler import Scheduler
 from compute_node.slot_kv import LocalSlots, RemoteSlots, SlotShape, kv_bytes_per_token
 from compute_node.slots import Limits, default_max_queue, even_groups
 from compute_node.stops import StopWatch, TextStream

@@ -15,7 +15,8 @@ from compute_node.metrics import Metrics
 from compute_node.model import family_for
 from compute_node.runner import Runner
 from compute_node.sampling import Sampling
-from compute_node.scheduler import Request, Scheduler
+from compute_node.requests import Request
+from compute_node.scheduler import Scheduler
 from compute_node.slot_kv import LocalSlots, SlotShape
 from compute_node.slots import Limits
 from compute_node.stops import StopWatch

@@ -6,7 +6,8 @@ import torch
 
 from compute_node.metrics import Metrics
 from compute_node.sampling import Sampling
-from compute_node.scheduler import Request, Scheduler
+from compute_node.requests import Request
+from compute_node.scheduler import Scheduler
 from compute_node.slots import Limits
 from compute_node.stops import StopWatch
 
