@@ -318,9 +318,8 @@ def _budgeted(dims, wb, w: Workload, pl, p) -> tuple[float, float]:
             kv_len = w.prompt_len + round(sum(running) / len(running))
             dec = _pass_time(dims, wb, at, p, _pass_terms(dims, wb, at, p, 1, kv_len, False))[0]
         passes.append(max(pre, dec) if pl.kv_on_host else pre + dec)
-        running = [g + 1 for g in running if g + 1 < w.gen_len] + [1] * n  # the prefill yields a first token
-        if w.gen_len <= 1:
-            running = []
+        # a token each, the joining ones their first from the prefill; done at gen_len
+        running = [g for g in [g + 1 for g in running] + [1] * n if g < w.gen_len]
     return passes[0], sum(passes[1:])
 
 
