@@ -205,11 +205,11 @@ class Scheduler:
             for s in r.live:
                 if s.slot is None or s.prefilled >= len(s.context):
                     continue
-                n = self._piece_end(s) - s.prefilled
-                if self.prefill_budget and joins and tokens + n > self.prefill_budget:
+                end = self._piece_end(s)
+                if self.prefill_budget and joins and tokens + end - s.prefilled > self.prefill_budget:
                     return joins
-                joins.append((s, self._piece(s)))
-                tokens += n
+                tokens += end - s.prefilled
+                joins.append((s, self._piece(s, end)))
         return joins
 
     def _piece_end(self, s: Sequence) -> int:
@@ -220,9 +220,9 @@ class Scheduler:
             end = min(end, s.prefilled + max(1, self.runner.chunk_tokens))
         return end
 
-    def _piece(self, s: Sequence) -> Join:
-        """The next part of s's context to prefill, marked as prefilled."""
-        end = self._piece_end(s)
+    @staticmethod
+    def _piece(s: Sequence, end: int) -> Join:
+        """s's context from what is prefilled up to `end`, marked as prefilled."""
         join = Join(s.slot[0], s.slot[1], s.context[s.prefilled : end], s.prefilled)
         s.prefilled = end
         return join
